@@ -1,0 +1,836 @@
+"""The SMTP server protocol: one `SmtpSession` per accepted connection.
+
+`SmtpSession(conn, services).run()` speaks SMTP over a `net.Connection` (or
+a `net.MemoryConnection` in tests) until the client quits or goes away, and
+stores each accepted message in the spool durably before replying `250`.
+`services` is the bundle `main.Services` builds: `cfg`, `spool`, `filters`,
+`verifier`, `server_auth`, `server_secrets`, `tls_context`, `forwarder`,
+`stats`.
+
+The session is an explicit state machine. Commands are the `smtp_<VERB>`
+methods; each is decorated with `@command(syntax, states)`, which gives the
+HELP text and the states the command is allowed in (a command outside its
+states gets `503 5.5.1`). States:
+
+    START    connected, no EHLO/HELO yet (also after STARTTLS)
+    GREETED  EHLO/HELO done, no transaction
+    MAIL     MAIL FROM accepted
+    RCPT     at least one recipient accepted
+    BDAT     BDAT chunks (not LAST yet) being received
+    DONE     QUIT received, or the session must end
+
+Replies are queued and sent only when the client has no more input
+pipelined, or before we would block reading (RFC 2920); this is what makes
+pipelined clients fast. Message text is read in large blocks and scanned
+with bytes.find/replace rather than line by line.
+"""
+
+import os
+import threading
+import time
+
+from . import envelope
+from . import log
+from . import net
+from . import spool
+
+START, GREETED, MAIL, RCPT, BDAT, DONE = "START", "GREETED", "MAIL", "RCPT", "BDAT", "DONE"
+
+COMMAND_LIMIT = 512     # RFC 5321 4.5.3.1.4, including CRLF
+AUTH_LINE_LIMIT = 12288  # RFC 4954 4: AUTH responses may be long
+TEXT_LIMIT = 998        # RFC 5321 4.5.3.1.6, excluding CRLF
+BLOCK = 65536
+MAX_AUTH_FAILURES = 3
+TERMINATOR = b"\r\n.\r\n"
+
+_stats_lock = threading.Lock()
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def command(syntax, states=None):
+    """Marks an `smtp_<VERB>` method: its HELP syntax and allowed states (None: any)."""
+    def mark(fn):
+        fn.syntax = syntax
+        fn.states = states
+        return fn
+    return mark
+
+
+class _Drop(Exception):
+    """The session must end now (after any queued reply is sent)."""
+
+
+class _Eof(Exception):
+    """The client went away."""
+
+
+def rfc5322_date(now=None):
+    """The local time as an RFC 5322 date-time, independent of the locale."""
+    now = time.time() if now is None else now
+    t = time.localtime(now)
+    offset = t.tm_gmtoff // 60
+    sign = "+" if offset >= 0 else "-"
+    offset = abs(offset)
+    return "%s, %02d %s %04d %02d:%02d:%02d %s%02d%02d" % (
+        _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+        t.tm_hour, t.tm_min, t.tm_sec, sign, offset // 60, offset % 60)
+
+
+def anonymous_scopes(value):
+    """The set of --anonymous scopes: a bare flag means all of them."""
+    all_scopes = {"vrfy", "server", "content", "client"}
+    if value is True:
+        return all_scopes
+    if not value:
+        return set()
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return {s.strip().lower() for s in str(value).split(",") if s.strip()}
+
+
+def parse_path(text, allow_empty):
+    """Splits `<path> params` (RFC 5321 4.1.2) into (address, params-text).
+
+    Accepts a missing pair of angle brackets, strips a source route, and
+    honours quoted local parts. Raises ValueError on bad syntax or control
+    characters, which never reach filters or verifiers.
+    """
+    text = text.lstrip(" ")
+    if text.startswith("<"):
+        quoted = False
+        end = -1
+        i = 1
+        while i < len(text):
+            c = text[i]
+            if c == "\\" and quoted:
+                i += 2
+                continue
+            if c == '"':
+                quoted = not quoted
+            elif c == ">" and not quoted:
+                end = i
+                break
+            i += 1
+        if end < 0:
+            raise ValueError("missing '>'")
+        address, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(" "):
+            raise ValueError("junk after '>'")
+    else:
+        address, _, rest = text.partition(" ")
+    if address.startswith("@"):
+        # A source route (<@a,@b:user@host>) is ignored, as RFC 5321 C says.
+        if ":" not in address:
+            raise ValueError("bad source route")
+        address = address.split(":", 1)[1]
+    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+        raise ValueError("control character in address")
+    if not address and not allow_empty:
+        raise ValueError("empty address")
+    return address, rest.strip(" ")
+
+
+def parse_params(text):
+    """Splits ESMTP parameters into a dict of upper-case keyword -> value (or None)."""
+    params = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        params[key.upper()] = value if eq else None
+    return params
+
+
+class SmtpSession:
+    """One SMTP server conversation; `run()` handles it to the end.
+
+    Never raises for anything the peer does; storage failures are replied
+    to with 4xx codes and the message is abandoned, never half-stored.
+    """
+
+    def __init__(self, conn, services):
+        self.conn = conn
+        self.services = services
+        cfg = services.cfg
+        self.cfg = cfg
+        self.domain = cfg.domain or "localhost"
+        self.anonymous = anonymous_scopes(cfg.anonymous)
+        self.size_limit = cfg.size or 0
+        self.peer = "%s:%s" % (conn.peer[0], conn.peer[1])
+        self.peer_ip = conn.peer[0]
+        self.state = START
+        self.helo = None
+        self.esmtp = False
+        self.auth_user = None
+        self.auth_mech = None
+        self.auth_failures = 0
+        self.bad_commands = 0
+        self.replies = []
+        self.verbose = log.verbose_enabled()
+        self._reset_transaction()
+
+    # ----- the main loop -------------------------------------------------
+
+    def run(self):
+        """Runs the session until QUIT, end of input, timeout or a fatal error."""
+        conn = self.conn
+        try:
+            conn.settimeout(self.cfg.idle_timeout or None)
+            self._reply(self._greeting())
+            while self.state != DONE:
+                line = self._readline(COMMAND_LIMIT)
+                if line is None:
+                    continue
+                self._dispatch(line)
+        except net.Timeout:
+            log.info("smtp: idle timeout", peer=self.peer)
+            self._reply("421 4.4.2 %s idle timeout" % self.domain)
+        except _Eof:
+            log.verbose("smtp: client disconnected", peer=self.peer)
+        except _Drop:
+            pass
+        except net.Closed:
+            log.verbose("smtp: connection lost", peer=self.peer)
+        except Exception as e:  # the peer never sees a traceback
+            log.error("smtp: session failed: %s: %s" % (type(e).__name__, e), peer=self.peer)
+            self._reply("421 4.3.0 %s internal error, closing connection" % self.domain)
+        finally:
+            self._discard_message()
+            try:
+                self._flush()
+            except (net.Closed, net.Timeout, OSError):
+                pass
+            conn.close()
+
+    def _readline(self, limit):
+        """Reads one command line as text; None when it was refused (already replied)."""
+        if not self.conn.pending():
+            self._flush()
+        try:
+            raw = self.conn.readline(limit)
+        except net.LineTooLong:
+            self._bad("500 5.5.2 line too long")
+            return None
+        if not raw:
+            raise _Eof()
+        raw = raw.rstrip(b"\r\n")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._bad("500 5.5.2 invalid character in command")
+            return None
+
+    def _dispatch(self, line):
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        if self.verbose:
+            # An AUTH initial response is a credential: only the mechanism is logged.
+            shown = "AUTH " + arg.split(" ")[0] if verb == "AUTH" else line
+            log.verbose("smtp: rx: %s" % log.sanitise(shown), peer=self.peer)
+        method = _COMMANDS.get(verb)
+        if method is None or not self._available(verb):
+            self._bad("502 5.5.2 command not recognised")
+            return
+        if method.states is not None and self.state not in method.states:
+            self._bad(self._sequence_error(verb))
+            return
+        method(self, arg.strip(" "))
+
+    def _available(self, verb):
+        if verb == "STARTTLS":
+            return self.services.tls_context is not None and not self.conn.tls
+        if verb == "AUTH":
+            return self.services.server_auth is not None
+        if verb == "ETRN":
+            return self.services.forwarder is not None
+        return True
+
+    def _sequence_error(self, verb):
+        if self.state == START:
+            return "503 5.5.1 send EHLO or HELO first"
+        if self.state == BDAT:
+            return "503 5.5.1 bad sequence of commands: BDAT in progress"
+        if verb == "MAIL":
+            return "503 5.5.1 bad sequence of commands: MAIL already given"
+        if verb in ("RCPT",):
+            return "503 5.5.1 bad sequence of commands: need MAIL before RCPT"
+        if verb in ("DATA", "BDAT"):
+            return "503 5.5.1 bad sequence of commands: need RCPT before %s" % verb
+        return "503 5.5.1 bad sequence of commands"
+
+    def _reply(self, text):
+        if self.verbose:
+            log.verbose("smtp: tx: %s" % log.sanitise(text.split("\r\n")[0]), peer=self.peer)
+        self.replies.append(text)
+
+    def _flush(self):
+        if self.replies:
+            data = ("\r\n".join(self.replies) + "\r\n").encode("utf-8", "replace")
+            self.replies = []
+            self.conn.write(data)
+        self.conn.flush()
+
+    def _bad(self, text):
+        """Replies with an error and counts it; too many end the session."""
+        self.bad_commands += 1
+        limit = self.cfg.max_bad_commands
+        if limit and self.bad_commands > limit:
+            log.warning("smtp: too many bad commands from %s" % self.peer_ip, peer=self.peer)
+            self._reply("421 4.7.0 %s too many errors, closing connection" % self.domain)
+            raise _Drop()
+        self._reply(text)
+
+    def _greeting(self):
+        if "server" in self.anonymous:
+            return "220 %s -- Service ready" % self.domain
+        from . import __version__
+        return "220 %s -- E-MailRelay V%s -- Service ready" % (self.domain, __version__)
+
+    # ----- transaction state --------------------------------------------
+
+    def _reset_transaction(self):
+        self._discard_message()
+        self.mail_from = None
+        self.body = "7bit"
+        self.smtputf8 = False
+        self.mail_auth = ""
+        self.to_local = []
+        self.to_remote = []
+        self.message = None
+        self.message_size = 0
+        self.message_fault = None
+        if self.state not in (START, DONE):
+            self.state = GREETED
+
+    def _discard_message(self):
+        msg = getattr(self, "message", None)
+        if msg is not None:
+            self.message = None
+            try:
+                msg.abandon()
+            except OSError as e:
+                log.error("smtp: cannot remove message files: %s" % e, peer=self.peer)
+
+    def _trusted(self):
+        """The trusted-address keyword from the server secrets, or None."""
+        auth = self.services.server_auth
+        return None if auth is None else auth.trusted(self.peer_ip)
+
+    # ----- commands ------------------------------------------------------
+
+    @command("EHLO <domain>")
+    def smtp_EHLO(self, arg):
+        if not arg:
+            self._bad("501 5.5.4 EHLO needs a domain")
+            return
+        self.helo = arg
+        self.esmtp = True
+        self.state = GREETED
+        self._reset_transaction()
+        lines = ["%s says hello" % self.domain if "server" not in self.anonymous else self.domain,
+                 "PIPELINING",
+                 "SIZE %d" % self.size_limit if self.size_limit else "SIZE",
+                 "8BITMIME", "BINARYMIME", "SMTPUTF8", "CHUNKING", "ENHANCEDSTATUSCODES"]
+        if self._available("STARTTLS"):
+            lines.append("STARTTLS")
+        if self.services.server_auth is not None:
+            mechs = self.services.server_auth.mechanisms(self.conn.tls)
+            if mechs:
+                lines.append("AUTH " + " ".join(mechs))
+        if self.services.forwarder is not None:
+            lines.append("ETRN")
+        if "vrfy" not in self.anonymous:
+            lines.append("VRFY")
+        self._reply("\r\n".join("250-" + x for x in lines[:-1]) + "\r\n250 " + lines[-1])
+
+    @command("HELO <domain>")
+    def smtp_HELO(self, arg):
+        if not arg:
+            self._bad("501 5.5.4 HELO needs a domain")
+            return
+        self.helo = arg
+        self.esmtp = False
+        self.state = GREETED
+        self._reset_transaction()
+        self._reply("250 %s says hello" % self.domain)
+
+    @command("NOOP")
+    def smtp_NOOP(self, arg):
+        self._reply("250 2.0.0 OK")
+
+    @command("RSET")
+    def smtp_RSET(self, arg):
+        self._reset_transaction()
+        self._reply("250 2.0.0 OK")
+
+    @command("QUIT")
+    def smtp_QUIT(self, arg):
+        self._reset_transaction()
+        self._reply("221 2.0.0 %s closing connection" % self.domain)
+        self.state = DONE
+
+    @command("HELP [<command>]")
+    def smtp_HELP(self, arg):
+        verbs = sorted(v for v in _COMMANDS if self._available(v))
+        if arg:
+            verb = arg.upper()
+            if verb in verbs:
+                self._reply("214 2.0.0 Syntax: %s" % _COMMANDS[verb].syntax)
+            else:
+                self._reply("504 5.5.1 no help for %s" % log.sanitise(arg[:40]))
+            return
+        self._reply("214 2.0.0 commands: %s" % " ".join(verbs))
+
+    @command("MAIL FROM:<address> [SIZE=<n>] [BODY=7BIT|8BITMIME|BINARYMIME] "
+             "[SMTPUTF8] [AUTH=<xtext>]", states=(GREETED,))
+    def smtp_MAIL(self, arg):
+        if self.cfg.server_tls_required and not self.conn.tls:
+            self._reply("530 5.7.0 must issue STARTTLS first")
+            return
+        if (self.services.server_auth is not None and self.auth_user is None
+                and self._trusted() is None):
+            self._reply("530 5.7.0 authentication required")
+            return
+        if arg[:5].upper() != "FROM:":
+            self._bad("501 5.5.4 syntax: MAIL FROM:<address>")
+            return
+        try:
+            address, rest = parse_path(arg[5:], allow_empty=True)
+        except ValueError as e:
+            self._bad("501 5.1.7 bad sender address: %s" % e)
+            return
+        params = parse_params(rest)
+        body = "7bit"
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    self._bad("501 5.5.4 bad SIZE parameter")
+                    return
+                if self.size_limit and int(value) > self.size_limit:
+                    self._reply("552 5.3.4 message size exceeds fixed maximum message size")
+                    return
+            elif key == "BODY":
+                body = {"7BIT": "7bit", "8BITMIME": "8bit",
+                        "BINARYMIME": "binarymime"}.get((value or "").upper())
+                if body is None:
+                    self._bad("501 5.5.4 bad BODY parameter")
+                    return
+            elif key == "SMTPUTF8" and value is None:
+                pass
+            elif key == "AUTH" and value:
+                pass
+            else:
+                self._bad("555 5.5.4 unsupported parameter %s" % log.sanitise(key[:40]))
+                return
+        if not address.isascii() and "SMTPUTF8" not in params:
+            self._reply("553 5.6.7 non-ASCII address needs SMTPUTF8")
+            return
+        if not self._enough_space():
+            self._reply("452 4.3.1 insufficient system storage")
+            return
+        self.mail_from = address
+        self.body = body
+        self.smtputf8 = "SMTPUTF8" in params
+        # MAIL FROM AUTH= is kept as given (xtext), and only for an
+        # authenticated client (RFC 4954 5).
+        self.mail_auth = (params.get("AUTH") or "") if self.auth_user is not None else ""
+        self.state = MAIL
+        self._reply("250 2.1.0 sender <%s> OK" % address)
+
+    def _enough_space(self):
+        need = self.cfg.min_free_space
+        if not need:
+            return True
+        try:
+            st = os.statvfs(self.cfg.spool_dir)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize // 1024 >= need
+
+    @command("RCPT TO:<address>", states=(MAIL, RCPT))
+    def smtp_RCPT(self, arg):
+        if arg[:3].upper() != "TO:":
+            self._bad("501 5.5.4 syntax: RCPT TO:<address>")
+            return
+        try:
+            address, rest = parse_path(arg[3:], allow_empty=False)
+        except ValueError as e:
+            self._bad("501 5.1.3 bad recipient address: %s" % e)
+            return
+        if rest:
+            self._bad("555 5.5.4 unsupported RCPT parameter")
+            return
+        if not address.isascii() and not self.smtputf8:
+            self._reply("553 5.6.7 non-ASCII address needs SMTPUTF8")
+            return
+        count = len(self.to_local) + len(self.to_remote)
+        limit = self.cfg.max_recipients
+        if limit and count >= limit:
+            self._reply("452 4.5.3 too many recipients")
+            return
+        limit = self.cfg.max_bounce_recipients
+        if self.mail_from == "" and limit and count >= limit:
+            self._reply("452 4.5.3 too many recipients for a bounce message")
+            return
+        result = self._verify(address, self.mail_from)
+        if result is None:
+            self.to_remote.append(address)
+            self.state = RCPT
+            self._reply("250 2.1.5 recipient <%s> OK" % address)
+        elif result.status == "local":
+            self.to_local.append(result.address)
+            self.state = RCPT
+            self._reply("250 2.1.5 recipient <%s> OK (local mailbox %s)" % (address, result.address))
+        elif result.status == "remote":
+            self.to_remote.append(address)
+            self.state = RCPT
+            self._reply("250 2.1.5 recipient <%s> OK" % address)
+        else:
+            self._verify_refusal(result, address)
+
+    def _verify(self, address, from_):
+        """Runs the address verifier; None when there is none."""
+        verifier = self.services.verifier
+        if verifier is None:
+            return None
+        if self.auth_user is not None:
+            mech, name = (self.auth_mech or "").lower(), self.auth_user
+        else:
+            keyword = self._trusted()
+            mech, name = ("none", keyword) if keyword is not None else ("", "")
+        # Blocks only this session's thread; send what we owe first so a
+        # pipelining client is not kept waiting on earlier replies.
+        self._flush()
+        return verifier.verify(address, from_, self.peer_ip, self.domain, mech, name)
+
+    def _verify_refusal(self, result, address):
+        reason = log.sanitise(result.reason or "")
+        if result.status == "reject":
+            self._reply("550 5.1.1 %s" % (reason or "invalid recipient <%s>" % address))
+        elif result.status == "tempfail":
+            self._reply("450 4.1.1 %s" % (reason or "recipient <%s> unavailable" % address))
+        else:
+            log.warning("smtp: address verifier aborted the connection from %s" % self.peer_ip,
+                        peer=self.peer)
+            raise _Drop()
+
+    @command("VRFY <address>")
+    def smtp_VRFY(self, arg):
+        if "vrfy" in self.anonymous or self.services.verifier is None:
+            self._reply("252 2.1.5 cannot verify")
+            return
+        try:
+            address, _ = parse_path(arg, allow_empty=False)
+        except ValueError as e:
+            self._bad("501 5.1.3 bad address: %s" % e)
+            return
+        result = self._verify(address, "")
+        if result.status == "local":
+            name = log.sanitise(result.full_name or "")
+            self._reply("250 2.1.5 %s <%s>" % (name, result.address) if name
+                        else "250 2.1.5 <%s>" % result.address)
+        elif result.status == "remote":
+            self._reply("252 2.1.5 cannot verify")
+        else:
+            self._verify_refusal(result, address)
+
+    @command("ETRN <domain>", states=(GREETED,))
+    def smtp_ETRN(self, arg):
+        self.services.forwarder.trigger()
+        self._reply("250 2.0.0 OK, queue run started")
+
+    @command("STARTTLS", states=(START, GREETED))
+    def smtp_STARTTLS(self, arg):
+        if arg:
+            self._bad("501 5.5.4 STARTTLS takes no argument")
+            return
+        self._reply("220 2.0.0 ready to start TLS")
+        self._flush()
+        try:
+            self.conn.starttls(self.services.tls_context)
+        except (OSError, ValueError) as e:
+            log.warning("smtp: tls handshake failed: %s" % e, peer=self.peer)
+            raise _Drop() from None
+        # RFC 3207 4.2: forget everything learnt before the handshake.
+        self.state = START
+        self.helo = None
+        self.auth_user = None
+        self.auth_mech = None
+        self._reset_transaction()
+        log.verbose("smtp: tls established", peer=self.peer)
+
+    @command("AUTH <mechanism> [<initial-response>]", states=(GREETED,))
+    def smtp_AUTH(self, arg):
+        from . import sasl
+        if self.auth_user is not None:
+            self._bad("503 5.5.1 already authenticated")
+            return
+        if self.cfg.server_tls_required and not self.conn.tls:
+            self._reply("530 5.7.0 must issue STARTTLS first")
+            return
+        mech, _, initial = arg.partition(" ")
+        try:
+            exchange = self.services.server_auth.start(mech, initial.strip() or None, tls=self.conn.tls)
+        except sasl.MechanismError:
+            self._bad("504 5.5.4 mechanism not supported")
+            return
+        outcome = exchange.step(None)
+        while outcome[0] == "challenge":
+            self._reply("334 " + outcome[1].decode("ascii"))
+            line = self._readline(AUTH_LINE_LIMIT)
+            if line is None:
+                return
+            outcome = exchange.step(line)
+        if outcome[0] == "ok":
+            self.auth_user = outcome[1]
+            self.auth_mech = exchange.mechanism
+            log.info("smtp: authenticated as %s using %s"
+                     % (log.sanitise(self.auth_user), exchange.mechanism), peer=self.peer)
+            self._reply("235 2.7.0 authentication successful")
+            return
+        if outcome[1] == sasl.CANCELLED:
+            self._reply("501 5.7.0 authentication cancelled")
+            return
+        self.auth_failures += 1
+        # Always with the address, whatever --log-address says: fail2ban needs it.
+        log.warning('smtp authentication failed for user "%s" from %s'
+                    % (log.sanitise(exchange.user or ""), self.peer_ip))
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            self._reply("421 4.7.0 %s too many authentication failures" % self.domain)
+            raise _Drop()
+        self._reply("535 5.7.8 authentication failed")
+
+    @command("DATA", states=(RCPT,))
+    def smtp_DATA(self, arg):
+        if self.body == "binarymime":
+            self._bad("503 5.5.1 BODY=BINARYMIME needs BDAT")
+            return
+        if not self._start_message():
+            return
+        self._reply("354 start mail input; end with <CRLF>.<CRLF>")
+        self._flush()
+        self._receive_data()
+        if self.message_fault is None:
+            self._commit()
+        else:
+            self._refuse_content()
+
+    def _receive_data(self):
+        """Reads DATA text up to <CRLF>.<CRLF> into the message, in blocks.
+
+        Only CRLF '.' CRLF ends the text (no SMTP smuggling with bare CR or
+        LF). A leading dot is removed from every line (RFC 5321 4.5.2). A
+        line longer than TEXT_LIMIT, or a message over --size, sets
+        `message_fault` and the rest is read and dropped without buffering.
+        Input after the terminator is pushed back for the command reader.
+        """
+        conn = self.conn
+        msg = self.message
+        pending = b"\r\n"   # a virtual CRLF before the first line
+        first = True
+        limit = self.size_limit
+        while True:
+            chunk = conn.read(BLOCK)
+            if not chunk:
+                raise _Eof()
+            data = pending + chunk
+            end = data.find(TERMINATOR)
+            if end >= 0:
+                conn.unread(data[end + 5:])
+                body = data[:end + 2]
+            elif self.message_fault is not None:
+                pending = data[-4:]
+                continue
+            else:
+                k = data.rfind(b"\r\n")
+                body, pending = data[:k], data[k:]
+                if len(pending) - 2 > TEXT_LIMIT:
+                    self.message_fault = "long"
+                    pending = pending[-4:]
+            if self.message_fault is None:
+                if len(body) > TEXT_LIMIT + 2 and max(map(len, body.split(b"\r\n"))) > TEXT_LIMIT:
+                    self.message_fault = "long"
+                else:
+                    if b"\r\n." in body:
+                        body = body.replace(b"\r\n.", b"\r\n")
+                    if first and body:
+                        body = body[2:]
+                        first = False
+                    self.message_size += len(body)
+                    if limit and self.message_size > limit:
+                        self.message_fault = "big"
+                    else:
+                        msg.write(body)
+            if end >= 0:
+                return
+
+    @command("BDAT <size> [LAST]")
+    def smtp_BDAT(self, arg):
+        parts = arg.split()
+        if not parts or len(parts) > 2 or not parts[0].isdigit() or (
+                len(parts) == 2 and parts[1].upper() != "LAST"):
+            self._bad("501 5.5.4 syntax: BDAT <size> [LAST]")
+            return
+        size = int(parts[0])
+        last = len(parts) == 2
+        if self.state not in (RCPT, BDAT):
+            # The chunk is read and dropped so it is not taken for commands.
+            self._read_chunk(size, None)
+            self._bad(self._sequence_error("BDAT"))
+            return
+        if self.state == RCPT:
+            if not self._start_message():
+                self._read_chunk(size, None)
+                return
+            self.state = BDAT
+        self._read_chunk(size, self.message)
+        if self.message_fault is not None:
+            self._refuse_content()
+        elif not last:
+            self._reply("250 2.0.0 %d octets received" % size)
+        else:
+            self._commit()
+
+    def _read_chunk(self, size, msg):
+        """Reads exactly `size` octets of BDAT data into `msg` (None: drop them)."""
+        conn = self.conn
+        limit = self.size_limit
+        while size > 0:
+            chunk = conn.read(min(size, BLOCK))
+            if not chunk:
+                raise _Eof()
+            size -= len(chunk)
+            if msg is None or self.message_fault is not None:
+                continue
+            self.message_size += len(chunk)
+            if limit and self.message_size > limit:
+                self.message_fault = "big"
+            else:
+                msg.write(chunk)
+
+    # ----- storing a message --------------------------------------------
+
+    def _start_message(self):
+        """Creates the spool files and writes the Received line; False after a 4xx reply."""
+        try:
+            self.message = self.services.spool.new_message()
+            if "content" not in self.anonymous:
+                self.message.write(self._received(self.message.id))
+        except OSError as e:
+            log.error("smtp: cannot store message: %s" % e, peer=self.peer)
+            self._reset_transaction()
+            self._reply("452 4.3.0 cannot store the message")
+            return False
+        self.message_size = 0
+        self.message_fault = None
+        return True
+
+    def _received(self, msg_id):
+        """The RFC 5321 4.4 trace header for the message being received."""
+        helo = "".join(c for c in (self.helo or "") if 32 < ord(c) < 127 and c not in "()")
+        ip = self.peer_ip
+        literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
+        protocol = "SMTP"
+        if self.esmtp:
+            protocol = "ESMTP" + ("S" if self.conn.tls else "") + (
+                "A" if self.auth_user is not None else "")
+        line = "Received: from %s (%s) by %s with %s id %s; %s\r\n" % (
+            helo or "unknown", literal, self.domain, protocol, msg_id, rfc5322_date())
+        return line.encode("utf-8")
+
+    def _refuse_content(self):
+        if self.message_fault == "long":
+            self._reply("500 5.5.2 line too long")
+        else:
+            self._reply("552 5.3.4 message size exceeds fixed maximum message size")
+        log.info("smtp: message refused: %s" % ("line too long" if self.message_fault == "long"
+                                                else "too big"), peer=self.peer)
+        self._reset_transaction()
+
+    def _envelope(self):
+        return envelope.Envelope(
+            content=self.body, from_=self.mail_from, to_local=self.to_local,
+            to_remote=self.to_remote, authentication=self.auth_user or "",
+            client=self.peer, client_certificate=self.conn.peer_certificate_pem or "",
+            mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
+
+    def _commit(self):
+        """Makes the message durable, runs the filters, and replies."""
+        msg = self.message
+        try:
+            env = self._envelope()
+            msg.commit_content()
+            msg.write_envelope(env)
+            refusal = self._run_filters(msg)
+            if refusal == "cancelled":
+                # Exit 100: the filter owns the files now; say nothing more.
+                # (NewMessage has no public way yet to let go without deleting.)
+                msg._release_envelope()
+                self.message = None
+                self._reset_transaction()
+                self._reply("250 2.0.0 OK")
+                return
+            if refusal is not None:
+                self._count("messages-rejected")
+                self._reset_transaction()
+                self._reply(refusal)
+                return
+            msg_id = msg.finish(env)
+        except (OSError, envelope.EnvelopeError, spool.SpoolError) as e:
+            log.error("smtp: cannot store message: %s" % e, peer=self.peer)
+            self._reset_transaction()
+            self._reply("452 4.3.0 cannot store the message")
+            return
+        self.message = None
+        count = len(self.to_local) + len(self.to_remote)
+        log.info("smtp: stored %s from <%s> to %d recipient%s" % (
+            msg_id, log.sanitise(self.mail_from), count, "" if count == 1 else "s"),
+            peer=self.peer)
+        self._count("messages-stored")
+        self._reset_transaction()
+        refusal = self._forward_now(msg_id)
+        self._reply(refusal or "250 2.0.0 OK id=%s" % msg_id)
+
+    def _run_filters(self, msg):
+        """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply."""
+        for f in self.services.filters:
+            self._flush()
+            result = f.run(msg.content_path, msg.new_envelope_path)
+            if result.special == "cancel":
+                return "cancelled"
+            if result.special == "rescan" and self.services.forwarder is not None:
+                self.services.forwarder.trigger()
+            if not result.ok:
+                reason = log.sanitise(result.reason or "")
+                log.info("smtp: message rejected by filter: %s" % reason, peer=self.peer)
+                msg.abandon()
+                self.message = None
+                if result.temporary:
+                    return "451 4.3.0 %s" % (reason or "temporary failure")
+                return "550 5.7.1 %s" % (reason or "rejected")
+            if result.special == "stop":
+                break
+        return None
+
+    def _forward_now(self, msg_id):
+        """--immediate: forwards the message now; a refusal reply or None."""
+        forwarder = self.services.forwarder
+        if not self.cfg.immediate or forwarder is None:
+            return None
+        self._flush()
+        ok, text = forwarder.forward_now(msg_id)
+        if ok:
+            return None
+        return "452 4.3.0 %s" % log.sanitise(text or "forwarding failed")
+
+    def _count(self, name):
+        stats = self.services.stats
+        if stats is None:
+            return
+        with _stats_lock:
+            stats[name] = stats.get(name, 0) + 1
+
+
+# The command table: verb -> unbound smtp_<VERB> method.
+_COMMANDS = {name[5:]: getattr(SmtpSession, name) for name in dir(SmtpSession)
+             if name.startswith("smtp_")}

@@ -1,0 +1,596 @@
+"""The message store: E-MailRelay's spool directory, made durable.
+
+A message is two files, `emailrelay.<pid>.<unix-time>.<seq>.content` and an
+envelope whose suffix is its state:
+
+    .envelope.new   being written; filters run on it (not yet acknowledged)
+    .envelope       committed, ready to forward
+    .envelope.busy  claimed by a forwarder (which holds an flock on it)
+    .envelope.bad   failed; reasons appended at the end
+    .envelope.local copy for local recipients
+
+Durability (ours; E-MailRelay never calls fsync): the content is fsync'd,
+the `.new` envelope is fsync'd, renamed to `.envelope`, and the directory is
+fsync'd before `finish()` returns, so the caller may reply `250` after it.
+
+Claiming is safe between processes sharing one spool: the claimer opens the
+`.envelope`, takes an exclusive `flock` on it, and only then renames it to
+`.busy`. The lock follows the inode through the rename, so a `.busy` file
+whose lock can be taken has no live owner and `recover()` may return it to
+`.envelope` without racing a claimer. (E-MailRelay's C++ binary does not
+take that lock: do not run `recover()` while it forwards from the same spool.)
+
+Files are created with mode 0660 (E-MailRelay's umask 117) via `os.open` and
+`fchmod`; the process umask is never changed.
+"""
+
+import collections
+import fcntl
+import itertools
+import os
+import threading
+import time
+
+from .envelope import Envelope, EnvelopeError, reason_lines
+
+FILE_MODE = 0o660
+NEW, READY, BUSY, BAD, LOCAL = ".envelope.new", ".envelope", ".envelope.busy", ".envelope.bad", ".envelope.local"
+ORPHAN = ".envelope.new.orphan"
+CONTENT = ".content"
+# Longest first: a name is classified by the first suffix it ends with.
+_STATES = ((ORPHAN, "orphan"), (NEW, "new"), (BUSY, "busy"), (BAD, "bad"), (LOCAL, "local"),
+           (READY, "ready"))
+
+Committed = collections.namedtuple("Committed", "id envelope_path content_path")
+
+_sequence = itertools.count(1)
+_sequence_lock = threading.Lock()
+
+
+class SpoolError(Exception):
+    """The spool cannot do what was asked (bad directory, vanished file, ...)."""
+
+
+def _log(level, message):
+    from . import log
+    getattr(log, level)(message)
+
+
+def fsync_directory(directory):
+    """Makes renames and creations in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(path, flags=os.O_WRONLY | os.O_CREAT | os.O_EXCL):
+    """Creates `path` with mode 0660 whatever the umask; returns the fd."""
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_file_durably(path, data, flags=os.O_WRONLY | os.O_CREAT | os.O_TRUNC):
+    """Writes `data` to a new file of mode 0660 and fsyncs it."""
+    fd = _create(path, flags)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _pid_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _try_lock(path):
+    """Opens `path` and takes its flock without waiting.
+
+    Returns the fd holding the lock, or None if someone holds it or the
+    file is gone.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sort_key(message_id, path):
+    """Oldest first: by the time, pid and sequence number in the name."""
+    parts = message_id.split(".")
+    if len(parts) == 4 and parts[0] == "emailrelay" and all(p.isdigit() for p in parts[1:]):
+        return (int(parts[2]), int(parts[1]), int(parts[3]), message_id)
+    try:
+        mtime = int(os.stat(path).st_mtime)
+    except OSError:
+        mtime = 0
+    return (mtime, 0, 0, message_id)
+
+
+def _subdirectories(directory):
+    """Immediate sub-directories of `directory` (not symbolic links)."""
+    try:
+        # A directory's link count is 2 + its sub-directories on most file
+        # systems: the common case (no sub-directories) needs no listing.
+        if os.stat(directory).st_nlink == 2:
+            return []
+        with os.scandir(directory) as it:
+            return [e.path for e in it if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def content_shared(content_path, except_path=None):
+    """True if an envelope other than `except_path` refers to this content file.
+
+    A content file is shared while any envelope (in any state) with the same
+    id exists in its directory or in one of that directory's immediate
+    sub-directories (`--pop-by-name` copies made by emailrelay-filter-copy).
+    """
+    directory, name = os.path.split(os.path.abspath(content_path))
+    if not name.endswith(CONTENT):
+        return False
+    stem = name[:-len(CONTENT)]
+    skip = os.path.abspath(except_path) if except_path else None
+    for d in [directory] + _subdirectories(directory):
+        for suffix, _ in _STATES:
+            p = os.path.join(d, stem + suffix)
+            if p != skip and os.path.lexists(p):
+                return True
+    return False
+
+
+class Spool:
+    """The spool directory: new messages, committed ids, claims and admin views."""
+
+    def __init__(self, directory):
+        if not os.path.isdir(directory):
+            raise SpoolError("spool directory does not exist: %s" % directory)
+        self.directory = os.path.abspath(directory)
+
+    def path(self, message_id, suffix):
+        """The path of a spool file, e.g. `path(id, '.envelope')`."""
+        return os.path.join(self.directory, message_id + suffix)
+
+    # -- storing
+
+    def new_message(self):
+        """Creates the content file of a new message; returns a NewMessage."""
+        return NewMessage(self)
+
+    def _create_content(self):
+        pid = os.getpid()
+        while True:
+            with _sequence_lock:
+                seq = next(_sequence)
+            message_id = "emailrelay.%d.%d.%d" % (pid, int(time.time()), seq)
+            path = self.path(message_id, CONTENT)
+            try:
+                return message_id, path, _create(path)
+            except FileExistsError:
+                # Another process with our pid (a restart in the same
+                # second, or a shared spool across pid namespaces).
+                continue
+
+    # -- listing
+
+    def _scan(self, directory=None):
+        with os.scandir(directory or self.directory) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                for suffix, state in _STATES:
+                    if entry.name.endswith(suffix) and len(entry.name) > len(suffix):
+                        try:
+                            regular = entry.is_file()
+                        except OSError:
+                            regular = False
+                        if regular:
+                            yield entry.name[:-len(suffix)], state, entry.path
+                        break
+
+    def ids(self):
+        """Committed (`.envelope`) message ids, oldest first."""
+        found = [(i, p) for i, state, p in self._scan() if state == "ready"]
+        return [i for i, p in sorted(found, key=lambda ip: _sort_key(*ip))]
+
+    def list_messages(self):
+        """Every envelope as `(id, state)`, oldest first.
+
+        States: 'new', 'ready', 'busy', 'bad', 'local', 'orphan'.
+        """
+        found = [(i, s, p) for i, s, p in self._scan()]
+        found.sort(key=lambda isp: (_sort_key(isp[0], isp[2]), isp[1]))
+        return [(i, s) for i, s, p in found]
+
+    def committed(self, directory=None):
+        """Committed envelopes of the spool or of one of its sub-directories.
+
+        Returns `Committed(id, envelope_path, content_path)` tuples, oldest
+        first. The content path is in the same directory if that file exists,
+        else in the parent directory (where emailrelay-filter-copy leaves it).
+        """
+        directory = os.path.join(self.directory, directory) if directory else self.directory
+        parent = os.path.dirname(os.path.abspath(directory))
+        out = []
+        for message_id, state, path in self._scan(directory):
+            if state != "ready":
+                continue
+            content = os.path.join(directory, message_id + CONTENT)
+            if directory != self.directory and not os.path.exists(content):
+                content = os.path.join(parent, message_id + CONTENT)
+            out.append((_sort_key(message_id, path), Committed(message_id, path, content)))
+        out.sort(key=lambda kc: kc[0])
+        return [c for k, c in out]
+
+    def failures(self):
+        """`(id, reason)` for each `.bad` envelope; reason is the latest one ('' if none)."""
+        out = []
+        for message_id, state, path in self._scan():
+            if state != "bad":
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                out.append((message_id, "cannot read envelope: %s" % e.strerror))
+                continue
+            reason = ""
+            for line in data.splitlines():
+                if line.startswith(b"X-MailRelay-Reason:"):
+                    reason = line[19:].strip().decode("utf-8", "replace")
+            out.append((message_id, reason))
+        out.sort(key=lambda ir: _sort_key(ir[0], ""))
+        return out
+
+    def unfail_all(self):
+        """Renames every `.bad` envelope back to `.envelope`; returns how many."""
+        count = 0
+        for message_id, state, path in list(self._scan()):
+            if state != "bad":
+                continue
+            try:
+                os.rename(path, self.path(message_id, READY))
+                count += 1
+            except FileNotFoundError:
+                continue
+        return count
+
+    # -- forwarding
+
+    def claim(self, message_id):
+        """Claims a committed message for forwarding.
+
+        Returns a Claim (holding the envelope's lock) or None if another
+        claimer won, the message is gone, or its envelope is corrupt (then it
+        is renamed `.bad` with the reason appended, and a warning logged).
+        """
+        ready = self.path(message_id, READY)
+        busy = self.path(message_id, BUSY)
+        try:
+            fd = os.open(ready, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._fail_unreadable(message_id, ready, "cannot open envelope: %s" % e.strerror)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(ready, busy)
+            if os.fstat(fd).st_ino != os.stat(busy).st_ino:
+                raise FileNotFoundError(busy)
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        claim = Claim(self, message_id, fd)
+        try:
+            claim.envelope = Envelope.parse(_read_fd(fd))
+        except (EnvelopeError, OSError) as e:
+            reason = "invalid envelope file: %s" % (e,)
+            _log("warning", "spool: %s: %s" % (os.path.basename(busy), reason))
+            claim.fail(reason, 0)
+            return None
+        return claim
+
+    def _fail_unreadable(self, message_id, path, reason):
+        _log("warning", "spool: %s: %s" % (os.path.basename(path), reason))
+        try:
+            os.rename(path, self.path(message_id, BAD))
+        except OSError:
+            pass
+
+    # -- start-up
+
+    def recover(self):
+        """Repairs what a dead process left behind; safe with live sharers.
+
+        A `.envelope.new` whose lock is free and whose creating process is
+        gone was never acknowledged: it is renamed `.envelope.new.orphan`
+        (kept with its content, never forwarded) and logged. A `.busy`
+        envelope whose lock is free has lost its forwarder: it goes back to
+        `.envelope` and is logged.
+        """
+        for message_id, state, path in list(self._scan()):
+            if state == "new":
+                self._recover_new(message_id, path)
+            elif state == "busy":
+                self._recover_busy(message_id, path)
+
+    def _recover_new(self, message_id, path):
+        parts = message_id.split(".")
+        if len(parts) == 4 and parts[1].isdigit():
+            pid = int(parts[1])
+            if pid != os.getpid() and _pid_running(pid):
+                return
+        fd = _try_lock(path)
+        if fd is None:
+            return
+        try:
+            os.rename(path, self.path(message_id, ORPHAN))
+        finally:
+            os.close(fd)
+        _log("warning", "spool: unfinished message moved aside: %s (content %s)"
+             % (message_id + ORPHAN, message_id + CONTENT))
+
+    def _recover_busy(self, message_id, path):
+        fd = _try_lock(path)
+        if fd is None:
+            return
+        try:
+            os.rename(path, self.path(message_id, READY))
+        except FileNotFoundError:
+            return
+        finally:
+            os.close(fd)
+        _log("warning", "spool: %s: claim of a stopped process released" % (message_id + BUSY))
+
+    # -- deleting (POP)
+
+    def remove_envelope(self, envelope_path, content_path):
+        """Deletes an envelope, and its content unless another envelope refers to it."""
+        os.unlink(envelope_path)
+        if not content_shared(content_path, envelope_path):
+            _unlink_quietly(content_path)
+
+
+def _read_fd(fd):
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+class NewMessage:
+    """A message being stored: stream the content, then commit.
+
+    Use: `write(data)` as often as needed (memory does not grow with the
+    message), `commit_content()`, `write_envelope(env)` (the `.new` file that
+    filters see), then `finish(env)`; or `abandon()` at any point. After
+    `finish()` returns, the message is on disk for good.
+    """
+
+    def __init__(self, spool):
+        self.spool = spool
+        self.id, self.content_path, fd = spool._create_content()
+        self.new_envelope_path = spool.path(self.id, NEW)
+        self.size = 0
+        self._file = os.fdopen(fd, "wb", buffering=1 << 16)
+        self._envelope_fd = None
+        self._synced = {}
+        self._done = False
+
+    def write(self, data):
+        """Appends content bytes."""
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit_content(self):
+        """Flushes and fsyncs the content file and closes it."""
+        f = self._file
+        if f is None:
+            return
+        f.flush()
+        os.fsync(f.fileno())
+        self._synced[self.content_path] = _identity(os.fstat(f.fileno()))
+        self._file = None
+        f.close()
+
+    def write_envelope(self, env):
+        """Writes and fsyncs the `.envelope.new` file (replacing any earlier one).
+
+        The file stays locked until finish() or abandon(), so that another
+        process's recover() never takes it for an orphan.
+        """
+        if self._envelope_fd is None:
+            self._envelope_fd = _create(self.new_envelope_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            fcntl.flock(self._envelope_fd, fcntl.LOCK_EX)
+        fd = self._envelope_fd
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        _write_all(fd, env.to_bytes())
+        os.fsync(fd)
+        self._synced[self.new_envelope_path] = _identity(os.fstat(fd))
+
+    def finish(self, env):
+        """Commits the message; returns its id. The caller may then reply 250.
+
+        `.envelope.new` becomes `.envelope`; when `env.to_local` is not empty
+        a `.envelope.local` copy is made too, and with no remote recipients
+        the `.local` file is the only envelope. Files a filter changed are
+        fsync'd again; the directory is fsync'd last. Raises SpoolError if a
+        filter removed the files, OSError on I/O failure.
+        """
+        self.commit_content()
+        if self._envelope_fd is None:
+            self.write_envelope(env)
+        for path in (self.content_path, self.new_envelope_path):
+            self._resync_if_changed(path)
+        if env.to_local and env.to_remote:
+            with open(self.new_envelope_path, "rb") as f:
+                data = f.read()
+            tmp = self.spool.path(self.id, LOCAL + ".tmp")
+            write_file_durably(tmp, data)
+            os.rename(tmp, self.spool.path(self.id, LOCAL))
+            os.rename(self.new_envelope_path, self.spool.path(self.id, READY))
+        elif env.to_local:
+            os.rename(self.new_envelope_path, self.spool.path(self.id, LOCAL))
+        else:
+            os.rename(self.new_envelope_path, self.spool.path(self.id, READY))
+        fsync_directory(self.spool.directory)
+        self._release_envelope()
+        self._done = True
+        return self.id
+
+    def _resync_if_changed(self, path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise SpoolError("message file removed before commit: %s" % os.path.basename(path)) from None
+        if _identity(st) != self._synced.get(path):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _release_envelope(self):
+        if self._envelope_fd is not None:
+            os.close(self._envelope_fd)
+            self._envelope_fd = None
+
+    def disown(self):
+        """Lets go of the message without touching its files (a filter exited 100).
+
+        The filter owns the files now (it may have removed or copied them);
+        the directory is fsync'd so that what it left is as durable as a
+        finished message. abandon() is a no-op afterwards.
+        """
+        self.commit_content()
+        self._release_envelope()
+        self._done = True
+        fsync_directory(self.spool.directory)
+
+    def abandon(self):
+        """Removes whatever was written; safe to call twice, and after finish() a no-op."""
+        if self._file is not None:
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError:
+                pass
+        self._release_envelope()
+        if self._done:
+            return
+        self._done = True
+        _unlink_quietly(self.new_envelope_path)
+        _unlink_quietly(self.content_path)
+
+
+def _identity(st):
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Claim:
+    """A message claimed for forwarding (its envelope is `.busy` and locked).
+
+    `envelope` (parsed), `content_path`, `envelope_path`. End the claim with
+    exactly one of release(), delete() or fail().
+    """
+
+    def __init__(self, spool, message_id, fd):
+        self.spool = spool
+        self.id = message_id
+        self._fd = fd
+        self.envelope = None
+        self.envelope_path = spool.path(message_id, BUSY)
+        self.content_path = spool.path(message_id, CONTENT)
+
+    def _unlock(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def release(self):
+        """Puts the message back to `.envelope` (to be tried again later)."""
+        try:
+            os.rename(self.envelope_path, self.spool.path(self.id, READY))
+        finally:
+            self._unlock()
+
+    def delete(self):
+        """Removes the envelope, and the content unless another envelope refers to it."""
+        try:
+            _unlink_quietly(self.envelope_path)
+            if not content_shared(self.content_path, self.envelope_path):
+                _unlink_quietly(self.content_path)
+        finally:
+            self._unlock()
+
+    def fail(self, reason, code=None):
+        """Appends the reason (and code) to the envelope and renames it `.bad`."""
+        try:
+            os.lseek(self._fd, 0, os.SEEK_END)
+            _write_all(self._fd, reason_lines(reason, code))
+            os.fsync(self._fd)
+            os.rename(self.envelope_path, self.spool.path(self.id, BAD))
+        finally:
+            self._unlock()
+
+    def rewrite(self, env):
+        """Replaces the envelope with `env` atomically, keeping the claim's lock."""
+        tmp = self.envelope_path + ".tmp"
+        fd = _create(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _write_all(fd, env.to_bytes())
+            os.fsync(fd)
+            os.rename(tmp, self.envelope_path)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        self._unlock()
+        self._fd = fd
+        self.envelope = env

@@ -1,0 +1,271 @@
+"""Process control seen from outside: daemon and pid file, signals, log
+files, --close-stderr, systemd notification, user switch."""
+
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, env, free_port, wait_for, wait_port
+
+from emailrelay import process
+
+
+def base_args(tmp_path, port):
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    return ["--port", str(port), "--interface", "127.0.0.1", "--spool-dir", str(spool),
+            "--no-syslog", "--user", "root"]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Program:
+    """The program as a subprocess, its stdout and stderr going to a file."""
+
+    def __init__(self, tmp_path, args, environ=None):
+        self.output = tmp_path / "output"
+        with open(str(self.output), "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "emailrelay"] + args, cwd=ROOT,
+                                         env=environ or env(), stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=out)
+        self.pid = self.proc.pid
+
+    def text(self):
+        return self.output.read_text()
+
+    def wait_listening(self, log_file=None):
+        """Waits for the 'listening' line, logged once signal handlers are in place."""
+        def ready():
+            assert self.proc.poll() is None, "exited early: " + self.text()
+            source = log_file if log_file is not None else self.output
+            return source.exists() and "listening on" in source.read_text()
+        wait_for(ready, 15, what="the program to listen")
+
+    def wait(self, timeout=15):
+        return self.proc.wait(timeout)
+
+    def stop(self, sig=signal.SIGTERM):
+        """Signals the program and returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(15)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start(tmp_path, args, environ=None):
+    return Program(tmp_path, args, environ)
+
+
+def smtp_greeting(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        return s.recv(1000)
+
+
+def test_daemon_writes_pid_file_before_parent_exits_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    pid_file = tmp_path / "run" / "emailrelay.pid"
+    log_file = tmp_path / "log"
+    parent = start(["--as-server", "--pid-file", str(pid_file), "--log-file", str(log_file)]
+                   + base_args(tmp_path, port))
+    try:
+        assert parent.wait(15) == 0
+        # The parent has exited: the pid file must be there already.
+        assert pid_file.is_file()
+        pid = int(pid_file.read_text())
+        assert pid != parent.pid and alive(pid)
+        assert smtp_greeting(port).startswith(b"220 ")
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not alive(pid), 10, what="the daemon to exit")
+        assert not pid_file.exists()
+        assert "stopping" in log_file.read_text()
+    finally:
+        if pid_file.exists() and alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_daemon_is_detached(tmp_path):
+    port = free_port()
+    pid_file = tmp_path / "pid"
+    parent = start(["--log", "--pid-file", str(pid_file), "--log-file", str(tmp_path / "log")]
+                   + base_args(tmp_path, port))
+    assert parent.wait(15) == 0
+    pid = int(pid_file.read_text())
+    try:
+        assert os.getsid(pid) == pid
+        assert os.readlink("/proc/%d/cwd" % pid) == "/"
+        assert os.readlink("/proc/%d/fd/0" % pid) == os.devnull
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not alive(pid), 10, what="the daemon to exit")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_stops_cleanly_on_signal(tmp_path, sig):
+    port = free_port()
+    pid_file = tmp_path / "pid"
+    proc = start(["--no-daemon", "--log", "--pid-file", str(pid_file)]
+                 + base_args(tmp_path, port))
+    try:
+        wait_port(port)
+        assert int(pid_file.read_text()) == proc.pid
+    finally:
+        status = stop(proc, sig)
+    assert status == 0, proc.stderr.read()
+    assert not pid_file.exists()
+    assert not os.listdir(str(tmp_path / "spool"))
+
+
+def test_log_file_with_date_and_sighup_reopen(tmp_path):
+    port = free_port()
+    proc = start(["--no-daemon", "--log", "--verbose", "--log-file", str(tmp_path / "relay-%d.log")]
+                 + base_args(tmp_path, port))
+    try:
+        path = tmp_path / ("relay-%s.log" % time.strftime("%Y%m%d"))
+        wait_for(lambda: path.exists() and "listening on" in path.read_text(), 10,
+                 what="listening line in the dated log file")
+        assert proc.poll() is None
+        os.rename(str(path), str(tmp_path / "rotated"))
+        proc.send_signal(signal.SIGHUP)
+        # A connection makes a log line; after SIGHUP it goes to a new file.
+        wait_for(lambda: smtp_greeting(port) and path.exists(), 10,
+                 what="a new log file after SIGHUP")
+    finally:
+        assert stop(proc) == 0
+    assert "emailrelay: info: stopping" in path.read_text()
+    assert proc.stderr.read() == ""
+
+
+def test_close_stderr_silences_stderr_after_start_up(tmp_path):
+    port = free_port()
+    proc = start(["--no-daemon", "--log", "--verbose", "--close-stderr"]
+                 + base_args(tmp_path, port))
+    try:
+        wait_port(port)
+        smtp_greeting(port)
+    finally:
+        assert stop(proc) == 0
+    err = proc.stderr.read()
+    assert "listening on" in err
+    assert "connection" not in err and "stopping" not in err
+
+
+def test_usage_error_starts_nothing(tmp_path):
+    pid_file = tmp_path / "pid"
+    proc = start(["--as-server", "--pid-file", str(pid_file), "--port", "99999"])
+    assert proc.wait(15) == 2
+    assert "--port" in proc.stderr.read()
+    assert not pid_file.exists()
+
+
+def test_daemon_that_cannot_write_its_pid_file_fails_cleanly(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = start(["--log", "--pid-file", str(tmp_path / "file" / "pid"),
+                  "--log-file", str(tmp_path / "log")] + base_args(tmp_path, free_port()))
+    assert proc.wait(15) != 0
+    text = (tmp_path / "log").read_text() + proc.stderr.read()
+    assert "pid file" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notify_ready(tmp_path, abstract):
+    name = "@emailrelay-test-%d-%d" % (os.getpid(), time.monotonic_ns()) if abstract \
+        else str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name[1:] if abstract else name)
+        sock.settimeout(15)
+        port = free_port()
+        proc = start(["--no-daemon", "--log"] + base_args(tmp_path, port),
+                     env=dict(env(), NOTIFY_SOCKET=name))
+        try:
+            message = sock.recv(1000)
+            assert b"READY=1" in message.split(b"\n")
+            assert smtp_greeting(port).startswith(b"220 ")
+        finally:
+            assert stop(proc) == 0
+
+
+def test_notify_ready_without_socket_does_nothing(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert process.notify_ready() is False
+
+
+def test_pid_file_helpers(tmp_path):
+    path = tmp_path / "a" / "b.pid"
+    process.write_pid_file(str(path))
+    assert path.read_text() == "%d\n" % os.getpid()
+    assert path.stat().st_mode & 0o777 == 0o644
+    path.write_text("1\n")
+    process.remove_pid_file(str(path))
+    assert path.exists(), "a pid file of another process is left alone"
+    process.write_pid_file(str(path))
+    process.remove_pid_file(str(path))
+    assert not path.exists()
+    process.remove_pid_file(str(path))
+
+
+def test_umasks():
+    assert process.NORMAL_UMASK == 0o177 and process.SPOOL_UMASK == 0o117
+    old = process.set_umask(0o177)
+    try:
+        assert process.set_umask(0o117) == 0o177
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root")
+def test_switch_user_when_root(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    port = free_port()
+    args = base_args(tmp_path, port)
+    args[args.index("--user") + 1] = "nobody"
+    os.chmod(str(tmp_path / "spool"), 0o777)
+    proc = start(["--no-daemon", "--log"] + args)
+    try:
+        wait_port(port)
+        with open("/proc/%d/status" % proc.pid) as f:
+            status = f.read()
+        uids = [line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")][0]
+        assert uids == [str(nobody.pw_uid)] * 4
+    finally:
+        assert stop(proc) == 0
+
+
+def test_unknown_user_is_a_clean_error(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the user is only looked up when started as root")
+    args = base_args(tmp_path, free_port())
+    args[args.index("--user") + 1] = "no-such-user-here"
+    proc = start(["--no-daemon", "--log"] + args)
+    assert proc.wait(15) == 1
+    err = proc.stderr.read()
+    assert "no such user" in err and "Traceback" not in err
+
+
+def test_signals_only_set_flags():
+    signals = process.Signals()
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_for(signals.hup.is_set, 5, what="the SIGHUP flag")
+        assert not signals.stop.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(signals.stop.is_set, 5, what="the SIGTERM flag")
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

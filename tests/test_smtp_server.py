@@ -1,0 +1,260 @@
+"""The SMTP server end to end: the real program, real clients, raw sockets.
+
+Clients: smtplib, swaks (with --pipeline), curl smtp://, smtp-source. Also
+the smuggling sequences over a raw socket, filters and verifiers as real
+programs, and a SIGKILL crash test.
+"""
+
+import os
+import random
+import smtplib
+import socket
+import stat
+import subprocess
+import threading
+
+import pytest
+
+from helpers import Relay, spool_files, wait_for
+from emailrelay import envelope
+
+
+def committed(spool):
+    """{id: (content bytes, Envelope)} for every committed message."""
+    out = {}
+    for name in spool_files(spool, ".envelope"):
+        mid = name[:-len(".envelope")]
+        env = envelope.Envelope.read(os.path.join(spool, name))
+        with open(os.path.join(spool, mid + ".content"), "rb") as f:
+            out[mid] = (f.read(), env)
+    return out
+
+
+def raw_session(port, data, timeout=10):
+    """Sends `data` in one write after the greeting; returns everything received."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        f = s.makefile("rb")
+        greeting = f.readline()
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        return greeting + f.read()
+
+
+def test_smtplib_message_and_log_line(tmp_path):
+    with Relay(tmp_path) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+            code, text = c.ehlo("client.test")
+            assert code == 250 and b"PIPELINING" in text and b"CHUNKING" in text
+            c.sendmail("a@x.test", ["b@y.test", "c@y.test"], b"Subject: t\r\n\r\nhello\r\n")
+        relay.wait_log(r"info: smtp: stored emailrelay\.\S+ from <a@x.test> to 2 recipients")
+        [(content, env)] = committed(relay.spool).values()
+    assert content.startswith(b"Received: from client.test ([127.0.0.1]) by relay.test with ESMTP id ")
+    assert content.endswith(b"Subject: t\r\n\r\nhello\r\n")
+    assert env.to_remote == ["b@y.test", "c@y.test"] and env.client.startswith("127.0.0.1:")
+
+
+def test_swaks_pipeline_and_curl(tmp_path):
+    msg = tmp_path / "msg.txt"
+    msg.write_bytes(b"Subject: curl\r\n\r\n.dot line\r\nbody\r\n")
+    with Relay(tmp_path) as relay:
+        out = subprocess.run(["swaks", "--server", "127.0.0.1:%d" % relay.port, "--pipeline",
+                              "--from", "a@x.test", "--to", "b@y.test", "--body", "swaks body"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30,
+                             universal_newlines=True)
+        assert out.returncode == 0, out.stdout
+        assert "250 2.0.0 OK id=emailrelay." in out.stdout
+        out = subprocess.run(["curl", "-s", "smtp://127.0.0.1:%d" % relay.port, "--mail-from", "c@x.test",
+                              "--mail-rcpt", "d@y.test", "-T", str(msg)], timeout=30)
+        assert out.returncode == 0
+        messages = committed(relay.spool).values()
+    by_from = {env.from_: content for content, env in messages}
+    assert b"swaks body" in by_from["a@x.test"]
+    assert by_from["c@x.test"].endswith(b"Subject: curl\r\n\r\n.dot line\r\nbody\r\n")
+
+
+def test_smtp_source_1000_messages_over_20_sessions(tmp_path):
+    with Relay(tmp_path, ["--max-connections-per-address", "100"]) as relay:
+        subprocess.run(["smtp-source", "-s", "20", "-m", "1000", "-l", "4096", "-f", "a@x.test",
+                        "-t", "b@y.test", "127.0.0.1:%d" % relay.port], check=True, timeout=120)
+        messages = committed(relay.spool)
+    assert len(messages) == 1000
+    # smtp-source's headers vary (Date, Message-Id); its body text does not.
+    bodies = {content.split(b"\r\n\r\n", 1)[1] for content, _ in messages.values()}
+    assert len(bodies) == 1
+    body = bodies.pop()
+    assert len(body) > 4000 and body.startswith(b"1XXXX") and body.endswith(b"X\r\n")
+    assert not relay.files(".new") and not relay.files(".bad")
+
+
+@pytest.mark.parametrize("seq", [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\n", b"\r\n.\r", b"\r\n.\n",
+                                 b"\r\n\x00.\r\n"])
+def test_smuggling_over_a_socket(tmp_path, seq):
+    with Relay(tmp_path) as relay:
+        data = (b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"
+                b"one" + seq + b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@y.test>\r\nDATA\r\nevil\r\n"
+                b".\r\nQUIT\r\n")
+        reply = raw_session(relay.port, data)
+        messages = committed(relay.spool)
+    assert reply.count(b"250 2.0.0 OK id=") == 1
+    [(content, env)] = messages.values()
+    assert env.from_ == "a@x.test"
+    assert b"MAIL FROM:<evil@x.test>" in content and content.endswith(b"evil\r\n")
+
+
+def test_line_limits_over_a_socket(tmp_path):
+    with Relay(tmp_path) as relay:
+        data = (b"NOOP " + b"x" * 600 + b"\r\nEHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+                b"DATA\r\n" + b"y" * 5000 + b"\r\n.\r\nQUIT\r\n")
+        reply = raw_session(relay.port, data)
+        assert not relay.files(".content")
+    assert reply.count(b"500 5.5.2 line too long") == 2
+    assert reply.endswith(b"221 2.0.0 relay.test closing connection\r\n")
+
+
+def test_limit_options(tmp_path):
+    args = ["--size", "100", "--max-recipients", "100", "--max-bounce-recipients", "1",
+            "--max-bad-commands", "2"]
+    with Relay(tmp_path, args) as relay:
+        rcpts = b"".join(b"RCPT TO:<r%d@y.test>\r\n" % i for i in range(101))
+        reply = raw_session(relay.port, b"EHLO c\r\nMAIL FROM:<a@x.test> SIZE=101\r\nMAIL FROM:<a@x.test>\r\n"
+                            + rcpts + b"RSET\r\nMAIL FROM:<>\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\n"
+                            b"RSET\r\nBAD1\r\nBAD2\r\nBAD3\r\nNOOP\r\n")
+        assert b"250-SIZE 100\r\n" in reply
+        assert reply.count(b"552 5.3.4") == 1
+        assert reply.count(b"452 4.5.3 too many recipients\r\n") == 1
+        assert reply.count(b"452 4.5.3 too many recipients for a bounce message") == 1
+        assert reply.endswith(b"421 4.7.0 relay.test too many errors, closing connection\r\n")
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                c.sendmail("a@x.test", ["b@y.test"], b"x" * 200)
+            assert e.value.smtp_code == 552
+        assert not relay.files(".content")
+    with Relay(tmp_path, ["--min-free-space", str(10 ** 12)], name="full") as relay:
+        reply = raw_session(relay.port, b"HELO c\r\nMAIL FROM:<a@x.test>\r\nQUIT\r\n")
+        assert b"452 4.3.1 insufficient system storage" in reply
+
+
+def test_idle_timeout(tmp_path):
+    with Relay(tmp_path, ["--idle-timeout", "1"]) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            assert f.readline() == b"421 4.4.2 relay.test idle timeout\r\n"
+            assert f.readline() == b""
+
+
+def write_script(path, text):
+    path.write_text("#!/bin/sh\n" + text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+@pytest.mark.parametrize("spec,code,text,kept", [
+    ("exit:0", 250, None, 1),
+    ("exit:1", 550, None, 0),
+    ("exit:100", 250, None, None),
+    ("exit:103", 250, None, 1),
+])
+def test_filter_exit_codes(tmp_path, spec, code, text, kept):
+    with Relay(tmp_path, ["--filter", spec]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+            c.ehlo("c")
+            c.mail("a@x.test")
+            c.rcpt("b@y.test")
+            got = c.data(b"hi\r\n")
+        assert got[0] == code
+        if kept is not None:
+            assert len(relay.files(".envelope")) == kept
+            assert not relay.files(".new")
+
+
+def test_filter_program_reason_and_arguments(tmp_path):
+    args_file = tmp_path / "args"
+    flt = write_script(tmp_path / "filter", 'printf "%s\\n" "$@" > ' + str(args_file)
+                       + '\necho "<<spam; rm -rf / \\$(x)>>"\nexit 7\n')
+    with Relay(tmp_path, ["--filter", flt]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+            c.ehlo("c")
+            c.mail("a$(touch /tmp/pwned)@x.test")
+            c.rcpt("b;ls@y.test")
+            code, text = c.data(b"hi\r\n")
+        assert code == 550 and b"5.7.1 spam; rm -rf / $(x)" in text
+        assert not relay.files(".content")
+    assert args_file.read_text().splitlines()[-1].endswith(".content")
+
+
+def test_verifier_program_exit_codes_and_plain_arguments(tmp_path):
+    seen = tmp_path / "seen"
+    v = write_script(tmp_path / "verifier", """
+if test "$1" = --emailrelay-version ; then echo 2.0 ; exit 0 ; fi
+printf '[%s]' "$@" >> """ + str(seen) + """ ; echo >> """ + str(seen) + """
+case "$1" in
+local*) echo "Local User" ; echo postmaster ; exit 0 ;;
+bad*) echo "no such user $1" ; exit 2 ;;
+tmp*) echo "try later" ; exit 3 ;;
+kill*) exit 100 ;;
+*) echo "" ; echo "$1" ; exit 1 ;;
+esac
+""")
+    with Relay(tmp_path, ["--address-verifier", v]) as relay:
+        reply = raw_session(relay.port, b"EHLO c\r\nMAIL FROM:<a`id`@x.test>\r\n"
+                            b"RCPT TO:<local@y.test>\r\nRCPT TO:<bad@y.test>\r\nRCPT TO:<tmp@y.test>\r\n"
+                            b"RCPT TO:<\"$(touch x);|&\"@y.test>\r\nRCPT TO:<a\rb@y.test>\r\n"
+                            b"DATA\r\nhi\r\n.\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<kill@y.test>\r\nNOOP\r\n")
+        assert b"550 5.1.1 no such user bad@y.test" in reply
+        assert b"450 4.1.1 try later" in reply
+        assert b"501 5.1.3" in reply
+        assert reply.count(b"250 2.0.0 OK id=") == 1
+        assert reply.rstrip().endswith(b"250 2.1.0 sender <a@x.test> OK")  # then dropped
+        [local] = relay.files(".envelope.local")
+        env = envelope.Envelope.read(os.path.join(relay.spool, local))
+    assert env.to_local == ["postmaster"] and env.to_remote == ['"$(touch x);|&"@y.test']
+    lines = seen.read_text().splitlines()
+    assert lines[3] == '["$(touch x);|&"@y.test][relay.test][a`id`@x.test][127.0.0.1][][]'
+    assert not any("a\rb" in x for x in lines)
+
+
+def test_crash_kills_lose_no_acknowledged_message(tmp_path):
+    relay = Relay(tmp_path, ["--max-connections-per-address", "100"])
+    acknowledged = set()
+    lock = threading.Lock()
+    rng = random.Random(1)
+    try:
+        for round_ in range(3):
+            stop = threading.Event()
+
+            def client(n):
+                while not stop.is_set():
+                    body = (b"round %d client %d\r\n" % (round_, n)) * rng.randint(1, 3000)
+                    try:
+                        with smtplib.SMTP("127.0.0.1", relay.port, timeout=5) as c:
+                            c.ehlo("c")
+                            c.mail("a@x.test")
+                            c.rcpt("b@y.test")
+                            code, text = c.data(body)
+                    except (OSError, smtplib.SMTPException):
+                        continue
+                    if code == 250:
+                        mid = text.decode().split("id=")[1].strip()
+                        with lock:
+                            acknowledged.add((mid, len(body)))
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            count = len(acknowledged)
+            wait_for(lambda: len(acknowledged) >= count + rng.randint(3, 15), 20, what="messages")
+            relay.kill()
+            stop.set()
+            for t in threads:
+                t.join()
+            messages = committed(relay.spool)
+            for mid, size in acknowledged:
+                assert mid in messages, "acknowledged message %s lost" % mid
+                content = messages[mid][0]
+                assert len(content.split(b"\r\n", 1)[1]) == size
+            for mid, (content, env) in messages.items():
+                assert content.startswith(b"Received: ") and content.endswith(b"\r\n")
+                assert env.from_ == "a@x.test"
+            relay.start()
+    finally:
+        relay.stop()
