@@ -101,9 +101,6 @@ class Forwarder:
         self.spool = spool
         self.client_filters = list(client_filters)
         self.client_secret = client_secret
-        if tls_context is None and cfg.client_tls_required:
-            from . import tls
-            tls_context = tls.client_context(cfg)
         self.tls_context = tls_context
         self.events = events
         self.stats = stats if stats is not None else {}
@@ -214,16 +211,15 @@ class Forwarder:
     def run_pass(self):
         """One pass over the spool with one connection; returns a PassResult.
 
-        Spool work overlaps network waits: a helper thread claims the next
-        few messages ahead of the sender, and another deletes sent ones.
+        Deleting sent messages (slow on a journalling file system) is done
+        by a helper thread, overlapping the next message's network waits.
         """
         from . import smtp_client
         result = PassResult()
         self._publish("forwarding: start")
         client = None
-        ahead = _ClaimAhead(self.spool, self.spool.ids())
         settler = _Settler()
-        claims = iter(ahead)
+        claims = self._claims()
         claim = next(claims, None)
         following = None
         try:
@@ -254,7 +250,6 @@ class Forwarder:
             for unsent in (claim, following):
                 if unsent is not None:
                     _release(unsent)
-            ahead.close()
             settler.close()
         if result.processed == 0:
             result.rescan = False
@@ -263,6 +258,13 @@ class Forwarder:
             log.info("forwarding: %d message(s) sent, %d failed%s" % (
                 result.sent, result.failed, ", %d skipped" % result.skipped if result.skipped else ""))
         return result
+
+    def _claims(self):
+        """Claims the ready messages one at a time, oldest first."""
+        for message_id in self.spool.ids():
+            claim = self.spool.claim(message_id)
+            if claim is not None:
+                yield claim
 
     def _run_client_filters(self, claim, result):
         """Runs --client-filter programs on a claimed message.
@@ -315,7 +317,7 @@ class Forwarder:
                 "<%s> %s" % (r, text) for r, text in outcome.rejected)
             code = int(outcome.rejected[0][1][:3])
             self._sent(claim.id, result)
-            self._failed(claim, reason, code, result, count=False)
+            self._failed(claim, reason, code, result)
             return
         result.sent += 1
         settler.put(self._settle_sent, claim)
@@ -328,14 +330,13 @@ class Forwarder:
         if result is not None:
             result.sent += 1
         self._count("messages-forwarded")
-        log.info("forwarding: %s: sent" % message_id)
+        log.verbose("forwarding: %s: sent" % message_id)
         self._publish("forwarded %s" % message_id)
 
-    def _failed(self, claim, reason, code, result, count=True):
+    def _failed(self, claim, reason, code, result):
         claim.fail(reason, code)
-        if count:
-            result.failed += 1
-            self._count("messages-failed")
+        result.failed += 1
+        self._count("messages-failed")
         log.warning("forwarding: %s: failed: %s" % (claim.id, reason))
         self._publish("failed %s: %s" % (claim.id, reason))
 
@@ -400,53 +401,6 @@ class Forwarder:
         code = outcome.code if outcome.code else 554
         reason = outcome.reason
         return False, reason if reason[:3].isdigit() else "%d %s" % (code, reason)
-
-
-class _ClaimAhead:
-    """Claims messages a few ahead of the sender, in a helper thread.
-
-    Iterating yields claims in spool order; `close()` stops the helper and
-    releases every claim that was not handed out.
-    """
-
-    DEPTH = 16
-
-    def __init__(self, spool, ids):
-        self._queue = queue.Queue(self.DEPTH)
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, args=(spool, ids),
-                                        name="forwarder claims", daemon=True)
-        self._thread.start()
-
-    def _run(self, spool, ids):
-        try:
-            for message_id in ids:
-                if self._closing:
-                    break
-                claim = spool.claim(message_id)
-                if claim is not None:
-                    self._queue.put(claim)
-        except Exception as e:  # reported; the sender sees the end of the list
-            log.error("forwarding: cannot claim messages: %s" % e)
-        finally:
-            self._queue.put(None)
-
-    def __iter__(self):
-        while True:
-            claim = self._queue.get()
-            if claim is None:
-                self._queue.put(None)
-                return
-            yield claim
-
-    def close(self):
-        self._closing = True
-        while True:
-            claim = self._queue.get()
-            if claim is None:
-                break
-            _release(claim)
-        self._thread.join()
 
 
 class _Settler:

@@ -95,10 +95,16 @@ def _load_secrets(path, what):
         raise StartupError("%s: %s" % (what, e)) from None
 
 
-def _server_auth(holder, config_text, what):
+def _rescan(services):
+    """A filter asked for a spool rescan (exit 102/103): run a forwarding pass."""
+    if services.forwarder is not None:
+        services.forwarder.trigger()
+
+
+def _server_auth(holder, cfg, what):
     from . import sasl
     try:
-        return sasl.ServerAuth(holder, config_text)
+        return sasl.ServerAuth(holder, cfg.server_auth_config, domain=cfg.domain)
     except ValueError as e:
         raise StartupError("%s: %s" % (what, e)) from None
 
@@ -117,8 +123,10 @@ def _build(cfg):
     if cfg.filter or cfg.client_filter or cfg.address_verifier:
         from . import filters, verifier
         try:
-            services.filters = [filters.make(s, cfg.filter_timeout) for s in cfg.filter or []]
-            client_filters = [filters.make(s, cfg.filter_timeout) for s in cfg.client_filter or []]
+            services.filters = [filters.make(s, cfg.filter_timeout, rescan_cb=lambda: _rescan(services))
+                                for s in cfg.filter or []]
+            client_filters = [filters.make(s, cfg.filter_timeout, kind="client")
+                              for s in cfg.client_filter or []]
             if cfg.address_verifier:
                 services.verifier = verifier.make(cfg.address_verifier, cfg.filter_timeout)
         except (filters.NotImplementedSpec, ValueError) as e:
@@ -128,11 +136,10 @@ def _build(cfg):
 
     if cfg.server_auth:
         services.server_secrets = _load_secrets(cfg.server_auth, "--server-auth")
-        services.server_auth = _server_auth(services.server_secrets, cfg.server_auth_config,
-                                            "--server-auth")
+        services.server_auth = _server_auth(services.server_secrets, cfg, "--server-auth")
     if cfg.pop_auth:
         services.pop_secrets = _load_secrets(cfg.pop_auth, "--pop-auth")
-        services.pop_auth = _server_auth(services.pop_secrets, cfg.server_auth_config, "--pop-auth")
+        services.pop_auth = _server_auth(services.pop_secrets, cfg, "--pop-auth")
     client_secret = None
     if cfg.client_auth:
         holder = _load_secrets(cfg.client_auth, "--client-auth")
@@ -141,12 +148,14 @@ def _build(cfg):
             raise StartupError("--client-auth: no client entry in %s" % cfg.client_auth)
 
     client_tls = None
-    if cfg.server_tls or cfg.server_tls_connection or cfg.client_tls or cfg.client_tls_connection:
+    server_tls = cfg.server_tls or cfg.server_tls_connection
+    client_tls_wanted = cfg.client_tls or cfg.client_tls_connection or cfg.client_tls_required
+    if server_tls or client_tls_wanted:
         from . import tls
         try:
-            if cfg.server_tls or cfg.server_tls_connection:
+            if server_tls:
                 services.tls_context = tls.server_context(cfg)
-            if cfg.client_tls or cfg.client_tls_connection:
+            if client_tls_wanted:
                 client_tls = tls.client_context(cfg)
         except (OSError, ValueError) as e:
             raise StartupError("tls: %s" % e) from None

@@ -15,7 +15,9 @@ shutdown (the loop wakes on a socketpair), without a thread per listener.
 
 import selectors
 import socket
+import struct
 import threading
+import time
 
 from . import addresses
 from . import log
@@ -23,6 +25,8 @@ from . import log
 RECV_SIZE = 65536
 # Writes are buffered for pipelining; a large backlog is sent at once.
 WRITE_HIGH_WATER = 65536
+# Seconds an over-the-limit connection waits for ending sessions to free a slot.
+OVER_LIMIT_GRACE = 0.25
 
 
 class LineTooLong(Exception):
@@ -126,11 +130,12 @@ class Connection(_Buffered):
         self.sock = sock
         self.peer = _pair(sock.getpeername())
         self.local = _pair(sock.getsockname())
+        self._timeout = sock.gettimeout()
 
     def _recv(self):
         try:
             return self.sock.recv(RECV_SIZE)
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):
             raise Timeout() from None
         except OSError:
             # Reset, TLS alert, closed under us at shutdown: the peer is gone.
@@ -139,14 +144,24 @@ class Connection(_Buffered):
     def _send(self, data):
         try:
             self.sock.sendall(data)
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):
             raise Timeout() from None
         except OSError as e:
             raise Closed(str(e)) from None
 
     def settimeout(self, seconds):
         """Sets the idle timeout for reads and writes (None: no timeout)."""
-        self.sock.settimeout(seconds)
+        self._timeout = seconds
+        if self.tls:
+            self.sock.settimeout(seconds)
+            return
+        # A kernel timeout on a blocking socket: Python's own socket timeout
+        # polls before every recv and send, which doubles the system calls on
+        # the hot path (and the points where session threads contend).
+        self.sock.settimeout(None)
+        tv = _timeval(seconds or 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def starttls(self, context):
         """Upgrades to TLS as the server, after flushing our reply.
@@ -157,15 +172,16 @@ class Connection(_Buffered):
         """
         self.flush()
         self._buf.clear()
-        self.sock = context.wrap_socket(self.sock, server_side=True)
-        self._after_handshake()
+        self.accept_tls(context)
 
     def accept_tls(self, context):
         """Starts TLS at once, for implicit-TLS ports (SMTPS, POP3S)."""
+        # TLS needs Python's timeout handling, not the kernel's.
+        zero = _timeval(0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, zero)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, zero)
+        self.sock.settimeout(self._timeout)
         self.sock = context.wrap_socket(self.sock, server_side=True)
-        self._after_handshake()
-
-    def _after_handshake(self):
         self.tls = True
         der = self.sock.getpeercert(binary_form=True)
         if der:
@@ -229,6 +245,11 @@ class MemoryConnection(_Buffered):
 
 def _pair(addr):
     return (addr[0], addr[1])
+
+
+def _timeval(seconds):
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1e6))
 
 
 def parse_interfaces(values):
@@ -309,7 +330,7 @@ class Server:
         self.max_per_address = max_per_address
         self.listeners = []
         self.on_close = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._live = {}
         self._per_address = {}
         self._threads = set()
@@ -399,8 +420,14 @@ class Server:
             sock.close()
             return
         with self._lock:
-            over = (len(self._live) >= self.max_connections
-                    or self._per_address.get(ip, 0) >= self.max_per_address)
+            # A client that reconnects as soon as it reads our 221 can beat
+            # its old session's thread to the clean-up; give ending sessions
+            # a moment before counting this one as over the limit.
+            over = self._over(ip)
+            deadline = time.monotonic() + OVER_LIMIT_GRACE
+            while over and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
+                over = self._over(ip)
             if not over:
                 self._per_address[ip] = self._per_address.get(ip, 0) + 1
                 self._live[sock] = ip
@@ -422,11 +449,15 @@ class Server:
             self._threads.add(t)
         t.start()
 
+    def _over(self, ip):
+        return (len(self._live) >= self.max_connections
+                or self._per_address.get(ip, 0) >= self.max_per_address)
+
     def _session(self, lst, sock, ip, peer):
         try:
             conn = Connection(sock)
             if lst.tls_context is not None:
-                sock.settimeout(60)
+                conn.settimeout(60)
                 try:
                     conn.accept_tls(lst.tls_context)
                 except (OSError, ValueError) as e:
@@ -448,6 +479,7 @@ class Server:
                 else:
                     self._per_address.pop(ip, None)
                 self._threads.discard(threading.current_thread())
+                self._lock.notify_all()
             for cb in self.on_close:
                 try:
                     cb(lst.kind)

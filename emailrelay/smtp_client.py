@@ -81,7 +81,11 @@ def data_blocks(f, block_size=BLOCK_SIZE):
             pending_cr = True
             if not block:
                 continue
-        out = _EOL.sub(b"\r\n", block)
+        crlf = block.count(b"\r\n")
+        if block.count(b"\r") == crlf and block.count(b"\n") == crlf:
+            out = block  # the common case: only CRLF line endings already
+        else:
+            out = _EOL.sub(b"\r\n", block)
         if at_line_start and out.startswith(b"."):
             out = b"." + out
         out = out.replace(b"\r\n.", b"\r\n..")
@@ -157,6 +161,7 @@ class Client:
                 sock.settimeout(timeout)
                 if source is not None:
                     sock.bind(source)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.connect(sa)
                 return sock
             except OSError as e:

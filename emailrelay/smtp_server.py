@@ -764,8 +764,7 @@ class SmtpSession:
             refusal = self._run_filters(msg)
             if refusal == "cancelled":
                 # Exit 100: the filter owns the files now; say nothing more.
-                # (NewMessage has no public way yet to let go without deleting.)
-                msg._release_envelope()
+                msg.disown()
                 self.message = None
                 self._reset_transaction()
                 self._reply("250 2.0.0 OK")
@@ -821,7 +820,12 @@ class SmtpSession:
         ok, text = forwarder.forward_now(msg_id)
         if ok:
             return None
-        return "452 4.3.0 %s" % log.sanitise(text or "forwarding failed")
+        # The forwarder has removed the message: the next hop's own 4xx/5xx
+        # reply goes back to the submitter, who must retry.
+        text = log.sanitise(text or "")
+        if text[:3].isdigit() and text[0] in "45":
+            return text
+        return "451 4.4.1 forwarding failed: %s" % text
 
     def _count(self, name):
         stats = self.services.stats

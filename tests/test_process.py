@@ -3,15 +3,17 @@ files, --close-stderr, systemd notification, user switch."""
 
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
-from helpers import ROOT, env, free_port, wait_for, wait_port
+from helpers import ROOT, env, free_port, wait_for
 
 from emailrelay import process
 
@@ -81,35 +83,38 @@ def test_daemon_writes_pid_file_before_parent_exits_and_stops_on_sigterm(tmp_pat
     port = free_port()
     pid_file = tmp_path / "run" / "emailrelay.pid"
     log_file = tmp_path / "log"
-    parent = start(["--as-server", "--pid-file", str(pid_file), "--log-file", str(log_file)]
-                   + base_args(tmp_path, port))
+    parent = start(tmp_path, ["--as-server", "--pid-file", str(pid_file), "--log-file",
+                              str(log_file)] + base_args(tmp_path, port))
+    assert parent.wait() == 0, parent.text()
+    # The parent has exited: the pid file must be there already.
+    assert pid_file.is_file()
+    pid = int(pid_file.read_text())
     try:
-        assert parent.wait(15) == 0
-        # The parent has exited: the pid file must be there already.
-        assert pid_file.is_file()
-        pid = int(pid_file.read_text())
         assert pid != parent.pid and alive(pid)
+        wait_for(lambda: "listening on" in log_file.read_text(), 10, what="listening")
         assert smtp_greeting(port).startswith(b"220 ")
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not alive(pid), 10, what="the daemon to exit")
         assert not pid_file.exists()
         assert "stopping" in log_file.read_text()
+        assert parent.text() == ""
     finally:
-        if pid_file.exists() and alive(int(pid_file.read_text())):
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_daemon_is_detached(tmp_path):
     port = free_port()
     pid_file = tmp_path / "pid"
-    parent = start(["--log", "--pid-file", str(pid_file), "--log-file", str(tmp_path / "log")]
-                   + base_args(tmp_path, port))
-    assert parent.wait(15) == 0
+    parent = start(tmp_path, ["--log", "--pid-file", str(pid_file), "--log-file",
+                              str(tmp_path / "log")] + base_args(tmp_path, port))
+    assert parent.wait() == 0, parent.text()
     pid = int(pid_file.read_text())
     try:
-        assert os.getsid(pid) == pid
+        assert os.getsid(pid) not in (pid, os.getsid(0))
         assert os.readlink("/proc/%d/cwd" % pid) == "/"
         assert os.readlink("/proc/%d/fd/0" % pid) == os.devnull
+        assert os.readlink("/proc/%d/fd/1" % pid) == os.devnull
     finally:
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not alive(pid), 10, what="the daemon to exit")
@@ -119,68 +124,69 @@ def test_daemon_is_detached(tmp_path):
 def test_foreground_stops_cleanly_on_signal(tmp_path, sig):
     port = free_port()
     pid_file = tmp_path / "pid"
-    proc = start(["--no-daemon", "--log", "--pid-file", str(pid_file)]
+    prog = start(tmp_path, ["--no-daemon", "--log", "--pid-file", str(pid_file)]
                  + base_args(tmp_path, port))
     try:
-        wait_port(port)
-        assert int(pid_file.read_text()) == proc.pid
+        prog.wait_listening()
+        assert int(pid_file.read_text()) == prog.pid
     finally:
-        status = stop(proc, sig)
-    assert status == 0, proc.stderr.read()
+        status = prog.stop(sig)
+    assert status == 0, prog.text()
     assert not pid_file.exists()
     assert not os.listdir(str(tmp_path / "spool"))
+    assert "stopping" in prog.text()
 
 
 def test_log_file_with_date_and_sighup_reopen(tmp_path):
     port = free_port()
-    proc = start(["--no-daemon", "--log", "--verbose", "--log-file", str(tmp_path / "relay-%d.log")]
-                 + base_args(tmp_path, port))
+    prog = start(tmp_path, ["--no-daemon", "--log", "--verbose", "--log-file",
+                            str(tmp_path / "relay-%d.log")] + base_args(tmp_path, port))
+    path = tmp_path / ("relay-%s.log" % time.strftime("%Y%m%d"))
     try:
-        path = tmp_path / ("relay-%s.log" % time.strftime("%Y%m%d"))
-        wait_for(lambda: path.exists() and "listening on" in path.read_text(), 10,
-                 what="listening line in the dated log file")
-        assert proc.poll() is None
+        prog.wait_listening(path)
         os.rename(str(path), str(tmp_path / "rotated"))
-        proc.send_signal(signal.SIGHUP)
+        prog.proc.send_signal(signal.SIGHUP)
         # A connection makes a log line; after SIGHUP it goes to a new file.
         wait_for(lambda: smtp_greeting(port) and path.exists(), 10,
                  what="a new log file after SIGHUP")
     finally:
-        assert stop(proc) == 0
+        assert prog.stop() == 0
     assert "emailrelay: info: stopping" in path.read_text()
-    assert proc.stderr.read() == ""
+    assert "listening on" in (tmp_path / "rotated").read_text()
+    assert prog.text() == ""
 
 
 def test_close_stderr_silences_stderr_after_start_up(tmp_path):
     port = free_port()
-    proc = start(["--no-daemon", "--log", "--verbose", "--close-stderr"]
+    prog = start(tmp_path, ["--no-daemon", "--log", "--verbose", "--close-stderr"]
                  + base_args(tmp_path, port))
     try:
-        wait_port(port)
+        prog.wait_listening()
         smtp_greeting(port)
     finally:
-        assert stop(proc) == 0
-    err = proc.stderr.read()
+        assert prog.stop() == 0
+    err = prog.text()
     assert "listening on" in err
     assert "connection" not in err and "stopping" not in err
 
 
 def test_usage_error_starts_nothing(tmp_path):
     pid_file = tmp_path / "pid"
-    proc = start(["--as-server", "--pid-file", str(pid_file), "--port", "99999"])
-    assert proc.wait(15) == 2
-    assert "--port" in proc.stderr.read()
+    prog = start(tmp_path, ["--as-server", "--pid-file", str(pid_file), "--port", "99999"])
+    assert prog.wait() == 2
+    assert "--port" in prog.text()
     assert not pid_file.exists()
 
 
 def test_daemon_that_cannot_write_its_pid_file_fails_cleanly(tmp_path):
     (tmp_path / "file").write_text("")
-    proc = start(["--log", "--pid-file", str(tmp_path / "file" / "pid"),
-                  "--log-file", str(tmp_path / "log")] + base_args(tmp_path, free_port()))
-    assert proc.wait(15) != 0
-    text = (tmp_path / "log").read_text() + proc.stderr.read()
-    assert "pid file" in text
-    assert "Traceback" not in text
+    prog = start(tmp_path, ["--log", "--pid-file", str(tmp_path / "file" / "pid"),
+                            "--log-file", str(tmp_path / "log")] + base_args(tmp_path, free_port()))
+    assert prog.wait() == 1
+    # The daemon may still be writing its last words.
+    wait_for(lambda: "pid file" in (tmp_path / "log").read_text() + prog.text(), 10,
+             what="the pid file error")
+    assert "Traceback" not in (tmp_path / "log").read_text() + prog.text()
 
 
 @pytest.mark.parametrize("abstract", [False, True])
@@ -191,14 +197,14 @@ def test_notify_ready(tmp_path, abstract):
         sock.bind("\0" + name[1:] if abstract else name)
         sock.settimeout(15)
         port = free_port()
-        proc = start(["--no-daemon", "--log"] + base_args(tmp_path, port),
-                     env=dict(env(), NOTIFY_SOCKET=name))
+        prog = start(tmp_path, ["--no-daemon", "--log"] + base_args(tmp_path, port),
+                     environ=dict(env(), NOTIFY_SOCKET=name))
         try:
             message = sock.recv(1000)
             assert b"READY=1" in message.split(b"\n")
             assert smtp_greeting(port).startswith(b"220 ")
         finally:
-            assert stop(proc) == 0
+            assert prog.stop() == 0, prog.text()
 
 
 def test_notify_ready_without_socket_does_nothing(monkeypatch):
@@ -235,16 +241,21 @@ def test_switch_user_when_root(tmp_path):
     port = free_port()
     args = base_args(tmp_path, port)
     args[args.index("--user") + 1] = "nobody"
-    os.chmod(str(tmp_path / "spool"), 0o777)
-    proc = start(["--no-daemon", "--log"] + args)
+    # tmp_path's parents are private to root: give nobody a spool it can reach.
+    spool = tempfile.mkdtemp(prefix="emailrelay-test-")
+    os.chmod(spool, 0o777)
+    args[args.index("--spool-dir") + 1] = spool
+    prog = start(tmp_path, ["--no-daemon", "--log"] + args)
     try:
-        wait_port(port)
-        with open("/proc/%d/status" % proc.pid) as f:
+        prog.wait_listening()
+        with open("/proc/%d/status" % prog.pid) as f:
             status = f.read()
         uids = [line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")][0]
         assert uids == [str(nobody.pw_uid)] * 4
     finally:
-        assert stop(proc) == 0
+        status = prog.stop()
+        shutil.rmtree(spool)
+    assert status == 0, prog.text()
 
 
 def test_unknown_user_is_a_clean_error(tmp_path):
@@ -252,9 +263,9 @@ def test_unknown_user_is_a_clean_error(tmp_path):
         pytest.skip("the user is only looked up when started as root")
     args = base_args(tmp_path, free_port())
     args[args.index("--user") + 1] = "no-such-user-here"
-    proc = start(["--no-daemon", "--log"] + args)
-    assert proc.wait(15) == 1
-    err = proc.stderr.read()
+    prog = start(tmp_path, ["--no-daemon", "--log"] + args)
+    assert prog.wait() == 1
+    err = prog.text()
     assert "no such user" in err and "Traceback" not in err
 
 

@@ -125,9 +125,10 @@ def test_limit_options(tmp_path):
         assert reply.count(b"452 4.5.3 too many recipients for a bounce message") == 1
         assert reply.endswith(b"421 4.7.0 relay.test too many errors, closing connection\r\n")
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
-            with pytest.raises(smtplib.SMTPDataError) as e:
-                c.sendmail("a@x.test", ["b@y.test"], b"x" * 200)
-            assert e.value.smtp_code == 552
+            c.ehlo("c")
+            c.mail("a@x.test")  # no SIZE=: the limit is found during DATA
+            c.rcpt("b@y.test")
+            assert c.data(b"x" * 200)[0] == 552
         assert not relay.files(".content")
     with Relay(tmp_path, ["--min-free-space", str(10 ** 12)], name="full") as relay:
         reply = raw_session(relay.port, b"HELO c\r\nMAIL FROM:<a@x.test>\r\nQUIT\r\n")
@@ -258,3 +259,65 @@ def test_crash_kills_lose_no_acknowledged_message(tmp_path):
             relay.start()
     finally:
         relay.stop()
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=relay.test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pem = tmp_path / "server.pem"
+    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    return str(pem)
+
+
+def test_starttls_then_auth_with_swaks_and_esmtpsa(tmp_path, certificate):
+    secrets = tmp_path / "secrets"
+    secrets.write_text("server plain alice secret\n")
+    args = ["--server-tls", "--server-tls-certificate", certificate, "--server-auth", str(secrets),
+            "--server-tls-required"]
+    with Relay(tmp_path, args) as relay:
+        base = ["swaks", "--server", "127.0.0.1:%d" % relay.port, "--from", "a@x.test",
+                "--to", "b@y.test", "--auth", "PLAIN", "--auth-user", "alice"]
+        out = subprocess.run(base + ["--auth-password", "secret", "--tls"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+        assert out.returncode == 0, out.stdout
+        assert "235 2.7.0" in out.stdout
+        out = subprocess.run(base + ["--auth-password", "secret"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+        assert out.returncode != 0 and "530 5.7.0 must issue STARTTLS first" in out.stdout
+        out = subprocess.run(base + ["--auth-password", "wrong", "--tls"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+        assert "535 5.7.8 authentication failed" in out.stdout
+        relay.wait_log(r'warning: smtp authentication failed for user "alice" from 127\.0\.0\.1')
+        [(content, env)] = committed(relay.spool).values()
+    assert b" with ESMTPSA id " in content.split(b"\r\n")[0]
+    assert env.authentication == "alice"
+
+
+def test_starttls_discards_pipelined_commands(tmp_path, certificate):
+    import ssl
+    with Relay(tmp_path, ["--server-tls", "--server-tls-certificate", certificate]) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO c\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            s.sendall(b"STARTTLS\r\nRSET\r\n")
+            assert f.readline().startswith(b"220 2.0.0")
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            with ctx.wrap_socket(s) as t:
+                t.sendall(b"MAIL FROM:<a@x.test>\r\nEHLO c\r\nQUIT\r\n")
+                data = b""
+                while True:
+                    chunk = t.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+    # No reply to the injected RSET; EHLO state was reset, so MAIL is out of sequence.
+    assert data.startswith(b"503 5.5.1 send EHLO or HELO first\r\n250-")
+    assert b"STARTTLS" not in data and data.endswith(b"221 2.0.0 relay.test closing connection\r\n")

@@ -1,0 +1,290 @@
+"""Forwarding end to end: the real program forwarding to real next hops.
+
+Next hops: Postfix's smtp-sink (dumping what arrived), and the relay itself
+(`python3 -m emailrelay`) as relay B, storing what arrives in its spool and
+refusing some recipients through an --address-verifier or whole messages
+through a --filter, so every outcome and its `.bad` reason can be checked.
+"""
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import threading
+
+import pytest
+
+import helpers
+from test_client import dumping_sink, put_message, sink_dumps
+
+VERIFIER = """#!/bin/sh
+case "$1" in
+  bad*) echo "no such user: $1"; exit 2 ;;
+  busy*) echo "mailbox busy: $1"; exit 3 ;;
+esac
+echo ""
+echo "$1"
+exit 1
+"""
+
+
+def write_script(tmp_path, name, text):
+    path = os.path.join(str(tmp_path), name)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
+def submit(port, to=("b@y.test",), subject="hello", body="body\r\n"):
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.sendmail("a@x.test", list(to), "Subject: %s\r\n\r\n%s" % (subject, body))
+
+
+def envelopes(directory, suffix=".envelope"):
+    return helpers.spool_files(directory, suffix)
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def relay_b(tmp_path, *args):
+    """A storing relay: the next hop whose spool shows what arrived."""
+    return helpers.Relay(tmp_path, list(args), name="b")
+
+
+def as_client(port, spool, *args, timeout=60):
+    return helpers.run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--spool-dir", str(spool)]
+                                  + list(args), timeout=timeout)
+
+
+# -- --as-client ---------------------------------------------------------------
+
+def test_as_client_forwards_everything_and_exits_0(tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    sink_dir = tmp_path / "sink"
+    sink_dir.mkdir()
+    for i in range(5):
+        put_message(spool, b"Subject: m%d\r\n\r\nbody\r\n" % i)
+    port = helpers.free_port()
+    sink = dumping_sink(port, sink_dir)
+    try:
+        done = as_client(port, spool)
+        assert done.returncode == 0, done.stderr
+        assert os.listdir(str(spool)) == []
+        helpers.wait_for(lambda: len(os.listdir(str(sink_dir))) == 5, what="5 messages at the sink")
+        subjects = sorted(re.search(rb"Subject: (m\d)", d).group(1) for d in sink_dumps(sink_dir))
+        assert subjects == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+    finally:
+        sink.terminate()
+        sink.wait()
+
+
+def test_as_client_with_unreachable_next_hop_keeps_messages_and_fails(tmp_path):
+    for i in range(2):
+        put_message(tmp_path, b"x\r\n")
+    port = helpers.free_port()
+    done = as_client(port, tmp_path)
+    assert done.returncode != 0
+    assert "cannot connect to 127.0.0.1:%d" % port in done.stderr
+    assert len(envelopes(tmp_path)) == 2
+    assert envelopes(tmp_path, ".bad") == [] and envelopes(tmp_path, ".busy") == []
+
+
+def test_bare_cr_lf_content_arrives_as_crlf_at_relay_b(tmp_path):
+    with relay_b(tmp_path) as b:
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        put_message(spool, b"Subject: eol\n\nbare lf\nbare cr\rcrlf\r\n.dot\n")
+        assert as_client(b.port, spool).returncode == 0
+        content = helpers.wait_for(lambda: b.files(".content"), what="content at relay B")
+        data = read(os.path.join(b.spool, content[0]))
+        body = data[data.index(b"Subject: eol"):]
+        assert body == b"Subject: eol\r\n\r\nbare lf\r\nbare cr\r\ncrlf\r\n.dot\r\n"
+
+
+def test_refusals_become_bad_with_reasons(tmp_path):
+    verifier = write_script(tmp_path, "verifier", VERIFIER)
+    with relay_b(tmp_path, "--address-verifier", verifier) as b:
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        good = put_message(spool, b"Subject: good\r\n\r\n", to=["ok@y.test"])
+        bad = put_message(spool, b"Subject: bad\r\n\r\n", to=["ok@y.test", "bad@y.test"])
+        busy = put_message(spool, b"Subject: busy\r\n\r\n", to=["busy@y.test"])
+        done = as_client(b.port, spool)
+        assert done.returncode != 0
+        assert helpers.spool_files(str(spool), ".bad") == sorted([bad + ".envelope.bad", busy + ".envelope.bad"])
+        bad_text = read(os.path.join(str(spool), bad + ".envelope.bad"))
+        assert re.search(rb"X-MailRelay-Reason: .*bad@y.test.*no such user", bad_text)
+        assert b"X-MailRelay-ReasonCode: 550" in bad_text
+        busy_text = read(os.path.join(str(spool), busy + ".envelope.bad"))
+        assert b"X-MailRelay-ReasonCode: 450" in busy_text
+        assert not os.path.exists(os.path.join(str(spool), good + ".envelope"))
+        assert len(b.files(".envelope")) == 1
+
+
+def test_filter_refusal_at_the_next_hop(tmp_path):
+    with relay_b(tmp_path, "--filter", "exit:1") as b:
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        mid = put_message(spool, b"Subject: f\r\n\r\n")
+        assert as_client(b.port, spool).returncode != 0
+        text = read(os.path.join(str(spool), mid + ".envelope.bad"))
+        assert b"X-MailRelay-ReasonCode: 5" in text
+
+
+def test_forward_to_some_keeps_only_the_refused_recipients(tmp_path):
+    verifier = write_script(tmp_path, "verifier", VERIFIER)
+    with relay_b(tmp_path, "--address-verifier", verifier) as b:
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        mid = put_message(spool, b"Subject: some\r\n\r\n", to=["ok@y.test", "bad@y.test"])
+        assert as_client(b.port, spool, "--forward-to-some").returncode != 0
+        arrived = read(os.path.join(b.spool, helpers.wait_for(lambda: b.files(".envelope"))[0]))
+        assert b"X-MailRelay-To-Remote: ok@y.test" in arrived and b"bad@y.test" not in arrived
+        left = read(os.path.join(str(spool), mid + ".envelope.bad"))
+        assert b"X-MailRelay-To-Remote: bad@y.test" in left and b"ok@y.test" not in left
+        assert b"X-MailRelay-ReasonCode: 550" in left
+
+
+# -- triggers -----------------------------------------------------------------------
+
+def test_relay_chain_with_forward_on_disconnect(tmp_path):
+    with relay_b(tmp_path) as b, \
+            helpers.Relay(tmp_path, ["--forward-on-disconnect", "--forward-to", "127.0.0.1:%d" % b.port],
+                          name="a") as a:
+        submit(a.port, subject="chain")
+        helpers.wait_for(lambda: b.files(".envelope"), what="message at relay B")
+        helpers.wait_for(lambda: not a.files(".envelope") and not a.files(".busy"),
+                         what="relay A spool empty")
+        assert b"Subject: chain" in read(os.path.join(b.spool, b.files(".content")[0]))
+
+
+def test_poll_with_client_filter_102_forwards_one_per_poll(tmp_path):
+    with relay_b(tmp_path) as b:
+        with helpers.Relay(tmp_path, ["--poll", "1", "--client-filter", "exit:102",
+                                      "--forward-to", "127.0.0.1:%d" % b.port], name="a",
+                           start=False) as a:
+            for i in range(3):
+                put_message(a.spool, b"Subject: p%d\r\n\r\n" % i)
+            a.start()
+            helpers.wait_for(lambda: len(b.files(".envelope")) == 1, timeout=5, what="first poll")
+            assert len(a.files(".envelope")) + len(a.files(".busy")) == 2
+            helpers.wait_for(lambda: len(b.files(".envelope")) == 3, timeout=10, what="later polls")
+
+
+def test_forward_at_startup(tmp_path):
+    with relay_b(tmp_path) as b:
+        a = helpers.Relay(tmp_path, ["--forward", "--forward-to", "127.0.0.1:%d" % b.port], name="a",
+                          start=False)
+        put_message(a.spool, b"Subject: s\r\n\r\n")
+        with a.start():
+            helpers.wait_for(lambda: b.files(".envelope"), what="message at relay B")
+
+
+def test_immediate_passes_the_refusal_back(tmp_path):
+    verifier = write_script(tmp_path, "verifier", VERIFIER)
+    with relay_b(tmp_path, "--address-verifier", verifier) as b, \
+            helpers.Relay(tmp_path, ["--immediate", "--forward-to", "127.0.0.1:%d" % b.port], name="a") as a:
+        submit(a.port, to=["ok@y.test"])
+        assert len(b.files(".envelope")) == 1
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            submit(a.port, to=["bad@y.test"])
+        assert e.value.smtp_code == 550 and b"no such user" in e.value.smtp_error
+        assert a.files(".envelope") == [] and a.files(".bad") == []
+
+
+def test_etrn_starts_forwarding(tmp_path):
+    with relay_b(tmp_path) as b, \
+            helpers.Relay(tmp_path, ["--forward-to", "127.0.0.1:%d" % b.port], name="a") as a:
+        submit(a.port)
+        assert a.files(".envelope") and not b.files(".envelope")
+        with smtplib.SMTP("127.0.0.1", a.port, timeout=10) as s:
+            s.ehlo("x")
+            assert s.has_extn("etrn")
+            code, _ = s.docmd("ETRN", "y.test")
+            assert code in (250, 251, 252, 253)
+        helpers.wait_for(lambda: b.files(".envelope"), what="message at relay B")
+
+
+def test_client_auth_to_a_relay_requiring_auth(tmp_path):
+    server_secrets = write_script(tmp_path, "server.auth", "server plain carol secret\n")
+    client_secrets = write_script(tmp_path, "client.auth", "client plain carol secret\n")
+    wrong_secrets = write_script(tmp_path, "wrong.auth", "client plain carol wrong\n")
+    with relay_b(tmp_path, "--server-auth", server_secrets) as b:
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        put_message(spool, b"Subject: auth\r\n\r\n")
+        done = as_client(b.port, spool, "--client-auth", wrong_secrets)
+        assert done.returncode != 0 and "authentication" in done.stderr
+        assert len(envelopes(spool)) == 1
+        assert as_client(b.port, spool, "--client-auth", client_secrets).returncode == 0
+        arrived = read(os.path.join(b.spool, helpers.wait_for(lambda: b.files(".envelope"))[0]))
+        assert b"X-MailRelay-Authentication: carol" in arrived
+        assert b"X-MailRelay-MailFromAuthIn: carol" in arrived
+
+
+# -- sharing, crashes ------------------------------------------------------------------
+
+def test_two_forwarders_sharing_a_spool_deliver_each_message_once(tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    sink_dir = tmp_path / "sink"
+    sink_dir.mkdir()
+    for i in range(500):
+        put_message(spool, b"Subject: n%d\r\n\r\nbody\r\n" % i)
+    port = helpers.free_port()
+    sink = dumping_sink(port, sink_dir, count=200)
+    try:
+        procs = [subprocess.Popen([helpers.PYTHON, "-m", "emailrelay", "--as-client", "127.0.0.1:%d" % port,
+                                   "--spool-dir", str(spool), "--verbose"], cwd=helpers.ROOT, env=helpers.env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+        outputs = [p.communicate(timeout=120)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        assert all(re.search(r"\d+ message\(s\) sent", o) for o in outputs), outputs
+        assert os.listdir(str(spool)) == []
+        helpers.wait_for(lambda: len(os.listdir(str(sink_dir))) >= 500, what="500 messages")
+        subjects = [re.search(rb"Subject: (n\d+)", d).group(1) for d in sink_dumps(sink_dir)]
+        assert len(subjects) == 500 and len(set(subjects)) == 500
+    finally:
+        sink.terminate()
+        sink.wait()
+
+
+def test_killed_forwarder_loses_nothing(tmp_path):
+    slow = write_script(tmp_path, "slow", "#!/bin/sh\nsleep 0.1\nexit 0\n")
+    with relay_b(tmp_path, "--filter", slow) as b:
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        for i in range(20):
+            put_message(spool, b"Subject: k%d\r\n\r\n" % i)
+        proc = subprocess.Popen([helpers.PYTHON, "-m", "emailrelay", "--as-client", "127.0.0.1:%d" % b.port,
+                                 "--spool-dir", str(spool)], cwd=helpers.ROOT, env=helpers.env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        helpers.wait_for(lambda: len(b.files(".envelope")) >= 3, what="some messages forwarded")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert len(envelopes(spool)) + len(envelopes(spool, ".busy")) > 0
+        assert as_client(b.port, spool).returncode == 0
+        assert os.listdir(str(spool)) == []
+        contents = [read(os.path.join(b.spool, n)) for n in b.files(".content")]
+        subjects = {re.search(rb"Subject: (k\d+)", c).group(1) for c in contents}
+        assert subjects == {b"k%d" % i for i in range(20)}
+
+
+def test_concurrent_triggers_are_not_lost(tmp_path):
+    with relay_b(tmp_path) as b, \
+            helpers.Relay(tmp_path, ["--forward-on-disconnect", "--forward-to", "127.0.0.1:%d" % b.port],
+                          name="a") as a:
+        threads = [threading.Thread(target=submit, args=(a.port,), kwargs={"subject": "t%d" % i})
+                   for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        helpers.wait_for(lambda: len(b.files(".envelope")) == 8, what="8 messages at relay B")
+        assert a.files(".envelope") == [] and a.files(".busy") == []
