@@ -223,15 +223,18 @@ def _run(cfg, services):
     if cfg.dont_serve:
         return _run_client(cfg, services)
     server = services.server
+    try:
+        _check_user(cfg)
+    except StartupError as e:
+        log.error(str(e))
+        return EXIT_FAILURE
+    _preload(cfg)
     if not cfg.no_daemon:
         process.daemonise(cfg.pid_file)
     elif cfg.pid_file:
         process.write_pid_file(cfg.pid_file)
     try:
         process.switch_user(cfg.user)
-        if not os.access(cfg.spool_dir, os.W_OK | os.X_OK):
-            log.error("spool directory %s is not writable by this user" % cfg.spool_dir)
-            return EXIT_FAILURE
         signals = process.Signals(wakeup_fd=server.wakeup_fd())
         stop = services.stop_event
         for kind, address in server.addresses():
@@ -261,6 +264,84 @@ def _run(cfg, services):
     finally:
         if cfg.pid_file:
             process.remove_pid_file(cfg.pid_file)
+
+
+def _switching_user(cfg):
+    return os.geteuid() == 0 and cfg.user and cfg.user != "root"
+
+
+def _check_user(cfg):
+    """Checks, before daemonising, that --user exists and can write the spool.
+
+    The check runs in a short-lived child that really switches user, so what
+    it finds is what the daemon will find; a failure here still reaches the
+    caller's terminal and exit status.
+    """
+    if not _switching_user(cfg):
+        if not os.access(cfg.spool_dir, os.W_OK | os.X_OK):
+            raise StartupError("spool directory %s is not writable" % cfg.spool_dir)
+        return
+    import pwd
+    try:
+        pwd.getpwnam(cfg.user)
+    except KeyError:
+        raise StartupError("--user: no such user: %s" % cfg.user) from None
+    from . import process
+    pid = os.fork()
+    if pid == 0:
+        try:
+            process.switch_user(cfg.user)
+            ok = os.access(cfg.spool_dir, os.W_OK | os.X_OK)
+        except Exception:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+        raise StartupError("spool directory %s is not writable by user %s (see --user)"
+                           % (cfg.spool_dir, cfg.user))
+
+
+# Standard-library modules that parts of the program import only when first
+# used, by the configuration that uses them.
+_LAZY_MODULES = {
+    "filters": ["selectors", "signal", "subprocess", "shlex"],
+    "forward": ["smtplib", "select", "emailrelay.forwarder", "emailrelay.smtp_client",
+                "emailrelay.socks", "emailrelay.sasl", "emailrelay.filters"],
+    "tls": ["ssl", "emailrelay.tls"],
+    "auth": ["emailrelay.sasl", "emailrelay.pam", "ctypes", "ctypes.util", "hmac"],
+    "syslog": ["syslog"],
+    "always": ["encodings.idna", "encodings.latin_1", "encodings.ascii", "encodings.utf_8"],
+}
+
+
+def _preload(cfg):
+    """Imports what this configuration will need while still privileged.
+
+    After --user drops root, the interpreter's own library may no longer be
+    readable (a Python installed under /root, say), and a module first
+    imported then would fail in the middle of a session.
+    """
+    if not _switching_user(cfg):
+        return
+    import importlib
+    wanted = ["always"]
+    if cfg.filter or cfg.client_filter or cfg.address_verifier:
+        wanted.append("filters")
+    if cfg.forward_to:
+        wanted.append("forward")
+    if cfg.server_tls or cfg.server_tls_connection or cfg.client_tls or cfg.client_tls_connection \
+            or cfg.client_tls_required:
+        wanted.append("tls")
+    if cfg.server_auth or cfg.pop_auth or cfg.client_auth:
+        wanted.append("auth")
+    if cfg.log and (not cfg.no_syslog or cfg.syslog):
+        wanted.append("syslog")
+    for group in wanted:
+        for name in _LAZY_MODULES[group]:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
 
 
 def _run_client(cfg, services):
