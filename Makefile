@@ -51,7 +51,10 @@ zipapp:
 	mkdir -p $(ZIPAPP).build
 	cp -R emailrelay $(ZIPAPP).build/emailrelay
 	find $(ZIPAPP).build -name __pycache__ -prune -exec rm -rf {} +
-	$(PYTHON) -m zipapp $(ZIPAPP).build -o $(ZIPAPP) -p '/usr/bin/env python3' -m emailrelay.main:run
+	# zipapp's own -m entry ignores run()'s return value: write __main__.py
+	# so that the exit status gets through.
+	printf 'from emailrelay.main import run\nraise SystemExit(run())\n' > $(ZIPAPP).build/__main__.py
+	$(PYTHON) -m zipapp $(ZIPAPP).build -o $(ZIPAPP) -p '/usr/bin/env python3'
 	rm -rf $(ZIPAPP).build
 
 man:

@@ -74,6 +74,8 @@ def run(argv=None):
     except OSError as e:
         sys.stderr.write("emailrelay: error: cannot open log file: %s\n" % e)
         return EXIT_FAILURE
+    for note in cfg.notes:
+        log.verbose(note)
     try:
         app = _build(cfg)
     except StartupError as e:
@@ -229,12 +231,21 @@ def _run(cfg, services):
         log.error(str(e))
         return EXIT_FAILURE
     _preload(cfg)
-    if not cfg.no_daemon:
-        process.daemonise(cfg.pid_file)
-    elif cfg.pid_file:
-        process.write_pid_file(cfg.pid_file)
+    process.set_umask()
     try:
-        process.switch_user(cfg.user)
+        if not cfg.no_daemon:
+            process.daemonise(cfg.pid_file)
+        elif cfg.pid_file:
+            process.write_pid_file(cfg.pid_file)
+    except process.ProcessError as e:
+        log.error(str(e))
+        return EXIT_FAILURE
+    try:
+        try:
+            process.switch_user(cfg.user)
+        except process.ProcessError as e:
+            log.error(str(e))
+            return EXIT_FAILURE
         signals = process.Signals(wakeup_fd=server.wakeup_fd())
         stop = services.stop_event
         for kind, address in server.addresses():

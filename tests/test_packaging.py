@@ -140,6 +140,8 @@ def test_zipapp(tmp_path):
     assert result.stdout.startswith("emailrelay ")
     result = run([sys.executable, str(target), "--help"], cwd=str(tmp_path), env=clean_env())
     assert result.returncode == 0 and "--as-server" in result.stdout
+    result = run([str(target), "--port", "x"], cwd=str(tmp_path), env=clean_env())
+    assert result.returncode == 2 and "--port" in result.stderr
 
 
 def test_vermin_says_python_3_8_is_enough():
