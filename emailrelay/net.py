@@ -13,6 +13,7 @@ place for the connection caps, the open-relay guard and a prompt, signal-driven
 shutdown (the loop wakes on a socketpair), without a thread per listener.
 """
 
+import queue
 import selectors
 import socket
 import struct
@@ -27,6 +28,8 @@ RECV_SIZE = 65536
 WRITE_HIGH_WATER = 65536
 # Seconds an over-the-limit connection waits for ending sessions to free a slot.
 OVER_LIMIT_GRACE = 0.25
+# Seconds an idle session thread waits for a new connection before it ends.
+WORKER_IDLE = 30.0
 
 
 class LineTooLong(Exception):
@@ -125,11 +128,13 @@ class Connection(_Buffered):
     `Closed`; end of input is b'' from readline/read.
     """
 
-    def __init__(self, sock):
+    def __init__(self, sock, peer=None, local=None):
+        """`peer` and `local` may be given when known (from accept() and a
+        listener's specific address), saving the look-ups."""
         super().__init__()
         self.sock = sock
-        self.peer = _pair(sock.getpeername())
-        self.local = _pair(sock.getsockname())
+        self.peer = _pair(peer or sock.getpeername())
+        self.local = _pair(local or sock.getsockname())
         self._timeout = sock.gettimeout()
 
     def _recv(self):
@@ -158,7 +163,8 @@ class Connection(_Buffered):
         # A kernel timeout on a blocking socket: Python's own socket timeout
         # polls before every recv and send, which doubles the system calls on
         # the hot path (and the points where session threads contend).
-        self.sock.settimeout(None)
+        if self.sock.gettimeout() is not None:
+            self.sock.settimeout(None)
         tv = _timeval(seconds or 0)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
@@ -311,7 +317,11 @@ class Listener:
         self.handler = handler
         self.tls_context = tls_context
         self.busy_reply = busy_reply
-        self.address = addresses.format_address(*_pair(sock.getsockname()))
+        local = _pair(sock.getsockname())
+        self.address = addresses.format_address(*local)
+        # The local address of every accepted connection, unless the
+        # listener is bound to a wildcard address.
+        self.local = None if local[0] in ("0.0.0.0", "::") else local
 
 
 class Server:
@@ -319,9 +329,13 @@ class Server:
 
     `add()` binds (raising OSError or ValueError before anything runs);
     `serve(stop_event)` accepts until the event is set, then stops listening,
-    ends live sessions and waits briefly for their threads. Each session runs
-    `handler(conn)` in a daemon thread; `on_close(kind)` callbacks run after
-    a session ends (used for --forward-on-disconnect).
+    ends live sessions and waits briefly for them. Each session runs
+    `handler(conn)` in a daemon thread of its own; `on_close(kind)`
+    callbacks run after a session ends (used for --forward-on-disconnect).
+
+    Session threads are reused: a thread whose session has ended waits a
+    while for the next connection, which saves creating a thread (and the
+    accept loop's wait for it to start) per connection.
     """
 
     def __init__(self, remote_clients=False, max_connections=200, max_per_address=20):
@@ -333,7 +347,9 @@ class Server:
         self._lock = threading.Condition()
         self._live = {}
         self._per_address = {}
-        self._threads = set()
+        self._sessions = 0       # sessions running, until their on_close callbacks end
+        self._idle = 0           # session threads waiting for work
+        self._work = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -443,19 +459,43 @@ class Server:
             return
         self.counters["connections"] += 1
         log.verbose("%s: connection from %s" % (lst.kind, peer))
-        t = threading.Thread(target=self._session, args=(lst, sock, ip, peer),
-                             name="%s %s" % (lst.kind, peer), daemon=True)
         with self._lock:
-            self._threads.add(t)
-        t.start()
+            self._sessions += 1
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1
+        self._work.put((lst, sock, addr, peer))
+        if spawn:
+            threading.Thread(target=self._worker, name="session", daemon=True).start()
+
+    def _worker(self):
+        """Runs queued sessions; ends after WORKER_IDLE seconds without one."""
+        while True:
+            try:
+                job = self._work.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle == 0:
+                        # _accept has just handed this thread a connection.
+                        continue
+                    self._idle -= 1
+                    return
+            if job is None:
+                return
+            self._session(*job)
+            with self._lock:
+                self._sessions -= 1
+                self._idle += 1
+                self._lock.notify_all()
 
     def _over(self, ip):
         return (len(self._live) >= self.max_connections
                 or self._per_address.get(ip, 0) >= self.max_per_address)
 
-    def _session(self, lst, sock, ip, peer):
+    def _session(self, lst, sock, addr, peer):
+        ip = addr[0]
         try:
-            conn = Connection(sock)
+            conn = Connection(sock, addr, lst.local)
             if lst.tls_context is not None:
                 conn.settimeout(60)
                 try:
@@ -478,7 +518,6 @@ class Server:
                     self._per_address[ip] = n
                 else:
                     self._per_address.pop(ip, None)
-                self._threads.discard(threading.current_thread())
                 self._lock.notify_all()
             for cb in self.on_close:
                 try:
@@ -494,14 +533,18 @@ class Server:
                 pass
         with self._lock:
             live = list(self._live)
-            threads = list(self._threads)
         for sock in live:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for t in threads:
-            t.join(grace)
+        deadline = time.monotonic() + grace
+        with self._lock:
+            while self._sessions and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
+            for _ in range(self._idle):
+                self._work.put(None)
+            self._idle = 0
         self._wake_r.close()
         self._wake_w.close()
 

@@ -68,7 +68,21 @@ class _Eof(Exception):
 
 def rfc5322_date(now=None):
     """The local time as an RFC 5322 date-time, independent of the locale."""
-    now = time.time() if now is None else now
+    global _date_cache
+    now = int(time.time() if now is None else now)
+    second, text = _date_cache
+    if second != now:
+        text = _format_date(now)
+        _date_cache = (now, text)
+    return text
+
+
+# (second, text): a date is formatted once per second (localtime() may look
+# at the time zone file each time it is called).
+_date_cache = (None, "")
+
+
+def _format_date(now):
     t = time.localtime(now)
     offset = t.tm_gmtoff // 60
     sign = "+" if offset >= 0 else "-"
@@ -139,6 +153,26 @@ def parse_params(text):
         key, eq, value = item.partition("=")
         params[key.upper()] = value if eq else None
     return params
+
+
+# Free space is looked up at most this often (seconds), not for every MAIL.
+FREE_SPACE_INTERVAL = 1.0
+_free_space_cache = {}
+
+
+def _free_space(directory):
+    """KiB available in `directory`'s file system (None if unknown), cached briefly."""
+    now = time.monotonic()
+    cached = _free_space_cache.get(directory)
+    if cached is not None and now - cached[0] < FREE_SPACE_INTERVAL:
+        return cached[1]
+    try:
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize // 1024
+    except OSError:
+        free = None
+    _free_space_cache[directory] = (now, free)
+    return free
 
 
 class SmtpSession:
@@ -441,11 +475,8 @@ class SmtpSession:
         need = self.cfg.min_free_space
         if not need:
             return True
-        try:
-            st = os.statvfs(self.cfg.spool_dir)
-        except OSError:
-            return True
-        return st.f_bavail * st.f_frsize // 1024 >= need
+        free = _free_space(self.cfg.spool_dir)
+        return free is None or free >= need
 
     @command("RCPT TO:<address>", states=(MAIL, RCPT))
     def smtp_RCPT(self, arg):
@@ -759,9 +790,11 @@ class SmtpSession:
         msg = self.message
         try:
             env = self._envelope()
-            msg.commit_content()
-            msg.write_envelope(env)
-            refusal = self._run_filters(msg)
+            refusal = None
+            if self.services.filters:
+                msg.commit_content()
+                msg.write_envelope(env)
+                refusal = self._run_filters(msg)
             if refusal == "cancelled":
                 # Exit 100: the filter owns the files now; say nothing more.
                 msg.disown()

@@ -12,6 +12,8 @@ envelope whose suffix is its state:
 Durability (ours; E-MailRelay never calls fsync): the content is fsync'd,
 the `.new` envelope is fsync'd, renamed to `.envelope`, and the directory is
 fsync'd before `finish()` returns, so the caller may reply `250` after it.
+(Files are synced with fdatasync where the platform has it: it writes the
+data and the size, everything needed to read them back.)
 
 Claiming is safe between processes sharing one spool: the claimer opens the
 `.envelope`, takes an exclusive `flock` on it, and only then renames it to
@@ -45,6 +47,21 @@ Committed = collections.namedtuple("Committed", "id envelope_path content_path")
 
 _sequence = itertools.count(1)
 _sequence_lock = threading.Lock()
+# Write content in blocks of this size (a 4 KiB message is one write).
+WRITE_BLOCK = 65536
+
+_pid_cache = []
+
+
+def _pid():
+    """os.getpid(), without a system call per message."""
+    if not _pid_cache:
+        _pid_cache.append(os.getpid())
+    return _pid_cache[0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pid_cache.clear)
 
 
 class SpoolError(Exception):
@@ -63,6 +80,11 @@ def fsync_directory(directory):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# fdatasync() also writes the metadata needed to read the data back (the
+# size of a new file), which is all a spool file needs; it skips timestamps.
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 def _create(path, flags=os.O_WRONLY | os.O_CREAT | os.O_EXCL):
@@ -195,7 +217,7 @@ class Spool:
         return NewMessage(self)
 
     def _create_content(self):
-        pid = os.getpid()
+        pid = _pid()
         while True:
             with _sequence_lock:
                 seq = next(_sequence)
@@ -408,34 +430,51 @@ class NewMessage:
     Use: `write(data)` as often as needed (memory does not grow with the
     message), `commit_content()`, `write_envelope(env)` (the `.new` file that
     filters see), then `finish(env)`; or `abandon()` at any point. After
-    `finish()` returns, the message is on disk for good.
+    `finish()` returns, the message is on disk for good. When no filter has
+    to see the message, `finish(env)` may follow the writes directly: it
+    commits the content and writes the envelope itself.
     """
 
     def __init__(self, spool):
         self.spool = spool
-        self.id, self.content_path, fd = spool._create_content()
+        self.id, self.content_path, self._fd = spool._create_content()
         self.new_envelope_path = spool.path(self.id, NEW)
         self.size = 0
-        self._file = os.fdopen(fd, "wb", buffering=1 << 16)
+        self._buf = bytearray()
         self._envelope_fd = None
-        self._synced = {}
+        # Identities of the files as we synced them, recorded once they are
+        # exposed to filters (write_envelope() before finish()).
+        self._synced = None
         self._done = False
 
     def write(self, data):
         """Appends content bytes."""
-        self._file.write(data)
+        self._buf += data
         self.size += len(data)
+        if len(self._buf) >= WRITE_BLOCK:
+            self._flush()
+
+    def _flush(self):
+        _write_all(self._fd, self._buf)
+        self._buf.clear()
 
     def commit_content(self):
-        """Flushes and fsyncs the content file and closes it."""
-        f = self._file
-        if f is None:
+        """Writes out and fsyncs the content file and closes it."""
+        fd = self._fd
+        if fd is None:
             return
-        f.flush()
-        os.fsync(f.fileno())
-        self._synced[self.content_path] = _identity(os.fstat(f.fileno()))
-        self._file = None
-        f.close()
+        try:
+            self._flush()
+            _datasync(fd)
+        except BaseException:
+            self._close_content()
+            raise
+        self._close_content()
+
+    def _close_content(self):
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def write_envelope(self, env):
         """Writes and fsyncs the `.envelope.new` file (replacing any earlier one).
@@ -443,15 +482,20 @@ class NewMessage:
         The file stays locked until finish() or abandon(), so that another
         process's recover() never takes it for an orphan.
         """
+        self._write_envelope(env)
+        self._synced = {self.content_path: _identity(os.stat(self.content_path)),
+                        self.new_envelope_path: _identity(os.fstat(self._envelope_fd))}
+
+    def _write_envelope(self, env):
         if self._envelope_fd is None:
             self._envelope_fd = _create(self.new_envelope_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             fcntl.flock(self._envelope_fd, fcntl.LOCK_EX)
+        else:
+            os.ftruncate(self._envelope_fd, 0)
+            os.lseek(self._envelope_fd, 0, os.SEEK_SET)
         fd = self._envelope_fd
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
         _write_all(fd, env.to_bytes())
-        os.fsync(fd)
-        self._synced[self.new_envelope_path] = _identity(os.fstat(fd))
+        _datasync(fd)
 
     def finish(self, env):
         """Commits the message; returns its id. The caller may then reply 250.
@@ -464,9 +508,10 @@ class NewMessage:
         """
         self.commit_content()
         if self._envelope_fd is None:
-            self.write_envelope(env)
-        for path in (self.content_path, self.new_envelope_path):
-            self._resync_if_changed(path)
+            self._write_envelope(env)
+        if self._synced is not None:
+            for path in (self.content_path, self.new_envelope_path):
+                self._resync_if_changed(path)
         if env.to_local and env.to_remote:
             with open(self.new_envelope_path, "rb") as f:
                 data = f.read()
@@ -514,10 +559,9 @@ class NewMessage:
 
     def abandon(self):
         """Removes whatever was written; safe to call twice, and after finish() a no-op."""
-        if self._file is not None:
-            f, self._file = self._file, None
+        if self._fd is not None:
             try:
-                f.close()
+                self._close_content()
             except OSError:
                 pass
         self._release_envelope()
