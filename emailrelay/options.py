@@ -604,6 +604,18 @@ def _check(v):
             _check_auth_config(name, v[name])
 
 
+def anonymous_scopes(value):
+    """The set of --anonymous scopes in force for an option value.
+
+    A bare `--anonymous` (True) means every scope; False or None means none.
+    """
+    if value is True:
+        return set(ANONYMOUS_SCOPES)
+    if not value:
+        return set()
+    return {s.strip().lower() for s in str(value).split(",") if s.strip()}
+
+
 def _check_tls_config(text):
     for word in text.split(","):
         word = word.strip().lower()

@@ -24,6 +24,7 @@ import socket
 
 from . import addresses
 from . import log
+from . import options
 from . import xtext
 
 BLOCK_SIZE = 65536
@@ -371,7 +372,7 @@ class Client:
         Empty MailFromAuthOut: our session's name if we authenticated, else
         `<>`; `+`: `<>` (no name); anything else is sent as it is (xtext).
         """
-        if _anonymous_client(self.cfg) or not self.smtp.has_extn("auth"):
+        if "client" in options.anonymous_scopes(self.cfg.anonymous) or not self.smtp.has_extn("auth"):
             return None
         value = (env.mail_from_auth_out or "").strip()
         if not value:
@@ -511,17 +512,6 @@ class Client:
 
 class _NeedsExtension(Exception):
     pass
-
-
-def _anonymous_client(cfg):
-    value = cfg.anonymous
-    if value is True:
-        return True
-    if not value:
-        return False
-    items = value if isinstance(value, (list, tuple)) else [value]
-    scopes = [s.strip() for item in items for s in str(item).split(",")]
-    return "client" in scopes
 
 
 def _describe(e):

@@ -32,6 +32,7 @@ import time
 from . import envelope
 from . import log
 from . import net
+from . import options
 from . import spool
 
 START, GREETED, MAIL, RCPT, BDAT, DONE = "START", "GREETED", "MAIL", "RCPT", "BDAT", "DONE"
@@ -90,18 +91,6 @@ def _format_date(now):
     return "%s, %02d %s %04d %02d:%02d:%02d %s%02d%02d" % (
         _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
         t.tm_hour, t.tm_min, t.tm_sec, sign, offset // 60, offset % 60)
-
-
-def anonymous_scopes(value):
-    """The set of --anonymous scopes: a bare flag means all of them."""
-    all_scopes = {"vrfy", "server", "content", "client"}
-    if value is True:
-        return all_scopes
-    if not value:
-        return set()
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    return {s.strip().lower() for s in str(value).split(",") if s.strip()}
 
 
 def parse_path(text, allow_empty):
@@ -188,7 +177,7 @@ class SmtpSession:
         cfg = services.cfg
         self.cfg = cfg
         self.domain = cfg.domain or "localhost"
-        self.anonymous = anonymous_scopes(cfg.anonymous)
+        self.anonymous = options.anonymous_scopes(cfg.anonymous)
         self.size_limit = cfg.size or 0
         self.peer = "%s:%s" % (conn.peer[0], conn.peer[1])
         self.peer_ip = conn.peer[0]
