@@ -172,9 +172,12 @@ def test_poll_with_client_filter_102_forwards_one_per_poll(tmp_path):
             for i in range(3):
                 put_message(a.spool, b"Subject: p%d\r\n\r\n" % i)
             a.start()
-            helpers.wait_for(lambda: len(b.files(".envelope")) == 1, timeout=5, what="first poll")
-            assert len(a.files(".envelope")) + len(a.files(".busy")) == 2
-            helpers.wait_for(lambda: len(b.files(".envelope")) == 3, timeout=10, what="later polls")
+            helpers.wait_for(lambda: len(b.files(".envelope")) == 3, timeout=15, what="three polls")
+            # Each pass logs what it sent: one message per poll, never more.
+            helpers.wait_for(lambda: len(re.findall(r"forwarding: \d+ message\(s\) sent", a.log())) >= 3,
+                             what="three pass log lines")
+            sent = re.findall(r"forwarding: (\d+) message\(s\) sent", a.log())
+            assert sent[:3] == ["1", "1", "1"]
 
 
 def test_forward_at_startup(tmp_path):
@@ -287,4 +290,6 @@ def test_concurrent_triggers_are_not_lost(tmp_path):
         for t in threads:
             t.join()
         helpers.wait_for(lambda: len(b.files(".envelope")) == 8, what="8 messages at relay B")
-        assert a.files(".envelope") == [] and a.files(".busy") == []
+        helpers.wait_for(lambda: not a.files(".envelope") and not a.files(".busy"),
+                         what="relay A spool empty")
+        assert len(b.files(".envelope")) == 8
