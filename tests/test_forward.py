@@ -273,7 +273,9 @@ def test_killed_forwarder_loses_nothing(tmp_path):
         proc.wait()
         assert len(envelopes(spool)) + len(envelopes(spool, ".busy")) > 0
         assert as_client(b.port, spool).returncode == 0
-        assert os.listdir(str(spool)) == []
+        # No envelope is left in any state. (A kill between the two unlinks
+        # of a sent message can leave its content file, which nothing refers to.)
+        assert [n for n in os.listdir(str(spool)) if ".envelope" in n] == []
         contents = [read(os.path.join(b.spool, n)) for n in b.files(".content")]
         subjects = {re.search(rb"Subject: (k\d+)", c).group(1) for c in contents}
         assert subjects == {b"k%d" % i for i in range(20)}

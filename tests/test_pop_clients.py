@@ -132,7 +132,9 @@ def fetchmail(tmp_path, port, keep, tls):
                   % (port, ssl_opts, "keep" if keep else "nokeep fetchall", out))
     rc.chmod(0o600)
     env = dict(os.environ, HOME=str(home), FETCHMAILHOME=str(home))
-    proc = subprocess.run(["fetchmail", "-f", str(rc), "-v", "--nodetach"], env=env,
+    # As root, fetchmail locks /var/run/fetchmail.pid unless told otherwise.
+    proc = subprocess.run(["fetchmail", "-f", str(rc), "-v", "--nodetach",
+                           "--pidfile", str(home / "fetchmail.pid")], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
     text = out.read_text() if out.exists() else ""
     return proc.returncode, text, proc.stdout.decode("utf-8", "replace")
