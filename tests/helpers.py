@@ -187,6 +187,17 @@ class Relay:
         self.stop()
 
 
+def stop_process(proc, timeout=5.0):
+    """Terminates a peer process, killing it if it has not gone by `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def smtp_sink(port, extra=(), count=100):
     """Starts Postfix's smtp-sink on 127.0.0.1:port; the caller terminates it."""
     args = ["smtp-sink"]

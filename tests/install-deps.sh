@@ -1,7 +1,8 @@
 #!/bin/bash
-# Installs what the test suite needs, when it is missing: pytest (for python3
-# and for pyenv's Python 3.8), vermin, and the Debian packages of the real
-# peers. Quick when everything is present; any failure to install fails.
+# Installs what the test suite needs, when it is missing: pytest and
+# pytest-timeout (for python3 and for pyenv's Python 3.8), vermin, and the
+# Debian packages of the real peers. Quick when everything is present; any
+# failure to install fails.
 set -euo pipefail
 
 missing=()
@@ -39,6 +40,7 @@ pip_install() { # pip_install PYTHON MODULE PACKAGE
     fi
 }
 pip_install python3 pytest pytest
+pip_install python3 pytest_timeout pytest-timeout
 if ! command -v vermin >/dev/null 2>&1; then
     echo "install-deps: installing vermin"
     python3 -m pip install -q vermin
@@ -46,4 +48,5 @@ fi
 if command -v pyenv >/dev/null 2>&1; then
     py38=$(pyenv prefix 3.8.18 2>/dev/null || pyenv prefix "$(pyenv versions --bare | grep '^3\.8\.' | sort -V | tail -1)")
     pip_install "$py38/bin/python3" pytest pytest
+    pip_install "$py38/bin/python3" pytest_timeout pytest-timeout
 fi

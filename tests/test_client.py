@@ -234,8 +234,7 @@ def test_message_to_smtp_sink_arrives_and_counts(tmp_path):
         assert all(b"X-Rcpt-Args: <b@y.test>" in b for b in bodies)
         assert [b.count(b"body ") for b in bodies] == [1, 1, 1]
     finally:
-        sink.terminate()
-        sink.wait()
+        helpers.stop_process(sink)
 
 
 def test_pipelined_transaction_and_mail_parameters(tmp_path, scripted):

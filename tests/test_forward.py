@@ -80,8 +80,7 @@ def test_as_client_forwards_everything_and_exits_0(tmp_path):
         subjects = sorted(re.search(rb"Subject: (m\d)", d).group(1) for d in sink_dumps(sink_dir))
         assert subjects == [b"m0", b"m1", b"m2", b"m3", b"m4"]
     finally:
-        sink.terminate()
-        sink.wait()
+        helpers.stop_process(sink)
 
 
 def test_as_client_with_unreachable_next_hop_keeps_messages_and_fails(tmp_path):
@@ -254,8 +253,7 @@ def test_two_forwarders_sharing_a_spool_deliver_each_message_once(tmp_path):
         subjects = [re.search(rb"Subject: (n\d+)", d).group(1) for d in sink_dumps(sink_dir)]
         assert len(subjects) == 500 and len(set(subjects)) == 500
     finally:
-        sink.terminate()
-        sink.wait()
+        helpers.stop_process(sink)
 
 
 def test_killed_forwarder_loses_nothing(tmp_path):

@@ -45,8 +45,7 @@ def socks_proxy(tmp_path_factory):
     finally:
         for p in (ssh, sshd):
             if p is not None:
-                p.terminate()
-                p.wait()
+                helpers.stop_process(p)
 
 
 def test_forwarding_through_ssh_dynamic_forwarding(tmp_path, socks_proxy):
