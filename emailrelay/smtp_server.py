@@ -21,8 +21,8 @@ states gets `503 5.5.1`). States:
 
 Replies are queued and sent only when the client has no more input
 pipelined, or before we would block reading (RFC 2920); this is what makes
-pipelined clients fast. Message text is read in large blocks and scanned
-with bytes.find/replace rather than line by line.
+pipelined clients fast. Message text is read by `smtp_text` in large blocks
+and command syntax is parsed by `smtp_syntax`.
 """
 
 import os
@@ -33,22 +33,17 @@ from . import envelope
 from . import log
 from . import net
 from . import options
+from . import smtp_text
+from .smtp_syntax import parse_params, parse_path, rfc5322_date
 from . import spool
 
 START, GREETED, MAIL, RCPT, BDAT, DONE = "START", "GREETED", "MAIL", "RCPT", "BDAT", "DONE"
 
 COMMAND_LIMIT = 512     # RFC 5321 4.5.3.1.4, including CRLF
 AUTH_LINE_LIMIT = 12288  # RFC 4954 4: AUTH responses may be long
-TEXT_LIMIT = 998        # RFC 5321 4.5.3.1.6, excluding CRLF
-BLOCK = 65536
 MAX_AUTH_FAILURES = 3
-TERMINATOR = b"\r\n.\r\n"
 
 _stats_lock = threading.Lock()
-
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
 
 def command(syntax, states=None):
     """Marks an `smtp_<VERB>` method: its HELP syntax and allowed states (None: any)."""
@@ -61,87 +56,6 @@ def command(syntax, states=None):
 
 class _Drop(Exception):
     """The session must end now (after any queued reply is sent)."""
-
-
-class _Eof(Exception):
-    """The client went away."""
-
-
-def rfc5322_date(now=None):
-    """The local time as an RFC 5322 date-time, independent of the locale."""
-    global _date_cache
-    now = int(time.time() if now is None else now)
-    second, text = _date_cache
-    if second != now:
-        text = _format_date(now)
-        _date_cache = (now, text)
-    return text
-
-
-# (second, text): a date is formatted once per second (localtime() may look
-# at the time zone file each time it is called).
-_date_cache = (None, "")
-
-
-def _format_date(now):
-    t = time.localtime(now)
-    offset = t.tm_gmtoff // 60
-    sign = "+" if offset >= 0 else "-"
-    offset = abs(offset)
-    return "%s, %02d %s %04d %02d:%02d:%02d %s%02d%02d" % (
-        _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
-        t.tm_hour, t.tm_min, t.tm_sec, sign, offset // 60, offset % 60)
-
-
-def parse_path(text, allow_empty):
-    """Splits `<path> params` (RFC 5321 4.1.2) into (address, params-text).
-
-    Accepts a missing pair of angle brackets, strips a source route, and
-    honours quoted local parts. Raises ValueError on bad syntax or control
-    characters, which never reach filters or verifiers.
-    """
-    text = text.lstrip(" ")
-    if text.startswith("<"):
-        quoted = False
-        end = -1
-        i = 1
-        while i < len(text):
-            c = text[i]
-            if c == "\\" and quoted:
-                i += 2
-                continue
-            if c == '"':
-                quoted = not quoted
-            elif c == ">" and not quoted:
-                end = i
-                break
-            i += 1
-        if end < 0:
-            raise ValueError("missing '>'")
-        address, rest = text[1:end], text[end + 1:]
-        if rest and not rest.startswith(" "):
-            raise ValueError("junk after '>'")
-    else:
-        address, _, rest = text.partition(" ")
-    if address.startswith("@"):
-        # A source route (<@a,@b:user@host>) is ignored, as RFC 5321 C says.
-        if ":" not in address:
-            raise ValueError("bad source route")
-        address = address.split(":", 1)[1]
-    if any(ord(c) < 32 or ord(c) == 127 for c in address):
-        raise ValueError("control character in address")
-    if not address and not allow_empty:
-        raise ValueError("empty address")
-    return address, rest.strip(" ")
-
-
-def parse_params(text):
-    """Splits ESMTP parameters into a dict of upper-case keyword -> value (or None)."""
-    params = {}
-    for item in text.split():
-        key, eq, value = item.partition("=")
-        params[key.upper()] = value if eq else None
-    return params
 
 
 # Free space is looked up at most this often (seconds), not for every MAIL.
@@ -208,7 +122,7 @@ class SmtpSession:
         except net.Timeout:
             log.info("smtp: idle timeout", peer=self.peer)
             self._reply("421 4.4.2 %s idle timeout" % self.domain)
-        except _Eof:
+        except EOFError:
             log.verbose("smtp: client disconnected", peer=self.peer)
         except _Drop:
             pass
@@ -235,7 +149,7 @@ class SmtpSession:
             self._bad("500 5.5.2 line too long")
             return None
         if not raw:
-            raise _Eof()
+            raise EOFError()
         raw = raw.rstrip(b"\r\n")
         try:
             return raw.decode("utf-8")
@@ -320,8 +234,7 @@ class SmtpSession:
         self.to_local = []
         self.to_remote = []
         self.message = None
-        self.message_size = 0
-        self.message_fault = None
+        self.text = None
         if self.state not in (START, DONE):
             self.state = GREETED
 
@@ -629,60 +542,11 @@ class SmtpSession:
             return
         self._reply("354 start mail input; end with <CRLF>.<CRLF>")
         self._flush()
-        self._receive_data()
-        if self.message_fault is None:
+        smtp_text.read_data(self.conn, self.message.write, self.text)
+        if self.text.fault is None:
             self._commit()
         else:
             self._refuse_content()
-
-    def _receive_data(self):
-        """Reads DATA text up to <CRLF>.<CRLF> into the message, in blocks.
-
-        Only CRLF '.' CRLF ends the text (no SMTP smuggling with bare CR or
-        LF). A leading dot is removed from every line (RFC 5321 4.5.2). A
-        line longer than TEXT_LIMIT, or a message over --size, sets
-        `message_fault` and the rest is read and dropped without buffering.
-        Input after the terminator is pushed back for the command reader.
-        """
-        conn = self.conn
-        msg = self.message
-        pending = b"\r\n"   # a virtual CRLF before the first line
-        first = True
-        limit = self.size_limit
-        while True:
-            chunk = conn.read(BLOCK)
-            if not chunk:
-                raise _Eof()
-            data = pending + chunk
-            end = data.find(TERMINATOR)
-            if end >= 0:
-                conn.unread(data[end + 5:])
-                body = data[:end + 2]
-            elif self.message_fault is not None:
-                pending = data[-4:]
-                continue
-            else:
-                k = data.rfind(b"\r\n")
-                body, pending = data[:k], data[k:]
-                if len(pending) - 2 > TEXT_LIMIT:
-                    self.message_fault = "long"
-                    pending = pending[-4:]
-            if self.message_fault is None:
-                if len(body) > TEXT_LIMIT + 2 and max(map(len, body.split(b"\r\n"))) > TEXT_LIMIT:
-                    self.message_fault = "long"
-                else:
-                    if b"\r\n." in body:
-                        body = body.replace(b"\r\n.", b"\r\n")
-                    if first and body:
-                        body = body[2:]
-                        first = False
-                    self.message_size += len(body)
-                    if limit and self.message_size > limit:
-                        self.message_fault = "big"
-                    else:
-                        msg.write(body)
-            if end >= 0:
-                return
 
     @command("BDAT <size> [LAST]")
     def smtp_BDAT(self, arg):
@@ -695,38 +559,21 @@ class SmtpSession:
         last = len(parts) == 2
         if self.state not in (RCPT, BDAT):
             # The chunk is read and dropped so it is not taken for commands.
-            self._read_chunk(size, None)
+            smtp_text.read_chunk(self.conn, size, None, None)
             self._bad(self._sequence_error("BDAT"))
             return
         if self.state == RCPT:
             if not self._start_message():
-                self._read_chunk(size, None)
+                smtp_text.read_chunk(self.conn, size, None, None)
                 return
             self.state = BDAT
-        self._read_chunk(size, self.message)
-        if self.message_fault is not None:
+        smtp_text.read_chunk(self.conn, size, self.message.write, self.text)
+        if self.text.fault is not None:
             self._refuse_content()
         elif not last:
             self._reply("250 2.0.0 %d octets received" % size)
         else:
             self._commit()
-
-    def _read_chunk(self, size, msg):
-        """Reads exactly `size` octets of BDAT data into `msg` (None: drop them)."""
-        conn = self.conn
-        limit = self.size_limit
-        while size > 0:
-            chunk = conn.read(min(size, BLOCK))
-            if not chunk:
-                raise _Eof()
-            size -= len(chunk)
-            if msg is None or self.message_fault is not None:
-                continue
-            self.message_size += len(chunk)
-            if limit and self.message_size > limit:
-                self.message_fault = "big"
-            else:
-                msg.write(chunk)
 
     # ----- storing a message --------------------------------------------
 
@@ -741,8 +588,7 @@ class SmtpSession:
             self._reset_transaction()
             self._reply("452 4.3.0 cannot store the message")
             return False
-        self.message_size = 0
-        self.message_fault = None
+        self.text = smtp_text.Text(self.size_limit)
         return True
 
     def _received(self, msg_id):
@@ -759,11 +605,11 @@ class SmtpSession:
         return line.encode("utf-8")
 
     def _refuse_content(self):
-        if self.message_fault == "long":
+        if self.text.fault == "long":
             self._reply("500 5.5.2 line too long")
         else:
             self._reply("552 5.3.4 message size exceeds fixed maximum message size")
-        log.info("smtp: message refused: %s" % ("line too long" if self.message_fault == "long"
+        log.info("smtp: message refused: %s" % ("line too long" if self.text.fault == "long"
                                                 else "too big"), peer=self.peer)
         self._reset_transaction()
 

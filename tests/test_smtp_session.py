@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from emailrelay import envelope, net, smtp_server, spool
+from emailrelay import envelope, net, smtp_server, smtp_syntax, spool
 
 
 def make_cfg(tmp_path, **kw):
@@ -401,18 +401,18 @@ def test_immediate_forwarding_refusal_is_passed_back(tmp_path):
 
 
 def test_parse_path():
-    assert smtp_server.parse_path("<a@b> SIZE=1", False) == ("a@b", "SIZE=1")
-    assert smtp_server.parse_path('<"x> y"@b>', False) == ('"x> y"@b', "")
-    assert smtp_server.parse_path("<@r1,@r2:u@h>", False) == ("u@h", "")
-    assert smtp_server.parse_path("u@h", False) == ("u@h", "")
-    assert smtp_server.parse_path("<>", True) == ("", "")
+    assert smtp_syntax.parse_path("<a@b> SIZE=1", False) == ("a@b", "SIZE=1")
+    assert smtp_syntax.parse_path('<"x> y"@b>', False) == ('"x> y"@b', "")
+    assert smtp_syntax.parse_path("<@r1,@r2:u@h>", False) == ("u@h", "")
+    assert smtp_syntax.parse_path("u@h", False) == ("u@h", "")
+    assert smtp_syntax.parse_path("<>", True) == ("", "")
     for bad in ("<>", "<a@b", "<a@b>x", "<a\x00@b>"):
         with pytest.raises(ValueError):
-            smtp_server.parse_path(bad, False)
+            smtp_syntax.parse_path(bad, False)
 
 
 def test_rfc5322_date_is_english():
-    text = smtp_server.rfc5322_date(0)
+    text = smtp_syntax.rfc5322_date(0)
     assert text[:5] in {d + ", " for d in ("Thu", "Wed", "Fri")}
     assert text[-5] in "+-" and text[-4:].isdigit()
 

@@ -1,0 +1,82 @@
+"""Reading SMTP message text: DATA (dot-stuffed) and BDAT chunks, streamed.
+
+Both readers pass the text on to a `write(bytes)` callable in blocks and
+never hold a whole message. They keep a running `Text` tally of the size
+and of the first fault ("long": a text line over TEXT_LIMIT; "big": over
+the size limit); once a fault is set the rest of the text is still read, so
+that it is not taken for commands, but dropped. `read_data` raises
+`EOFError` if the client goes away first.
+"""
+
+TEXT_LIMIT = 998        # RFC 5321 4.5.3.1.6, excluding CRLF
+BLOCK = 65536
+TERMINATOR = b"\r\n.\r\n"
+
+
+class Text:
+    """What a reader found: octets kept so far and the first fault (or None)."""
+
+    def __init__(self, size_limit=0):
+        self.size_limit = size_limit
+        self.size = 0
+        self.fault = None
+
+    def _keep(self, data, write):
+        self.size += len(data)
+        if self.size_limit and self.size > self.size_limit:
+            self.fault = "big"
+        else:
+            write(data)
+
+
+def read_data(conn, write, text):
+    """Reads DATA text up to <CRLF>.<CRLF>, un-dot-stuffed, into `write`.
+
+    Only CRLF '.' CRLF ends the text: a bare CR or LF next to the dot never
+    does (no SMTP smuggling). A leading dot is removed from every line (RFC
+    5321 4.5.2). Input after the terminator is pushed back onto `conn` for
+    the command reader.
+    """
+    pending = b"\r\n"   # a virtual CRLF before the first line
+    first = True
+    while True:
+        chunk = conn.read(BLOCK)
+        if not chunk:
+            raise EOFError()
+        data = pending + chunk
+        end = data.find(TERMINATOR)
+        if end >= 0:
+            conn.unread(data[end + 5:])
+            body = data[:end + 2]
+        elif text.fault is not None:
+            pending = data[-4:]
+            continue
+        else:
+            k = data.rfind(b"\r\n")
+            body, pending = data[:k], data[k:]
+            if len(pending) - 2 > TEXT_LIMIT:
+                text.fault = "long"
+                pending = pending[-4:]
+        if text.fault is None:
+            if len(body) > TEXT_LIMIT + 2 and max(map(len, body.split(b"\r\n"))) > TEXT_LIMIT:
+                text.fault = "long"
+            else:
+                if b"\r\n." in body:
+                    body = body.replace(b"\r\n.", b"\r\n")
+                if first and body:
+                    body = body[2:]
+                    first = False
+                text._keep(body, write)
+        if end >= 0:
+            return
+
+
+def read_chunk(conn, size, write, text):
+    """Reads exactly `size` octets of a BDAT chunk into `write` (None: drop them)."""
+    while size > 0:
+        chunk = conn.read(min(size, BLOCK))
+        if not chunk:
+            raise EOFError()
+        size -= len(chunk)
+        if write is not None and text.fault is None:
+            text._keep(chunk, write)
