@@ -25,9 +25,7 @@ pipelined clients fast. Message text is read by `smtp_text` in large blocks
 and command syntax is parsed by `smtp_syntax`.
 """
 
-import os
 import threading
-import time
 
 from . import envelope
 from . import log
@@ -56,26 +54,6 @@ def command(syntax, states=None):
 
 class _Drop(Exception):
     """The session must end now (after any queued reply is sent)."""
-
-
-# Free space is looked up at most this often (seconds), not for every MAIL.
-FREE_SPACE_INTERVAL = 1.0
-_free_space_cache = {}
-
-
-def _free_space(directory):
-    """KiB available in `directory`'s file system (None if unknown), cached briefly."""
-    now = time.monotonic()
-    cached = _free_space_cache.get(directory)
-    if cached is not None and now - cached[0] < FREE_SPACE_INTERVAL:
-        return cached[1]
-    try:
-        st = os.statvfs(directory)
-        free = st.f_bavail * st.f_frsize // 1024
-    except OSError:
-        free = None
-    _free_space_cache[directory] = (now, free)
-    return free
 
 
 class SmtpSession:
@@ -377,7 +355,7 @@ class SmtpSession:
         need = self.cfg.min_free_space
         if not need:
             return True
-        free = _free_space(self.cfg.spool_dir)
+        free = self.services.spool.free_kbytes()
         return free is None or free >= need
 
     @command("RCPT TO:<address>", states=(MAIL, RCPT))
