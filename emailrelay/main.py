@@ -54,7 +54,7 @@ class Services:
 
 def run(argv=None):
     """Runs the program with `argv` (default sys.argv[1:]); returns the exit status."""
-    from . import options
+    from . import options, usage
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = options.parse(argv)
@@ -63,10 +63,10 @@ def run(argv=None):
         sys.stderr.write("emailrelay: try --help for more information\n")
         return EXIT_USAGE
     if cfg.help:
-        sys.stdout.write(options.help_text(cfg.verbose))
+        sys.stdout.write(usage.help_text(cfg.verbose))
         return EXIT_OK
     if cfg.version:
-        sys.stdout.write(options.version_text(cfg.verbose))
+        sys.stdout.write(usage.version_text(cfg.verbose))
         return EXIT_OK
     from . import log
     try:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from emailrelay import options
+from emailrelay import options, usage
 from emailrelay.options import UsageError, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -349,7 +349,7 @@ def test_options_without_effect_leave_notes():
 
 
 def test_short_help_shows_basic_options_only():
-    text = options.help_text(False)
+    text = usage.help_text(False)
     assert text.startswith("usage: emailrelay")
     for opt in options.OPTIONS:
         assert (("--" + opt.name + " ") in text or ("--" + opt.name + "\n") in text) \
@@ -362,7 +362,7 @@ def _help_option_names(text):
 
 
 def test_verbose_help_shows_every_option_by_group():
-    text = options.help_text(True)
+    text = usage.help_text(True)
     assert _help_option_names(text) == set(options.BY_NAME)
     positions = [text.index("%s options:" % g) for g in options.GROUPS]
     assert positions == sorted(positions)
@@ -372,19 +372,19 @@ def test_verbose_help_shows_every_option_by_group():
 
 
 def test_version_text():
-    assert options.version_text(False) == "emailrelay %s\n" % options.__version__
-    text = options.version_text(True)
+    assert usage.version_text(False) == "emailrelay %s\n" % usage.__version__
+    text = usage.version_text(True)
     assert re.search(r"^TLS: (not )?available$", text, re.M)
     assert re.search(r"^PAM: (not )?available$", text, re.M)
 
 
 def test_man_page_is_generated_from_the_table():
     with open(os.path.join(ROOT, "man", "emailrelay.1")) as f:
-        assert f.read() == options.man_page(), "run 'make man' to regenerate man/emailrelay.1"
+        assert f.read() == usage.man_page(), "run 'make man' to regenerate man/emailrelay.1"
 
 
 def test_man_page_documents_every_option_and_the_rest():
-    page = options.man_page()
+    page = usage.man_page()
     documented = set(re.findall(r"^\.B (?:\\-\S, )?\\-\\-([a-z0-9\\-]+)", page, re.M))
     assert {n.replace("\\-", "-") for n in documented} == set(options.BY_NAME)
     for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "CONFIG FILE", "SIGNALS",
@@ -408,4 +408,4 @@ def test_help_from_the_command_line():
     run = subprocess.run([sys.executable, "-m", "emailrelay", "--help", "--verbose"], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert run.returncode == 0
-    assert run.stdout == options.help_text(True)
+    assert run.stdout == usage.help_text(True)
