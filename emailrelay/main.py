@@ -186,7 +186,8 @@ def _listen(cfg, services):
         raise StartupError("--interface: %s" % e) from None
     server = net.Server(remote_clients=cfg.remote_clients,
                         max_connections=cfg.max_connections,
-                        max_per_address=cfg.max_connections_per_address)
+                        max_per_address=cfg.max_connections_per_address,
+                        backlog=cfg.listen_backlog)
     try:
         if not cfg.no_smtp:
             from . import smtp_server
