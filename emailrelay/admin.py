@@ -150,7 +150,8 @@ class AdminSession:
             lines.append("sessions: %d" % server.live_count())
             for key, value in sorted(server.counters.items()):
                 lines.append("%s: %s" % (key, value))
-        for key, value in sorted((self.services.stats or {}).items()):
+        stats = self.services.stats
+        for key, value in sorted(stats.snapshot().items() if stats is not None else ()):
             lines.append("%s: %s" % (key, value))
         if self.services.cfg.forward_to:
             lines.append("forward-to: %s" % self.services.cfg.forward_to)

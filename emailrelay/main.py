@@ -30,7 +30,7 @@ class Services:
     Attributes: `cfg`, `spool`, `filters` (list), `verifier` (or None),
     `server_auth` (sasl.ServerAuth or None), `server_secrets`,
     `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
-    `forwarder` (or None), `stats` (dict of counters), `events`
+    `forwarder` (or None), `stats` (a stats.Stats), `events`
     (forwarder.Events or None), `server` (net.Server), `stop_event`.
     """
 
@@ -45,7 +45,7 @@ class Services:
         self.pop_secrets = None
         self.tls_context = None
         self.forwarder = None
-        self.stats = {}
+        self.stats = None
         self.events = None
         self.server = None
         self.stop_event = None
@@ -115,8 +115,9 @@ def _build(cfg):
     """Checks the configuration and builds every part; raises StartupError."""
     from . import spool as spool_mod
     services = Services(cfg=cfg, stop_event=threading.Event())
-    services.stats = {"messages-stored": 0, "messages-rejected": 0,
-                      "messages-forwarded": 0, "messages-failed": 0}
+    from .stats import Stats
+    services.stats = Stats(["messages-stored", "messages-rejected",
+                            "messages-forwarded", "messages-failed"])
 
     if not os.path.isdir(cfg.spool_dir):
         raise StartupError("spool directory does not exist: %s" % cfg.spool_dir)
