@@ -347,7 +347,8 @@ def _preload(cfg):
         wanted.append("tls")
     if cfg.server_auth or cfg.pop_auth or cfg.client_auth:
         wanted.append("auth")
-    if cfg.log and (not cfg.no_syslog or cfg.syslog):
+    # Logging opens syslog for warnings and errors even without --log.
+    if not cfg.no_syslog or cfg.syslog:
         wanted.append("syslog")
     for group in wanted:
         for name in _LAZY_MODULES[group]:
