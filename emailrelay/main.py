@@ -31,7 +31,8 @@ class Services:
     `server_auth` (sasl.ServerAuth or None), `server_secrets`,
     `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
     `forwarder` (or None), `stats` (a stats.Stats), `events`
-    (forwarder.Events or None), `server` (net.Server), `stop_event`.
+    (forwarder.Events or None), `server` (net.Server), `stop_event`,
+    `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None).
     """
 
     def __init__(self, **kwargs):
@@ -49,6 +50,7 @@ class Services:
         self.events = None
         self.server = None
         self.stop_event = None
+        self.auth_budget = None
         self.__dict__.update(kwargs)
 
 
@@ -143,6 +145,9 @@ def _build(cfg):
     if cfg.pop_auth:
         services.pop_secrets = _load_secrets(cfg.pop_auth, "--pop-auth")
         services.pop_auth = _server_auth(services.pop_secrets, cfg, "--pop-auth")
+    if cfg.server_auth or cfg.pop_auth:
+        from . import auth_budget
+        services.auth_budget = auth_budget.FailureBudget()
     client_secret = None
     if cfg.client_auth:
         holder = _load_secrets(cfg.client_auth, "--client-auth")

@@ -502,6 +502,8 @@ class SmtpSession:
         # Always with the address, whatever --log-address says: fail2ban needs it.
         log.warning('smtp authentication failed for user "%s" from %s'
                     % (log.sanitise(exchange.user or ""), self.peer_ip))
+        if getattr(self.services, "auth_budget", None) is not None:
+            self.services.auth_budget.failed(self.peer_ip, "smtp")
         if self.auth_failures >= MAX_AUTH_FAILURES:
             self._reply("421 4.7.0 %s too many authentication failures" % self.domain)
             raise _Drop()
