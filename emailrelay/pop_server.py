@@ -29,6 +29,8 @@ What callers and users may rely on:
   line endings (bare CR and LF included), NUL octets dropped, dot-stuffed.
   Content files are opened only as regular files and never through a
   symbolic link (`--pop-by-name` maildrops cannot lead out of the spool).
+- With --debug the dialogue is logged both ways (`pop: rx:` / `pop: tx:`),
+  never a password, digest or SASL response, nor message text.
 - Failed logins are logged with the client address always, and count
   against the per-address budget shared with SMTP (`auth_budget`).
 """
@@ -249,6 +251,7 @@ class PopSession:
         self.done = False
         self.bad_commands = 0
         self.auth_failures = 0
+        self.debug = log.debug_enabled()
 
     # The session loop.
 
@@ -299,6 +302,8 @@ class PopSession:
             pass
 
     def _reply(self, text):
+        if self.debug:
+            log.debug("pop: tx: %s" % text, peer=self.peer)
         self.conn.write(text.encode("utf-8", "surrogateescape") + b"\r\n")
 
     def _bad(self, text):
@@ -316,6 +321,8 @@ class PopSession:
         text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        if self.debug:
+            log.debug("pop: rx: %s" % _shown(verb, text), peer=self.peer)
         if self.maildrop is None:
             table = _AUTHORIZATION
         else:
@@ -666,6 +673,16 @@ def open_content(path):
     except BaseException:
         os.close(fd)
         raise
+
+
+def _shown(verb, line):
+    """A command line as the debug log shows it: credentials left out."""
+    if verb == "PASS":
+        return "PASS <password>"
+    if verb in ("APOP", "AUTH"):
+        words = line.split()
+        return " ".join(words[:2]) + (" <credentials>" if len(words) > 2 else "")
+    return line
 
 
 def _utf8(text):

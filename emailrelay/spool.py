@@ -83,6 +83,13 @@ def _log(level, message):
     getattr(log, level)(message)
 
 
+def _debug(message_id, change):
+    """Logs a state change with --debug."""
+    from . import log
+    if log.debug_enabled():
+        log.debug("spool: %s: %s" % (message_id, change))
+
+
 def fsync_directory(directory):
     """Makes renames and creations in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -351,6 +358,7 @@ class Spool:
             try:
                 os.rename(path, self.path(message_id, READY))
                 count += 1
+                _debug(message_id, "unfailed (.envelope)")
             except FileNotFoundError:
                 continue
         return count
@@ -385,6 +393,7 @@ class Spool:
             os.close(fd)
             raise
         claim = Claim(self, message_id, fd)
+        _debug(message_id, "claimed (.envelope.busy)")
         try:
             claim.envelope = Envelope.parse(_read_fd(fd))
         except (EnvelopeError, OSError) as e:
@@ -478,6 +487,7 @@ class Spool:
         os.unlink(envelope_path)
         if not content_shared(content_path, envelope_path):
             _unlink_quietly(content_path)
+        _debug(os.path.basename(envelope_path), "removed")
 
 
 def _read_fd(fd):
@@ -592,6 +602,8 @@ class NewMessage:
         fsync_directory(self.spool.directory)
         self._release_envelope()
         self._done = True
+        _debug(self.id, "committed (%d octets)%s" % (self.size, " with a .local copy"
+                                                      if env.to_local else ""))
         return self.id
 
     def _resync_if_changed(self, path):
@@ -622,6 +634,7 @@ class NewMessage:
         self._release_envelope()
         self._done = True
         fsync_directory(self.spool.directory)
+        _debug(self.id, "left to the filter (exit 100)")
 
     def abandon(self):
         """Removes whatever was written; safe to call twice, and after finish() a no-op."""
@@ -636,6 +649,7 @@ class NewMessage:
         self._done = True
         _unlink_quietly(self.new_envelope_path)
         _unlink_quietly(self.content_path)
+        _debug(self.id, "abandoned, files removed")
 
 
 def _identity(st):
@@ -668,6 +682,7 @@ class Claim:
             os.rename(self.envelope_path, self.spool.path(self.id, READY))
         finally:
             self._unlock()
+        _debug(self.id, "released (.envelope)")
 
     def delete(self):
         """Removes the envelope, and the content unless another envelope refers to it."""
@@ -677,6 +692,7 @@ class Claim:
                 _unlink_quietly(self.content_path)
         finally:
             self._unlock()
+        _debug(self.id, "deleted")
 
     def fail(self, reason, code=None):
         """Appends the reason (and code) to the envelope and renames it `.bad`."""
@@ -687,6 +703,7 @@ class Claim:
             os.rename(self.envelope_path, self.spool.path(self.id, BAD))
         finally:
             self._unlock()
+        _debug(self.id, "failed (.envelope.bad): %s" % reason)
 
     def rewrite(self, env):
         """Replaces the envelope with `env` atomically, keeping the claim's lock."""
