@@ -129,9 +129,9 @@ OPTIONS = [
        "Sets the timeout in seconds for connecting to the next-hop server.",
        kind="time", default=40),
     _O("idle-timeout", None, "<time>", "SMTP client",
-       "Sets the timeout in seconds for network input from SMTP and POP clients. "
-       "POP sessions wait 600 seconds, the minimum RFC 1939 asks for, "
-       "unless this option is given; 0 means no timeout.",
+       "Sets the timeout in seconds for network input from SMTP, POP and admin clients. "
+       "POP sessions wait 600 seconds, the minimum RFC 1939 asks for, and admin "
+       "sessions 600 seconds too, unless this option is given; 0 means no timeout.",
        kind="time", default=60),
     _O("response-timeout", "T", "<time>", "SMTP client",
        "Sets the timeout in seconds for each response from the next-hop server.",
