@@ -5,6 +5,13 @@ prompt `E-MailRelay> `, reads one command per line and answers with text
 lines ending in CRLF. Commands: help, flush, forward, list, failures,
 unfail-all, status, notify, pid, quit, and terminate (only with
 --admin-terminate). Nothing here changes the configuration.
+
+Idle timeout: `--idle-timeout` when given explicitly (0: none), otherwise
+ADMIN_IDLE_TIMEOUT seconds (someone typing at a telnet prompt needs longer
+than the SMTP default). An idle session gets `error: idle timeout` and is
+closed. A session that has asked for `notify` is watching, not idle: it has
+no timeout from then on. Admin connections have their own connection budget
+(see net.Server), so idle ones never lock out SMTP or POP clients.
 """
 
 import os
@@ -13,6 +20,8 @@ import threading
 from . import log
 
 PROMPT = b"E-MailRelay> "
+# Seconds an admin session may sit idle unless --idle-timeout is given.
+ADMIN_IDLE_TIMEOUT = 600
 
 _HELP = [
     ("help", "show this list"),
@@ -57,8 +66,9 @@ class AdminSession:
     def run(self):
         """Serves commands until `quit`, `terminate` or end of input."""
         from . import net
-        self._write(PROMPT)
         try:
+            self.conn.settimeout(self._idle_timeout())
+            self._write(PROMPT)
             while True:
                 try:
                     line = self.conn.readline(1000)
@@ -78,10 +88,25 @@ class AdminSession:
                     continue
                 if handler() is False:
                     return
-        except (net.Timeout, net.Closed):
+        except net.Timeout:
+            log.info("admin: idle timeout", peer=self._peer())
+            try:
+                self._write(b"\r\nerror: idle timeout\r\n")
+            except (net.Timeout, net.Closed):
+                pass
+        except net.Closed:
             return
         finally:
             self._stop_notify()
+
+    def _idle_timeout(self):
+        cfg = self.services.cfg
+        if cfg.given("idle-timeout"):
+            return cfg.idle_timeout or None  # 0: no timeout
+        return ADMIN_IDLE_TIMEOUT
+
+    def _peer(self):
+        return "%s:%s" % tuple(self.conn.peer[:2])
 
     # -- commands ------------------------------------------------------
 
@@ -125,7 +150,8 @@ class AdminSession:
             lines.append("sessions: %d" % server.live_count())
             for key, value in sorted(server.counters.items()):
                 lines.append("%s: %s" % (key, value))
-        for key, value in sorted((self.services.stats or {}).items()):
+        stats = self.services.stats
+        for key, value in sorted(stats.snapshot().items() if stats is not None else ()):
             lines.append("%s: %s" % (key, value))
         if self.services.cfg.forward_to:
             lines.append("forward-to: %s" % self.services.cfg.forward_to)
@@ -138,6 +164,8 @@ class AdminSession:
             return
         if self._events is None:
             self._events = events.subscribe()
+            # A watcher waits for events, not for its own input.
+            self.conn.settimeout(None)
             self._notifier = threading.Thread(target=self._notify_loop, name="admin notify",
                                               daemon=True)
             self._notifier.start()

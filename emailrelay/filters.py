@@ -104,7 +104,19 @@ def split_command(spec):
 
 
 def run_program(argv, timeout):
-    """Runs `argv` as described in the module docstring; returns a ProgramResult."""
+    """Runs `argv` as described in the module docstring; returns a ProgramResult.
+
+    With --debug the command line and how it ended are logged.
+    """
+    result = _run_program(argv, timeout)
+    from . import log
+    if log.debug_enabled():
+        log.debug("ran %s: %s" % (" ".join(argv), "exit %d" % result.code if result.code is not None
+                                  else result.error))
+    return result
+
+
+def _run_program(argv, timeout):
     import selectors
     import signal
     import subprocess

@@ -27,6 +27,7 @@ import time
 from . import addresses
 from . import envelope as envelope_mod
 from . import log
+from .stats import Stats
 
 
 class Events:
@@ -90,8 +91,8 @@ class Forwarder:
     `client_filters` are `filters.Filter` objects run before each message;
     `client_secret` is the --client-auth secret (or None); `tls_context`
     the client TLS context (or None); `events` an `Events` (or None);
-    `stats` a dict whose `messages-forwarded`/`messages-failed` counters
-    are incremented. Raises ValueError for a bad --forward-to address.
+    `stats` a `stats.Stats` whose `messages-forwarded`/`messages-failed`
+    counters are incremented. Raises ValueError for a bad --forward-to address.
     """
 
     def __init__(self, cfg, spool, client_filters=(), client_secret=None, tls_context=None,
@@ -103,7 +104,7 @@ class Forwarder:
         self.client_secret = client_secret
         self.tls_context = tls_context
         self.events = events
-        self.stats = stats if stats is not None else {}
+        self.stats = stats if stats is not None else Stats()
         self._cond = threading.Condition()
         self._pending = False
         self._requested = 0
@@ -111,7 +112,6 @@ class Forwarder:
         self._last = None
         self._stopping = False
         self._thread = None
-        self._stats_lock = threading.Lock()
 
     # -- triggers ------------------------------------------------------
 
@@ -341,8 +341,7 @@ class Forwarder:
         self._publish("failed %s: %s" % (claim.id, reason))
 
     def _count(self, key):
-        with self._stats_lock:
-            self.stats[key] = self.stats.get(key, 0) + 1
+        self.stats.increment(key)
 
     def _publish(self, text):
         if self.events is not None:

@@ -30,8 +30,9 @@ class Services:
     Attributes: `cfg`, `spool`, `filters` (list), `verifier` (or None),
     `server_auth` (sasl.ServerAuth or None), `server_secrets`,
     `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
-    `forwarder` (or None), `stats` (dict of counters), `events`
-    (forwarder.Events or None), `server` (net.Server), `stop_event`.
+    `forwarder` (or None), `stats` (a stats.Stats), `events`
+    (forwarder.Events or None), `server` (net.Server), `stop_event`,
+    `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None).
     """
 
     def __init__(self, **kwargs):
@@ -45,10 +46,11 @@ class Services:
         self.pop_secrets = None
         self.tls_context = None
         self.forwarder = None
-        self.stats = {}
+        self.stats = None
         self.events = None
         self.server = None
         self.stop_event = None
+        self.auth_budget = None
         self.__dict__.update(kwargs)
 
 
@@ -115,8 +117,9 @@ def _build(cfg):
     """Checks the configuration and builds every part; raises StartupError."""
     from . import spool as spool_mod
     services = Services(cfg=cfg, stop_event=threading.Event())
-    services.stats = {"messages-stored": 0, "messages-rejected": 0,
-                      "messages-forwarded": 0, "messages-failed": 0}
+    from .stats import Stats
+    services.stats = Stats(["messages-stored", "messages-rejected",
+                            "messages-forwarded", "messages-failed"])
 
     if not os.path.isdir(cfg.spool_dir):
         raise StartupError("spool directory does not exist: %s" % cfg.spool_dir)
@@ -142,6 +145,9 @@ def _build(cfg):
     if cfg.pop_auth:
         services.pop_secrets = _load_secrets(cfg.pop_auth, "--pop-auth")
         services.pop_auth = _server_auth(services.pop_secrets, cfg, "--pop-auth")
+    if cfg.server_auth or cfg.pop_auth:
+        from . import auth_budget
+        services.auth_budget = auth_budget.FailureBudget()
     client_secret = None
     if cfg.client_auth:
         holder = _load_secrets(cfg.client_auth, "--client-auth")
@@ -186,7 +192,8 @@ def _listen(cfg, services):
         raise StartupError("--interface: %s" % e) from None
     server = net.Server(remote_clients=cfg.remote_clients,
                         max_connections=cfg.max_connections,
-                        max_per_address=cfg.max_connections_per_address)
+                        max_per_address=cfg.max_connections_per_address,
+                        backlog=cfg.listen_backlog)
     try:
         if not cfg.no_smtp:
             from . import smtp_server
@@ -345,7 +352,8 @@ def _preload(cfg):
         wanted.append("tls")
     if cfg.server_auth or cfg.pop_auth or cfg.client_auth:
         wanted.append("auth")
-    if cfg.log and (not cfg.no_syslog or cfg.syslog):
+    # Logging opens syslog for warnings and errors even without --log.
+    if not cfg.no_syslog or cfg.syslog:
         wanted.append("syslog")
     for group in wanted:
         for name in _LAZY_MODULES[group]:

@@ -11,7 +11,17 @@ listening address (the design card's suggestion): E-MailRelay listens on
 several addresses for several protocols at once, and one loop gives a single
 place for the connection caps, the open-relay guard and a prompt, signal-driven
 shutdown (the loop wakes on a socketpair), without a thread per listener.
+
+Connection budgets are per kind of service: SMTP, POP and admin each count
+their own sessions (total and per client address), so a flood on one port
+cannot make another answer "too many connections". The accept loop never
+waits for a slot: a connection over its budget is handed to one refuser
+thread, which gives ending sessions a moment to free a slot and otherwise
+sends the busy reply and closes.
 """
+
+import collections
+import os
 
 import queue
 import selectors
@@ -26,8 +36,14 @@ from . import log
 RECV_SIZE = 65536
 # Writes are buffered for pipelining; a large backlog is sent at once.
 WRITE_HIGH_WATER = 65536
-# Seconds an over-the-limit connection waits for ending sessions to free a slot.
+# Seconds an over-the-limit connection waits (in the refuser thread, never in
+# the accept loop) for ending sessions to free a slot.
 OVER_LIMIT_GRACE = 0.25
+# Over-the-limit connections held for that grace at once; beyond this they
+# are refused at once.
+OVER_LIMIT_HELD = 64
+# Connections accepted from one listener per wake-up of the accept loop.
+ACCEPT_BATCH = 64
 # Seconds an idle session thread waits for a new connection before it ends.
 WORKER_IDLE = 30.0
 
@@ -289,7 +305,22 @@ def parse_interfaces(values):
     return result
 
 
-def _bind(host, port):
+def listen_backlog(wanted=0):
+    """The listen() backlog to use: `wanted`, or the system maximum when 0.
+
+    The maximum is /proc/sys/net/core/somaxconn where Linux has it (the
+    kernel silently caps any larger value there), else socket.SOMAXCONN.
+    """
+    if wanted:
+        return wanted
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(int(f.read().split()[0]), 1)
+    except (OSError, ValueError, IndexError):
+        return socket.SOMAXCONN
+
+
+def _bind(host, port, backlog):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -301,7 +332,7 @@ def _bind(host, port):
             sock.bind(info)
         else:
             sock.bind((host, port))
-        sock.listen(128)
+        sock.listen(backlog)
     except OSError:
         sock.close()
         raise
@@ -333,20 +364,30 @@ class Server:
     `handler(conn)` in a daemon thread of its own; `on_close(kind)`
     callbacks run after a session ends (used for --forward-on-disconnect).
 
+    `max_connections` and `max_per_address` are the budget of each kind of
+    service (smtp, pop, admin) on its own; `add()` may give a kind other
+    limits. `backlog` is the listen() backlog (0: the system maximum).
+
     Session threads are reused: a thread whose session has ended waits a
     while for the next connection, which saves creating a thread (and the
     accept loop's wait for it to start) per connection.
     """
 
-    def __init__(self, remote_clients=False, max_connections=200, max_per_address=20):
+    def __init__(self, remote_clients=False, max_connections=200, max_per_address=20, backlog=0):
         self.remote_clients = remote_clients
         self.max_connections = max_connections
         self.max_per_address = max_per_address
+        self.backlog = listen_backlog(backlog)
         self.listeners = []
         self.on_close = []
+        self._limits = {}        # kind -> (max_connections, max_per_address)
         self._lock = threading.Condition()
-        self._live = {}
-        self._per_address = {}
+        self._live = {}          # raw socket -> its Connection once the session has one
+        self._per_kind = {}
+        self._per_address = {}   # (kind, ip) -> sessions
+        self._held = collections.deque()  # over-limit connections in their grace
+        self._refuser = None
+        self._stopping = False
         self._sessions = 0       # sessions running, until their on_close callbacks end
         self._idle = 0           # session threads waiting for work
         self._work = queue.SimpleQueue()
@@ -366,8 +407,15 @@ class Server:
         except OSError:
             pass
 
-    def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b""):
-        """Listens for `kind` on the given interfaces (all if empty) and port."""
+    def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b"",
+            max_connections=None, max_per_address=None):
+        """Listens for `kind` on the given interfaces (all if empty) and port.
+
+        `max_connections` / `max_per_address` override the server's budget
+        for this kind of service.
+        """
+        self._limits[kind] = (max_connections or self.max_connections,
+                              max_per_address or self.max_per_address)
         items = list(interfaces.get(kind, [])) + list(interfaces.get(None, []))
         if not items:
             items = ["0.0.0.0"]
@@ -378,7 +426,7 @@ class Server:
                 sock = socket.socket(fileno=int(item[3:]))
             else:
                 try:
-                    sock = _bind(item, port)
+                    sock = _bind(item, port, self.backlog)
                 except OSError as e:
                     raise OSError(e.errno, "cannot listen on %s: %s"
                                   % (addresses.format_address(item, port), e.strerror)) from None
@@ -414,7 +462,11 @@ class Server:
                         except OSError:
                             pass
                         continue
-                    self._accept(key.data)
+                    # A burst fills the backlog faster than one accept per
+                    # wake-up would empty it.
+                    for _ in range(ACCEPT_BATCH):
+                        if not self._accept(key.data):
+                            break
                 if on_wake is not None:
                     on_wake()
         finally:
@@ -422,10 +474,11 @@ class Server:
             self._shutdown()
 
     def _accept(self, lst):
+        """Accepts one connection; False when there was none waiting."""
         try:
             sock, addr = lst.sock.accept()
         except OSError:
-            return
+            return False
         sock.setblocking(True)
         ip = addr[0]
         peer = addresses.format_address(ip, addr[1])
@@ -434,39 +487,92 @@ class Server:
                         "(see --remote-clients)" % (lst.kind, ip))
             self.counters["refused"] += 1
             sock.close()
-            return
+            return True
+        if not self._admit(lst, sock, addr, peer):
+            self._hold(lst, sock, addr, peer)
+        return True
+
+    def _admit(self, lst, sock, addr, peer):
+        """Starts the session if its kind's budget allows; False if over it."""
+        ip = addr[0]
+        kind = lst.kind
         with self._lock:
-            # A client that reconnects as soon as it reads our 221 can beat
-            # its old session's thread to the clean-up; give ending sessions
-            # a moment before counting this one as over the limit.
-            over = self._over(ip)
-            deadline = time.monotonic() + OVER_LIMIT_GRACE
-            while over and time.monotonic() < deadline:
-                self._lock.wait(deadline - time.monotonic())
-                over = self._over(ip)
-            if not over:
-                self._per_address[ip] = self._per_address.get(ip, 0) + 1
-                self._live[sock] = ip
-        if over:
-            log.warning("%s: too many connections: refused %s" % (lst.kind, ip))
-            self.counters["refused"] += 1
-            try:
-                sock.settimeout(1)
-                sock.sendall(lst.busy_reply)
-            except OSError:
-                pass
-            sock.close()
-            return
-        self.counters["connections"] += 1
-        log.verbose("%s: connection from %s" % (lst.kind, peer))
-        with self._lock:
+            total, per_address = self._limits.get(kind, (self.max_connections,
+                                                         self.max_per_address))
+            if self._stopping or self._per_kind.get(kind, 0) >= total \
+                    or self._per_address.get((kind, ip), 0) >= per_address:
+                return False
+            self._per_kind[kind] = self._per_kind.get(kind, 0) + 1
+            self._per_address[(kind, ip)] = self._per_address.get((kind, ip), 0) + 1
+            self._live[sock] = sock
             self._sessions += 1
             spawn = self._idle == 0
             if not spawn:
                 self._idle -= 1
+        self.counters["connections"] += 1
+        log.verbose("%s: connection from %s" % (kind, peer))
         self._work.put((lst, sock, addr, peer))
         if spawn:
             threading.Thread(target=self._worker, name="session", daemon=True).start()
+        return True
+
+    def _hold(self, lst, sock, addr, peer):
+        """Passes an over-limit connection to the refuser thread.
+
+        A client that reconnects as soon as it reads our 221 can beat its
+        old session's thread to the clean-up, so the refuser gives ending
+        sessions OVER_LIMIT_GRACE to free a slot before refusing.
+        """
+        with self._lock:
+            if len(self._held) < OVER_LIMIT_HELD and not self._stopping:
+                self._held.append((time.monotonic() + OVER_LIMIT_GRACE, lst, sock, addr, peer))
+                if self._refuser is None:
+                    self._refuser = threading.Thread(target=self._refuse_loop,
+                                                     name="refuser", daemon=True)
+                    self._refuser.start()
+                self._lock.notify_all()
+                return
+        self._refuse(lst, sock, addr)
+
+    def _refuse_loop(self):
+        """The refuser thread: admits held connections as slots free, refuses the rest."""
+        while True:
+            with self._lock:
+                while not self._held and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._held:
+                    self._refuser = None
+                    return
+                deadline = self._held[0][0]
+                now = time.monotonic()
+                if now < deadline and not self._stopping:
+                    self._lock.wait(deadline - now)
+                held = list(self._held)
+                self._held.clear()
+            keep = []
+            now = time.monotonic()
+            for item in held:
+                deadline, lst, sock, addr, peer = item
+                if self._admit(lst, sock, addr, peer):
+                    continue
+                if now < deadline and not self._stopping:
+                    keep.append(item)
+                else:
+                    self._refuse(lst, sock, addr)
+            if keep:
+                with self._lock:
+                    self._held.extendleft(reversed(keep))
+
+    def _refuse(self, lst, sock, addr):
+        """Sends the busy reply without waiting and closes."""
+        log.warning("%s: too many connections: refused %s" % (lst.kind, addr[0]))
+        self.counters["refused"] += 1
+        try:
+            sock.setblocking(False)
+            sock.send(lst.busy_reply)
+        except OSError:
+            pass
+        sock.close()
 
     def _worker(self):
         """Runs queued sessions; ends after WORKER_IDLE seconds without one."""
@@ -488,14 +594,14 @@ class Server:
                 self._idle += 1
                 self._lock.notify_all()
 
-    def _over(self, ip):
-        return (len(self._live) >= self.max_connections
-                or self._per_address.get(ip, 0) >= self.max_per_address)
-
     def _session(self, lst, sock, addr, peer):
         ip = addr[0]
         try:
             conn = Connection(sock, addr, lst.local)
+            with self._lock:
+                # Shutdown wakes the session through its current socket,
+                # which is the TLS one once TLS has started.
+                self._live[sock] = conn
             if lst.tls_context is not None:
                 conn.settimeout(60)
                 try:
@@ -513,11 +619,13 @@ class Server:
                 pass
             with self._lock:
                 self._live.pop(sock, None)
-                n = self._per_address.get(ip, 1) - 1
+                key = (lst.kind, ip)
+                n = self._per_address.get(key, 1) - 1
                 if n:
-                    self._per_address[ip] = n
+                    self._per_address[key] = n
                 else:
-                    self._per_address.pop(ip, None)
+                    self._per_address.pop(key, None)
+                self._per_kind[lst.kind] = self._per_kind.get(lst.kind, 1) - 1
                 self._lock.notify_all()
             for cb in self.on_close:
                 try:
@@ -532,12 +640,11 @@ class Server:
             except OSError:
                 pass
         with self._lock:
-            live = list(self._live)
-        for sock in live:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self._stopping = True
+            self._lock.notify_all()
+            live = list(self._live.values())
+        for item in live:
+            _shutdown_socket(getattr(item, "sock", item))
         deadline = time.monotonic() + grace
         with self._lock:
             while self._sessions and time.monotonic() < deadline:
@@ -547,6 +654,28 @@ class Server:
             self._idle = 0
         self._wake_r.close()
         self._wake_w.close()
+
+
+def _shutdown_socket(sock):
+    """Shuts a connection down from another thread, so its reader wakes up.
+
+    The shutdown goes to a duplicate of the descriptor: it acts on the
+    connection itself, and leaves the (TLS) socket object, which its own
+    thread is using, untouched.
+    """
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        dup.close()
 
 
 def _ipv6_works():

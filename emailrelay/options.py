@@ -1,14 +1,15 @@
-"""The option table, the command-line and config-file parser, help and man page.
+"""The option table and the command-line and config-file parser.
 
-`OPTIONS` is the one table of options: parsing, `--help`, `--help --verbose`,
-config files and the man page (`man_page()`, written to man/emailrelay.1 by
-`make man`) all read it. `parse(argv)` returns a `Config` or raises
-`UsageError` with a one-line message; nothing is started or written before
-parsing succeeds.
+`OPTIONS` is the one table of options: parsing, config files, and (through
+`usage`) `--help`, `--help --verbose` and the man page (`usage.man_page()`,
+written to man/emailrelay.1 by `make man`) all read it. `parse(argv)`
+returns a `Config` or raises `UsageError` with a one-line message; nothing
+is started or written before parsing succeeds.
 
 Option names, short letters and groups are E-MailRelay's (man page v2.x), so
 scripts written for E-MailRelay work unchanged. The server-limit options
-(`--max-...`, `--min-free-space`) are additions of this version.
+(`--max-...`, `--min-free-space`) and `--listen-backlog` are additions of
+this version.
 """
 
 import os
@@ -128,9 +129,9 @@ OPTIONS = [
        "Sets the timeout in seconds for connecting to the next-hop server.",
        kind="time", default=40),
     _O("idle-timeout", None, "<time>", "SMTP client",
-       "Sets the timeout in seconds for network input from SMTP and POP clients. "
-       "POP sessions wait 600 seconds, the minimum RFC 1939 asks for, "
-       "unless this option is given; 0 means no timeout.",
+       "Sets the timeout in seconds for network input from SMTP, POP and admin clients. "
+       "POP sessions wait 600 seconds, the minimum RFC 1939 asks for, and admin "
+       "sessions 600 seconds too, unless this option is given; 0 means no timeout.",
        kind="time", default=60),
     _O("response-timeout", "T", "<time>", "SMTP client",
        "Sets the timeout in seconds for each response from the next-hop server.",
@@ -180,10 +181,18 @@ OPTIONS = [
        kind="int", default=0),
     _O("max-connections", None, "<n>", "SMTP server",
        "Limits the number of connections served at once; above it a client gets 421 and "
-       "is disconnected.", kind="int", default=200, minimum=1),
+       "is disconnected. The SMTP, POP and admin servers each have a budget of this size "
+       "of their own, so a flood on one cannot lock out another.",
+       kind="int", default=200, minimum=1),
     _O("max-connections-per-address", None, "<n>", "SMTP server",
-       "Limits the number of connections from one client address.",
+       "Limits the number of connections from one client address (to each of the SMTP, "
+       "POP and admin servers).",
        kind="int", default=20, minimum=1),
+    _O("listen-backlog", None, "<n>", "SMTP server",
+       "Sets the listen() backlog of the listening sockets: how many connections the "
+       "kernel queues before they are accepted. 0, the default, means the system "
+       "maximum (/proc/sys/net/core/somaxconn on Linux), so a burst of clients is "
+       "queued rather than dropped.", kind="int", default=0),
     _O("max-recipients", None, "<n>", "SMTP server",
        "Limits the number of recipients of one message (at least 100, as RFC 5321 asks).",
        kind="int", default=1000, minimum=100),

@@ -4,11 +4,16 @@
 stacks with a conversation function that answers every prompt with the
 user name (echo on) or the password (echo off). `available()` says whether
 libpam can be loaded; nothing here raises because libpam is missing except
-`authenticate`, which raises PamUnavailable with a clear message. PAM modules
-are not all thread-safe, so calls are serialised.
+`authenticate`, which raises PamUnavailable with a clear message.
+
+PAM modules are not all thread-safe, so the PAM calls are serialised; but
+the delay a module asks for after a failure (pam_unix: about two seconds)
+is taken over through PAM_FAIL_DELAY and slept after the lock is released,
+so one failing login delays only its own session, never every other one.
 """
 
 import threading
+import time
 
 SERVICE = "emailrelay"
 
@@ -19,6 +24,7 @@ _PAM_PROMPT_ECHO_OFF = 1
 _PAM_PROMPT_ECHO_ON = 2
 _PAM_ERROR_MSG = 3
 _PAM_TEXT_INFO = 4
+_PAM_FAIL_DELAY = 10
 
 _lock = threading.Lock()
 _lib = None
@@ -60,6 +66,11 @@ def _load():
     libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
     libc.strdup.restype = ctypes.c_void_p
     libc.strdup.argtypes = [ctypes.c_char_p]
+    libc.free.restype = None
+    libc.free.argtypes = [ctypes.c_void_p]
+    delay_func = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+    libpam.pam_set_item.restype = ctypes.c_int
+    libpam.pam_set_item.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     libpam.pam_start.restype = ctypes.c_int
     libpam.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(PamConv),
                                  ctypes.POINTER(ctypes.c_void_p)]
@@ -79,6 +90,7 @@ def _load():
     lib.PamResponse = PamResponse
     lib.PamConv = PamConv
     lib.conv_func = conv_func
+    lib.delay_func = delay_func
     _lib = lib
     return lib
 
@@ -95,20 +107,28 @@ def authenticate(user, password, service=None):
     Both the auth and the account stacks must succeed. Raises PamUnavailable
     when libpam cannot be loaded.
     """
+    delay = []
     with _lock:
         lib = _load()
         if lib is None:
             raise PamUnavailable("PAM is not available: %s" % _load_error)
-        return _authenticate(lib, user.encode("utf-8", "surrogateescape"),
-                             password.encode("utf-8", "surrogateescape"),
-                             (service or SERVICE).encode("utf-8"))
+        ok = _authenticate(lib, user.encode("utf-8", "surrogateescape"),
+                           password.encode("utf-8", "surrogateescape"),
+                           (service or SERVICE).encode("utf-8"), delay)
+    if delay and not ok:
+        time.sleep(delay[0] / 1e6)
+    return ok
 
 
-def _authenticate(lib, user, password, service):
+def conversation(lib, user, password):
+    """The PAM conversation function answering prompts with `user` / `password`.
+
+    Answers are allocated with libc (PAM frees them with free()); on an
+    error nothing allocated here is left behind.
+    """
     ctypes = lib.ctypes
 
-    def conversation(count, messages, responses, _appdata):
-        # PAM frees the answers with free(), so they come from libc's allocator.
+    def converse(count, messages, responses, _appdata):
         block = lib.libc.calloc(count, ctypes.sizeof(lib.PamResponse))
         if not block:
             return _PAM_BUF_ERR
@@ -120,17 +140,34 @@ def _authenticate(lib, user, password, service):
             elif style == _PAM_PROMPT_ECHO_ON:
                 answers[i].resp = lib.libc.strdup(user)
             elif style not in (_PAM_ERROR_MSG, _PAM_TEXT_INFO):
+                for j in range(i):
+                    if answers[j].resp:
+                        lib.libc.free(answers[j].resp)
+                lib.libc.free(block)
                 return _PAM_CONV_ERR
         responses[0] = answers
         return _PAM_SUCCESS
 
-    callback = lib.conv_func(conversation)
+    return converse
+
+
+def _authenticate(lib, user, password, service, delay):
+    """One PAM transaction; a failure delay PAM asks for is appended to `delay` (µs)."""
+    ctypes = lib.ctypes
+    callback = lib.conv_func(conversation(lib, user, password))
     conv = lib.PamConv(callback, None)
+
+    def record_delay(_status, usec, _appdata):
+        delay.append(usec)
+
+    delay_callback = lib.delay_func(record_delay)
     handle = ctypes.c_void_p()
     rc = lib.pam.pam_start(service, user, ctypes.byref(conv), ctypes.byref(handle))
     if rc != _PAM_SUCCESS:
         return False
     try:
+        lib.pam.pam_set_item(handle, _PAM_FAIL_DELAY,
+                             ctypes.cast(delay_callback, ctypes.c_void_p))
         rc = lib.pam.pam_authenticate(handle, 0)
         if rc == _PAM_SUCCESS:
             rc = lib.pam.pam_acct_mgmt(handle, 0)

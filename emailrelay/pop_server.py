@@ -25,16 +25,27 @@ What callers and users may rely on:
   600 seconds, the RFC 1939 minimum for the autologout timer (the option's
   default of 60 seconds suits SMTP but is too short for POP). An idle
   session gets `-ERR` and is closed without entering UPDATE.
+- RETR and TOP send the text as `dotstuff.normalise_lines` makes it: CRLF
+  line endings (bare CR and LF included), NUL octets dropped, dot-stuffed.
+  Content files are opened only as regular files and never through a
+  symbolic link (`--pop-by-name` maildrops cannot lead out of the spool).
+- With --debug the dialogue is logged both ways (`pop: rx:` / `pop: tx:`),
+  never a password, digest or SASL response, nor message text.
+- Failed logins are logged with the client address always, and count
+  against the per-address budget shared with SMTP (`auth_budget`).
 """
 
+import errno
 import fcntl
 import hashlib
 import hmac
 import itertools
 import os
+import stat
 import threading
 import time
 
+from . import dotstuff
 from . import log
 from . import net
 from . import sasl
@@ -182,12 +193,15 @@ class Maildrop:
         # spool.committed() finds a sub-directory's shared content in the spool.
         for item in spool.committed(directory):
             try:
-                size = os.path.getsize(item.content_path)
+                st = os.lstat(item.content_path)
             except OSError:
                 # Forwarded or deleted since the scan, or a stray envelope.
                 continue
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("pop: %s is not a regular file: not served" % item.content_path)
+                continue
             messages.append(Message(len(messages) + 1, item.id, item.envelope_path,
-                                    item.content_path, size))
+                                    item.content_path, st.st_size))
         return messages
 
     def get(self, number_text):
@@ -237,6 +251,7 @@ class PopSession:
         self.done = False
         self.bad_commands = 0
         self.auth_failures = 0
+        self.debug = log.debug_enabled()
 
     # The session loop.
 
@@ -287,6 +302,8 @@ class PopSession:
             pass
 
     def _reply(self, text):
+        if self.debug:
+            log.debug("pop: tx: %s" % text, peer=self.peer)
         self.conn.write(text.encode("utf-8", "surrogateescape") + b"\r\n")
 
     def _bad(self, text):
@@ -304,6 +321,8 @@ class PopSession:
         text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        if self.debug:
+            log.debug("pop: rx: %s" % _shown(verb, text), peer=self.peer)
         if self.maildrop is None:
             table = _AUTHORIZATION
         else:
@@ -462,8 +481,12 @@ class PopSession:
 
     def _auth_failed(self, user, how):
         self.auth_failures += 1
-        log.warning("pop: authentication failed (%s)%s" % (
-            how, "" if user is None else " for %s" % log.sanitise(user)), peer=self.peer)
+        # Always with the address, whatever --log-address says: fail2ban needs it.
+        log.warning("pop: authentication failed (%s)%s from %s" % (
+            how, "" if user is None else " for %s" % log.sanitise(user), self.conn.peer[0]),
+            peer=self.peer)
+        if getattr(self.services, "auth_budget", None) is not None:
+            self.services.auth_budget.failed(self.conn.peer[0], "pop")
         if self.auth_failures >= MAX_AUTH_FAILURES:
             self._reply("-ERR [AUTH] authentication failed, closing connection")
             self.done = True
@@ -560,9 +583,10 @@ class PopSession:
 
     def _send_message(self, m, ok_text, body_lines):
         try:
-            f = open(m.content_path, "rb")
+            f = open_content(m.content_path)
         except OSError as e:
-            log.warning("pop: cannot open %s: %s" % (m.content_path, e.strerror), peer=self.peer)
+            reason = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            log.warning("pop: cannot open %s: %s" % (m.content_path, reason), peer=self.peer)
             self._reply("-ERR [SYS/TEMP] message is no longer available")
             return
         with f:
@@ -612,42 +636,53 @@ _TRANSACTION = {
 
 
 def _stream(f, write, body_lines=None):
-    """Writes the message in `f` dot-stuffed with CRLF line endings.
+    """Writes the message in `f` as `dotstuff.normalise_lines` makes it.
 
     With `body_lines` (TOP), only the header, the blank line and that many
-    body lines. A final line without an ending gets one. The terminating
-    '.' line is the caller's.
+    body lines. The terminating '.' line is the caller's.
     """
-    at_start = True
     in_body = False
     count = 0
-    while body_lines is None or not in_body or count < body_lines:
-        piece = f.readline(READ_CHUNK)
-        if not piece:
+    line_start = True
+    for piece in dotstuff.normalise_lines(dotstuff.file_blocks(f, READ_CHUNK)):
+        if body_lines is not None and in_body and count >= body_lines:
             break
-        if piece.endswith(b"\r") and not piece.endswith(b"\n"):
-            # Keep a CRLF split across two reads together.
-            nxt = f.read(1)
-            if nxt == b"\n":
-                piece += nxt
-            elif nxt:
-                f.seek(-1, os.SEEK_CUR)
-        if piece.endswith(b"\n"):
-            data = piece[:-2] if piece.endswith(b"\r\n") else piece[:-1]
-            ends = True
-        else:
-            data, ends = piece, False
-        if at_start and data.startswith(b"."):
-            data = b"." + data
-        write(data + b"\r\n" if ends else data)
+        write(piece)
+        ends = piece.endswith(b"\r\n")
         if ends:
             if in_body:
                 count += 1
-            elif at_start and not data:
+            elif line_start and piece == b"\r\n":
                 in_body = True
-        at_start = ends
-    if not at_start:
-        write(b"\r\n")
+        line_start = ends
+
+
+def open_content(path):
+    """Opens a message's content file for reading; raises OSError.
+
+    Only a regular file is opened, never through a symbolic link (a
+    maildrop's content must not lead out of the spool), and a FIFO in its
+    place cannot block the session.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _shown(verb, line):
+    """A command line as the debug log shows it: credentials left out."""
+    if verb == "PASS":
+        return "PASS <password>"
+    if verb in ("APOP", "AUTH"):
+        words = line.split()
+        return " ".join(words[:2]) + (" <credentials>" if len(words) > 2 else "")
+    return line
 
 
 def _utf8(text):

@@ -5,7 +5,8 @@
   that read the pid file (systemd `Type=forking`) see the right process.
 - `write_pid_file` / `remove_pid_file`.
 - `switch_user(name)` drops root privileges for good.
-- `NORMAL_UMASK` / `SPOOL_UMASK` and `set_umask()`.
+- `NORMAL_UMASK` and `set_umask()` (spool files get mode 0660 from the
+  spool module whatever the umask).
 - `notify_ready()` tells systemd (`Type=notify`) that start-up is done.
 - `Signals` turns SIGTERM/SIGINT and SIGHUP into flags, nothing more.
 """
@@ -17,10 +18,9 @@ import sys
 
 from . import log
 
-# E-MailRelay runs with a umask of 177 and creates spool files with 117
-# (group read/write, so a group of users can share the spool).
+# E-MailRelay runs with a umask of 177 (its spool files get group read/write,
+# so a group of users can share the spool: spool.py sets their mode).
 NORMAL_UMASK = 0o177
-SPOOL_UMASK = 0o117
 
 
 class ProcessError(OSError):

@@ -25,8 +25,6 @@ pipelined clients fast. Message text is read by `smtp_text` in large blocks
 and command syntax is parsed by `smtp_syntax`.
 """
 
-import threading
-
 from . import envelope
 from . import log
 from . import net
@@ -40,8 +38,6 @@ START, GREETED, MAIL, RCPT, BDAT, DONE = "START", "GREETED", "MAIL", "RCPT", "BD
 COMMAND_LIMIT = 512     # RFC 5321 4.5.3.1.4, including CRLF
 AUTH_LINE_LIMIT = 12288  # RFC 4954 4: AUTH responses may be long
 MAX_AUTH_FAILURES = 3
-
-_stats_lock = threading.Lock()
 
 def command(syntax, states=None):
     """Marks an `smtp_<VERB>` method: its HELP syntax and allowed states (None: any)."""
@@ -506,6 +502,8 @@ class SmtpSession:
         # Always with the address, whatever --log-address says: fail2ban needs it.
         log.warning('smtp authentication failed for user "%s" from %s'
                     % (log.sanitise(exchange.user or ""), self.peer_ip))
+        if getattr(self.services, "auth_budget", None) is not None:
+            self.services.auth_budget.failed(self.peer_ip, "smtp")
         if self.auth_failures >= MAX_AUTH_FAILURES:
             self._reply("421 4.7.0 %s too many authentication failures" % self.domain)
             raise _Drop()
@@ -675,10 +673,8 @@ class SmtpSession:
 
     def _count(self, name):
         stats = self.services.stats
-        if stats is None:
-            return
-        with _stats_lock:
-            stats[name] = stats.get(name, 0) + 1
+        if stats is not None:
+            stats.increment(name)
 
 
 # The command table: verb -> unbound smtp_<VERB> method.

@@ -23,7 +23,8 @@ whose lock can be taken has no live owner and `recover()` may return it to
 take that lock: do not run `recover()` while it forwards from the same spool.)
 
 Files are created with mode 0660 (E-MailRelay's umask 117) via `os.open` and
-`fchmod`; the process umask is never changed.
+`fchmod`, whatever the process umask (`main` sets a stricter one for
+everything else).
 """
 
 import collections
@@ -41,6 +42,13 @@ FREE_SPACE_INTERVAL = 1.0
 NEW, READY, BUSY, BAD, LOCAL = ".envelope.new", ".envelope", ".envelope.busy", ".envelope.bad", ".envelope.local"
 ORPHAN = ".envelope.new.orphan"
 CONTENT = ".content"
+# A content file with no envelope, left by a process that died while
+# receiving it, is renamed to this (never deleted).
+CONTENT_ORPHAN = ".content.orphan"
+# Seconds since a content file without an envelope was last written before
+# recover() treats it as abandoned: a live session writes at least once per
+# idle timeout, and this is ten times the default one.
+ORPHAN_CONTENT_AGE = 600
 # Longest first: a name is classified by the first suffix it ends with.
 _STATES = ((ORPHAN, "orphan"), (NEW, "new"), (BUSY, "busy"), (BAD, "bad"), (LOCAL, "local"),
            (READY, "ready"))
@@ -73,6 +81,13 @@ class SpoolError(Exception):
 def _log(level, message):
     from . import log
     getattr(log, level)(message)
+
+
+def _debug(message_id, change):
+    """Logs a state change with --debug."""
+    from . import log
+    if log.debug_enabled():
+        log.debug("spool: %s: %s" % (message_id, change))
 
 
 def fsync_directory(directory):
@@ -132,6 +147,19 @@ def _pid_running(pid):
     except PermissionError:
         return True
     return True
+
+
+def _writer_alive(message_id):
+    """True if the process named in a message id is another live process.
+
+    recover() runs before this process stores anything, so a file with our
+    own pid was left by an earlier process that had the same pid.
+    """
+    parts = message_id.split(".")
+    if len(parts) == 4 and parts[1].isdigit():
+        pid = int(parts[1])
+        return pid != os.getpid() and _pid_running(pid)
+    return False
 
 
 def _try_lock(path):
@@ -330,6 +358,7 @@ class Spool:
             try:
                 os.rename(path, self.path(message_id, READY))
                 count += 1
+                _debug(message_id, "unfailed (.envelope)")
             except FileNotFoundError:
                 continue
         return count
@@ -364,6 +393,7 @@ class Spool:
             os.close(fd)
             raise
         claim = Claim(self, message_id, fd)
+        _debug(message_id, "claimed (.envelope.busy)")
         try:
             claim.envelope = Envelope.parse(_read_fd(fd))
         except (EnvelopeError, OSError) as e:
@@ -389,20 +419,45 @@ class Spool:
         gone was never acknowledged: it is renamed `.envelope.new.orphan`
         (kept with its content, never forwarded) and logged. A `.busy`
         envelope whose lock is free has lost its forwarder: it goes back to
-        `.envelope` and is logged.
+        `.envelope` and is logged. A `.content` file that no envelope refers
+        to, whose creating process is gone and which nobody has written for
+        ORPHAN_CONTENT_AGE seconds, was being received when its process died:
+        it is renamed `.content.orphan` and logged. (The age keeps a message
+        being received by a process in another pid namespace safe.)
         """
         for message_id, state, path in list(self._scan()):
             if state == "new":
                 self._recover_new(message_id, path)
             elif state == "busy":
                 self._recover_busy(message_id, path)
+        self._recover_content()
+
+    def _recover_content(self):
+        with os.scandir(self.directory) as it:
+            found = [(e.name[:-len(CONTENT)], e.path) for e in it
+                     if e.name.endswith(CONTENT) and not e.name.startswith(".")]
+        for message_id, path in found:
+            if _writer_alive(message_id) or content_shared(path):
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if time.time() - st.st_mtime < ORPHAN_CONTENT_AGE:
+                continue
+            target = self.path(message_id, CONTENT_ORPHAN)
+            if os.path.lexists(target):
+                continue
+            try:
+                os.rename(path, target)
+            except FileNotFoundError:
+                continue
+            _log("warning", "spool: content with no envelope moved aside: %s"
+                 % (message_id + CONTENT_ORPHAN))
 
     def _recover_new(self, message_id, path):
-        parts = message_id.split(".")
-        if len(parts) == 4 and parts[1].isdigit():
-            pid = int(parts[1])
-            if pid != os.getpid() and _pid_running(pid):
-                return
+        if _writer_alive(message_id):
+            return
         fd = _try_lock(path)
         if fd is None:
             return
@@ -432,6 +487,7 @@ class Spool:
         os.unlink(envelope_path)
         if not content_shared(content_path, envelope_path):
             _unlink_quietly(content_path)
+        _debug(os.path.basename(envelope_path), "removed")
 
 
 def _read_fd(fd):
@@ -546,6 +602,8 @@ class NewMessage:
         fsync_directory(self.spool.directory)
         self._release_envelope()
         self._done = True
+        _debug(self.id, "committed (%d octets)%s" % (self.size, " with a .local copy"
+                                                      if env.to_local else ""))
         return self.id
 
     def _resync_if_changed(self, path):
@@ -576,6 +634,7 @@ class NewMessage:
         self._release_envelope()
         self._done = True
         fsync_directory(self.spool.directory)
+        _debug(self.id, "left to the filter (exit 100)")
 
     def abandon(self):
         """Removes whatever was written; safe to call twice, and after finish() a no-op."""
@@ -590,6 +649,7 @@ class NewMessage:
         self._done = True
         _unlink_quietly(self.new_envelope_path)
         _unlink_quietly(self.content_path)
+        _debug(self.id, "abandoned, files removed")
 
 
 def _identity(st):
@@ -622,6 +682,7 @@ class Claim:
             os.rename(self.envelope_path, self.spool.path(self.id, READY))
         finally:
             self._unlock()
+        _debug(self.id, "released (.envelope)")
 
     def delete(self):
         """Removes the envelope, and the content unless another envelope refers to it."""
@@ -631,6 +692,7 @@ class Claim:
                 _unlink_quietly(self.content_path)
         finally:
             self._unlock()
+        _debug(self.id, "deleted")
 
     def fail(self, reason, code=None):
         """Appends the reason (and code) to the envelope and renames it `.bad`."""
@@ -641,6 +703,7 @@ class Claim:
             os.rename(self.envelope_path, self.spool.path(self.id, BAD))
         finally:
             self._unlock()
+        _debug(self.id, "failed (.envelope.bad): %s" % reason)
 
     def rewrite(self, env):
         """Replaces the envelope with `env` atomically, keeping the claim's lock."""

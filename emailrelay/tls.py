@@ -134,11 +134,3 @@ def check_name(sslsock, name):
     if name.lower() not in [n.lower() for n in names]:
         raise ValueError("server certificate names %s, not %r"
                          % (", ".join(repr(n) for n in names) or "nothing", name))
-
-
-def peer_certificate_pem(sslsock):
-    """The peer's certificate as PEM text, or '' when it sent none."""
-    der = sslsock.getpeercert(binary_form=True)
-    if not der:
-        return ""
-    return _ssl().DER_cert_to_PEM_cert(der)

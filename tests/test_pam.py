@@ -61,3 +61,84 @@ def test_sasl_plain_through_pam(pam_service, monkeypatch):
     assert ex.step(None) == ("ok", user)
     ex = auth.start("PLAIN", base64.b64encode(b"\0" + user.encode() + b"\0nope"), tls=True)
     assert ex.step(None) == ("fail", sasl.FAILED)
+
+
+@pytest.fixture
+def pam_service_with_delay(pam_service):
+    """The same user with a service whose pam_unix asks for its failure delay."""
+    user, _ = pam_service
+    service = "emailrelay-test-delay-" + uuid.uuid4().hex[:8]
+    path = "/etc/pam.d/" + service
+    with open(path, "w") as f:
+        f.write("auth required pam_unix.so\naccount required pam_permit.so\n")
+    try:
+        yield user, service
+    finally:
+        os.unlink(path)
+
+
+def test_a_failure_delay_stalls_only_its_own_login(pam_service_with_delay):
+    import threading
+    import time
+    user, service = pam_service_with_delay
+    times = {}
+
+    def login(name, password):
+        start = time.monotonic()
+        ok = pam.authenticate(user, password, service=service)
+        times[name] = (ok, time.monotonic() - start)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=login, args=("bad%d" % i, "wrong")) for i in range(3)]
+    threads.append(threading.Thread(target=login, args=("good", PASSWORD)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    wall = time.monotonic() - start
+    print(times, wall)
+    for i in range(3):
+        ok, elapsed = times["bad%d" % i]
+        assert not ok and elapsed >= 1.0  # pam_unix's delay (2 s +-25%) still applies
+    assert times["good"][0] and times["good"][1] < 1.0
+    # Serialised, three delays take 4.5 s or more.
+    assert wall < 3.5
+
+
+def test_conversation_frees_everything_on_an_unknown_prompt_style():
+    import ctypes
+    lib = pam._load()
+    allocated, freed = [], []
+
+    class RecordingLibc:
+        def calloc(self, n, size):
+            p = lib.libc.calloc(n, size)
+            allocated.append(p)
+            return p
+
+        def strdup(self, s):
+            p = lib.libc.strdup(s)
+            allocated.append(p)
+            return p
+
+        def free(self, p):
+            freed.append(p)
+            lib.libc.free(p)
+
+    fake = type("Lib", (), {})()
+    fake.__dict__.update(lib.__dict__)
+    fake.libc = RecordingLibc()
+
+    class PamMessage(ctypes.Structure):
+        _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
+
+    styles = [pam._PAM_PROMPT_ECHO_ON, pam._PAM_PROMPT_ECHO_OFF, 99]
+    msgs = [PamMessage(s, b"prompt") for s in styles]
+    pointers = (ctypes.POINTER(PamMessage) * 3)(*[ctypes.pointer(m) for m in msgs])
+    responses = (ctypes.c_void_p * 1)()
+    converse = pam.conversation(fake, b"user", b"password")
+    rc = converse(3, pointers, ctypes.cast(responses, ctypes.POINTER(ctypes.c_void_p)), None)
+    assert rc == pam._PAM_CONV_ERR
+    assert len(allocated) == 3
+    assert sorted(freed) == sorted(allocated)
+    assert not responses[0]

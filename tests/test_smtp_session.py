@@ -10,6 +10,7 @@ import types
 import pytest
 
 from emailrelay import envelope, net, smtp_server, smtp_syntax, spool
+from emailrelay.stats import Stats
 
 
 def make_cfg(tmp_path, **kw):
@@ -23,7 +24,7 @@ def make_cfg(tmp_path, **kw):
 
 def make_services(tmp_path, **kw):
     parts = dict(filters=[], verifier=None, server_auth=None, server_secrets=None,
-                 tls_context=None, forwarder=None, stats={})
+                 tls_context=None, forwarder=None, stats=Stats())
     cfg_kw = {k: v for k, v in kw.items() if k not in parts}
     parts.update({k: v for k, v in kw.items() if k in parts})
     return types.SimpleNamespace(cfg=make_cfg(tmp_path, **cfg_kw),
@@ -108,7 +109,7 @@ def test_one_message_stored_with_received_line_and_envelope(tmp_path):
     assert env.from_ == "a@x.test" and env.to_remote == ["b@y.test"] and env.to_local == []
     assert env.client == "127.0.0.1:40000" and env.content == "7bit"
     assert env.authentication == "" and env.mail_from_auth_in == ""
-    assert services.stats["messages-stored"] == 1
+    assert services.stats.snapshot()["messages-stored"] == 1
 
 
 def test_pipelined_replies_are_sent_in_few_writes(tmp_path):

@@ -189,17 +189,3 @@ def test_client_certificate_for_a_verifying_server(tmp_path, certs, present):
             assert not any(c.startswith("MAIL") for c in server.sessions[0]["commands"])
     finally:
         server.close()
-
-
-def test_peer_certificate_pem(tmp_path, certs):
-    ctx = server_ctx(tmp_path, "--server-tls-certificate", certs.server)
-    server = ScriptedServer(tls=ctx, implicit=True)
-    try:
-        client = client_for(tmp_path, server.port, "--client-tls-connection")
-        client.connect()
-        pem = tls.peer_certificate_pem(client.smtp.sock)
-        client.quit()
-        with open(certs.server_crt) as f:
-            assert ssl.PEM_cert_to_DER_cert(pem) == ssl.PEM_cert_to_DER_cert(f.read())
-    finally:
-        server.close()
