@@ -31,7 +31,8 @@ class Services:
     `server_auth` (sasl.ServerAuth or None), `server_secrets`,
     `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
     `forwarder` (or None), `stats` (dict of counters), `events`
-    (forwarder.Events or None), `server` (net.Server), `stop_event`.
+    (forwarder.Events or None), `server` (net.Server), `stop_event`,
+    `dnsbl` (dnsbl.Dnsbl or None).
     """
 
     def __init__(self, **kwargs):
@@ -49,6 +50,7 @@ class Services:
         self.events = None
         self.server = None
         self.stop_event = None
+        self.dnsbl = None
         self.__dict__.update(kwargs)
 
 
@@ -131,10 +133,18 @@ def _build(cfg):
                               for s in cfg.client_filter or []]
             if cfg.address_verifier:
                 services.verifier = verifier.make(cfg.address_verifier, cfg.filter_timeout)
-        except (filters.NotImplementedSpec, ValueError) as e:
+        except ValueError as e:
             raise StartupError(str(e)) from None
     else:
         client_filters = []
+
+    if cfg.dnsbl:
+        from . import dnsbl
+        try:
+            services.dnsbl = dnsbl.Dnsbl.parse(
+                cfg.dnsbl, check_local=os.environ.get("EMAILRELAY_DNSBL_CHECK_LOCAL") == "1")
+        except ValueError as e:
+            raise StartupError("--dnsbl: %s" % e) from None
 
     if cfg.server_auth:
         services.server_secrets = _load_secrets(cfg.server_auth, "--server-auth")

@@ -59,7 +59,7 @@ def version_text(verbose):
         import ctypes.util
         tls = "available" if importlib.util.find_spec("ssl") else "not available"
         pam = "available" if ctypes.util.find_library("pam") else "not available"
-        text += ("Python: %s\nTLS: %s\nPAM: %s\nDNSBL: not implemented\n"
+        text += ("Python: %s\nTLS: %s\nPAM: %s\nDNSBL: enabled\n"
                  % (sys.version.split()[0], tls, pam))
     return text
 

@@ -44,11 +44,12 @@ def run(spec, content_path, timeout=10, **kw):
     return filters.make(spec, timeout, **kw).run(content_path, envelope_path)
 
 
-def test_ok_and_content_path_is_last_argument(script, content, tmp_path):
+def test_ok_and_content_then_envelope_path_are_the_last_arguments(script, content, tmp_path):
     out = tmp_path / "args"
     r = run(script('printf "%%s\\n" "$@" > %s\nexit 0\n' % out) + " -a one\\ arg", content)
     assert (r.ok, r.code, r.special, r.reason, r.temporary) == (True, 0, None, "", False)
-    assert out.read_text().splitlines() == ["-a", "one arg", content]
+    assert out.read_text().splitlines() == ["-a", "one arg", content,
+                                            content.replace("content", "envelope.new")]
 
 
 @pytest.mark.parametrize("code", [1, 50, 99])
@@ -111,10 +112,26 @@ def test_exit_emulation(content):
             filters.make(bad, 10)
 
 
-@pytest.mark.parametrize("spec", ["net:127.0.0.1:1234", "spam:localhost:783", "spam-edit:127.0.0.1:783"])
-def test_not_implemented_forms(spec):
-    with pytest.raises(filters.NotImplementedSpec, match="not implemented"):
-        filters.make(spec, 10)
+@pytest.mark.parametrize("spec,cls,where", [
+    ("net:127.0.0.1:1234", filters.NetFilter, ("127.0.0.1", 1234)),
+    ("net:[::1]:1234", filters.NetFilter, ("::1", 1234)),
+    ("net:localhost:1234", filters.NetFilter, ("localhost", 1234)),
+    ("net:/run/filter.sock", filters.NetFilter, "/run/filter.sock"),
+    ("spam:localhost:783", filters.SpamFilter, ("localhost", 783)),
+    ("spam-edit:127.0.0.1:783", filters.SpamFilter, ("127.0.0.1", 783))])
+def test_network_forms(spec, cls, where):
+    f = filters.make(spec, 10)
+    assert isinstance(f, cls)
+    location = f.client.location if cls is filters.NetFilter else f.location
+    assert location.address == where
+    if cls is filters.SpamFilter:
+        assert f.edit == spec.startswith("spam-edit:")
+
+
+@pytest.mark.parametrize("spec", ["net:", "net:127.0.0.1", "spam:host:notaport", "spam-edit:"])
+def test_bad_network_forms(spec):
+    with pytest.raises(ValueError, match="--client-filter " + spec):
+        filters.make(spec, 10, kind="client")
 
 
 def test_bad_specs():
@@ -178,7 +195,7 @@ def test_metacharacters_and_crlf_reach_the_program_as_plain_arguments(script, co
     marker = tmp_path / "pwned"
     evil = "$(touch %s);`touch %s`|&<>*\r\nRCPT TO:<x>" % (marker, marker)
     f = filters.Filter("x", [script('printf "%%s\\0" "$@" > %s\n' % out)], None, 10, None, "server")
-    r = f.run(evil, None)
+    r = f.run(evil, evil)
     assert r.ok
     assert out.read_bytes().split(b"\0")[0] == evil.encode()
     assert not marker.exists()
