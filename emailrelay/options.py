@@ -163,7 +163,8 @@ OPTIONS = [
        "time) and the DNS server (default the first nameserver in /etc/resolv.conf), for "
        "example zen.spamhaus.org,bl.spamcop.net,1,2s. E-MailRelay's older form "
        "dns-server,timeout,threshold,list[,list...] also works, for example "
-       "127.0.0.1:53,1000,1,zen.spamhaus.org. Local addresses are not checked."),
+       "127.0.0.1:53,1000,1,zen.spamhaus.org. Local addresses are not checked (see "
+       "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page)."),
     _O("domain", "D", "<fqdn>", "SMTP server",
        "Sets the name used in EHLO, the greeting, Received lines and authentication "
        "challenges. The default is this host's fully qualified name."),

@@ -170,3 +170,17 @@ def test_parse_forms_and_defaults(tmp_path):
     assert (d.lists, d.threshold, d.timeout, d.allow_on_timeout, d.server) == \
         (["a.test", "b.test"], 0, 1.5, True, ("10.0.0.1", 53))
     assert dnsbl.default_server(str(tmp_path / "missing")) == ("127.0.0.1", 53)
+
+
+def test_version_and_help_document_the_network_forms():
+    r = run_emailrelay(["--version", "--verbose"])
+    assert r.returncode == 0 and "DNSBL: enabled" in r.stdout
+    assert "not implemented" not in r.stdout
+    r = run_emailrelay(["--help", "--verbose"])
+    text = " ".join(r.stdout.split())
+    for example in ("net:127.0.0.1:10025", "net:/run/filter.sock", "spam:127.0.0.1:783",
+                    "spam-edit:<transport-address>", "net:127.0.0.1:10026",
+                    "zen.spamhaus.org,bl.spamcop.net,1,2s", "127.0.0.1:53,1000,1,zen.spamhaus.org",
+                    "ppp0-ipv4"):
+        assert example in text
+    assert "not implemented" not in text
