@@ -182,6 +182,15 @@ class Dnsbl:
 
     def _ask(self, ip):
         """({list: [addresses]} for the lists that answered, {pending lists})."""
+        try:
+            return self._ask_server(ip)
+        except OSError as e:
+            # No usable DNS server is the same as no answer in time.
+            log.warning("dnsbl: cannot ask DNS server %s: %s"
+                        % (addresses.format_address(*self.server), e.strerror or e))
+            return {}, set(self.lists)
+
+    def _ask_server(self, ip):
         prefix = dns.reverse_name(ip)
         family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET
         target = socket.getaddrinfo(self.server[0], self.server[1], family,
@@ -195,11 +204,7 @@ class Dnsbl:
                 while qid in by_id:
                     qid = int.from_bytes(os.urandom(2), "big")
                 by_id[qid] = name
-                try:
-                    sock.sendto(dns.query(prefix + "." + name, dns.A, qid), target)
-                except OSError as e:
-                    log.warning("dnsbl: cannot send to DNS server %s: %s"
-                                % (addresses.format_address(*self.server), e.strerror or e))
+                sock.sendto(dns.query(prefix + "." + name, dns.A, qid), target)
             deadline = time.monotonic() + self.timeout
             while by_id and not self._decided(answers, len(by_id)):
                 remaining = deadline - time.monotonic()
