@@ -210,3 +210,25 @@ def test_background_child_holding_stdout_does_not_block(script, content):
     start = time.monotonic()
     r = run(script("sleep 5 &\nexit 0\n"), content, timeout=20)
     assert r.ok and time.monotonic() - start < 2
+
+
+def test_relay_passes_content_and_envelope_paths_to_server_and_client_filters(script, tmp_path):
+    import smtplib
+    from helpers import Relay, run_emailrelay, smtp_sink, stop_process, free_port
+    seen = tmp_path / "seen"
+    spec = script('echo "$#|$1|$2" >> %s\ntest -f "$2" || exit 1\nexit 0\n' % seen, name="args.sh")
+    with Relay(tmp_path, ["--filter", spec]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as s:
+            s.sendmail("a@x.test", ["b@y.test"], b"Subject: x\r\n\r\nhi\r\n")
+        [name] = relay.files(".envelope")
+    base = os.path.join(relay.spool, name[:-len(".envelope")])
+    assert seen.read_text().splitlines() == ["2|%s.content|%s.envelope.new" % (base, base)]
+    port = free_port()
+    sink = smtp_sink(port)
+    try:
+        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--spool-dir", relay.spool,
+                            "--client-filter", spec])
+    finally:
+        stop_process(sink)
+    assert r.returncode == 0, r.stderr
+    assert seen.read_text().splitlines()[1] == "2|%s.content|%s.envelope.busy" % (base, base)
