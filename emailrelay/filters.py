@@ -1,21 +1,43 @@
-"""Filter programs (`--filter`, `--client-filter`) with E-MailRelay's interface.
+"""Filters (`--filter`, `--client-filter`) with E-MailRelay's interfaces.
 
 `make(spec, timeout, rescan_cb=None, kind='server')` checks a spec once at
-start-up and returns a Filter; `Filter.run(content_path, envelope_path)`
-runs it for one message and returns a FilterResult.
+start-up and returns a filter; `run(content_path, envelope_path)` runs it
+for one message and returns a FilterResult. Every filter's `run` may be
+called from several threads at once.
 
-Specs: a program with arguments, split like a command line (a backslash
-escapes a space, quotes group words); `exit:N` emulates a program that exits
-with N. `net:`, `spam:` and `spam-edit:` raise NotImplementedSpec.
+Specs:
+- a program with arguments, split like a command line (a backslash escapes
+  a space, quotes group words);
+- `exit:N` emulates a program that exits with N;
+- `net:<transport-address>` asks a filter daemon (`net:127.0.0.1:10025`,
+  `net:[::1]:10025`, `net:filter.example.com:10025`, or a unix socket
+  `net:/run/filter.sock`): the content file's full path and a newline go
+  out, one line comes back. A line starting with `ok` accepts; any other
+  line rejects, the text before a TAB being the response for the SMTP
+  client and the text after it the reason that is logged and, for a client
+  filter, kept in the `.bad` envelope (without a TAB the line is both).
+  The connection is kept for the next message (see `requestclient`).
+- `spam:<transport-address>` asks SpamAssassin's spamd (see `spamc`) and
+  rejects what it marks as spam (reason `spam: True ; <score> / <limit>`)
+  without changing the content; `spam-edit:<transport-address>` never
+  rejects but replaces the content with spamd's processed message.
+  `--filter spam-edit:127.0.0.1:783` is the user guide's recipe.
 
-The program runs with an argument list (never a shell), the content file
-path as its last argument, an environment holding only PATH and IFS, stdin
-and stderr on /dev/null, no other inherited descriptors, in a session of its
-own. Its standard output is read (the first `OUTPUT_LIMIT` characters are
-kept) for a `<<reason>>` or `[[reason]]` line. After `timeout` seconds its
-whole process group is killed and the message gets a temporary failure; a
-crash (death by signal) or a program that cannot be started is a temporary
-failure too.
+`--filter-timeout` bounds a program's run, and a daemon's connect and
+answer. A daemon that is down, refuses, times out or gives no complete line
+is a temporary failure (`temporary` is True), logged as a warning: the SMTP
+client gets 4xx and nothing is stored; a client-filtered message stays
+queued.
+
+A program runs with an argument list (never a shell), the content file path
+and then the envelope file path as its last two arguments (E-MailRelay 2.1
+and later; scripts that read only `$1` are unaffected), an environment
+holding only PATH and IFS, stdin and stderr on /dev/null, no other inherited
+descriptors, in a session of its own. Its standard output is read (the
+first `OUTPUT_LIMIT` characters are kept) for a `<<reason>>` or
+`[[reason]]` line. After `timeout` seconds its whole process group is
+killed and the message gets a temporary failure; a crash (death by signal)
+or a program that cannot be started is a temporary failure too.
 
 Exit codes, as E-MailRelay gives them (100-115 are reserved):
 
@@ -37,13 +59,13 @@ import os
 import shlex
 import time
 
+from . import log
+from . import requestclient
+from . import spamc
+
 OUTPUT_LIMIT = 4000
 DEFAULT_REASON = "rejected"
 FILTER_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
-class NotImplementedSpec(ValueError):
-    """A filter or verifier spec form this version does not implement."""
 
 
 class FilterResult:
@@ -219,16 +241,12 @@ class Filter:
         self.rescan_cb = rescan_cb
         self.kind = kind
 
-    def run(self, content_path, envelope_path=None):
-        """Runs the filter for one message; returns a FilterResult.
-
-        Only `content_path` is passed to the program (E-MailRelay's
-        interface); `envelope_path` is accepted for callers' convenience.
-        """
+    def run(self, content_path, envelope_path):
+        """Runs the filter for one message; returns a FilterResult."""
         if self.argv is None:
             result = interpret(self.exit_code, "", self.kind)
         else:
-            ran = run_program(self.argv + [content_path], self.timeout)
+            ran = run_program(self.argv + [content_path, envelope_path], self.timeout)
             if ran.code is None:
                 if ran.error == "timeout":
                     reason = "filter timed out"
@@ -243,21 +261,82 @@ class Filter:
         return result
 
 
+class NetFilter:
+    """A `net:` filter: asks a filter daemon about each message."""
+
+    def __init__(self, spec, location, timeout, kind):
+        self.spec = spec
+        self.kind = kind
+        self.client = requestclient.RequestClient(location, timeout)
+
+    def run(self, content_path, envelope_path):
+        """Asks the daemon about one message; returns a FilterResult."""
+        try:
+            answer = self.client.request(os.path.abspath(content_path))
+        except requestclient.RequestError as e:
+            log.warning("filter %s: %s" % (self.spec, e))
+            return FilterResult(False, None, "filter failed: %s" % e, temporary=True)
+        if answer.startswith("ok"):
+            return FilterResult(True, 0)
+        response, tab, detail = answer.partition("\t")
+        response = clean_text(response) or DEFAULT_REASON
+        detail = clean_text(detail) if tab else response
+        log.info("filter %s: rejected: %s" % (self.spec, detail or response))
+        return FilterResult(False, None, response if self.kind == "server" else (detail or response))
+
+
+class SpamFilter:
+    """A `spam:` or `spam-edit:` filter: asks SpamAssassin's spamd."""
+
+    def __init__(self, spec, location, timeout, edit, kind):
+        self.spec = spec
+        self.location = location
+        self.timeout = timeout
+        self.edit = edit
+        self.kind = kind
+
+    def run(self, content_path, envelope_path):
+        """Scans one message (and with `edit` rewrites it); returns a FilterResult."""
+        try:
+            result = spamc.check(self.location, content_path, self.timeout, self.edit)
+        except (spamc.SpamError, OSError) as e:
+            log.warning("filter %s: spamd interaction failed: %s" % (self.spec, e))
+            return FilterResult(False, None, "filter failed: %s" % e, temporary=True)
+        if result.skipped:
+            log.info("filter %s: message larger than %d octets: passed without a spam check"
+                     % (self.spec, spamc.MAX_SIZE))
+            return FilterResult(True, 0)
+        if result.spam and not self.edit:
+            detail = "spam: %s" % result.score
+            log.info("filter %s: rejected: %s" % (self.spec, detail))
+            return FilterResult(False, None, DEFAULT_REASON if self.kind == "server" else detail)
+        return FilterResult(True, 0)
+
+
+def _location(option, spec, text):
+    try:
+        return requestclient.Location.parse(text)
+    except ValueError as e:
+        raise ValueError("%s %s: %s" % (option, spec, e)) from None
+
+
 def make(spec, timeout, rescan_cb=None, kind="server"):
-    """Checks `spec` and returns a Filter; raises ValueError or NotImplementedSpec.
+    """Checks `spec` and returns a filter; raises ValueError.
 
     `kind` is 'server' (`--filter`) or 'client' (`--client-filter`): the
     special exit codes mean different things for each. `rescan_cb()` is
-    called after a run that asks for a spool rescan.
+    called after a program run that asks for a spool rescan.
     """
     if kind not in ("server", "client"):
         raise ValueError("unknown filter kind %r" % kind)
     text = spec.strip()
     option = "--filter" if kind == "server" else "--client-filter"
-    for prefix in ("net:", "spam:", "spam-edit:"):
-        if text.startswith(prefix):
-            raise NotImplementedSpec("%s %s: the %s form is not implemented in this version"
-                                     % (option, spec, prefix))
+    if text.startswith("net:"):
+        return NetFilter(spec, _location(option, spec, text[4:]), timeout, kind)
+    if text.startswith("spam:"):
+        return SpamFilter(spec, _location(option, spec, text[5:]), timeout, False, kind)
+    if text.startswith("spam-edit:"):
+        return SpamFilter(spec, _location(option, spec, text[10:]), timeout, True, kind)
     if text.startswith("exit:"):
         number = text[5:].strip()
         if not number.isdigit() or int(number) > 255:

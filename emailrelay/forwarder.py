@@ -270,8 +270,10 @@ class Forwarder:
         """Runs --client-filter programs on a claimed message.
 
         Returns None to go on, `'skip'` when a filter said ignore the message
-        (exit 100), or `(reason, code)` when a filter failed it. Requests to
-        rescan and to stop scanning after this message are noted in `result`.
+        (exit 100), `'retry'` when a filter could not decide (timeout, crash,
+        filter daemon down), or `(reason, code)` when a filter failed it.
+        Requests to rescan and to stop scanning after this message are noted
+        in `result`.
         """
         for f in self.client_filters:
             r = f.run(claim.content_path, claim.envelope_path)
@@ -281,6 +283,8 @@ class Forwarder:
                 result.stopped = True
             if r.cancel:
                 return "skip"
+            if not r.ok and r.temporary:
+                return "retry"
             if not r.ok:
                 return (r.reason or "client filter failed", r.code if r.code is not None else 0)
         return None
@@ -293,6 +297,11 @@ class Forwarder:
                 log.info("forwarding: %s: client filter says ignore this message" % claim.id)
                 _release(claim)
                 result.skipped += 1
+                return
+            if verdict == "retry":
+                log.warning("forwarding: %s: client filter failed: message stays queued" % claim.id)
+                _release(claim)
+                result.error = "client filter failed"
                 return
             if verdict is not None:
                 self._failed(claim, verdict[0], verdict[1], result)
@@ -370,6 +379,9 @@ class Forwarder:
             if verdict == "skip":
                 _release(claim)
                 return True, "250 2.0.0 queued"
+            if verdict == "retry":
+                claim.delete()
+                return False, "451 4.3.0 client filter failed"
             if verdict is not None:
                 claim.delete()
                 return False, "554 5.7.1 %s" % verdict[0]

@@ -32,7 +32,8 @@ class Services:
     `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
     `forwarder` (or None), `stats` (a stats.Stats), `events`
     (forwarder.Events or None), `server` (net.Server), `stop_event`,
-    `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None).
+    `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None),
+    `dnsbl` (dnsbl.Dnsbl or None).
     """
 
     def __init__(self, **kwargs):
@@ -51,6 +52,7 @@ class Services:
         self.server = None
         self.stop_event = None
         self.auth_budget = None
+        self.dnsbl = None
         self.__dict__.update(kwargs)
 
 
@@ -134,10 +136,18 @@ def _build(cfg):
                               for s in cfg.client_filter or []]
             if cfg.address_verifier:
                 services.verifier = verifier.make(cfg.address_verifier, cfg.filter_timeout)
-        except (filters.NotImplementedSpec, ValueError) as e:
+        except ValueError as e:
             raise StartupError(str(e)) from None
     else:
         client_filters = []
+
+    if cfg.dnsbl:
+        from . import dnsbl
+        try:
+            services.dnsbl = dnsbl.Dnsbl.parse(
+                cfg.dnsbl, check_local=os.environ.get("EMAILRELAY_DNSBL_CHECK_LOCAL") == "1")
+        except ValueError as e:
+            raise StartupError("--dnsbl: %s" % e) from None
 
     if cfg.server_auth:
         services.server_secrets = _load_secrets(cfg.server_auth, "--server-auth")

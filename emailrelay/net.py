@@ -31,6 +31,7 @@ import threading
 import time
 
 from . import addresses
+from . import interfaces
 from . import log
 
 RECV_SIZE = 65536
@@ -279,8 +280,8 @@ def parse_interfaces(values):
 
     Values may be comma lists and carry `smtp=`, `pop=` or `admin=` prefixes;
     an unprefixed address applies to every kind (key None). `fd#N` names an
-    inherited listening socket. Raises ValueError for an interface name,
-    which this version cannot resolve to addresses.
+    inherited listening socket. An interface name (`eth0`, `ppp0-ipv4`)
+    stands for its addresses now (see `interfaces`). Raises ValueError.
     """
     result = {}
     for value in values or []:
@@ -297,8 +298,9 @@ def parse_interfaces(values):
                 try:
                     addresses._ip(item)
                 except ValueError:
-                    raise ValueError("invalid interface %r: give an IP address "
-                                     "(interface names are not supported)" % item) from None
+                    name, family = interfaces.split_name(item)
+                    result.setdefault(kind, []).extend(interfaces.addresses(name, family))
+                    continue
             elif not item[3:].isdigit():
                 raise ValueError("invalid interface %r" % item)
             result.setdefault(kind, []).append(item)

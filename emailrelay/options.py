@@ -51,14 +51,14 @@ class Option:
     `[<scope>]` for an optional value; `group` one of GROUPS; `help` one
     paragraph; `multi` whether it may repeat (the value is then a list);
     `kind` one of KINDS; `default` the value when not given; `minimum` for
-    `int`; `implemented` False for an option this version refuses.
+    `int`.
     """
 
     __slots__ = ("name", "short", "value", "group", "help", "multi", "kind", "default",
-                 "minimum", "implemented")
+                 "minimum")
 
     def __init__(self, name, short, value, group, help, kind=None, multi=False, default=None,
-                 minimum=0, implemented=True):
+                 minimum=0):
         self.name = name
         self.short = short
         self.value = value
@@ -68,7 +68,6 @@ class Option:
         self.multi = multi
         self.default = default
         self.minimum = minimum
-        self.implemented = implemented
 
     @property
     def attr(self):
@@ -120,8 +119,9 @@ OPTIONS = [
        "Forwards the spooled messages every <period> seconds.", kind="time"),
     _O("client-filter", "Y", "<program>", "SMTP client",
        "Runs the given filter program on each message just before it is forwarded. "
-       "exit:<number> emulates a program that exits with that number. May be given more "
-       "than once: the filters run in turn.", kind="program", multi=True),
+       "exit:<number> emulates a program that exits with that number; net:, spam: and "
+       "spam-edit: work as for --filter (net:127.0.0.1:10025). May be given more than "
+       "once: the filters run in turn.", kind="program", multi=True),
     _O("client-interface", "6", "<ip-address>", "SMTP client",
        "Binds the local end of outgoing SMTP connections to this address. 0.0.0.0 means "
        "IPv4 only, :: means IPv6 only."),
@@ -149,30 +149,47 @@ OPTIONS = [
        "private (RFC 1918, RFC 4193) and link-local addresses may connect, so that a "
        "relay is not exposed to the internet by accident."),
     _O("address-verifier", None, "<program>", "SMTP server",
-       "Runs the given program to verify each recipient address.", kind="program"),
+       "Runs the given program to verify each recipient address. net:<transport-address> "
+       "asks a verifier daemon instead over TCP or a unix socket, for example "
+       "net:127.0.0.1:10026 or net:/run/verifier.sock.", kind="program"),
     _O("anonymous", "A", "[<scope>]", "SMTP server",
        "Says less about this server: no VRFY, a terse greeting and replies, no Received "
        "line, no AUTH= on forwarded MAIL commands. A comma-separated list of scopes "
        "limits it: vrfy, server, content, client.", kind="optional"),
     _O("dnsbl", None, "<config>", "SMTP server",
-       "Rejects connections from addresses listed by DNS block lists. Not implemented in "
-       "this version: the option is refused.", implemented=False),
+       "Rejects connections from addresses listed by DNS block lists: a comma-separated "
+       "list of block-list domains, then optionally a threshold (how many lists must list "
+       "the address, default 1; 0 only logs), a timeout (milliseconds, or seconds with an "
+       "s suffix, default 5000; negative means refuse when the lists do not answer in "
+       "time) and the DNS server (default the first nameserver in /etc/resolv.conf), for "
+       "example zen.spamhaus.org,bl.spamcop.net,1,2s. E-MailRelay's older form "
+       "dns-server,timeout,threshold,list[,list...] also works, for example "
+       "127.0.0.1:53,1000,1,zen.spamhaus.org. Local addresses are not checked (see "
+       "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page)."),
     _O("domain", "D", "<fqdn>", "SMTP server",
        "Sets the name used in EHLO, the greeting, Received lines and authentication "
        "challenges. The default is this host's fully qualified name."),
     _O("filter", "z", "<program>", "SMTP server",
        "Runs the given filter program on each message as it is stored. Exit codes 1 to 99 "
        "reject the message. exit:<number> emulates a program that exits with that "
-       "number. May be given more than once: the filters run in turn.",
+       "number. net:<transport-address> asks a filter daemon over TCP or a unix socket "
+       "(net:127.0.0.1:10025, net:/run/filter.sock); spam:<transport-address> asks "
+       "SpamAssassin's spamd and rejects spam (spam:127.0.0.1:783); "
+       "spam-edit:<transport-address> lets spamd mark up the message instead. May be given "
+       "more than once: the filters run in turn.",
        kind="program", multi=True),
     _O("filter-timeout", "W", "<time>", "SMTP server",
-       "Sets the timeout in seconds for a filter or verifier program.",
+       "Sets the timeout in seconds for a filter or verifier program, and for connecting "
+       "to and hearing from a net:, spam: or spam-edit: daemon.",
        kind="time", default=60),
     _O("interface", "I", "<ip-address-list>", "SMTP server",
        "Sets the addresses the SMTP, POP and admin servers listen on: a comma-separated "
        "list, and the option may be repeated. Prefix an address with smtp=, pop= or "
        "admin= to use it for one kind of server only; fd#N uses an inherited listening "
-       "socket. The default is every IPv4 and IPv6 address.", multi=True),
+       "socket. An interface name (eth0, ppp0) stands for every address the interface has "
+       "at start-up, and a -ipv4 or -ipv6 suffix picks one family (ppp0-ipv4, "
+       "smtp=eth0-ipv6); an unknown interface or one without such an address stops "
+       "start-up. The default is every IPv4 and IPv6 address.", multi=True),
     _O("prompt-timeout", "w", "<time>", "SMTP server",
        "Sets the timeout in seconds for the next-hop server's greeting; after it the "
        "dialogue goes ahead without one.", kind="time", default=20),
@@ -436,8 +453,6 @@ class _Collector:
         self.given = []
 
     def add(self, opt, text, where=""):
-        if not opt.implemented:
-            raise UsageError("%s--%s: not implemented in this version" % (where, opt.name))
         if opt.kind == "flag":
             if text is not None:
                 raise UsageError("%s--%s: takes no value" % (where, opt.name))

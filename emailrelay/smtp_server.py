@@ -87,6 +87,11 @@ class SmtpSession:
         conn = self.conn
         try:
             conn.settimeout(self.cfg.idle_timeout or None)
+            dnsbl = getattr(self.services, "dnsbl", None)
+            refusal = dnsbl.check(self.peer_ip) if dnsbl is not None else None
+            if refusal:
+                self._reply(refusal)
+                raise _Drop()
             self._reply(self._greeting())
             while self.state != DONE:
                 line = self._readline(COMMAND_LIMIT)

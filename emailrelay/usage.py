@@ -59,7 +59,7 @@ def version_text(verbose):
         import ctypes.util
         tls = "available" if importlib.util.find_spec("ssl") else "not available"
         pam = "available" if ctypes.util.find_library("pam") else "not available"
-        text += ("Python: %s\nTLS: %s\nPAM: %s\nDNSBL: not implemented\n"
+        text += ("Python: %s\nTLS: %s\nPAM: %s\nDNSBL: enabled\n"
                  % (sys.version.split()[0], tls, pam))
     return text
 
@@ -130,6 +130,13 @@ def man_page():
               "sessions, leaves no spool file claimed or half written, and exits with "
               "status 0. SIGHUP reopens the log file (for logrotate) and re-reads the "
               "secrets files; E-MailRelay does neither."),
+        ".SH ENVIRONMENT",
+        ".TP",
+        ".B EMAILRELAY_DNSBL_CHECK_LOCAL",
+        _roff("Set to 1, --dnsbl checks local (loopback, private, unique-local and "
+              "link-local) client addresses too, which it otherwise lets through unchecked: "
+              "for testing a block-list set-up from the relay's own host, connecting from "
+              "127.0.0.2, say."),
         ".SH EXIT STATUS",
         ".TP",
         ".B 0",

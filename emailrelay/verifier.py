@@ -1,11 +1,17 @@
-"""Address verifier programs (`--address-verifier`), E-MailRelay's interface.
+"""Address verifiers (`--address-verifier`), E-MailRelay's interfaces.
 
-The program is run once per RCPT (and VRFY) with six arguments: the
-recipient, the local domain, the envelope sender (empty for VRFY), the
-client's IP address, the authentication mechanism (`none` for a trusted
-address, empty when not authenticated) and the authentication name (or the
-trusted-address keyword). It runs the way filters do (see `filters`): no
-shell, almost empty environment, stdin/stderr on /dev/null, a timeout.
+`make(spec, timeout)` returns a verifier; `verify(rcpt, from_, client_ip,
+domain, auth_mech, auth_name)` asks it about one recipient (RCPT or VRFY)
+and returns a VerifyResult. `verify` may be called from several threads.
+The mechanism is passed lower-case, and as `none` when the client did not
+authenticate (also for a trusted address, whose keyword is the name).
+
+A program is run once per recipient with six arguments, in the order seed
+000 documents: the recipient, the local domain, the envelope sender (empty
+for VRFY), the client's IP address, the authentication mechanism and the
+authentication name (or the trusted-address keyword). It runs the way
+filters do (see `filters`): no shell, almost empty environment,
+stdin/stderr on /dev/null, a timeout.
 
 Exit status and output:
 - 0: a local mailbox; line 1 is the full name, line 2 the mailbox name.
@@ -16,14 +22,27 @@ Exit status and output:
 - anything else, a timeout, a crash or a program that cannot be started: a
   temporary failure, never an accepted address.
 
-A verifier should print `2.0` when run with the single argument
-`--emailrelay-version`; `Verifier.version()` asks it (once) so the caller
-can warn about a program that does not.
+A verifier program should print `2.0` when run with the single argument
+`--emailrelay-version`; `version()` asks it (once) so the caller can warn
+about a program that does not.
+
+`net:<transport-address>` (`net:127.0.0.1:10026`, `net:/run/verifier.sock`)
+asks a verifier daemon instead, over a kept connection (see
+`requestclient`). The request is one line per recipient,
+`to|LOCAL-PART|DOMAIN|THIS-HOST|from|client-ip|mechanism|name`, with the
+local part, the domain and this host's name (the local domain) upper-cased,
+as E-MailRelay's network verifier sends it. The answer is a program's exit
+status and output in reverse, pipe-delimited: `0|mailbox|Full Name`,
+`1|address`, `2|reason`, `3|reason`, `100`. Any other answer, a timeout or
+no daemon is a temporary failure (450) with a log line; E-MailRelay answers
+a permanent error there, but a temporary one loses no mail.
 """
 
 import threading
 
 from . import filters
+from . import log
+from . import requestclient
 
 VERSION = "2.0"
 
@@ -68,10 +87,10 @@ class Verifier:
     def verify(self, rcpt, from_, client_ip, domain, auth_mech, auth_name):
         """Runs the program for one recipient; returns a VerifyResult.
 
-        `from_` is '' for VRFY; `auth_mech` is 'none' for a trusted client
-        and '' for one that did not authenticate.
+        `from_` is '' for VRFY; `auth_mech` '' or 'none' when the client did
+        not authenticate.
         """
-        args = [rcpt, domain, from_, client_ip, auth_mech, auth_name]
+        args = [rcpt, domain, from_, client_ip, _mechanism(auth_mech), auth_name]
         ran = filters.run_program(self.argv + args, self.timeout)
         lines = [line.rstrip("\r") for line in ran.output.split("\n")]
         if lines and not lines[-1]:
@@ -96,10 +115,56 @@ class Verifier:
         return VerifyResult("tempfail", reason="address verifier failed (exit %d)" % ran.code)
 
 
+def _mechanism(auth_mech):
+    return (auth_mech or "none").lower()
+
+
+class NetVerifier:
+    """A `net:` verifier: asks a verifier daemon about each recipient."""
+
+    def __init__(self, spec, location, timeout):
+        self.spec = spec
+        self.client = requestclient.RequestClient(location, timeout)
+
+    def verify(self, rcpt, from_, client_ip, domain, auth_mech, auth_name):
+        """Asks the daemon about one recipient; returns a VerifyResult."""
+        local, at, rcpt_domain = rcpt.rpartition("@")
+        if not at:
+            local, rcpt_domain = rcpt, ""
+        fields = [rcpt, local.upper(), rcpt_domain.upper(), domain.upper(), from_, client_ip,
+                  _mechanism(auth_mech), auth_name]
+        line = "|".join(f.replace("|", " ").replace("\r", " ").replace("\n", " ") for f in fields)
+        try:
+            answer = self.client.request(line)
+        except requestclient.RequestError as e:
+            log.warning("address verifier %s: %s" % (self.spec, e))
+            return VerifyResult("tempfail", reason="address verifier unavailable")
+        parts = [filters.clean_text(p) for p in answer.split("|")]
+        code = parts[0]
+        if code == "0" and len(parts) >= 2:
+            return VerifyResult("local", parts[1] or rcpt, parts[2] if len(parts) > 2 else "")
+        if code == "1":
+            return VerifyResult("remote", (parts[1] if len(parts) > 1 else "") or rcpt)
+        if code == "2":
+            return VerifyResult("reject", reason=(parts[1] if len(parts) > 1 else "") or
+                                "invalid address")
+        if code == "3":
+            return VerifyResult("tempfail", reason=(parts[1] if len(parts) > 1 else "") or
+                                "address temporarily unavailable")
+        if code == "100":
+            return VerifyResult("abort")
+        log.warning("address verifier %s: invalid response: %s"
+                    % (self.spec, filters.clean_text(answer)[:200]))
+        return VerifyResult("tempfail", reason="address verifier failed")
+
+
 def make(spec, timeout):
-    """Checks `spec` and returns a Verifier; raises ValueError or NotImplementedSpec."""
+    """Checks `spec` and returns a Verifier or NetVerifier; raises ValueError."""
     text = spec.strip()
     if text.startswith("net:"):
-        raise filters.NotImplementedSpec("--address-verifier %s: the net: form is not "
-                                         "implemented in this version" % spec)
+        try:
+            location = requestclient.Location.parse(text[4:])
+        except ValueError as e:
+            raise ValueError("--address-verifier %s: %s" % (spec, e)) from None
+        return NetVerifier(spec, location, timeout)
     return Verifier(spec, filters.split_command(text), timeout)

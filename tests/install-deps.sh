@@ -18,6 +18,9 @@ need socat socat
 need openssl openssl
 need curl curl
 need /usr/sbin/sshd openssh-server
+need /usr/sbin/spamd spamd
+need /usr/sbin/dnsmasq dnsmasq-base
+need ip iproute2
 need /etc/pam.d/common-auth libpam-runtime
 for lib in /lib/*/security/pam_unix.so /usr/lib/*/security/pam_unix.so; do
     [ -e "$lib" ] && pam_ok=1

@@ -44,11 +44,12 @@ def run(spec, content_path, timeout=10, **kw):
     return filters.make(spec, timeout, **kw).run(content_path, envelope_path)
 
 
-def test_ok_and_content_path_is_last_argument(script, content, tmp_path):
+def test_ok_and_content_then_envelope_path_are_the_last_arguments(script, content, tmp_path):
     out = tmp_path / "args"
     r = run(script('printf "%%s\\n" "$@" > %s\nexit 0\n' % out) + " -a one\\ arg", content)
     assert (r.ok, r.code, r.special, r.reason, r.temporary) == (True, 0, None, "", False)
-    assert out.read_text().splitlines() == ["-a", "one arg", content]
+    assert out.read_text().splitlines() == ["-a", "one arg", content,
+                                            content.replace("content", "envelope.new")]
 
 
 @pytest.mark.parametrize("code", [1, 50, 99])
@@ -111,10 +112,26 @@ def test_exit_emulation(content):
             filters.make(bad, 10)
 
 
-@pytest.mark.parametrize("spec", ["net:127.0.0.1:1234", "spam:localhost:783", "spam-edit:127.0.0.1:783"])
-def test_not_implemented_forms(spec):
-    with pytest.raises(filters.NotImplementedSpec, match="not implemented"):
-        filters.make(spec, 10)
+@pytest.mark.parametrize("spec,cls,where", [
+    ("net:127.0.0.1:1234", filters.NetFilter, ("127.0.0.1", 1234)),
+    ("net:[::1]:1234", filters.NetFilter, ("::1", 1234)),
+    ("net:localhost:1234", filters.NetFilter, ("localhost", 1234)),
+    ("net:/run/filter.sock", filters.NetFilter, "/run/filter.sock"),
+    ("spam:localhost:783", filters.SpamFilter, ("localhost", 783)),
+    ("spam-edit:127.0.0.1:783", filters.SpamFilter, ("127.0.0.1", 783))])
+def test_network_forms(spec, cls, where):
+    f = filters.make(spec, 10)
+    assert isinstance(f, cls)
+    location = f.client.location if cls is filters.NetFilter else f.location
+    assert location.address == where
+    if cls is filters.SpamFilter:
+        assert f.edit == spec.startswith("spam-edit:")
+
+
+@pytest.mark.parametrize("spec", ["net:", "net:127.0.0.1", "spam:host:notaport", "spam-edit:"])
+def test_bad_network_forms(spec):
+    with pytest.raises(ValueError, match="--client-filter " + spec):
+        filters.make(spec, 10, kind="client")
 
 
 def test_bad_specs():
@@ -178,7 +195,7 @@ def test_metacharacters_and_crlf_reach_the_program_as_plain_arguments(script, co
     marker = tmp_path / "pwned"
     evil = "$(touch %s);`touch %s`|&<>*\r\nRCPT TO:<x>" % (marker, marker)
     f = filters.Filter("x", [script('printf "%%s\\0" "$@" > %s\n' % out)], None, 10, None, "server")
-    r = f.run(evil, None)
+    r = f.run(evil, evil)
     assert r.ok
     assert out.read_bytes().split(b"\0")[0] == evil.encode()
     assert not marker.exists()
@@ -193,3 +210,25 @@ def test_background_child_holding_stdout_does_not_block(script, content):
     start = time.monotonic()
     r = run(script("sleep 5 &\nexit 0\n"), content, timeout=20)
     assert r.ok and time.monotonic() - start < 2
+
+
+def test_relay_passes_content_and_envelope_paths_to_server_and_client_filters(script, tmp_path):
+    import smtplib
+    from helpers import Relay, run_emailrelay, smtp_sink, stop_process, free_port
+    seen = tmp_path / "seen"
+    spec = script('echo "$#|$1|$2" >> %s\ntest -f "$2" || exit 1\nexit 0\n' % seen, name="args.sh")
+    with Relay(tmp_path, ["--filter", spec]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as s:
+            s.sendmail("a@x.test", ["b@y.test"], b"Subject: x\r\n\r\nhi\r\n")
+        [name] = relay.files(".envelope")
+    base = os.path.join(relay.spool, name[:-len(".envelope")])
+    assert seen.read_text().splitlines() == ["2|%s.content|%s.envelope.new" % (base, base)]
+    port = free_port()
+    sink = smtp_sink(port)
+    try:
+        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--spool-dir", relay.spool,
+                            "--client-filter", spec])
+    finally:
+        stop_process(sink)
+    assert r.returncode == 0, r.stderr
+    assert seen.read_text().splitlines()[1] == "2|%s.content|%s.envelope.busy" % (base, base)

@@ -211,7 +211,7 @@ esac
         env = envelope.Envelope.read(os.path.join(relay.spool, local))
     assert env.to_local == ["postmaster"] and env.to_remote == ['"$(touch x);|&"@y.test']
     lines = seen.read_text().splitlines()
-    assert lines[3] == '["$(touch x);|&"@y.test][relay.test][a`id`@x.test][127.0.0.1][][]'
+    assert lines[3] == '["$(touch x);|&"@y.test][relay.test][a`id`@x.test][127.0.0.1][none][]'
     assert not any("a\rb" in x for x in lines)
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from emailrelay import filters, verifier
+from emailrelay import verifier
 
 
 @pytest.fixture
@@ -101,6 +101,19 @@ def test_version_probe(script):
     assert v.version() == ""
 
 
-def test_net_form_not_implemented():
-    with pytest.raises(filters.NotImplementedSpec, match="not implemented"):
-        verifier.make("net:127.0.0.1:10025", 10)
+def test_mechanism_is_lower_case_and_none_without_authentication(script, tmp_path):
+    out = tmp_path / "args"
+    spec = script('printf "[%%s]\\n" "$5" "$6" >> %s\nexit 1\n' % out)
+    verify(spec, mech="CRAM-MD5", name="alice")
+    verify(spec, mech="", name="")
+    assert out.read_text().splitlines() == ["[cram-md5]", "[alice]", "[none]", "[]"]
+
+
+def test_net_form_and_bad_addresses():
+    v = verifier.make("net:127.0.0.1:10025", 10)
+    assert isinstance(v, verifier.NetVerifier)
+    assert v.client.location.address == ("127.0.0.1", 10025)
+    assert verifier.make("net:/run/v.sock", 10).client.location.address == "/run/v.sock"
+    for bad in ("net:", "net:127.0.0.1"):
+        with pytest.raises(ValueError, match="--address-verifier"):
+            verifier.make(bad, 10)
