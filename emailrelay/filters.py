@@ -37,6 +37,8 @@ import os
 import shlex
 import time
 
+from . import process
+
 OUTPUT_LIMIT = 4000
 DEFAULT_REASON = "rejected"
 FILTER_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -112,7 +114,7 @@ def run_program(argv, timeout):
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=env, close_fds=True,
-                                start_new_session=True)
+                                start_new_session=True, **process.child_ids())
     except OSError as e:
         return ProgramResult(None, error="cannot run %s: %s" % (argv[0], e.strerror or e))
     deadline = time.monotonic() + timeout

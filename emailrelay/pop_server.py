@@ -37,6 +37,7 @@ import time
 
 from . import log
 from . import net
+from . import process
 from . import sasl
 
 # RFC 2449 allows 255 octets for a command line; a little slack for clients
@@ -119,8 +120,9 @@ class _MaildropLock:
                 raise MaildropError("[IN-USE] maildrop locked")
             self._held.add(self.key)
         try:
-            self.fd = os.open(os.path.join(self.key, LOCK_FILE),
-                              os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with process.privileged(group=False):
+                self.fd = os.open(os.path.join(self.key, LOCK_FILE),
+                                  os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as e:
             self._forget()
             log.warning("pop: cannot open lock file in %s: %s" % (self.key, e.strerror))
@@ -182,7 +184,8 @@ class Maildrop:
         # spool.committed() finds a sub-directory's shared content in the spool.
         for item in spool.committed(directory):
             try:
-                size = os.path.getsize(item.content_path)
+                with process.privileged(group=False):
+                    size = os.path.getsize(item.content_path)
             except OSError:
                 # Forwarded or deleted since the scan, or a stray envelope.
                 continue
@@ -560,7 +563,8 @@ class PopSession:
 
     def _send_message(self, m, ok_text, body_lines):
         try:
-            f = open(m.content_path, "rb")
+            with process.privileged(group=False):
+                f = open(m.content_path, "rb")
         except OSError as e:
             log.warning("pop: cannot open %s: %s" % (m.content_path, e.strerror), peer=self.peer)
             self._reply("-ERR [SYS/TEMP] message is no longer available")

@@ -17,8 +17,6 @@ def _wrap(text, width, indent):
 
 
 def _default_note(opt):
-    if opt.name == "domain":
-        return "this host's name"
     if opt.default is None or opt.kind in ("flag", "optional") or opt.multi:
         return None
     return str(opt.default)
@@ -51,17 +49,34 @@ def help_text(verbose):
     return "\n".join(lines) + "\n"
 
 
+COPYRIGHT = "Copyright (C) 2026 the emailrelay for Python developers"
+WARRANTY = "This software is provided without warranty of any kind."
+
+
 def version_text(verbose):
-    """The --version text; with `verbose`, what this build and host can do."""
+    """The --version text; with `verbose`, the build report E-MailRelay prints.
+
+    The verbose layout is E-MailRelay 2.6's (banner, blank line, copyright,
+    blank line, one `Feature: state` line each, blank line, licence), which
+    wrappers grep; PAM, DNSBL and Python lines are ours.
+    """
     text = "emailrelay %s\n" % __version__
-    if verbose:
-        import importlib.util
-        import ctypes.util
-        tls = "available" if importlib.util.find_spec("ssl") else "not available"
-        pam = "available" if ctypes.util.find_library("pam") else "not available"
-        text += ("Python: %s\nTLS: %s\nPAM: %s\nDNSBL: not implemented\n"
-                 % (sys.version.split()[0], tls, pam))
-    return text
+    if not verbose:
+        return text
+    import ctypes.util
+    try:
+        import ssl
+        tls = ssl.OPENSSL_VERSION
+    except ImportError:
+        tls = "none"
+    pam = "enabled" if ctypes.util.find_library("pam") else "disabled"
+    features = [("Multi-threading", "enabled"), ("Unix domain sockets", "enabled"),
+                ("POP server", "enabled"), ("Admin server", "enabled"), ("TLS library", tls),
+                ("PAM", pam), ("DNSBL", "enabled"), ("Python", sys.version.split()[0])]
+    lines = [text.rstrip("\n"), "", COPYRIGHT, ""]
+    lines += ["%s: %s" % feature for feature in features]
+    lines += ["", WARRANTY]
+    return "\n".join(lines) + "\n"
 
 
 def _roff(text):
