@@ -339,11 +339,6 @@ def _run(cfg, services):
     """Daemonises, drops privileges, starts forwarding and serves until stopped."""
     from . import log, process
     try:
-        services.spool.recover()
-    except OSError as e:
-        log.startup_error("cannot read spool directory %s: %s" % (cfg.spool_dir, e))
-        return EXIT_FAILURE
-    try:
         entry = process.user_entry(cfg.user)
     except process.ProcessError as e:
         log.startup_error(str(e))
@@ -367,7 +362,7 @@ def _run(cfg, services):
         log.startup_error(str(e))
         return EXIT_FAILURE
     try:
-        if not _drop_privileges(cfg):
+        if not _drop_privileges(cfg) or not _recover(cfg, services):
             return EXIT_FAILURE
         signals = process.Signals(wakeup_fd=server.wakeup_fd())
         stop = services.stop_event
@@ -410,6 +405,23 @@ def _drop_privileges(cfg):
         return False
     if entry is not None:
         log.verbose("switched to user %s (uid %d)" % (cfg.user, entry.pw_uid))
+    return True
+
+
+def _recover(cfg, services):
+    """Repairs what a dead process left in the spool; False (logged) on failure.
+
+    It runs after the switch to --user, in spool windows like every other
+    spool operation: under a capability bounding set without
+    CAP_DAC_OVERRIDE (the systemd unit), root can reach a spool owned by
+    --user only through the user's group.
+    """
+    from . import log
+    try:
+        services.spool.recover()
+    except OSError as e:
+        log.startup_error("cannot read spool directory %s: %s" % (cfg.spool_dir, e.strerror or e))
+        return False
     return True
 
 
@@ -489,7 +501,7 @@ def _run_client(cfg, services):
     from . import log, process
     if services.forwarder is None:
         return EXIT_OK
-    if not _drop_privileges(cfg):
+    if not _drop_privileges(cfg) or not _recover(cfg, services):
         return EXIT_FAILURE
     signals = process.Signals()
     outcome = []

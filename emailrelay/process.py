@@ -89,6 +89,25 @@ def _make_directories(directory):
         os.umask(previous)
 
 
+def _create_with_group(path, group):
+    """Creates `path` for writing; with `group`, under that effective group.
+
+    Switching the effective group (as E-MailRelay does for spool files)
+    gives the file that group without chown(), which root may not do
+    without CAP_CHOWN when it is not in the group. Call it before threads
+    start: the switch is process-wide.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if group is None:
+        return os.open(path, flags, 0o644)
+    previous = os.getegid()
+    os.setegid(group)
+    try:
+        return os.open(path, flags, 0o644)
+    finally:
+        os.setegid(previous)
+
+
 def write_pid_file(path, group=None):
     """Writes this process's id to `path` (mode 644), creating its directory.
 
@@ -101,11 +120,9 @@ def write_pid_file(path, group=None):
     tmp = "%s.%d.tmp" % (path, os.getpid())
     try:
         _make_directories(directory)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = _create_with_group(tmp, group)
         try:
             os.fchmod(fd, 0o644)
-            if group is not None:
-                os.fchown(fd, -1, group)
             os.write(fd, b"%d\n" % os.getpid())
         finally:
             os.close(fd)

@@ -243,3 +243,53 @@ def test_an_unrunnable_filter_for_the_user_is_a_clear_startup_error(tmp_path, pr
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "emailrelay: error: %s: not executable by user daemon (see --user)" % script]
+
+
+def _unit_capabilities():
+    with open(os.path.join(ROOT, "etc", "emailrelay.service.in")) as f:
+        for line in f:
+            if line.startswith("CapabilityBoundingSet="):
+                return [c.lower().replace("cap_", "") for c in line.split("=", 1)[1].split()]
+    raise AssertionError("no CapabilityBoundingSet in the unit")
+
+
+def test_runs_with_the_systemd_units_capabilities_and_no_new_privileges(tmp_path, private_dir):
+    """The unit's hardening, applied with setpriv: spool, pid file, SIGHUP all work."""
+    caps = _unit_capabilities()
+    assert set(caps) == {"net_bind_service", "setuid", "setgid"}
+    spool = private_dir / "spool"
+    spool.mkdir()
+    os.chown(str(spool), DAEMON.pw_uid, DAEMON.pw_gid)
+    os.chmod(str(spool), 0o770)
+    secrets = private_dir / "auth"
+    secrets.write_text("server none 127.0.0.1 local\n")
+    os.chmod(str(secrets), 0o600)
+    pid_file = private_dir / "run" / "emailrelay.pid"
+    relay = Relay(tmp_path, ["--server-auth", str(secrets), "--pid-file", str(pid_file)],
+                  spool=str(spool), user=None, start=False)
+    out = open(os.path.join(relay.dir, "stderr"), "ab")
+    relay._stderr = out
+    relay.proc = subprocess.Popen(
+        ["setpriv", "--no-new-privs", "--inh-caps=-all",
+         "--bounding-set=-all," + ",".join("+" + c for c in caps),
+         PYTHON, "-m", "emailrelay"] + relay.args,
+        cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        relay.wait_ready()
+        with open("/proc/%d/status" % relay.proc.pid) as f:
+            status = f.read()
+        assert "NoNewPrivs:\t1" in status
+        send(relay.port, text="Subject: hardened\r\n\r\nbody\r\n")
+        assert len(relay.files(".envelope")) == 1
+        name = relay.files(".content")[0]
+        st = os.stat(os.path.join(str(spool), name))
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, DAEMON.pw_gid, 0o660)
+        secrets.write_text("server none 127.0.0.1 local\nserver plain bob b-pw\n")
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_log(r"info: re-read secrets file " + str(secrets))
+        st = os.stat(str(pid_file))
+        assert (st.st_uid, st.st_gid) == (0, DAEMON.pw_gid)
+    finally:
+        assert relay.stop() == 0, relay.log() + relay.stderr()
+    assert not pid_file.exists()
+    assert "error" not in relay.log() and "warning" not in relay.log()
