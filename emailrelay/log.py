@@ -122,9 +122,17 @@ def configure(cfg):
             _file_owner = (st.st_uid, st.st_gid, st.st_mode & 0o7777)
         if state.syslog_facility:
             _open_syslog(state.syslog_facility)
-    if state.syslog_facility and not any(os.path.exists(p) for p in SYSLOG_SOCKETS):
+    if state.syslog_facility and not any(_is_socket(p) for p in SYSLOG_SOCKETS):
         _write_stderr("emailrelay: warning: no syslog socket (%s): syslog lines are lost; "
                       "use --log-file, or --no-syslog to stop this warning\n" % SYSLOG_SOCKETS[0])
+
+
+def _is_socket(path):
+    import stat
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def reopen():
