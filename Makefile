@@ -1,18 +1,35 @@
 # emailrelay for Python: test, install, zipapp and man page.
 #
 #   make test      install what the tests need, run the suite on python3 and 3.8
-#   make install   PREFIX=/usr/local DESTDIR= (package, launchers, man, etc files)
+#   make install   the package, launchers, man pages, config, spool and systemd unit
 #   make zipapp    build emailrelay.pyz (ZIPAPP=path to put it elsewhere)
 #   make man       regenerate man/emailrelay.1 from the option table
+#
+# make install variables (all may be given on the command line):
+#   PREFIX=/usr/local      where the package, launchers and man pages go
+#   DESTDIR=               a staging root (packaging); nothing is run from it
+#   SYSCONFDIR             emailrelay.conf: /etc when PREFIX=/usr, else $(PREFIX)/etc
+#   SPOOLDIR=/var/spool/emailrelay   created owned by RUNUSER, mode 0770
+#   RUNUSER=daemon         the --user the program switches to (and spool owner)
+#   SYSTEMDDIR             the unit's directory: $(PREFIX)/lib/systemd/system
+#   SENDMAIL=no            yes: also install emailrelay-sendmail as $(SBINDIR)/sendmail
+#   PYTHONSITE             where emailrelay.pth goes so that "python3 -m emailrelay"
+#                          finds the package: PYTHON's own site directory; empty: none
 
 PYTHON ?= python3
 PREFIX ?= /usr/local
 DESTDIR ?=
 ZIPAPP ?= emailrelay.pyz
+SYSCONFDIR ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
+SPOOLDIR ?= /var/spool/emailrelay
+RUNUSER ?= daemon
+SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
+SENDMAIL ?= no
+PYTHONSITE ?= $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("purelib"))' 2>/dev/null)
 LIBDIR = $(PREFIX)/lib/emailrelay
 SBINDIR = $(PREFIX)/sbin
 MANDIR = $(PREFIX)/share/man/man1
-TOOLS = submit passwd resubmit filter-copy
+TOOLS = submit passwd resubmit filter-copy sendmail
 
 .PHONY: test install zipapp man clean
 
@@ -29,7 +46,8 @@ test:
 	fi
 
 install:
-	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)/etc
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR) \
+		$(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(SYSTEMDDIR)
 	rm -rf $(DESTDIR)$(LIBDIR)/emailrelay
 	cp -R emailrelay $(DESTDIR)$(LIBDIR)/emailrelay
 	find $(DESTDIR)$(LIBDIR) -name __pycache__ -prune -exec rm -rf {} +
@@ -37,14 +55,31 @@ install:
 		set -- $$tool; \
 		if [ "$$1" = emailrelay ]; then name=emailrelay; module=main; \
 		else name=emailrelay-$$1; module=tools.$$(echo $$1 | tr - _); fi; \
-		printf '#!/usr/bin/env python3\n"""%s: installed by make install."""\nimport sys\nsys.path.insert(0, "%s")\nfrom emailrelay.%s import run\nraise SystemExit(run())\n' \
+		printf '#!/usr/bin/env python3\n"""%s: installed by make install."""\nimport sys\nsys.path.insert(0, "%s")\nfrom emailrelay.main import entry\nfrom emailrelay.%s import run\nraise SystemExit(entry(run))\n' \
 			"$$name" "$(LIBDIR)" "$$module" > $(DESTDIR)$(SBINDIR)/$$name; \
 	done
 	chmod 755 $(DESTDIR)$(SBINDIR)/emailrelay*
+	if [ "$(SENDMAIL)" = yes ]; then ln -sf emailrelay-sendmail $(DESTDIR)$(SBINDIR)/sendmail; fi
+	if [ -n "$(PYTHONSITE)" ]; then \
+		install -d $(DESTDIR)$(PYTHONSITE) && echo "$(LIBDIR)" > $(DESTDIR)$(PYTHONSITE)/emailrelay.pth; fi
 	for page in man/*.1; do install -m 644 $$page $(DESTDIR)$(MANDIR)/; done
-	install -m 644 etc/emailrelay.conf $(DESTDIR)/etc/emailrelay.conf.example
-	install -d $(DESTDIR)$(PREFIX)/lib/systemd/system
-	install -m 644 etc/emailrelay.service $(DESTDIR)$(PREFIX)/lib/systemd/system/emailrelay.service
+	install -m 644 etc/emailrelay.conf $(DESTDIR)$(SYSCONFDIR)/emailrelay.conf.example
+	if [ ! -e $(DESTDIR)$(SYSCONFDIR)/emailrelay.conf ]; then \
+		sed -e 's|@SPOOLDIR@|$(SPOOLDIR)|g' -e 's|@RUNUSER@|$(RUNUSER)|g' \
+			etc/emailrelay.conf.minimal > $(DESTDIR)$(SYSCONFDIR)/emailrelay.conf; \
+		chmod 644 $(DESTDIR)$(SYSCONFDIR)/emailrelay.conf; fi
+	sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
+		-e 's|@SPOOLDIR@|$(SPOOLDIR)|g' etc/emailrelay.service.in > $(DESTDIR)$(SYSTEMDDIR)/emailrelay.service
+	chmod 644 $(DESTDIR)$(SYSTEMDDIR)/emailrelay.service
+	install -d $(DESTDIR)$(SYSCONFDIR)/logrotate.d $(DESTDIR)$(SYSCONFDIR)/ppp/ip-up.d
+	install -m 644 etc/logrotate.emailrelay $(DESTDIR)$(SYSCONFDIR)/logrotate.d/emailrelay
+	sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SPOOLDIR@|$(SPOOLDIR)|g' etc/ip-up.emailrelay \
+		> $(DESTDIR)$(SYSCONFDIR)/ppp/ip-up.d/emailrelay
+	chmod 755 $(DESTDIR)$(SYSCONFDIR)/ppp/ip-up.d/emailrelay
+	install -d -m 0770 $(DESTDIR)$(SPOOLDIR)
+	chown $(RUNUSER): $(DESTDIR)$(SPOOLDIR) 2>/dev/null || \
+		echo "make install: warning: cannot give $(DESTDIR)$(SPOOLDIR) to user $(RUNUSER): do it as root" >&2
+	chmod 0770 $(DESTDIR)$(SPOOLDIR)
 
 zipapp:
 	rm -rf $(ZIPAPP).build
@@ -53,7 +88,7 @@ zipapp:
 	find $(ZIPAPP).build -name __pycache__ -prune -exec rm -rf {} +
 	# zipapp's own -m entry ignores run()'s return value: write __main__.py
 	# so that the exit status gets through.
-	printf 'from emailrelay.main import run\nraise SystemExit(run())\n' > $(ZIPAPP).build/__main__.py
+	printf 'from emailrelay.main import entry\nraise SystemExit(entry())\n' > $(ZIPAPP).build/__main__.py
 	$(PYTHON) -m zipapp $(ZIPAPP).build -o $(ZIPAPP) -p '/usr/bin/env python3'
 	rm -rf $(ZIPAPP).build
 

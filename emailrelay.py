@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 
-from emailrelay.main import run  # noqa: E402 (needs the path set above)
+from emailrelay.main import entry  # noqa: E402 (needs the path set above)
 
 if __name__ == "__main__":
-    raise SystemExit(run())
+    raise SystemExit(entry())

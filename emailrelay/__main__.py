@@ -1,5 +1,5 @@
 """`python3 -m emailrelay` (and the zipapp) runs the program."""
 
-from .main import run
+from .main import entry
 
-raise SystemExit(run())
+raise SystemExit(entry())

@@ -62,6 +62,7 @@ import time
 from . import log
 from . import requestclient
 from . import spamc
+from . import process
 
 OUTPUT_LIMIT = 4000
 DEFAULT_REASON = "rejected"
@@ -146,7 +147,7 @@ def _run_program(argv, timeout):
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=env, close_fds=True,
-                                start_new_session=True)
+                                start_new_session=True, **process.child_ids())
     except OSError as e:
         return ProgramResult(None, error="cannot run %s: %s" % (argv[0], e.strerror or e))
     deadline = time.monotonic() + timeout

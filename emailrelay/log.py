@@ -17,7 +17,17 @@ Destinations: stderr, or the --log-file instead (`%d` in its name becomes
 YYYYMMDD and a new file starts when the local date changes); stderr output
 stops after `close_stderr()` (--close-stderr), a log file is not affected.
 Syslog (facility mail unless --syslog=<facility>) gets the same lines unless
---no-syslog, which --syslog overrides.
+--no-syslog, which --syslog overrides. `configure` opens syslog at once (so
+nothing is imported after --user drops root) and says once on stderr when
+the host has no syslog socket.
+
+`startup_error()` is for errors that stop the program before it runs: they
+also go to stderr, without a timestamp, even with --log-file.
+
+After --user, a log file is reopened (SIGHUP, a new day's name) in a root
+window, and a file it creates gets the owner, group and mode of the file
+first opened at start-up; a log file that cannot be reopened is reported on
+stderr and syslog.
 
 Every message is sanitised before it is written (see `sanitise`), so text
 from the network cannot forge log lines or send escape sequences to a
@@ -77,7 +87,11 @@ _lock = threading.RLock()
 _state = _State()
 _file = None        # the open log file (binary, unbuffered) or None
 _file_path = None   # its path, to notice a new day's name
+_file_owner = None  # (uid, gid, mode) of the first log file, for files made later
 _syslog = None      # the syslog module once opened
+
+# Where syslog(3) delivers on the systems we run on.
+SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog", "/var/run/log")
 
 
 def configure(cfg):
@@ -96,19 +110,49 @@ def configure(cfg):
     state.file_pattern = cfg.log_file or None
     if cfg.syslog or not cfg.no_syslog:
         state.syslog_facility = cfg.syslog if isinstance(cfg.syslog, str) else "mail"
-    global _state
+    global _state, _file_owner
     with _lock:
         _close_file()
         _close_syslog()
         _state = state
+        _file_owner = None
         if state.file_pattern:
             _open_file(_path_for(state.file_pattern, time.localtime(now())))
+            st = os.fstat(_file.fileno())
+            _file_owner = (st.st_uid, st.st_gid, st.st_mode & 0o7777)
+        if state.syslog_facility:
+            _open_syslog(state.syslog_facility)
+    if state.syslog_facility and not any(_is_socket(p) for p in SYSLOG_SOCKETS):
+        _write_stderr("emailrelay: warning: no syslog socket (%s): syslog lines are lost; "
+                      "use --log-file, or --no-syslog to stop this warning\n" % SYSLOG_SOCKETS[0])
+
+
+def _is_socket(path):
+    import stat
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def reopen():
-    """Closes the log file so the next line reopens it (SIGHUP, logrotate)."""
+    """Reopens the log file now (SIGHUP, logrotate); returns False on failure.
+
+    A failure is reported on stderr and syslog, and the next line tries
+    again.
+    """
     with _lock:
         _close_file()
+        pattern = _state.file_pattern
+        if not pattern:
+            return True
+        path = _path_for(pattern, time.localtime(now()))
+        try:
+            _open_file(path)
+        except OSError as e:
+            _report_file_error(path, e, None)
+            return False
+        return True
 
 
 def close_stderr():
@@ -170,9 +214,26 @@ def _path_for(pattern, local_time):
 
 def _open_file(path):
     global _file, _file_path
+    from . import process
     # Appending whole lines with one unbuffered write keeps lines intact
     # even when another process logs to the same file.
-    _file = open(path, "ab", buffering=0)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    with process.privileged():
+        if _file_owner is None:
+            fd = os.open(path, flags, 0o666)
+        else:
+            uid, gid, mode = _file_owner
+            try:
+                fd = os.open(path, flags | os.O_EXCL, mode)
+                try:
+                    os.fchown(fd, uid, gid)
+                    os.fchmod(fd, mode)
+                except OSError:
+                    os.close(fd)
+                    raise
+            except FileExistsError:
+                fd = os.open(path, flags, mode)
+    _file = os.fdopen(fd, "ab", buffering=0)
     _file_path = path
 
 
@@ -187,6 +248,14 @@ def _close_file():
     _file_path = None
 
 
+def _open_syslog(facility):
+    global _syslog
+    import syslog
+    syslog.openlog("emailrelay", syslog.LOG_PID,
+                   getattr(syslog, "LOG_" + facility.upper(), syslog.LOG_MAIL))
+    _syslog = syslog
+
+
 def _close_syslog():
     global _syslog
     if _syslog is not None:
@@ -194,7 +263,12 @@ def _close_syslog():
     _syslog = None
 
 
-def _emit(level, msg, peer):
+def startup_error(msg):
+    """Logs an error that stops start-up: also on stderr, plain, even with --log-file."""
+    _emit("error", msg, None, plain_stderr=True)
+
+
+def _emit(level, msg, peer, plain_stderr=False):
     state = _state
     if _LEVELS[level] > state.max_level:
         return
@@ -211,9 +285,11 @@ def _emit(level, msg, peer):
         stamp = ""
     line = "emailrelay: %s%s: %s\n" % (stamp, word, text)
     with _lock:
+        if plain_stderr:
+            _write_stderr("emailrelay: %s: %s\n" % (word, text))
         if state.file_pattern:
             _write_file(state.file_pattern, local_time, line)
-        elif state.to_stderr:
+        elif state.to_stderr and not plain_stderr:
             _write_stderr(line)
         if state.syslog_facility:
             _write_syslog(state.syslog_facility, level, "%s: %s" % (word, text))
@@ -227,11 +303,18 @@ def _write_file(pattern, local_time, line):
             _open_file(path)
         _file.write(line.encode("utf-8", "backslashreplace"))
     except OSError as e:
-        # The log file is gone or full: say so on stderr if it is still open.
-        if _state.to_stderr:
-            _write_stderr("emailrelay: error: cannot write log file %s: %s\n"
-                          % (path, e.strerror or e))
+        _report_file_error(path, e, line)
+
+
+def _report_file_error(path, e, line):
+    """The log file cannot be opened or written: say so loudly elsewhere."""
+    text = "cannot write log file %s: %s" % (sanitise(path), e.strerror or e)
+    if _state.to_stderr:
+        _write_stderr("emailrelay: error: %s\n" % text)
+        if line is not None:
             _write_stderr(line)
+    if _state.syslog_facility:
+        _write_syslog(_state.syslog_facility, "error", "error: " + text)
 
 
 def _write_stderr(line):
@@ -246,10 +329,6 @@ def _write_stderr(line):
 
 
 def _write_syslog(facility, level, text):
-    global _syslog
     if _syslog is None:
-        import syslog
-        syslog.openlog("emailrelay", syslog.LOG_PID,
-                       getattr(syslog, "LOG_" + facility.upper(), syslog.LOG_MAIL))
-        _syslog = syslog
+        _open_syslog(facility)
     _syslog.syslog(getattr(_syslog, _SYSLOG_PRIORITY[level]), text)

@@ -80,12 +80,33 @@ def run(argv=None):
         return EXIT_FAILURE
     for note in cfg.notes:
         log.verbose(note)
+    if not cfg.given("domain") and options.domain_is_localhost(cfg.domain):
+        log.warning("this host is only called localhost: using %s as --domain (the EHLO "
+                    "name and greeting); set --domain to a name the next hop accepts"
+                    % cfg.domain)
     try:
         app = _build(cfg)
     except StartupError as e:
-        log.error(str(e))
+        log.startup_error(str(e))
         return EXIT_FAILURE
     return _run(cfg, app)
+
+
+def entry(function=None):
+    """Runs `function` (default run) as a program's entry point; returns its status.
+
+    Writing to a closed pipe (`emailrelay --version | grep -q x`) ends the
+    program quietly with status 1, as a C program's SIGPIPE would, rather
+    than with a traceback.
+    """
+    try:
+        return (function or run)()
+    except BrokenPipeError:
+        # Later flushes of the dead stream (at exit) must not complain either.
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+        return EXIT_FAILURE
 
 
 def _load_secrets(path, what):
@@ -129,6 +150,7 @@ def _build(cfg):
 
     if cfg.filter or cfg.client_filter or cfg.address_verifier:
         from . import filters, verifier
+        _resolve_programs(cfg)
         try:
             services.filters = [filters.make(s, cfg.filter_timeout, rescan_cb=lambda: _rescan(services))
                                 for s in cfg.filter or []]
@@ -152,6 +174,7 @@ def _build(cfg):
     if cfg.server_auth:
         services.server_secrets = _load_secrets(cfg.server_auth, "--server-auth")
         services.server_auth = _server_auth(services.server_secrets, cfg, "--server-auth")
+        _check_server_secrets(services.server_secrets, "--server-auth")
     if cfg.pop_auth:
         services.pop_secrets = _load_secrets(cfg.pop_auth, "--pop-auth")
         services.pop_auth = _server_auth(services.pop_secrets, cfg, "--pop-auth")
@@ -176,7 +199,7 @@ def _build(cfg):
             if client_tls_wanted:
                 client_tls = tls.client_context(cfg)
         except (OSError, ValueError) as e:
-            raise StartupError("tls: %s" % e) from None
+            raise StartupError("tls: %s" % _tls_error_text(e)) from None
 
     if cfg.forward_to:
         from . import forwarder
@@ -188,6 +211,7 @@ def _build(cfg):
                 events=services.events, stats=services.stats)
         except ValueError as e:
             raise StartupError("--forward-to: %s" % e) from None
+        _check_forward_to(cfg.forward_to)
 
     if not cfg.dont_serve:
         services.server = _listen(cfg, services)
@@ -231,37 +255,131 @@ def _listen(cfg, services):
     return server
 
 
+# Program specs that are not a path to run.
+_SPECIAL_PROGRAMS = ("exit:", "net:", "spam:", "spam-edit:")
+
+
+def _resolve_programs(cfg):
+    """Makes relative program paths in the filter/verifier options absolute.
+
+    They are resolved against the start-up directory, before daemonising
+    changes it to /. The `exit:`, `net:` and `spam:` forms are left alone;
+    a program that is not there or not executable is a start-up error.
+    """
+    for option in ("filter", "client_filter"):
+        values = getattr(cfg, option) or []
+        values[:] = [_resolve_program(spec, "--" + option.replace("_", "-")) for spec in values]
+    if cfg.address_verifier:
+        cfg.address_verifier = _resolve_program(cfg.address_verifier, "--address-verifier")
+
+
+def _resolve_program(spec, option):
+    import shlex
+    text = spec.strip()
+    if not text or text.startswith(_SPECIAL_PROGRAMS):
+        return spec
+    try:
+        program = shlex.split(text)[0]
+    except (ValueError, IndexError):
+        return spec  # filters.make() reports the syntax error
+    path = program
+    if not os.path.isabs(program):
+        if "/" not in program and not os.path.exists(program):
+            import shutil
+            from .filters import FILTER_ENV_PATH
+            found = shutil.which(program, path=FILTER_ENV_PATH)
+            if found is None:
+                raise StartupError("%s %s: no such program" % (option, spec))
+            return spec
+        path = os.path.abspath(program)
+    if not os.path.isfile(path):
+        raise StartupError("%s %s: no such program" % (option, spec))
+    if not os.access(path, os.X_OK):
+        raise StartupError("%s %s: not executable" % (option, spec))
+    if path == program:
+        return spec
+    rest = text[len(program):] if text.startswith(program) else \
+        " " + " ".join(shlex.quote(a) for a in shlex.split(text)[1:])
+    return shlex.quote(path) + rest
+
+
+def _program_paths(cfg):
+    """The absolute program paths the filter/verifier options will run."""
+    import shlex
+    specs = list(cfg.filter or []) + list(cfg.client_filter or []) + \
+        ([cfg.address_verifier] if cfg.address_verifier else [])
+    for spec in specs:
+        text = spec.strip()
+        if text.startswith(_SPECIAL_PROGRAMS):
+            continue
+        program = shlex.split(text)[0]
+        if os.path.isabs(program):
+            yield spec, program
+
+
+def _check_server_secrets(holder, option):
+    """A --server-auth file with no accounts and no trusted addresses is refused.
+
+    Every client would have to authenticate and none could: the relay would
+    refuse all mail, which is never what the administrator meant.
+    """
+    if isinstance(holder, str):
+        return
+    secrets = holder.get()
+    if not secrets.has_server() and not secrets.has_trusted():
+        raise StartupError("%s %s: no server accounts and no trusted addresses (server lines): "
+                           "every client would be refused" % (option, holder.path))
+
+
+def _tls_error_text(e):
+    if isinstance(e, OSError) and e.filename:
+        return "%s: %s" % (e.filename, e.strerror or e)
+    return str(e)
+
+
+def _check_forward_to(value):
+    """Refuses a --forward-to host that is neither an address nor a host name."""
+    import ipaddress
+    import re
+    from . import addresses
+    host = addresses.parse_forward_to(value)[0]
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            raise StartupError("--forward-to %s: invalid address" % value) from None
+    elif not re.match(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$", host):
+        raise StartupError("--forward-to %s: invalid host name" % value)
+
+
 def _run(cfg, services):
     """Daemonises, drops privileges, starts forwarding and serves until stopped."""
     from . import log, process
     try:
-        services.spool.recover()
-    except OSError as e:
-        log.error("cannot read spool directory %s: %s" % (cfg.spool_dir, e))
+        entry = process.user_entry(cfg.user)
+    except process.ProcessError as e:
+        log.startup_error(str(e))
+        return EXIT_FAILURE
+    _preload(cfg, entry)
+    error = _preflight(cfg, entry)
+    if error:
+        log.startup_error(error)
         return EXIT_FAILURE
     if cfg.dont_serve:
         return _run_client(cfg, services)
     server = services.server
-    try:
-        _check_user(cfg)
-    except StartupError as e:
-        log.error(str(e))
-        return EXIT_FAILURE
-    _preload(cfg)
+    group = entry.pw_gid if entry is not None else None
     process.set_umask()
     try:
         if not cfg.no_daemon:
-            process.daemonise(cfg.pid_file)
+            process.daemonise(cfg.pid_file, group)
         elif cfg.pid_file:
-            process.write_pid_file(cfg.pid_file)
+            process.write_pid_file(cfg.pid_file, group)
     except process.ProcessError as e:
-        log.error(str(e))
+        log.startup_error(str(e))
         return EXIT_FAILURE
     try:
-        try:
-            process.switch_user(cfg.user)
-        except process.ProcessError as e:
-            log.error(str(e))
+        if not _drop_privileges(cfg) or not _recover(cfg, services):
             return EXIT_FAILURE
         signals = process.Signals(wakeup_fd=server.wakeup_fd())
         stop = services.stop_event
@@ -294,105 +412,149 @@ def _run(cfg, services):
             process.remove_pid_file(cfg.pid_file)
 
 
-def _switching_user(cfg):
-    return os.geteuid() == 0 and cfg.user and cfg.user != "root"
-
-
-def _check_user(cfg):
-    """Checks, before daemonising, that --user exists and can write the spool.
-
-    The check runs in a short-lived child that really switches user, so what
-    it finds is what the daemon will find; a failure here still reaches the
-    caller's terminal and exit status.
-    """
-    if not _switching_user(cfg):
-        if not os.access(cfg.spool_dir, os.W_OK | os.X_OK):
-            raise StartupError("spool directory %s is not writable" % cfg.spool_dir)
-        return
-    import pwd
+def _drop_privileges(cfg):
+    """Switches the effective ids to --user; False (logged) on failure."""
+    from . import log, process
     try:
-        pwd.getpwnam(cfg.user)
-    except KeyError:
-        raise StartupError("--user: no such user: %s" % cfg.user) from None
-    from . import process
-    pid = os.fork()
-    if pid == 0:
+        entry = process.drop_privileges(cfg.user)
+    except process.ProcessError as e:
+        log.startup_error(str(e))
+        return False
+    if entry is not None:
+        log.verbose("switched to user %s (uid %d)" % (cfg.user, entry.pw_uid))
+    return True
+
+
+def _recover(cfg, services):
+    """Repairs what a dead process left in the spool; False (logged) on failure.
+
+    It runs after the switch to --user, in spool windows like every other
+    spool operation: under a capability bounding set without
+    CAP_DAC_OVERRIDE (the systemd unit), root can reach a spool owned by
+    --user only through the user's group.
+    """
+    from . import log
+    try:
+        services.spool.recover()
+    except OSError as e:
+        log.startup_error("cannot read spool directory %s: %s" % (cfg.spool_dir, e.strerror or e))
+        return False
+    return True
+
+
+def _preflight(cfg, entry):
+    """Checks, before daemonising, what the program will do as --user.
+
+    Without a user switch: the spool must be writable. With one, a short-
+    lived child switches like the daemon and checks that the programs it
+    will run are executable by the user and that logging works; the error
+    text is the real cause of a failure.
+    """
+    from . import log, process
+    if entry is None:
+        if not os.access(cfg.spool_dir, os.W_OK | os.X_OK):
+            return "spool directory %s is not writable" % cfg.spool_dir
+        return None
+    programs = list(_program_paths(cfg))
+
+    def programs_runnable():
+        for spec, path in programs:
+            if not os.access(path, os.X_OK, effective_ids=True):
+                return "%s: not executable by user %s (see --user)" % (spec, cfg.user)
+        return None
+
+    def spool_readable():
+        # Only filters read the spool as --user; the program itself
+        # reclaims root for spool files.
+        if programs and not os.access(cfg.spool_dir, os.R_OK | os.X_OK, effective_ids=True):
+            log.warning("spool directory %s cannot be read by user %s: filter and verifier "
+                        "programs run as that user" % (cfg.spool_dir, cfg.user))
+        return None
+
+    def logging_works():
+        log.debug("start-up check as user %s" % cfg.user)
+        return None
+    return process.preflight(cfg.user, [programs_runnable, spool_readable, logging_works])
+
+
+def _preload(cfg, entry):
+    """Imports everything the program may need while it is still root.
+
+    After --user the interpreter's own library may no longer be readable (a
+    Python installed under /root, say), and a module first imported then
+    would fail in the middle of a session. Every module of this package is
+    imported, and the standard-library modules they import lazily.
+    """
+    if entry is None:
+        return
+    import importlib
+    import pkgutil
+    package = os.path.dirname(os.path.abspath(__file__))
+    names = ["emailrelay." + m.name for m in pkgutil.iter_modules([package])
+             if m.name not in ("__main__",)]
+    names += _LAZY_STDLIB
+    for name in names:
         try:
-            process.switch_user(cfg.user)
-            ok = os.access(cfg.spool_dir, os.W_OK | os.X_OK)
-        except Exception:
-            ok = False
-        os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-        raise StartupError("spool directory %s is not writable by user %s (see --user)"
-                           % (cfg.spool_dir, cfg.user))
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 # Standard-library modules that parts of the program import only when first
-# used, by the configuration that uses them.
-_LAZY_MODULES = {
-    "filters": ["selectors", "signal", "subprocess", "shlex"],
-    "forward": ["smtplib", "select", "emailrelay.forwarder", "emailrelay.smtp_client",
-                "emailrelay.socks", "emailrelay.sasl", "emailrelay.filters"],
-    "tls": ["ssl", "emailrelay.tls"],
-    "auth": ["emailrelay.sasl", "emailrelay.pam", "ctypes", "ctypes.util", "hmac"],
-    "syslog": ["syslog"],
-    "always": ["encodings.idna", "encodings.latin_1", "encodings.ascii", "encodings.utf_8"],
-}
-
-
-def _preload(cfg):
-    """Imports what this configuration will need while still privileged.
-
-    After --user drops root, the interpreter's own library may no longer be
-    readable (a Python installed under /root, say), and a module first
-    imported then would fail in the middle of a session.
-    """
-    if not _switching_user(cfg):
-        return
-    import importlib
-    wanted = ["always"]
-    if cfg.filter or cfg.client_filter or cfg.address_verifier:
-        wanted.append("filters")
-    if cfg.forward_to:
-        wanted.append("forward")
-    if cfg.server_tls or cfg.server_tls_connection or cfg.client_tls or cfg.client_tls_connection \
-            or cfg.client_tls_required:
-        wanted.append("tls")
-    if cfg.server_auth or cfg.pop_auth or cfg.client_auth:
-        wanted.append("auth")
-    # Logging opens syslog for warnings and errors even without --log.
-    if not cfg.no_syslog or cfg.syslog:
-        wanted.append("syslog")
-    for group in wanted:
-        for name in _LAZY_MODULES[group]:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass
+# used.
+_LAZY_STDLIB = ["selectors", "signal", "subprocess", "shlex", "shutil", "smtplib", "select",
+                "ssl", "ctypes", "ctypes.util", "hmac", "hashlib", "syslog", "functools",
+                "ipaddress", "pwd", "grp", "email", "email.utils", "email.parser",
+                "encodings.idna", "encodings.latin_1", "encodings.ascii", "encodings.utf_8",
+                "stringprep", "unicodedata", "base64", "binascii", "uuid", "queue"]
 
 
 def _run_client(cfg, services):
-    """--as-client / --dont-serve: forward once and exit with the outcome."""
-    from . import log
+    """--as-client / --dont-serve: forward once and exit with the outcome.
+
+    SIGTERM and SIGINT stop it as they stop the daemon: the message in hand
+    is finished, the others stay queued (no `.busy` file is left).
+    """
+    from . import log, process
     if services.forwarder is None:
         return EXIT_OK
-    ok = services.forwarder.run_once()
+    if not _drop_privileges(cfg) or not _recover(cfg, services):
+        return EXIT_FAILURE
+    signals = process.Signals()
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(services.forwarder.run_once()),
+                              name="forwarder")
+    try:
+        worker.start()
+        stopping = False
+        while worker.is_alive():
+            worker.join(0.2)
+            if signals.stop.is_set() and not stopping:
+                stopping = True
+                log.info("stopping")
+                services.forwarder.stop()
+    finally:
+        signals.restore()
+    ok = bool(outcome) and outcome[0]
     if not ok:
         log.error("forwarding failed: not every message was forwarded")
     return EXIT_OK if ok else EXIT_FAILURE
 
 
 def _reload(services):
-    """SIGHUP: reopen the log file and re-read the secrets files."""
-    from . import log
+    """SIGHUP: reopen the log file and re-read the secrets files.
+
+    Both happen in a root window, so that root-only (0600) secrets files and
+    log files in root's directories still work after --user.
+    """
+    from . import log, process
     log.reopen()
     for holder in (services.server_secrets, services.pop_secrets):
         if holder is None or isinstance(holder, str):
             continue
         try:
-            holder.reload()
+            with process.privileged():
+                holder.reload()
             log.info("re-read secrets file %s" % holder.path)
         except Exception as e:
             log.error("cannot re-read secrets file: %s (keeping the old one)" % e)

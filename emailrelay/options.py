@@ -168,7 +168,9 @@ OPTIONS = [
        "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page)."),
     _O("domain", "D", "<fqdn>", "SMTP server",
        "Sets the name used in EHLO, the greeting, Received lines and authentication "
-       "challenges. The default is this host's fully qualified name."),
+       "challenges. The default is this host's fully qualified name, else its host name, "
+       "else the address literal of the outgoing interface (a warning is logged when the "
+       "host is only called localhost)."),
     _O("filter", "z", "<program>", "SMTP server",
        "Runs the given filter program on each message as it is stored. Exit codes 1 to 99 "
        "reject the message. exit:<number> emulates a program that exits with that "
@@ -356,9 +358,44 @@ _NO_EFFECT = {
 
 
 def default_domain():
-    """This host's fully qualified name, the default --domain (a DNS look-up)."""
+    """The default --domain: this host's name, looked up once (may use DNS).
+
+    The fully qualified name (socket.getfqdn()) unless it is only
+    localhost, else the host name, else the address literal of the
+    interface that outgoing connections use (such as `[192.0.2.2]`), else
+    `localhost`; `domain_is_localhost()` then says so.
+    """
     import socket
-    return socket.getfqdn()
+    for name in (socket.getfqdn(), socket.gethostname()):
+        if name and not _is_localhost(name):
+            return name
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            # connect() on a datagram socket sends nothing: it only picks
+            # the route, and so the outgoing address.
+            s.connect(("192.0.2.1", 25))
+            address = s.getsockname()[0]
+        if address and not address.startswith("127."):
+            return "[%s]" % address
+    except OSError:
+        pass
+    return "localhost"
+
+
+def _is_localhost(name):
+    name = name.lower().rstrip(".")
+    return name in ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback") \
+        or name.startswith("localhost.")
+
+
+def domain_is_localhost(name):
+    """True when a --domain value names no host but this one's loopback.
+
+    A default --domain of that kind (or an address literal chosen because
+    the host's name is localhost) deserves a warning: a next hop may refuse
+    it in EHLO.
+    """
+    return _is_localhost(name) or name.startswith("[")
 
 
 def app_dir():

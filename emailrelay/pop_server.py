@@ -48,6 +48,7 @@ import time
 from . import dotstuff
 from . import log
 from . import net
+from . import process
 from . import sasl
 
 # RFC 2449 allows 255 octets for a command line; a little slack for clients
@@ -130,8 +131,9 @@ class _MaildropLock:
                 raise MaildropError("[IN-USE] maildrop locked")
             self._held.add(self.key)
         try:
-            self.fd = os.open(os.path.join(self.key, LOCK_FILE),
-                              os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with process.privileged(group=False):
+                self.fd = os.open(os.path.join(self.key, LOCK_FILE),
+                                  os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as e:
             self._forget()
             log.warning("pop: cannot open lock file in %s: %s" % (self.key, e.strerror))
@@ -193,7 +195,8 @@ class Maildrop:
         # spool.committed() finds a sub-directory's shared content in the spool.
         for item in spool.committed(directory):
             try:
-                st = os.lstat(item.content_path)
+                with process.privileged(group=False):
+                    st = os.lstat(item.content_path)
             except OSError:
                 # Forwarded or deleted since the scan, or a stray envelope.
                 continue
@@ -583,7 +586,8 @@ class PopSession:
 
     def _send_message(self, m, ok_text, body_lines):
         try:
-            f = open_content(m.content_path)
+            with process.privileged(group=False):
+                f = open_content(m.content_path)
         except OSError as e:
             reason = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
             log.warning("pop: cannot open %s: %s" % (m.content_path, reason), peer=self.peer)

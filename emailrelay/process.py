@@ -4,7 +4,10 @@
   file the original process exits only once the file exists, so init systems
   that read the pid file (systemd `Type=forking`) see the right process.
 - `write_pid_file` / `remove_pid_file`.
-- `switch_user(name)` drops root privileges for good.
+- `drop_privileges(name)` switches the effective user and group to `name`;
+  `privileged()` reclaims root for a short window (see "Privileges" below);
+  `child_ids()` makes a child program run with the user's real and
+  effective ids; `preflight(name, checks)` runs checks as that user.
 - `NORMAL_UMASK` and `set_umask()` (spool files get mode 0660 from the
   spool module whatever the umask).
 - `notify_ready()` tells systemd (`Type=notify`) that start-up is done.
@@ -15,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 from . import log
 
@@ -32,13 +36,14 @@ def set_umask(mask=NORMAL_UMASK):
     return os.umask(mask)
 
 
-def daemonise(pid_file=None):
+def daemonise(pid_file=None, group=None):
     """Becomes a background daemon; returns in the daemon process only.
 
     Forks twice with setsid() in between, changes directory to / and points
     stdin and stdout at /dev/null (stderr stays until log.close_stderr()).
     The original process exits: with status 0 once the daemon has written
-    `pid_file` (when given), or 1 if the daemon failed before that. Call it
+    `pid_file` (when given, with `group` as for write_pid_file), or 1 if the
+    daemon failed before that. Call it
     before any thread is started: fork() copies only the calling thread.
     """
     for stream in (sys.stdout, sys.stderr):
@@ -67,23 +72,55 @@ def daemonise(pid_file=None):
         os.close(fd)
     try:
         if pid_file:
-            write_pid_file(pid_file)
+            write_pid_file(pid_file, group)
             os.write(write_fd, b"ok")
     finally:
         os.close(write_fd)
 
 
-def write_pid_file(path):
+def _make_directories(directory):
+    """Creates `directory` and missing parents with mode 0755 whatever the umask."""
+    if os.path.isdir(directory):
+        return
+    previous = os.umask(0o022)
+    try:
+        os.makedirs(directory, 0o755, exist_ok=True)
+    finally:
+        os.umask(previous)
+
+
+def _create_with_group(path, group):
+    """Creates `path` for writing; with `group`, under that effective group.
+
+    Switching the effective group (as E-MailRelay does for spool files)
+    gives the file that group without chown(), which root may not do
+    without CAP_CHOWN when it is not in the group. Call it before threads
+    start: the switch is process-wide.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if group is None:
+        return os.open(path, flags, 0o644)
+    previous = os.getegid()
+    os.setegid(group)
+    try:
+        return os.open(path, flags, 0o644)
+    finally:
+        os.setegid(previous)
+
+
+def write_pid_file(path, group=None):
     """Writes this process's id to `path` (mode 644), creating its directory.
 
-    The file is written under a temporary name and renamed, so a reader
-    never sees it empty. Raises ProcessError.
+    Missing directories are created with mode 0755. With `group` (a gid)
+    the file belongs to that group (root and the --user group, as
+    E-MailRelay). The file is written under a temporary name and renamed,
+    so a reader never sees it empty. Raises ProcessError.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = "%s.%d.tmp" % (path, os.getpid())
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _make_directories(directory)
+        fd = _create_with_group(tmp, group)
         try:
             os.fchmod(fd, 0o644)
             os.write(fd, b"%d\n" % os.getpid())
@@ -99,36 +136,208 @@ def write_pid_file(path):
 
 
 def remove_pid_file(path):
-    """Removes the pid file if it still holds this process's id."""
-    try:
-        with open(path) as f:
-            if f.read().strip() != str(os.getpid()):
-                return
-        os.unlink(path)
-    except (OSError, ValueError):
-        pass
+    """Removes the pid file if it still holds this process's id.
+
+    Runs in a root window, so it works after drop_privileges() even when
+    only root may write the pid file's directory.
+    """
+    with privileged():
+        try:
+            with open(path) as f:
+                if f.read().strip() != str(os.getpid()):
+                    return
+            os.unlink(path)
+        except (OSError, ValueError) as e:
+            if not isinstance(e, FileNotFoundError):
+                log.warning("cannot remove pid file %s: %s" % (path, getattr(e, "strerror", None) or e))
 
 
-def switch_user(name):
-    """When running as root, becomes user `name` (groups, gid, uid) for good.
+# -- privileges
+#
+# Started as root, the program keeps root as its real and saved user id and
+# switches only the effective ids to --user (seed 000, "Security issues"),
+# so it can take root back for a moment: to bind, to do spool file i/o, to
+# write and remove the pid file, to re-read root-only secrets files and to
+# reopen log files. On Linux the effective ids are process-wide (glibc's
+# seteuid() changes every thread), so a window opened by one thread gives
+# root to all of them until the last window closes: windows are counted,
+# never nested wrongly, and kept short (one spool operation, one open()).
 
-    Does nothing when not root or when `name` is None or "root". Raises
-    ProcessError for an unknown user or a failed switch.
+_ids_lock = threading.Lock()
+_user_ids = None      # (uid, gid) once drop_privileges() has switched
+_uid_windows = 0      # open privileged() windows, all kinds
+_gid_windows = 0      # open windows that also took the root group back
+
+
+class _Window:
+    """A root window: the effective ids are root's while any window is open."""
+
+    def __init__(self, group):
+        self._group = group
+
+    def __enter__(self):
+        global _uid_windows, _gid_windows
+        ids = _user_ids
+        if ids is None:
+            return self
+        with _ids_lock:
+            if _uid_windows == 0:
+                os.seteuid(0)
+            _uid_windows += 1
+            if self._group:
+                if _gid_windows == 0:
+                    os.setegid(0)
+                _gid_windows += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _uid_windows, _gid_windows
+        ids = _user_ids
+        if ids is None:
+            return False
+        with _ids_lock:
+            if self._group:
+                _gid_windows -= 1
+                if _gid_windows == 0:
+                    os.setegid(ids[1])
+            _uid_windows -= 1
+            if _uid_windows == 0:
+                os.seteuid(ids[0])
+        return False
+
+
+_FULL_WINDOW = _Window(group=True)
+_SPOOL_WINDOW = _Window(group=False)
+
+
+def privileged(group=True):
+    """A context manager that reclaims root for the `with` block.
+
+    With `group` the effective group goes back to root's as well (pid file,
+    secrets, log files); without, only the user id does, so that files
+    created in the block belong to root and to the --user group (spool
+    files). Does nothing until drop_privileges() has switched; safe from
+    any thread and when nested.
+    """
+    return _FULL_WINDOW if group else _SPOOL_WINDOW
+
+
+def spool_privileged(function):
+    """Decorates a spool operation to run in a root window (user id only)."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _SPOOL_WINDOW:
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def user_entry(name):
+    """The pwd entry of --user `name`, or None when no switch is due.
+
+    None when not running as root or when `name` is empty or "root".
+    Raises ProcessError for an unknown user.
     """
     if os.geteuid() != 0 or not name or name == "root":
-        return
+        return None
     import pwd
     try:
-        entry = pwd.getpwnam(name)
+        return pwd.getpwnam(name)
     except KeyError:
         raise ProcessError("--user: no such user: %s" % log.sanitise(name)) from None
+
+
+def _switch_effective(entry):
+    os.setgroups([entry.pw_gid])
+    os.setegid(entry.pw_gid)
+    os.seteuid(entry.pw_uid)
+
+
+def drop_privileges(name):
+    """Switches the effective user and group to --user `name`; returns the entry.
+
+    Real and saved ids stay root's, so privileged() can reclaim root. The
+    supplementary groups become the user's group alone. Returns None (and
+    does nothing) when no switch is due (see user_entry). Raises
+    ProcessError for an unknown user or a failed switch.
+    """
+    global _user_ids
+    entry = user_entry(name)
+    if entry is None:
+        return None
     try:
-        os.setgroups([entry.pw_gid])
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
+        _switch_effective(entry)
     except OSError as e:
         raise ProcessError("cannot switch to user %s: %s" % (name, e.strerror or e)) from None
-    log.verbose("switched to user %s (uid %d)" % (name, entry.pw_uid))
+    _user_ids = (entry.pw_uid, entry.pw_gid)
+    return entry
+
+
+def user_ids():
+    """(uid, gid) of --user after drop_privileges(), else None."""
+    return _user_ids
+
+
+def child_ids():
+    """Keyword arguments for subprocess.Popen so that a child is never root.
+
+    After drop_privileges() the child's real and effective ids become the
+    --user ids before it execs (its supplementary groups are already only
+    the user's group); before, or when no switch was due, nothing changes.
+    """
+    ids = _user_ids
+    if ids is None:
+        return {}
+    uid, gid = ids
+    if sys.version_info >= (3, 9):
+        return {"user": uid, "group": gid}
+
+    def become_user():
+        os.setregid(gid, gid)
+        os.setreuid(uid, uid)
+    return {"preexec_fn": become_user}
+
+
+def preflight(name, checks):
+    """Runs `checks` in a short-lived child that switched like the daemon will.
+
+    `checks` is a list of callables, each returning None or an error text.
+    Returns the first error text, or None. An unexpected exception in a
+    check is returned as what it is, never as some other failure. Call it
+    before daemonising, so that the error reaches the terminal.
+    """
+    entry = user_entry(name)
+    if entry is None:
+        return None
+    read_fd, write_fd = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        try:
+            try:
+                _switch_effective(entry)
+                error = None
+                for check in checks:
+                    error = check()
+                    if error:
+                        break
+            except OSError as e:
+                error = "as user %s: %s" % (name, e)
+            except Exception as e:
+                error = "as user %s: %s: %s" % (name, type(e).__name__, e)
+            if error:
+                os.write(write_fd, error.encode("utf-8", "backslashreplace"))
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        text = pipe.read().decode("utf-8", "replace")
+    os.waitpid(pid, 0)
+    return text or None
 
 
 def notify_ready():

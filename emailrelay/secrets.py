@@ -5,7 +5,9 @@ ignored; every other line has white-space separated fields:
 
     client|server  plain|plain:b|md5|none|oauth  <user>  <secret>  [<selector>]
 
-The first two fields are case-insensitive. `<user>` is xtext; `<secret>` is
+The first two fields are case-insensitive. The mechanism words of older
+E-MailRelay files are accepted too: `login` means `plain`, `cram-md5` and
+`apop` mean `md5`. `<user>` is xtext; `<secret>` is
 the xtext password (`plain`), an `emailrelay-passwd` state (`md5`, any form
 `md5state.decode_state` reads) or, for `client oauth`, a bearer token for
 XOAUTH2. With `plain:b` (newer E-MailRelay versions) the user and password
@@ -28,6 +30,9 @@ import ipaddress
 from . import addresses, md5state, xtext
 
 PAM_PATH = "/pam"
+
+# Mechanism words of older E-MailRelay secrets files, and what they mean now.
+_LEGACY_KINDS = {"login": "plain", "cram-md5": "md5", "apop": "md5"}
 
 
 class SecretsError(Exception):
@@ -92,6 +97,7 @@ class Secrets:
     def _add(self, fields):
         side = fields[0].lower()
         kind = fields[1].lower() if len(fields) > 1 else ""
+        kind = _LEGACY_KINDS.get(kind, kind)
         if side not in ("client", "server"):
             raise ValueError("first field must be 'client' or 'server', not %r" % fields[0])
         if side == "server" and len(fields) != 4:
@@ -136,6 +142,10 @@ class Secrets:
     def has_server(self):
         """True when there is at least one server account (not counting trusted lines)."""
         return bool(self._server)
+
+    def has_trusted(self):
+        """True when there is at least one trusted-address (`server none`) line."""
+        return bool(self._trusted)
 
     def has_client(self):
         """True when there is at least one client line."""

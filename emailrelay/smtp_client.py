@@ -25,6 +25,7 @@ import socket
 from . import addresses
 from . import log
 from . import options
+from . import process
 from . import xtext
 
 BLOCK_SIZE = 65536
@@ -384,7 +385,7 @@ class Client:
     def _commands(self, claim):
         """MAIL, RCPT... (and DATA unless BDAT) for a message; raises _NeedsExtension."""
         env = claim.envelope
-        params = self._mail_params(env, os.path.getsize(claim.content_path))
+        params = self._mail_params(env, _content_size(claim.content_path))
         commands = ["MAIL FROM:<%s>%s" % (env.from_, "".join(" " + p for p in params))]
         commands += ["RCPT TO:<%s>" % r for r in env.to_remote]
         if env.content != "binarymime":
@@ -484,7 +485,7 @@ class Client:
         sock = self.smtp.sock
         pending = []
         pending_size = 0
-        with open(path, "rb") as f:
+        with _open_content(path) as f:
             for block in data_blocks(f):
                 pending.append(block)
                 pending_size += len(block)
@@ -498,7 +499,7 @@ class Client:
     def _send_bdat(self, path):
         """Sends the exact bytes in BDAT chunks, the last one marked LAST."""
         sock = self.smtp.sock
-        with open(path, "rb") as f:
+        with _open_content(path) as f:
             block = f.read(BLOCK_SIZE)
             while True:
                 following = f.read(BLOCK_SIZE) if block else b""
@@ -519,3 +520,15 @@ def _describe(e):
         return "timed out"
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return text
+
+
+def _open_content(path):
+    """Opens a spool content file for sending (in a root window after --user)."""
+    with process.privileged(group=False):
+        return open(path, "rb")
+
+
+def _content_size(path):
+    """The size of a spool content file (in a root window after --user)."""
+    with process.privileged(group=False):
+        return os.path.getsize(path)

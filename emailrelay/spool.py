@@ -24,7 +24,10 @@ take that lock: do not run `recover()` while it forwards from the same spool.)
 
 Files are created with mode 0660 (E-MailRelay's umask 117) via `os.open` and
 `fchmod`, whatever the process umask (`main` sets a stricter one for
-everything else).
+everything else). After --user, every operation
+on spool paths runs in a root window with only the user id reclaimed
+(`process.spool_privileged`), so new files belong to root and the --user
+group and a root-only spool directory still works.
 """
 
 import collections
@@ -34,6 +37,7 @@ import os
 import threading
 import time
 
+from . import process
 from .envelope import Envelope, EnvelopeError, reason_lines
 
 FILE_MODE = 0o660
@@ -208,6 +212,7 @@ def _subdirectories(directory):
         return []
 
 
+@process.spool_privileged
 def content_shared(content_path, except_path=None):
     """True if an envelope other than `except_path` refers to this content file.
 
@@ -237,6 +242,7 @@ class Spool:
         self.directory = os.path.abspath(directory)
         self._free = (None, None)
 
+    @process.spool_privileged
     def free_kbytes(self):
         """KiB available to us in the spool's file system (None if unknown).
 
@@ -264,6 +270,7 @@ class Spool:
         """Creates the content file of a new message; returns a NewMessage."""
         return NewMessage(self)
 
+    @process.spool_privileged
     def _create_content(self):
         pid = _pid()
         while True:
@@ -295,11 +302,13 @@ class Spool:
                             yield entry.name[:-len(suffix)], state, entry.path
                         break
 
+    @process.spool_privileged
     def ids(self):
         """Committed (`.envelope`) message ids, oldest first."""
         found = [(i, p) for i, state, p in self._scan() if state == "ready"]
         return [i for i, p in sorted(found, key=lambda ip: _sort_key(*ip))]
 
+    @process.spool_privileged
     def list_messages(self):
         """Every envelope as `(id, state)`, oldest first.
 
@@ -309,6 +318,7 @@ class Spool:
         found.sort(key=lambda isp: (_sort_key(isp[0], isp[2]), isp[1]))
         return [(i, s) for i, s, p in found]
 
+    @process.spool_privileged
     def committed(self, directory=None):
         """Committed envelopes of the spool or of one of its sub-directories.
 
@@ -329,6 +339,7 @@ class Spool:
         out.sort(key=lambda kc: kc[0])
         return [c for k, c in out]
 
+    @process.spool_privileged
     def failures(self):
         """`(id, reason)` for each `.bad` envelope; reason is the latest one ('' if none)."""
         out = []
@@ -349,6 +360,7 @@ class Spool:
         out.sort(key=lambda ir: _sort_key(ir[0], ""))
         return out
 
+    @process.spool_privileged
     def unfail_all(self):
         """Renames every `.bad` envelope back to `.envelope`; returns how many."""
         count = 0
@@ -365,6 +377,7 @@ class Spool:
 
     # -- forwarding
 
+    @process.spool_privileged
     def claim(self, message_id):
         """Claims a committed message for forwarding.
 
@@ -412,6 +425,7 @@ class Spool:
 
     # -- start-up
 
+    @process.spool_privileged
     def recover(self):
         """Repairs what a dead process left behind; safe with live sharers.
 
@@ -482,6 +496,7 @@ class Spool:
 
     # -- deleting (POP)
 
+    @process.spool_privileged
     def remove_envelope(self, envelope_path, content_path):
         """Deletes an envelope, and its content unless another envelope refers to it."""
         os.unlink(envelope_path)
@@ -552,6 +567,7 @@ class NewMessage:
         if fd is not None:
             os.close(fd)
 
+    @process.spool_privileged
     def write_envelope(self, env):
         """Writes and fsyncs the `.envelope.new` file (replacing any earlier one).
 
@@ -573,6 +589,7 @@ class NewMessage:
         _write_all(fd, env.to_bytes())
         _datasync(fd)
 
+    @process.spool_privileged
     def finish(self, env):
         """Commits the message; returns its id. The caller may then reply 250.
 
@@ -623,6 +640,7 @@ class NewMessage:
             os.close(self._envelope_fd)
             self._envelope_fd = None
 
+    @process.spool_privileged
     def disown(self):
         """Lets go of the message without touching its files (a filter exited 100).
 
@@ -636,6 +654,7 @@ class NewMessage:
         fsync_directory(self.spool.directory)
         _debug(self.id, "left to the filter (exit 100)")
 
+    @process.spool_privileged
     def abandon(self):
         """Removes whatever was written; safe to call twice, and after finish() a no-op."""
         if self._fd is not None:
@@ -676,6 +695,7 @@ class Claim:
             os.close(self._fd)
             self._fd = None
 
+    @process.spool_privileged
     def release(self):
         """Puts the message back to `.envelope` (to be tried again later)."""
         try:
@@ -684,6 +704,7 @@ class Claim:
             self._unlock()
         _debug(self.id, "released (.envelope)")
 
+    @process.spool_privileged
     def delete(self):
         """Removes the envelope, and the content unless another envelope refers to it."""
         try:
@@ -694,6 +715,7 @@ class Claim:
             self._unlock()
         _debug(self.id, "deleted")
 
+    @process.spool_privileged
     def fail(self, reason, code=None):
         """Appends the reason (and code) to the envelope and renames it `.bad`."""
         try:
@@ -705,6 +727,7 @@ class Claim:
             self._unlock()
         _debug(self.id, "failed (.envelope.bad): %s" % reason)
 
+    @process.spool_privileged
     def rewrite(self, env):
         """Replaces the envelope with `env` atomically, keeping the claim's lock."""
         tmp = self.envelope_path + ".tmp"

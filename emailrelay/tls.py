@@ -55,13 +55,24 @@ def _load_certificate(ctx, files, option):
     files = _as_list(files)
     if not files:
         return
-    if len(files) == 1:
-        ctx.load_cert_chain(certfile=files[0])
-    elif len(files) == 2:
-        ctx.load_cert_chain(certfile=files[1], keyfile=files[0])
-    else:
+    if len(files) > 2:
         raise ValueError("%s: give one file (key and certificate) or two (key, then "
                          "certificate)" % option)
+    try:
+        if len(files) == 1:
+            ctx.load_cert_chain(certfile=files[0])
+        else:
+            ctx.load_cert_chain(certfile=files[1], keyfile=files[0])
+    except OSError as e:
+        raise ValueError("%s %s: %s" % (option, " ".join(files), _file_error(e))) from None
+
+
+def _file_error(e):
+    """An OSError or ssl.SSLError from loading a file, as a short reason."""
+    import ssl
+    if isinstance(e, ssl.SSLError):
+        return "not a usable PEM key and certificate (%s)" % (e.reason or e)
+    return e.strerror or str(e)
 
 
 def _load_verify(ctx, ca, purpose):
@@ -72,7 +83,10 @@ def _load_verify(ctx, ca, purpose):
     elif os.path.isdir(ca):
         ctx.load_verify_locations(capath=ca)
     else:
-        ctx.load_verify_locations(cafile=ca)
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except OSError as e:
+            raise ValueError("CA file %s: %s" % (ca, _file_error(e))) from None
 
 
 def server_context(cfg):

@@ -17,8 +17,6 @@ def _wrap(text, width, indent):
 
 
 def _default_note(opt):
-    if opt.name == "domain":
-        return "this host's name"
     if opt.default is None or opt.kind in ("flag", "optional") or opt.multi:
         return None
     return str(opt.default)
@@ -51,17 +49,34 @@ def help_text(verbose):
     return "\n".join(lines) + "\n"
 
 
+COPYRIGHT = "Copyright (C) 2026 the emailrelay for Python developers"
+WARRANTY = "This software is provided without warranty of any kind."
+
+
 def version_text(verbose):
-    """The --version text; with `verbose`, what this build and host can do."""
+    """The --version text; with `verbose`, the build report E-MailRelay prints.
+
+    The verbose layout is E-MailRelay 2.6's (banner, blank line, copyright,
+    blank line, one `Feature: state` line each, blank line, licence), which
+    wrappers grep; PAM, DNSBL and Python lines are ours.
+    """
     text = "emailrelay %s\n" % __version__
-    if verbose:
-        import importlib.util
-        import ctypes.util
-        tls = "available" if importlib.util.find_spec("ssl") else "not available"
-        pam = "available" if ctypes.util.find_library("pam") else "not available"
-        text += ("Python: %s\nTLS: %s\nPAM: %s\nDNSBL: enabled\n"
-                 % (sys.version.split()[0], tls, pam))
-    return text
+    if not verbose:
+        return text
+    import ctypes.util
+    try:
+        import ssl
+        tls = ssl.OPENSSL_VERSION
+    except ImportError:
+        tls = "none"
+    pam = "enabled" if ctypes.util.find_library("pam") else "disabled"
+    features = [("Multi-threading", "enabled"), ("Unix domain sockets", "enabled"),
+                ("POP server", "enabled"), ("Admin server", "enabled"), ("TLS library", tls),
+                ("PAM", pam), ("DNSBL", "enabled"), ("Python", sys.version.split()[0])]
+    lines = [text.rstrip("\n"), "", COPYRIGHT, ""]
+    lines += ["%s: %s" % feature for feature in features]
+    lines += ["", WARRANTY]
+    return "\n".join(lines) + "\n"
 
 
 def _roff(text):
@@ -137,6 +152,94 @@ def man_page():
               "link-local) client addresses too, which it otherwise lets through unchecked: "
               "for testing a block-list set-up from the relay's own host, connecting from "
               "127.0.0.2, say."),
+        ".SH PRIVILEGES",
+        _roff("Started as root, the program binds its ports and then runs with the effective "
+              "user and group of --user (default daemon), keeping root as its real and saved "
+              "user id. It takes root back for moments only: to create, rename and read spool "
+              "files (only the user id, so new files are owned by root with the --user group, "
+              "mode 0660), to write and remove the pid file (root, --user group), to re-read "
+              "the secrets files and to reopen the log file on SIGHUP. Filters and verifiers "
+              "run with the --user ids, real and effective, never as root."),
+        ".SH SECRETS FILE",
+        _roff("One entry per line: client|server, a mechanism, a name and a secret. Names and "
+              "plain passwords are xtext: + followed by two hex digits stands for a byte, so "
+              "a space is +20 and = is +3D. plain lines hold the password; md5 lines hold the "
+              "output of emailrelay-passwd, so the file never holds the password itself (such "
+              "lines serve CRAM-MD5 and APOP, not PLAIN or LOGIN). 'server none <address> "
+              "<keyword>' trusts clients from an address, a wildcard such as 192.168.0.* or a "
+              "network such as 10.0.0.0/8: they need not authenticate, and the keyword goes "
+              "to the address verifier. The older words login (for plain), cram-md5 and apop "
+              "(for md5) are accepted. A --server-auth file with neither accounts nor trusted "
+              "addresses is refused at start-up. For example:"),
+        ".nf",
+        ".RS",
+        "server plain alice my+20secret",
+        "server md5 bob Or9RzqbiyG274KCY4bnnqKsH77SKdgvoDANvOZHvscaM",
+        "server none 192.168.0.0/24 lan",
+        "client plain relayuser smarthost+2Dpassword",
+        ".RE",
+        ".fi",
+        ".SH FILTER EXIT CODES",
+        _roff("A --filter runs with the content file and the envelope file as arguments. Exit "
+              "0 accepts the message; 1 to 99 reject it (a line of output like <<reason>> or "
+              "[[reason]] gives the reason); 100 cancels it: the client is told it was "
+              "accepted and the filter owns the files (it may have moved or removed them); 102 "
+              "cancels it and asks for a rescan of the spool; 103 accepts it and rescans, so "
+              "it is forwarded at once. A --client-filter runs before each message is "
+              "forwarded: 0 sends it, 1 to 99 fail it to .bad, 100 skips it, 102 sends it and "
+              "stops the pass, 103 sends it."),
+        ".SH SPOOL FILES",
+        _roff("Each message is a .content file and an envelope whose suffix is its state: "
+              ".envelope.new while it is received and filtered, .envelope once committed and "
+              "waiting, .envelope.busy while a forwarder sends it, .envelope.bad after a "
+              "failure (the reason is appended as X-MailRelay-Reason), .envelope.local for "
+              "local recipients. A .bad message stays until emailrelay-resubmit (say from "
+              "cron) renames it back to .envelope, up to --retries times; the admin command "
+              "unfail-all does the same at once. Delete both files to discard a message."),
+        ".SH ADMIN COMMANDS",
+        _roff("With --admin <port>, a telnet-style interface on that port (local clients "
+              "only) takes: help; flush (forward now and report); forward (forward now, no "
+              "wait); list (the queued messages); failures (the .bad messages and their "
+              "reasons); unfail-all (queue the .bad messages again); status (counters); "
+              "notify (report events as they happen); pid; quit; terminate (with "
+              "--admin-terminate)."),
+        ".SH EXAMPLES",
+        _roff("A storage daemon that forwards from cron every five minutes, with a crontab "
+              "line:"),
+        ".nf",
+        ".RS",
+        "emailrelay \\-\\-as\\-server \\-\\-spool\\-dir /var/spool/emailrelay",
+        "*/5 * * * * /usr/local/sbin/emailrelay \\-\\-as\\-client smtp.example.net:25",
+        ".RE",
+        ".fi",
+        ".PP",
+        _roff("An ip-up hook (etc/ip-up.emailrelay, installed as /etc/ppp/ip-up.d/emailrelay) "
+              "forwards when the link comes up; set SMARTHOST in /etc/default/emailrelay."),
+        ".PP",
+        _roff("logrotate: etc/logrotate.emailrelay (installed as /etc/logrotate.d/emailrelay) "
+              "rotates /var/log/emailrelay/*.log and sends SIGHUP; the new file gets the old "
+              "one's owner and mode."),
+        ".PP",
+        _roff("systemd: make install writes emailrelay.service with the installed paths and "
+              "hardening (ProtectSystem=strict, NoNewPrivileges, a capability bounding set of "
+              "CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID); systemctl enable --now emailrelay, "
+              "systemctl reload emailrelay for SIGHUP."),
+        ".PP",
+        _roff("A smarthost with TLS and AUTH (the client line of the secrets file holds the "
+              "account):"),
+        ".nf",
+        ".RS",
+        "emailrelay \\-\\-as\\-proxy smtp.example.net:587 \\-\\-client\\-tls \\-\\-client\\-auth /etc/emailrelay.auth",
+        ".RE",
+        ".fi",
+        ".PP",
+        _roff("POP by name: each user reads a sub-directory of the spool filled by "
+              "emailrelay-filter-copy:"),
+        ".nf",
+        ".RS",
+        "emailrelay \\-\\-as\\-server \\-\\-pop \\-\\-pop\\-by\\-name \\-\\-pop\\-auth /etc/emailrelay.pop \\-\\-filter emailrelay\\-filter\\-copy",
+        ".RE",
+        ".fi",
         ".SH EXIT STATUS",
         ".TP",
         ".B 0",
@@ -162,6 +265,7 @@ def man_page():
         ".BR emailrelay\\-passwd (1),",
         ".BR emailrelay\\-resubmit (1),",
         ".BR emailrelay\\-filter\\-copy (1),",
+        ".BR emailrelay\\-sendmail (1),",
         ".BR syslog (3)",
     ]
     return "\n".join(out) + "\n"

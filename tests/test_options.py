@@ -373,8 +373,8 @@ def test_verbose_help_shows_every_option_by_group():
 def test_version_text():
     assert usage.version_text(False) == "emailrelay %s\n" % usage.__version__
     text = usage.version_text(True)
-    assert re.search(r"^TLS: (not )?available$", text, re.M)
-    assert re.search(r"^PAM: (not )?available$", text, re.M)
+    assert re.search(r"^TLS library: (OpenSSL .*|none)$", text, re.M)
+    assert re.search(r"^PAM: (en|dis)abled$", text, re.M)
 
 
 def test_man_page_is_generated_from_the_table():

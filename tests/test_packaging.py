@@ -3,6 +3,7 @@ program, Python 3.8 compatibility, and `make install`."""
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,18 +154,25 @@ def test_vermin_says_python_3_8_is_enough():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_make_install(tmp_path):
+def make_install(tmp_path, *variables):
     dest = tmp_path / "dest"
-    result = run(["make", "-s", "install", "DESTDIR=%s" % dest, "PREFIX=/usr",
-                  "PYTHON=%s" % sys.executable])
+    result = run(["make", "-s", "install", "DESTDIR=%s" % dest, "PYTHON=%s" % sys.executable,
+                  "SPOOLDIR=/var/spool/emailrelay"] + list(variables))
     assert result.returncode == 0, result.stderr
+    return dest
+
+
+def test_make_install(tmp_path):
+    dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=/usr/lib/python3/dist-packages")
     assert (dest / "usr/lib/emailrelay/emailrelay/main.py").is_file()
     assert not list((dest / "usr/lib/emailrelay").rglob("__pycache__"))
     assert (dest / "usr/share/man/man1/emailrelay.1").is_file()
+    assert (dest / "usr/share/man/man1/emailrelay-sendmail.1").is_file()
     assert (dest / "etc/emailrelay.conf.example").is_file()
     assert (dest / "usr/lib/systemd/system/emailrelay.service").is_file()
-    for tool in ("submit", "passwd", "resubmit", "filter-copy"):
+    for tool in ("submit", "passwd", "resubmit", "filter-copy", "sendmail"):
         assert os.access(str(dest / "usr/sbin" / ("emailrelay-" + tool)), os.X_OK)
+    assert not (dest / "usr/sbin/sendmail").exists(), "sendmail only when asked"
     # The launcher names /usr/lib/emailrelay; point Python at the staged copy.
     env = clean_env()
     env["PYTHONPATH"] = str(dest / "usr/lib/emailrelay")
@@ -176,10 +184,80 @@ def test_make_install(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_make_install_honours_prefix_and_sysconfdir(tmp_path):
+    dest = make_install(tmp_path, "PREFIX=/opt/x", "PYTHONSITE=")
+    assert (dest / "opt/x/etc/emailrelay.conf.example").is_file()
+    assert not (dest / "etc").exists(), "nothing outside PREFIX but the spool"
+    assert (dest / "opt/x/etc/logrotate.d/emailrelay").is_file()
+    assert os.access(str(dest / "opt/x/etc/ppp/ip-up.d/emailrelay"), os.X_OK)
+    dest2 = make_install(tmp_path / "two", "PREFIX=/opt/x", "SYSCONFDIR=/etc/x", "PYTHONSITE=")
+    assert (dest2 / "etc/x/emailrelay.conf").is_file()
+    with open(str(dest2 / "opt/x/lib/systemd/system/emailrelay.service")) as f:
+        unit = f.read()
+    assert "ExecStart=/opt/x/sbin/emailrelay --no-daemon --log /etc/x/emailrelay.conf\n" in unit
+    assert "ReadWritePaths=/var/spool/emailrelay " in unit
+    assert "@" not in unit.replace("@system-service", "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the spool to the run user needs root")
+def test_make_install_creates_spool_and_minimal_config_once(tmp_path):
+    import pwd
+    dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=")
+    spool = dest / "var/spool/emailrelay"
+    st = os.stat(str(spool))
+    assert st.st_uid == pwd.getpwnam("daemon").pw_uid and st.st_mode & 0o7777 == 0o770
+    conf = dest / "etc/emailrelay.conf"
+    with open(str(conf)) as f:
+        text = f.read()
+    assert "spool-dir /var/spool/emailrelay\n" in text and "user daemon\n" in text
+    # The installed config is a configuration the program accepts.
+    check = run([sys.executable, "-m", "emailrelay", str(conf), "--help"], env=clean_env())
+    assert check.returncode == 0, check.stderr
+    conf.write_text("# mine\n")
+    make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=")
+    assert conf.read_text() == "# mine\n", "an existing config is never overwritten"
+
+
+def test_python_m_emailrelay_after_install_and_sendmail_when_asked(tmp_path):
+    """A real install (no DESTDIR) under a scratch PREFIX, site directory and spool."""
+    prefix, site_dir = tmp_path / "prefix", tmp_path / "site"
+    result = run(["make", "-s", "install", "PREFIX=%s" % prefix, "PYTHONSITE=%s" % site_dir,
+                  "SPOOLDIR=%s" % (tmp_path / "spool"), "SENDMAIL=yes",
+                  "PYTHON=%s" % sys.executable])
+    assert result.returncode == 0, result.stderr
+    assert (site_dir / "emailrelay.pth").read_text() == "%s/lib/emailrelay\n" % prefix
+    assert os.readlink(str(prefix / "sbin/sendmail")) == "emailrelay-sendmail"
+    # site.addsitedir() is what the interpreter does with its own site
+    # directory at start-up: then "python3 -m emailrelay" finds the package.
+    code = ("import runpy, site, sys; site.addsitedir(%r); sys.argv = ['emailrelay', '--version']; "
+            "runpy.run_module('emailrelay', run_name='__main__', alter_sys=True)" % str(site_dir))
+    result = run([sys.executable, "-c", code], cwd=str(tmp_path), env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("emailrelay ")
+    result = run([str(prefix / "sbin/sendmail"), "-bp"], cwd=str(tmp_path), env=clean_env())
+    assert result.returncode == 64 and "emailrelay-sendmail: usage error" in result.stderr
+
+
+def test_systemd_analyze_security_rates_the_unit(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing: run tests/install-deps.sh"
+    dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=")
+    unit = str(dest / "usr/lib/systemd/system/emailrelay.service")
+    result = run([analyze, "security", "--offline=yes", "--no-pager", unit])
+    text = result.stdout + result.stderr
+    match = re.search(r"Overall exposure level for emailrelay.service: ([0-9.]+) (\w+)", text)
+    assert match, text
+    assert float(match.group(1)) <= 3.0, text
+
+
 def test_systemd_unit_and_ci_script():
-    with open(os.path.join(ROOT, "etc", "emailrelay.service")) as f:
+    with open(os.path.join(ROOT, "etc", "emailrelay.service.in")) as f:
         unit = f.read()
     assert "Type=notify" in unit and "--no-daemon" in unit
+    for hardening in ("ProtectSystem=strict", "ReadWritePaths=@SPOOLDIR@", "PrivateTmp=yes",
+                      "NoNewPrivileges=yes", "ProtectHome=yes",
+                      "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID"):
+        assert hardening in unit
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert "make test" in f.read()
     assert os.access(os.path.join(ROOT, ".ci", "run"), os.X_OK)

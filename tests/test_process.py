@@ -250,8 +250,12 @@ def test_switch_user_when_root(tmp_path):
         prog.wait_listening()
         with open("/proc/%d/status" % prog.pid) as f:
             status = f.read()
-        uids = [line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")][0]
-        assert uids == [str(nobody.pw_uid)] * 4
+        ids = {line.split(":")[0]: line.split()[1:] for line in status.splitlines()}
+        # Effective (and file-system) ids are the user's; real and saved stay
+        # root's so that root can be reclaimed for a moment.
+        assert ids["Uid"] == ["0", str(nobody.pw_uid), "0", str(nobody.pw_uid)]
+        assert ids["Gid"] == ["0", str(nobody.pw_gid), "0", str(nobody.pw_gid)]
+        assert ids["Groups"] == [str(nobody.pw_gid)]
     finally:
         status = prog.stop()
         shutil.rmtree(spool)

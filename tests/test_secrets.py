@@ -141,3 +141,31 @@ def test_reload_keeps_old_on_failure(tmp_path):
     with pytest.raises(secrets.SecretsError):
         holder.reload()
     assert holder.get().server_secret("alice").password == "two"
+
+
+def test_legacy_mechanism_words(tmp_path):
+    """Older E-MailRelay files: login is plain, cram-md5 and apop are md5."""
+    text = ("server LOGIN alice e+3Dmc2\n"
+            "server cram-md5 bob Or9RzqbiyG274KCY4bnnqKsH77SKdgvoDANvOZHvscaM\n"
+            "server APOP carol OselCSkBfX+x34UtTPj1uLPK1yKE/i/lqKi8/qwcEim8\n"
+            "client login dave pw\n")
+    s = secrets.Secrets.load(write(tmp_path, text))
+    assert (s.server_secret("alice").kind, s.server_secret("alice").password) == ("plain", "e=mc2")
+    assert s.server_secret("bob").state == md5state.hmac_md5_state(b"e=mc2")
+    assert s.server_secret("carol").kind == "md5"
+    assert (s.client_secret().kind, s.client_secret().password) == ("plain", "pw")
+
+
+def test_legacy_login_line_authenticates_through_the_program(tmp_path):
+    import smtplib
+    from helpers import Relay
+    path = write(tmp_path, "server login alice secret\nserver cram-md5 bob %s\n"
+                 % md5state.encode_state("bob-pw"))
+    with Relay(tmp_path, ["--server-auth", path]) as relay:
+        for user, password, mechanism in (("alice", "secret", "PLAIN"), ("bob", "bob-pw", "CRAM-MD5")):
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+                c.ehlo("client.test")
+                c.user, c.password = user, password
+                code = c.auth(mechanism, getattr(c, "auth_" + mechanism.lower().replace("-", "_")),
+                              initial_response_ok=False)[0]
+                assert code == 235, (user, mechanism)

@@ -135,8 +135,8 @@ class _Writer:
         self._out(data)
 
 
-def _copy_input(stream, writer):
-    """Streams `stream` into `writer`, stopping at EOF or a '.' line.
+def _copy_input(stream, writer, dot_ends=True):
+    """Streams `stream` into `writer`, stopping at EOF or (with `dot_ends`) a '.' line.
 
     Lines are read in pieces of at most CHUNK bytes, so an overlong line
     never sits in memory whole.
@@ -154,7 +154,7 @@ def _copy_input(stream, writer):
             text = piece[:-1] if piece.endswith(b"\n") else piece
             if text.endswith(b"\r"):
                 text = text[:-1]
-            if at_start and text == b".":
+            if dot_ends and at_start and text == b".":
                 return
             writer.line(text)
             at_start = True
@@ -231,13 +231,38 @@ def _content_lines(args):
     return head, body, target is body
 
 
+def store(spool_dir, make_writer, feed, envelope_for):
+    """Stores one message in the spool the durable way; returns the NewMessage.
+
+    `make_writer(message)` returns the content writer (a `_Writer`),
+    `feed(writer)` streams the content into it and `envelope_for(writer)`
+    returns the Envelope once the content is complete. The message is
+    committed as the server commits one; on any failure it is abandoned
+    (nothing is left in the spool) and the exception propagates.
+    """
+    message = spool.Spool(spool_dir).new_message()
+    try:
+        writer = make_writer(message)
+        feed(writer)
+        writer.end_headers()
+        env = envelope_for(writer)
+        message.commit_content()
+        message.write_envelope(env)
+        message.finish(env)
+    except BaseException:
+        message.abandon()
+        raise
+    return message
+
+
 def submit(args, stdin):
     """Stores the message described by the parsed arguments; returns the NewMessage."""
     recipients = _recipients(args)
     for addr in [args.from_ or ""] + recipients:
         if "\r" in addr or "\n" in addr:
             raise SubmitError("line break in an address")
-    store = spool.Spool(args.spool_dir)
+    if not os.path.isdir(args.spool_dir):
+        raise spool.SpoolError("spool directory does not exist: %s" % args.spool_dir)
     head, body, head_ended = _content_lines(args)
     source = None
     if args.input_file:
@@ -247,15 +272,16 @@ def submit(args, stdin):
             raise SubmitError("cannot read %s: %s" % (args.input_file, e.strerror)) from None
     elif not args.no_stdin:
         source = stdin
-    message = store.new_message()
-    try:
-        from_addr = args.from_ or ""
-        drop = set()
-        if args.content_from:
-            drop |= {"from", "sender"}
-        if args.content_to:
-            drop |= {"to", "cc", "bcc"}
-        writer = _Writer(message, _synthetic(args, from_addr or "anonymous", recipients), drop)
+    drop = set()
+    if args.content_from:
+        drop |= {"from", "sender"}
+    if args.content_to:
+        drop |= {"to", "cc", "bcc"}
+
+    def make_writer(message):
+        return _Writer(message, _synthetic(args, args.from_ or "anonymous", recipients), drop)
+
+    def feed(writer):
         for line in head:
             writer.line(line)
         if head_ended or args.body:
@@ -264,10 +290,12 @@ def submit(args, stdin):
             writer.line(line)
         if source is not None:
             _copy_input(source, writer)
-        writer.end_headers()
+
+    def envelope_for(writer):
+        from_addr = args.from_ or ""
         if not from_addr:
             from_addr = _header_address(writer.seen["from"]) if "from" in writer.seen else ""
-        env = envelope.Envelope(
+        return envelope.Envelope(
             content="8bit" if writer.eight_bit else "7bit",
             from_=from_addr or "anonymous",
             to_remote=recipients,
@@ -277,16 +305,11 @@ def submit(args, stdin):
             mail_from_auth_out=_auth_value(args.from_auth_out),
             utf8_mailbox_names=not all(a.isascii() for a in [from_addr] + recipients),
         )
-        message.commit_content()
-        message.write_envelope(env)
-        message.finish(env)
-    except BaseException:
-        message.abandon()
-        raise
+    try:
+        return store(args.spool_dir, make_writer, feed, envelope_for)
     finally:
         if source is not None and source is not stdin:
             source.close()
-    return message
 
 
 def run(argv=None):
