@@ -97,12 +97,6 @@ def _load_secrets(path, what):
         raise StartupError("%s: %s" % (what, e)) from None
 
 
-def _rescan(services):
-    """A filter asked for a spool rescan (exit 102/103): run a forwarding pass."""
-    if services.forwarder is not None:
-        services.forwarder.trigger()
-
-
 def _server_auth(holder, cfg, what):
     from . import sasl
     try:
@@ -125,7 +119,7 @@ def _build(cfg):
     if cfg.filter or cfg.client_filter or cfg.address_verifier:
         from . import filters, verifier
         try:
-            services.filters = [filters.make(s, cfg.filter_timeout, rescan_cb=lambda: _rescan(services))
+            services.filters = [filters.make(s, cfg.filter_timeout)
                                 for s in cfg.filter or []]
             client_filters = [filters.make(s, cfg.filter_timeout, kind="client")
                               for s in cfg.client_filter or []]
@@ -316,7 +310,7 @@ def _check_user(cfg):
 # used, by the configuration that uses them.
 _LAZY_MODULES = {
     "filters": ["selectors", "signal", "subprocess", "shlex"],
-    "forward": ["smtplib", "select", "emailrelay.forwarder", "emailrelay.smtp_client",
+    "forward": ["select", "emailrelay.forwarder", "emailrelay.dotstuff", "emailrelay.smtp_client",
                 "emailrelay.socks", "emailrelay.sasl", "emailrelay.filters"],
     "tls": ["ssl", "emailrelay.tls"],
     "auth": ["emailrelay.sasl", "emailrelay.pam", "ctypes", "ctypes.util", "hmac"],

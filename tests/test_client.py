@@ -6,7 +6,6 @@ where the test must see the exact bytes on the wire or make the next hop
 advertise or refuse particular things.
 """
 
-import io
 import os
 import socket
 import subprocess
@@ -186,33 +185,6 @@ def claim_one(directory, message_id):
     claim = spool_mod.Spool(str(directory)).claim(message_id)
     assert claim is not None
     return claim
-
-
-# -- data_blocks: what goes on the wire for DATA ------------------------------
-
-def encode(content, block_size=smtp_client.BLOCK_SIZE):
-    return b"".join(smtp_client.data_blocks(io.BytesIO(content), block_size))
-
-
-@pytest.mark.parametrize("content, wire", [
-    (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
-    (b"a\nb\n", b"a\r\nb\r\n.\r\n"),
-    (b"a\rb\r", b"a\r\nb\r\n.\r\n"),
-    (b"a\r\r\nb", b"a\r\n\r\nb\r\n.\r\n"),
-    (b".start\r\n..two\r\nmid.dle\r\n.\r\n", b"..start\r\n...two\r\nmid.dle\r\n..\r\n.\r\n"),
-    (b"x\n.\ny", b"x\r\n..\r\ny\r\n.\r\n"),
-    (b"", b".\r\n"),
-])
-def test_data_encoding(content, wire):
-    assert encode(content) == wire
-
-
-def test_data_encoding_is_the_same_for_any_block_size():
-    content = b".a\r\nb\rc\n\r\n.\r.\n..\r\r\n\n\rend"
-    whole = encode(content)
-    assert b"\r\n.\r\n" not in whole[:-3]
-    for size in range(1, 12):
-        assert encode(content, size) == whole
 
 
 # -- a session against real and scripted next hops ----------------------------
@@ -425,5 +397,5 @@ def test_client_interface_wildcard_picks_the_address_family(tmp_path, scripted):
     assert client.send(claim_one(tmp_path, mid)).ok
     client.quit()
     v6 = smtp_client.Client(options.parse(base + ["--client-interface", "::"]))
-    with pytest.raises(smtp_client.ConnectionFailure, match="cannot connect to localhost"):
+    with pytest.raises(smtp_client.ConnectionFailure, match='dns error: no such host: "localhost"'):
         v6.connect()
