@@ -527,8 +527,9 @@ class Forwarder:
                          code, result)
             return
         delay = min(self.retry_interval * 2 ** (count - 1), self.retry_max_interval)
-        next_time = now + delay
-        claim.defer(envelope_mod.Retry(count, int(math.ceil(next_time)), first, reason))
+        # Whole seconds, as the envelope keeps them.
+        next_time = int(math.ceil(now + delay))
+        claim.defer(envelope_mod.Retry(count, next_time, first, reason))
         self._schedule[claim.id] = next_time
         result.deferred += 1
         log.warning("forwarding: %s: temporary failure %d: %s: next attempt in %ss"

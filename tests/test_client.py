@@ -24,7 +24,7 @@ class ScriptedServer:
     """A minimal SMTP server on a free port that records what it receives.
 
     `extensions`: EHLO keywords to advertise; `reject`: {address: reply}
-    for RCPT; `mail_reply`/`data_reply`: replies to MAIL and end-of-data.
+    for RCPT (may be changed while it runs); `port`: 0 for a free one; `mail_reply`/`data_reply`: replies to MAIL and end-of-data.
     `sessions` holds one dict per connection with `commands` (lines) and
     `data` (raw bytes between 354 and the terminator, still dot-stuffed)
     and `bdat` (the concatenated BDAT chunks). It speaks just enough SMTP
@@ -33,7 +33,7 @@ class ScriptedServer:
 
     def __init__(self, extensions=("PIPELINING", "8BITMIME", "SIZE 1000000"), reject=None,
                  mail_reply=b"250 2.1.0 ok", data_reply=b"250 2.0.0 queued", greeting=True,
-                 tls=None, implicit=False):
+                 tls=None, implicit=False, port=0):
         self.extensions = list(extensions)
         self.tls = tls
         self.implicit = implicit
@@ -45,7 +45,8 @@ class ScriptedServer:
         self.greeting = greeting
         self.sessions = []
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(5)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
