@@ -348,7 +348,7 @@ class Forwarder:
         self._publish("forwarding: start")
         client = None
         settler = _Settler()
-        claims = self._claims(force)
+        claims = self._claims(force, result)
         claim = next(claims, None)
         following = None
         try:
@@ -402,8 +402,16 @@ class Forwarder:
             log.error("forwarding: %s: messages stay queued until the next attempt" % e)
             _release(claim)
 
-    def _claims(self, force):
-        """Claims the messages due for an attempt one at a time, oldest first."""
+    def _claims(self, force, result):
+        """Claims the messages due for an attempt one at a time, oldest first.
+
+        A message whose envelope cannot be read is failed by the spool and
+        counted in `result`.
+        """
+        def unreadable(reason):
+            result.failed += 1
+            result.reason = reason
+            self._count("messages-failed")
         ids = self.spool.ids()
         present = set(ids)
         for gone in [i for i in self._schedule if i not in present]:
@@ -413,7 +421,7 @@ class Forwarder:
             due = self._schedule.get(message_id)
             if not force and due is not None and due > now:
                 continue
-            claim = self.spool.claim(message_id)
+            claim = self.spool.claim(message_id, failed=unreadable)
             if claim is None:
                 self._schedule.pop(message_id, None)
                 continue
@@ -568,10 +576,10 @@ class Forwarder:
     def _forward_immediate(self, session, message_id):
         """Sends one message on the session's connection; see ImmediateSession.forward()."""
         from . import smtp_client
+        result = PassResult()
         claim = self.spool.claim(message_id)
         if claim is None:
             return None
-        result = PassResult()
         try:
             if not self._prepare(claim, result):
                 claim = None

@@ -341,12 +341,13 @@ class Spool:
 
     # -- forwarding
 
-    def claim(self, message_id):
+    def claim(self, message_id, failed=None):
         """Claims a committed message for forwarding.
 
         Returns a Claim (holding the envelope's lock) or None if another
         claimer won, the message is gone, or its envelope is corrupt (then it
-        is renamed `.bad` with the reason appended, and a warning logged).
+        is renamed `.bad` with the reason appended, a warning logged, and
+        `failed(reason)` called when given).
         """
         ready = self.path(message_id, READY)
         busy = self.path(message_id, BUSY)
@@ -355,7 +356,10 @@ class Spool:
         except FileNotFoundError:
             return None
         except OSError as e:
-            self._fail_unreadable(message_id, ready, "cannot open envelope: %s" % e.strerror)
+            reason = "cannot open envelope: %s" % e.strerror
+            self._fail_unreadable(message_id, ready, reason)
+            if failed is not None:
+                failed(reason)
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -375,6 +379,8 @@ class Spool:
             reason = "invalid envelope file: %s" % (e,)
             _log("warning", "spool: %s: %s" % (os.path.basename(busy), reason))
             claim.fail(reason, 0)
+            if failed is not None:
+                failed(reason)
             return None
         return claim
 

@@ -25,8 +25,9 @@ class ScriptedServer:
 
     `extensions`: EHLO keywords to advertise; `reject`: {address: reply}
     for RCPT (may be changed while it runs); `port`: 0 for a free one; `mail_reply`/`data_reply`: replies to MAIL and end-of-data.
-    `sessions` holds one dict per connection with `commands` (lines) and
-    `data` (raw bytes between 354 and the terminator, still dot-stuffed)
+    `sessions` holds one dict per connection with `commands` (lines),
+    `data` (raw bytes between 354 and the terminator, still dot-stuffed;
+    `messages` has every one of the session)
     and `bdat` (the concatenated BDAT chunks). It speaks just enough SMTP
     for the client under test.
     """
@@ -61,7 +62,7 @@ class ScriptedServer:
             threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def _session(self, conn):
-        record = {"commands": [], "data": b"", "bdat": b"", "tls": False, "error": None}
+        record = {"commands": [], "data": b"", "bdat": b"", "tls": False, "error": None, "messages": []}
         self.sessions.append(record)
         if self.implicit:
             try:
@@ -105,6 +106,7 @@ class ScriptedServer:
                             return
                         data += chunk
                     record["data"] = data
+                    record["messages"].append(data)
                     reply(self.data_reply)
                 elif verb == "BDAT":
                     size = int(cmd.split()[1])
