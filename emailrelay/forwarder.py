@@ -339,15 +339,15 @@ class Forwarder:
         """One pass over the spool with one connection; returns a PassResult.
 
         With `force`, messages waiting for their retry time are tried too.
-        Deleting a sent message is done by a helper thread while the next
-        message's commands are answered, and finished before its content
-        goes out.
+        A sent message's envelope is removed before the next message's
+        content goes out; the rest of the deletion is done by a helper
+        thread (see _Deletions).
         """
         from . import smtp_client
         result = PassResult()
         self._publish("forwarding: start")
         client = None
-        settler = _Settler()
+        settler = _Deletions(self._sent)
         claims = self._claims(force, result)
         claim = next(claims, None)
         following = None
@@ -486,7 +486,7 @@ class Forwarder:
             return
         if following is not None and not following.envelope.to_remote:
             following = None
-        outcome = client.send(claim, following, before_content=settler.wait)
+        outcome = client.send(claim, following, before_content=settler.flush)
         self._settle(claim, outcome, result, settler)
 
     def _settle(self, claim, outcome, result, settler=None):
@@ -514,9 +514,10 @@ class Forwarder:
             return
         result.sent += 1
         if settler is None:
-            self._settle_sent(claim)
+            claim.delete()
+            self._sent(claim.id)
         else:
-            settler.put(self._settle_sent, claim)
+            settler.add(claim)
 
     def _temporary(self, claim, reason, code, result):
         """A temporary failure: defer `claim` for a retry, or fail it (see the module docstring)."""
@@ -543,10 +544,6 @@ class Forwarder:
         log.warning("forwarding: %s: temporary failure %d: %s: next attempt in %ss"
                     % (claim.id, count, reason, _seconds(delay)))
         self._publish("deferred %s: %s" % (claim.id, reason))
-
-    def _settle_sent(self, claim):
-        claim.delete()
-        self._sent(claim.id)
 
     def _sent(self, message_id, result=None):
         if result is not None:
@@ -614,42 +611,55 @@ def _seconds(value):
     return ("%d" % value) if value == int(value) else ("%.1f" % value)
 
 
-class _Settler:
-    """Runs spool clean-up calls in order in a helper thread.
+class _Deletions:
+    """Removes sent messages from the spool, bounding what a crash sends twice.
 
-    `wait()` returns when everything put so far is done; `close()` waits
-    and ends the thread.
+    `add(claim)` notes a message the next hop accepted; `flush()` (called
+    before the next message's content goes out, and by `close()`) removes
+    the envelope names of those noted, so at most the message in flight is
+    sent again after a crash. The rest of each deletion (closing the
+    envelope, removing the content file, no longer part of any message)
+    is done by a helper thread while the session goes on: on a journalling
+    file system it costs more than the whole SMTP transaction. `sent(id)`
+    is called for each removed envelope.
     """
 
-    def __init__(self):
+    def __init__(self, sent):
+        self._sent = sent
+        self._claims = []
         self._queue = queue.Queue()
         self._thread = None
 
-    def put(self, fn, *args):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="forwarder settle", daemon=True)
-            self._thread.start()
-        self._queue.put((fn, args))
+    def add(self, claim):
+        self._claims.append(claim)
 
-    def wait(self):
-        if self._thread is not None:
-            self._queue.join()
+    def flush(self):
+        claims, self._claims = self._claims, []
+        for claim in claims:
+            try:
+                claim.remove_envelope()
+            except OSError as e:
+                log.error("forwarding: %s: cannot remove the envelope: %s" % (claim.id, e))
+                continue
+            self._sent(claim.id)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="forwarder clean-up",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.put(claim)
 
     def _run(self):
         while True:
-            item = self._queue.get()
+            claim = self._queue.get()
+            if claim is None:
+                return
             try:
-                if item is None:
-                    return
-                fn, args = item
-                try:
-                    fn(*args)
-                except Exception as e:  # one message's clean-up must not stop the rest
-                    log.error("forwarding: clean-up failed: %s" % e)
-            finally:
-                self._queue.task_done()
+                claim.remove_content()
+            except OSError as e:  # one message's clean-up must not stop the rest
+                log.error("forwarding: %s: cannot remove the content: %s" % (claim.id, e))
 
     def close(self):
+        self.flush()
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()

@@ -667,7 +667,26 @@ class Claim:
     def delete(self):
         """Removes the envelope, and the content unless another envelope refers to it."""
         try:
-            _unlink_quietly(self.envelope_path)
+            self.remove_envelope()
+        finally:
+            self.remove_content()
+
+    def remove_envelope(self):
+        """Removes the envelope's name: the message is gone from the queue.
+
+        The first half of delete(), the only part that must happen before
+        anything else is sent; remove_content() must follow (it may be
+        called from another thread), and ends the claim.
+        """
+        _unlink_quietly(self.envelope_path)
+
+    def remove_content(self):
+        """Ends the claim and removes the content unless another envelope refers to it.
+
+        (Closing the last descriptor of the removed envelope, when the file
+        system frees it, is the slow part of a deletion: it is done here.)
+        """
+        try:
             if not content_shared(self.content_path, self.envelope_path):
                 _unlink_quietly(self.content_path)
         finally:
