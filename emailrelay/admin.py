@@ -1,8 +1,9 @@
 """The administration interface (--admin): a telnet-friendly command line.
 
-`AdminSession(conn, services).run()` serves one connection: it shows the
-prompt `E-MailRelay> `, reads one command per line and answers with text
-lines ending in CRLF. Commands: help, flush, forward, list, failures,
+`AdminSession(conn, services).run()` serves one connection: it reads one
+command per line and answers with text lines ending in CRLF, each answer
+followed by the prompt `E-MailRelay> ` (none on connect, as E-MailRelay:
+a script that sends a command at once reads only its answer). Commands: help, flush, forward, list, failures,
 unfail-all, status, notify, pid, quit, and terminate (only with
 --admin-terminate). Nothing here changes the configuration.
 

@@ -1,30 +1,84 @@
-"""Stored message text made safe to send as SMTP DATA or a POP3 multi-line reply.
+"""The SMTP/POP3 text writer: stored content as it goes on the wire.
 
-`normalise_lines(blocks)` takes the content as an iterator of byte blocks
-of any size and yields it as pieces ready to write:
+Both writers here apply the same rules (RFC 5321 4.5.2, RFC 1939 3): every
+line ending (CRLF, bare CR, bare LF) becomes CRLF, NUL octets are dropped,
+and a line that starts with a dot gets another dot; memory use is bounded
+whatever the line length.
 
-- every line ending (CRLF, a bare LF or a bare CR) becomes CRLF, so no
-  receiver, whatever it takes a line ending to be, sees a line that the
-  sender did not (a `\\r.\\r` cannot become a lone `.` line);
-- NUL octets are dropped (RFC 5321 4.5.2 and RFC 1939 do not allow them in
-  text, and a NUL-stripping receiver would otherwise see `\\r\\n\\x00.\\r\\n`
-  as the end of the data);
-- a line starting with `.` gets another `.` (dot-stuffing), after NULs are
-  dropped;
-- a final line without an ending gets CRLF.
+- `Stuffer` / `blocks(f)` work block by block and add the `.` line: the SMTP
+  client uses them, where only speed matters.
+- `normalise_lines(blocks)` / `file_blocks(f)` yield one line at a time
+  (a line longer than MAX_PIECE in parts) and leave the `.` line to the
+  caller: POP RETR and TOP use them, since TOP counts body lines.
 
-Each yielded piece is either one whole line ending in CRLF, or, for a line
-longer than MAX_PIECE octets, a part of it not ending in CRLF (memory stays
-bounded whatever the line length). The terminating `.` line is the
-caller's.
+Why NUL is dropped: RFC 5321 does not allow it in text, and a receiver that
+strips NUL itself would read `CRLF NUL . CRLF` as the end of the data;
+dropping it before dot-stuffing means such a line goes out as `..`. Content
+that must keep every octet goes by BDAT (BINARYMIME), never through here.
 """
+
 
 import re
 
+BLOCK_SIZE = 65536
+_EOL = re.compile(b"\r\n|\r|\n")
 # A line longer than this is yielded in parts of about this size.
 MAX_PIECE = 65536
 
-_ENDING = re.compile(b"\r\n|\r|\n")
+
+class Stuffer:
+    """Feeds on stored bytes and returns wire bytes; see the module docstring.
+
+    `feed(block)` returns the wire bytes for `block` (possibly empty: a CR
+    at the end of a block is held back until the next one shows whether an
+    LF follows); `end()` returns the rest and the terminator line.
+    """
+
+    def __init__(self):
+        self._at_line_start = True
+        self._pending_cr = False
+
+    def feed(self, block):
+        if self._pending_cr:
+            block = b"\r" + block
+            self._pending_cr = False
+        if b"\0" in block:
+            block = block.replace(b"\0", b"")
+        if block.endswith(b"\r"):
+            block = block[:-1]
+            self._pending_cr = True
+        if not block:
+            return b""
+        crlf = block.count(b"\r\n")
+        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+            block = _EOL.sub(b"\r\n", block)
+        if self._at_line_start and block.startswith(b"."):
+            block = b"." + block
+        block = block.replace(b"\r\n.", b"\r\n..")
+        self._at_line_start = block.endswith(b"\r\n")
+        return block
+
+    def end(self):
+        out = b""
+        if self._pending_cr:
+            self._pending_cr = False
+            self._at_line_start = True
+            out = b"\r\n"
+        return out + (b".\r\n" if self._at_line_start else b"\r\n.\r\n")
+
+
+def blocks(f, block_size=BLOCK_SIZE):
+    """Yields the wire bytes for the content of binary file `f`, terminator last."""
+    stuffer = Stuffer()
+    while True:
+        block = f.read(block_size)
+        if not block:
+            break
+        out = stuffer.feed(block)
+        if out:
+            yield out
+    yield stuffer.end()
+
 
 
 def normalise_lines(blocks):
@@ -39,7 +93,7 @@ def normalise_lines(blocks):
         hold_cr = data.endswith(b"\r")
         if hold_cr:
             data = data[:-1]
-        pieces = _ENDING.split(data)
+        pieces = _EOL.split(data)
         carry = pieces.pop()
         for line in pieces:
             if at_start and line.startswith(b"."):

@@ -12,12 +12,26 @@ Fields an older format lacks get their defaults. `to_bytes()` always writes
 `#2821.8` in E-MailRelay's field order, byte for byte as E-MailRelay does.
 """
 
+import collections
+
 from . import xtext
 
 FORMAT = "#2821.8"
 KNOWN_FORMATS = ("#2821.3", "#2821.4", "#2821.5", "#2821.6", "#2821.7", FORMAT)
 CONTENT_TYPES = ("7bit", "8bit", "binarymime", "unknown")
 PREFIX = b"X-MailRelay-"
+# Bounds on what is read (a spool written by another program may hold
+# anything): the whole file, and one line. A recipient line is at most a few
+# hundred octets and a folded certificate line 64.
+SIZE_LIMIT = 4 * 1024 * 1024
+LINE_LIMIT = 65536
+RETRY_PREFIX = PREFIX + b"Retry:"
+
+Retry = collections.namedtuple("Retry", "count next_time first_time reason")
+Retry.__doc__ = """Automatic retry state kept in the trailer (see `Envelope.retry()`).
+
+`count` temporary failures so far, `next_time` the unix time of the next
+attempt, `first_time` that of the first failure, `reason` the last one."""
 
 
 class EnvelopeError(Exception):
@@ -69,17 +83,53 @@ class Envelope:
                 out.append(line[len(PREFIX) + 7:].strip().decode("utf-8", "replace"))
         return out
 
+    def retry(self):
+        """The Retry state from the trailer, or None when it has none.
+
+        The state is one `X-MailRelay-Retry: <count> <next-time>
+        <first-time> <reason>` line after the `End` line: E-MailRelay's own
+        reader stops at `End` and its tools keep such lines, so a spool with
+        retry state is still an E-MailRelay spool.
+        """
+        state = None
+        for line in self.trailer.splitlines():
+            if line.startswith(RETRY_PREFIX):
+                words = line[len(RETRY_PREFIX):].decode("ascii", "replace").split(None, 3)
+                if len(words) >= 3 and all(w.isdigit() for w in words[:3]):
+                    state = Retry(int(words[0]), int(words[1]), int(words[2]),
+                                  words[3] if len(words) > 3 else "")
+        return state
+
+    def set_retry(self, state):
+        """Replaces any Retry line in the trailer with `state` (None: removes it)."""
+        kept = [line for line in self.trailer.splitlines(True) if not line.startswith(RETRY_PREFIX)]
+        if kept and not kept[-1].endswith(b"\n"):
+            kept[-1] += b"\r\n"
+        if state is not None:
+            kept.append(("X-MailRelay-Retry: %d %d %d %s\r\n" % (
+                state.count, state.next_time, state.first_time, printable(state.reason))).encode("ascii"))
+        self.trailer = b"".join(kept)
+
     # -- reading
 
     @classmethod
     def read(cls, path):
-        """Reads and parses an envelope file (OSError if it cannot be read)."""
+        """Reads and parses an envelope file (OSError if it cannot be read).
+
+        Reads at most SIZE_LIMIT octets: a bigger file is an EnvelopeError.
+        """
         with open(path, "rb") as f:
-            return cls.parse(f.read())
+            return cls.parse(f.read(SIZE_LIMIT + 1))
 
     @classmethod
     def parse(cls, data):
-        """Parses the bytes of an envelope file; raises EnvelopeError."""
+        """Parses the bytes of an envelope file; raises EnvelopeError.
+
+        More than SIZE_LIMIT octets, or a line longer than LINE_LIMIT, is an
+        error (never unbounded work for a corrupt or hostile file).
+        """
+        if len(data) > SIZE_LIMIT:
+            raise EnvelopeError("envelope file larger than %d octets" % SIZE_LIMIT)
         fields, to_local, to_remote, trailer = _split(data)
         fmt = fields.pop("Format")
         if "From" not in fields:
@@ -201,7 +251,9 @@ def _split(data):
     while True:
         if pos >= len(data):
             raise EnvelopeError("no X-MailRelay-End line")
-        nl = data.find(b"\n", pos)
+        nl = data.find(b"\n", pos, pos + LINE_LIMIT + 1)
+        if nl < 0 and len(data) - pos > LINE_LIMIT:
+            raise EnvelopeError("envelope line longer than %d octets" % LINE_LIMIT)
         end = len(data) if nl < 0 else nl + 1
         line = data[pos:end].rstrip(b"\n")
         if line.endswith(b"\r"):

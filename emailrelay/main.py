@@ -122,12 +122,6 @@ def _load_secrets(path, what):
         raise StartupError("%s: %s" % (what, e)) from None
 
 
-def _rescan(services):
-    """A filter asked for a spool rescan (exit 102/103): run a forwarding pass."""
-    if services.forwarder is not None:
-        services.forwarder.trigger()
-
-
 def _server_auth(holder, cfg, what):
     from . import sasl
     try:
@@ -152,7 +146,7 @@ def _build(cfg):
         from . import filters, verifier
         _resolve_programs(cfg)
         try:
-            services.filters = [filters.make(s, cfg.filter_timeout, rescan_cb=lambda: _rescan(services))
+            services.filters = [filters.make(s, cfg.filter_timeout)
                                 for s in cfg.filter or []]
             client_filters = [filters.make(s, cfg.filter_timeout, kind="client")
                               for s in cfg.client_filter or []]

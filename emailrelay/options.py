@@ -138,6 +138,20 @@ OPTIONS = [
        kind="time", default=60),
     _O("forward-to-some", None, None, "SMTP client",
        "Forwards a message even when the next-hop server rejects some of its recipients."),
+    _O("retry-interval", None, "<time>", "SMTP client",
+       "Sets the delay in seconds before a message that failed temporarily (a 4xx reply, "
+       "or a next-hop server that cannot be reached) is tried again by the forwarding "
+       "daemon; each further failure doubles it, up to --retry-max-interval. The retry "
+       "count and time are kept in the envelope file, so a restart keeps them. 0 turns "
+       "retrying off, as E-MailRelay: a 4xx reply then fails the message at once.",
+       kind="time", default=60),
+    _O("retry-max-interval", None, "<time>", "SMTP client",
+       "Sets the longest delay in seconds between two attempts to forward a message that "
+       "fails temporarily.", kind="time", default=3600),
+    _O("retry-lifetime", None, "<time>", "SMTP client",
+       "Sets how long in seconds a message may go on failing temporarily before it is "
+       "failed (renamed .bad with the last reason). The default is five days.",
+       kind="time", default=432000),
     _O("immediate", "m", None, "SMTP client",
        "Forwards each message as it is received, before the submitting client gets its "
        "reply. Clients may time out while they wait."),

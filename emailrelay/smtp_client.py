@@ -4,36 +4,56 @@
 `connect()` opens it (through SOCKS 4a when --forward-to names a proxy,
 implicit TLS with --client-tls-connection, STARTTLS with --client-tls, AUTH
 with --client-auth); `send(claim)` sends one claimed message and returns an
-`Outcome`; `quit()` ends the session. Connection-level problems (unreachable,
-refused, timeouts, TLS or AUTH failure, a 421) raise `ConnectionFailure`: the
-caller keeps the message queued and stops the batch. A refusal of the
-message itself is an `Outcome` with `ok` False and the server's reply.
+`Outcome`; `quit()` ends the session. Connection-level problems raise
+`ConnectionFailure`: unreachable, refused, timeouts, a 421 are temporary
+(the message stays queued for a retry); a next hop whose certificate fails
+verification, or AUTH refused or impossible, is `permanent` (the message in
+hand fails). A refusal of the message itself is an `Outcome` with `ok`
+False and the server's reply; so is a message that cannot be sent as it is
+(an address that is not valid UTF-8 or holds CR, LF, NUL or angle brackets,
+or content needing an extension the next hop lacks).
 
-Built on `smtplib.SMTP` for the greeting, EHLO/HELO, STARTTLS and AUTH. The
-mail transaction is written directly: MAIL, RCPT and DATA go out together
-when the server offers PIPELINING (smtplib does not pipeline), and the
-content is streamed from the content file in blocks, dot-stuffed, with every
-line ending sent as CRLF (no bare CR or LF reaches the next hop).
+The protocol is written here rather than on smtplib: MAIL, RCPT and DATA go
+out together when the server offers PIPELINING, and the next message's
+commands with the end of this one's content (smtplib does neither); the
+connection may come from the SOCKS shim or skip a late greeting
+(--prompt-timeout), which smtplib has no public way to accept; and the
+dialogue is logged at --debug in E-MailRelay's form (`tx>>: "EHLO name"`,
+`rx<<: "250 ..."`, AUTH secrets and content not shown). The content is
+streamed from the content file by `dotstuff` (CRLF line endings, dot
+stuffing, NUL dropped); BINARYMIME goes by BDAT with its exact bytes.
 """
 
 import os
-import re
 import select
-import smtplib
 import socket
 
 from . import addresses
+from . import dotstuff
 from . import log
 from . import options
-from . import process
 from . import xtext
+from .spool import ContentError
 
-BLOCK_SIZE = 65536
-_EOL = re.compile(b"\r\n|\r|\n")
+BLOCK_SIZE = dotstuff.BLOCK_SIZE
+# Bounds on a reply from the next hop (RFC 5321 4.5.3.1.5 says 512 octets
+# a line; servers send longer ones, never this long).
+REPLY_LINE_LIMIT = 4096
+REPLY_LINES_LIMIT = 200
+QUIT_TIMEOUT = 2
+_BAD_ADDRESS_CHARACTERS = set("\r\n\0<>") | {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
 class ConnectionFailure(Exception):
-    """The session with the next hop failed; queued messages stay queued."""
+    """The session with the next hop failed (see the module docstring).
+
+    `permanent`: retrying cannot help until the configuration or the next
+    hop changes, so the message in hand fails; otherwise it stays queued.
+    """
+
+    def __init__(self, text, permanent=False):
+        super().__init__(text)
+        self.permanent = permanent
 
 
 class Outcome:
@@ -41,8 +61,9 @@ class Outcome:
 
     `ok`: the next hop accepted it (for at least one recipient with
     --forward-to-some). `code`: the deciding reply code (0 when the failure
-    is ours, such as a missing extension). `reason`: reply text or failure
-    reason. `rejected`: [(recipient, reply text)] refused recipients.
+    is ours, such as a missing extension), so 400-499 is a temporary
+    failure. `reason`: reply text or failure reason. `rejected`:
+    [(recipient, reply text)] refused recipients.
     """
 
     def __init__(self, ok, code, reason, rejected=()):
@@ -51,9 +72,30 @@ class Outcome:
         self.reason = reason
         self.rejected = list(rejected)
 
+    @property
+    def temporary(self):
+        """True for a 4xx refusal: the message may go later."""
+        return 400 <= self.code < 500
+
     def __repr__(self):
         return "Outcome(ok=%r, code=%r, reason=%r, rejected=%r)" % (
             self.ok, self.code, self.reason, self.rejected)
+
+
+class _Unsendable(Exception):
+    """The message cannot be sent as it is; the text says why."""
+
+
+def address_problem(address):
+    """Why `address` cannot go in MAIL or RCPT (a text), or None when it can."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return "address is not valid UTF-8: <%s>" % log.sanitise(
+            address.encode("utf-8", "surrogateescape"))
+    if _BAD_ADDRESS_CHARACTERS.intersection(address):
+        return "address holds a control character or angle bracket: <%s>" % log.sanitise(address)
+    return None
 
 
 def _reply_text(code, msg):
@@ -61,58 +103,9 @@ def _reply_text(code, msg):
     return ("%d %s" % (code, " ".join(text.split("\n")))).strip()
 
 
-def data_blocks(f, block_size=BLOCK_SIZE):
-    """Yields the DATA payload for the content in binary file `f`.
-
-    Every line ending (CRLF, bare CR, bare LF) becomes CRLF, lines starting
-    with a dot get another dot, and the `.` terminator line follows; a final
-    line without an ending is completed. Memory use is one block.
-    """
-    at_line_start = True
-    pending_cr = False
-    while True:
-        block = f.read(block_size)
-        if not block:
-            break
-        if pending_cr:
-            block = b"\r" + block
-            pending_cr = False
-        if block.endswith(b"\r"):
-            # It may be the first half of a CRLF split across reads.
-            block = block[:-1]
-            pending_cr = True
-            if not block:
-                continue
-        crlf = block.count(b"\r\n")
-        if block.count(b"\r") == crlf and block.count(b"\n") == crlf:
-            out = block  # the common case: only CRLF line endings already
-        else:
-            out = _EOL.sub(b"\r\n", block)
-        if at_line_start and out.startswith(b"."):
-            out = b"." + out
-        out = out.replace(b"\r\n.", b"\r\n..")
-        at_line_start = out.endswith(b"\r\n")
-        yield out
-    if pending_cr:
-        yield b"\r\n"
-        at_line_start = True
-    yield b".\r\n" if at_line_start else b"\r\n.\r\n"
-
-
-class _Smtp(smtplib.SMTP):
-    """smtplib.SMTP on a socket we connected; can skip a late greeting."""
-
-    skip_late_greeting = False
-    ehlo_msg = "EHLO"
-
-    def getreply(self):
-        code, msg = super().getreply()
-        if code == 220 and self.skip_late_greeting:
-            # The greeting came after --prompt-timeout and we went ahead:
-            # this is it, the reply to our command follows.
-            self.skip_late_greeting = False
-            code, msg = super().getreply()
-        return code, msg
+def dns_error(host, e):
+    """E-MailRelay's text for a name that does not resolve."""
+    return 'dns error: no such host: "%s" (%s)' % (host, getattr(e, "strerror", None) or e)
 
 
 class Client:
@@ -121,7 +114,8 @@ class Client:
     `client_auth` is a `sasl.ClientAuth` or None; `tls_context` a client
     `ssl.SSLContext` (from `tls.client_context`) or None. `send()` connects
     first if needed, so a batch may start with it. Not thread-safe: one
-    thread uses one Client.
+    thread uses one Client. `has_extn()`, `esmtp_features` and `docmd()`
+    are what `sasl.ClientAuth.authenticate()` uses.
     """
 
     def __init__(self, cfg, client_auth=None, tls_context=None):
@@ -132,11 +126,82 @@ class Client:
             addresses.parse_forward_to(cfg.forward_to)
         self.target = addresses.format_address(self.host, self.port)
         self.domain = cfg.domain or socket.getfqdn()
-        self.smtp = None
+        self.sock = None
+        self._rfile = None
+        self.esmtp_features = {}
+        self.ehlo_name = None
         self.tls = False
         self.authenticated_as = None
+        self._skip_greeting = False
+        # Inside an AUTH exchange: what we send is not logged.
+        self._in_auth = False
+        self._last_code = 0
         # (claim, commands) sent ahead with the previous message's content.
         self._present = None
+
+    # -- the wire ------------------------------------------------------
+
+    def has_extn(self, name):
+        """True when the server's EHLO reply has the keyword `name`."""
+        return name.lower() in self.esmtp_features
+
+    def docmd(self, cmd, args=""):
+        """Sends one command line and returns its reply as (code, bytes)."""
+        line = "%s %s" % (cmd, args) if args else cmd
+        if cmd.upper() == "AUTH":
+            mechanism, _, initial = args.partition(" ")
+            shown = "AUTH %s%s" % (mechanism, " [not logged]" if initial else "")
+            self._in_auth = True
+        elif self._in_auth:
+            shown = None
+        else:
+            shown = line
+        self._send_lines([line], [shown])
+        code, msg = self.reply()
+        if code != 334:
+            self._in_auth = False
+        return code, msg
+
+    def _send_lines(self, lines, shown=None):
+        """Writes command lines in one packet; logs them (or `shown`) at --debug."""
+        if log.debug_enabled():
+            for i, line in enumerate(lines):
+                text = line if shown is None else shown[i]
+                log.debug("smtp client: tx>>: %s" % (
+                    "[response not logged]" if text is None else '"%s"' % log.sanitise(text)))
+        self.sock.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
+
+    def reply(self):
+        """Reads one (possibly multi-line) reply: (code, text lines joined by LF)."""
+        lines = []
+        debug = log.debug_enabled()
+        while True:
+            raw = self._rfile.readline(REPLY_LINE_LIMIT + 1)
+            if not raw:
+                raise ConnectionFailure("connection closed by %s" % self.target)
+            if not raw.endswith(b"\n") and len(raw) > REPLY_LINE_LIMIT:
+                raise ConnectionFailure("reply line from %s longer than %d octets"
+                                        % (self.target, REPLY_LINE_LIMIT))
+            line = raw.rstrip(b"\r\n")
+            if debug:
+                log.debug('smtp client: rx<<: "%s"' % log.sanitise(line))
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                raise ConnectionFailure("invalid response from %s: %s"
+                                        % (self.target, log.sanitise(line[:80])))
+            lines.append(line)
+            if line[3:4] != b"-":
+                break
+            if len(lines) >= REPLY_LINES_LIMIT:
+                raise ConnectionFailure("reply from %s longer than %d lines"
+                                        % (self.target, REPLY_LINES_LIMIT))
+        code = int(lines[-1][:3])
+        if code == 220 and self._skip_greeting:
+            # The greeting came after --prompt-timeout and we went ahead:
+            # this is it, the reply to our command follows.
+            self._skip_greeting = False
+            return self.reply()
+        self._last_code = code
+        return code, b"\n".join(line[4:] for line in lines)
 
     # -- connection ----------------------------------------------------
 
@@ -181,12 +246,34 @@ class Client:
             return self.host
 
     def _wrap(self, sock):
-        sslsock = self.tls_context.wrap_socket(sock, server_hostname=self._server_name())
+        """The TLS session on `sock`; a certificate that fails verification is permanent."""
+        import ssl
+        try:
+            sslsock = self.tls_context.wrap_socket(sock, server_hostname=self._server_name())
+        except ssl.SSLCertVerificationError as e:
+            raise ConnectionFailure("tls error: certificate verification failed for %s: %s"
+                                    % (self.target, e.verify_message or e), permanent=True) from None
+        except ssl.SSLError as e:
+            raise ConnectionFailure("tls error with %s: %s" % (self.target, e.reason or e)) from None
         if self.cfg.client_tls_verify_name:
             from . import tls
-            tls.check_name(sslsock, self.cfg.client_tls_verify_name)
+            try:
+                tls.check_name(sslsock, self.cfg.client_tls_verify_name)
+            except ValueError as e:
+                sslsock.close()
+                raise ConnectionFailure("tls error: certificate verification failed for %s: %s"
+                                        % (self.target, e), permanent=True) from None
         self.tls = True
+        cipher = sslsock.cipher()
+        log.verbose("smtp client: tls protocol established with %s protocol %s cipher %s"
+                    % (self.target, sslsock.version(), cipher[0] if cipher else "none"))
         return sslsock
+
+    def _attach(self, sock):
+        if self._rfile is not None:
+            self._rfile.close()
+        self.sock = sock
+        self._rfile = sock.makefile("rb")
 
     def connect(self):
         """Connects, reads the greeting, does EHLO, STARTTLS and AUTH.
@@ -199,7 +286,10 @@ class Client:
         except ConnectionFailure:
             self.close()
             raise
-        except (OSError, smtplib.SMTPException, ValueError) as e:
+        except socket.gaierror as e:
+            self.close()
+            raise ConnectionFailure(dns_error(self.socks_host or self.host, e)) from None
+        except (OSError, ValueError) as e:
             self.close()
             raise ConnectionFailure("cannot connect to %s: %s" % (self.target, _describe(e))) from None
 
@@ -213,24 +303,27 @@ class Client:
                                  timeout, source=source)
         else:
             sock = self._tcp_connect(self.host, self.port, timeout)
+        self.ehlo_name = self._ehlo_name(sock)
         if cfg.client_tls_connection:
             if self.tls_context is None:
+                sock.close()
                 raise ConnectionFailure("--client-tls-connection without a TLS context")
-            sock = self._wrap(sock)
-        smtp = _Smtp(local_hostname=self.domain)
-        smtp.sock = sock
-        smtp._host = self.host
-        self.smtp = smtp
+            try:
+                sock = self._wrap(sock)
+            except BaseException:
+                sock.close()
+                raise
+        self._attach(sock)
         response_timeout = cfg.response_timeout if cfg.response_timeout is not None else 60
         self._await_greeting(sock, response_timeout)
         sock.settimeout(response_timeout)
-        if not smtp.skip_late_greeting:
-            code, msg = smtp.getreply()
+        if not self._skip_greeting:
+            code, msg = self.reply()
             if code != 220:
                 raise ConnectionFailure("%s refused the session: %s" % (self.target, _reply_text(code, msg)))
         self._hello()
         if self.tls_context is not None and not self.tls and (cfg.client_tls or cfg.client_tls_required):
-            if smtp.has_extn("starttls"):
+            if self.has_extn("starttls"):
                 self._starttls()
             elif cfg.client_tls_required:
                 raise ConnectionFailure("%s does not offer STARTTLS (--client-tls-required)" % self.target)
@@ -239,6 +332,13 @@ class Client:
         log.verbose("smtp client: connected to %s%s%s" % (
             self.target, " (tls)" if self.tls else "",
             " as %s" % self.authenticated_as if self.authenticated_as else ""))
+
+    def _ehlo_name(self, sock):
+        """--domain, or our address literal when it has no dot (as E-MailRelay 2.6)."""
+        if "." in self.domain:
+            return self.domain
+        ip = sock.getsockname()[0]
+        return "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
 
     def _await_greeting(self, sock, response_timeout):
         """Waits --prompt-timeout for the greeting; without one, goes ahead."""
@@ -251,50 +351,71 @@ class Client:
         if not ready:
             log.warning("smtp client: no greeting from %s within %ss: going ahead without it"
                         % (self.target, wait))
-            self.smtp.skip_late_greeting = True
+            self._skip_greeting = True
 
     def _hello(self):
-        smtp = self.smtp
-        code, msg = smtp.ehlo(self.domain)
+        code, msg = self.docmd("EHLO", self.ehlo_name)
         if code == 421:
             raise ConnectionFailure("%s: %s" % (self.target, _reply_text(code, msg)))
+        self.esmtp_features = {}
+        if code == 250:
+            for line in msg.split(b"\n")[1:]:
+                word, _, params = line.decode("utf-8", "replace").strip().partition(" ")
+                if word:
+                    self.esmtp_features[word.lower()] = params.strip()
+            return
+        code, msg = self.docmd("HELO", self.ehlo_name)
         if code != 250:
-            code, msg = smtp.helo(self.domain)
-            if code != 250:
-                raise ConnectionFailure("%s refused HELO: %s" % (self.target, _reply_text(code, msg)))
+            raise ConnectionFailure("%s refused HELO: %s" % (self.target, _reply_text(code, msg)))
 
     def _starttls(self):
-        smtp = self.smtp
-        code, msg = smtp.docmd("STARTTLS")
+        code, msg = self.docmd("STARTTLS")
         if code != 220:
             raise ConnectionFailure("%s refused STARTTLS: %s" % (self.target, _reply_text(code, msg)))
-        smtp.sock = self._wrap(smtp.sock)
-        smtp.file = None
-        smtp.helo_resp = smtp.ehlo_resp = None
-        smtp.esmtp_features = {}
-        smtp.does_esmtp = False
+        self._attach(self._wrap(self.sock))
         self._hello()
 
     def _authenticate(self):
         from . import sasl
+        if not self.has_extn("auth"):
+            raise ConnectionFailure("cannot do authentication: %s does not offer AUTH" % self.target,
+                                    permanent=True)
+        offered = self.esmtp_features["auth"].upper().split()
+        if self.client_auth.choose(offered, self.tls) is None:
+            raise ConnectionFailure("cannot do authentication: check for a compatible client secret "
+                                    "(%s offers %s)" % (self.target, " ".join(offered) or "nothing"),
+                                    permanent=True)
         try:
-            mech = self.client_auth.authenticate(self.smtp, self.tls)
+            mech = self.client_auth.authenticate(self, self.tls)
         except sasl.ClientAuthError as e:
-            raise ConnectionFailure("%s: %s" % (self.target, e)) from None
+            # A 4xx (454 temporary authentication failure) may pass.
+            raise ConnectionFailure("authentication failed: %s" % e,
+                                    permanent=not 400 <= self._last_code < 500) from None
+        finally:
+            self._in_auth = False
         self.authenticated_as = self.client_auth.user
         log.verbose("smtp client: authenticated with %s as %s using %s"
                     % (self.target, self.client_auth.user, mech))
 
     def close(self):
         """Drops the connection without QUIT."""
-        if self.smtp is not None:
+        if self._rfile is not None:
             try:
-                self.smtp.close()
+                self._rfile.close()
             except OSError:
                 pass
-        self.smtp = None
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+        self._rfile = None
+        self.esmtp_features = {}
         self.tls = False
         self.authenticated_as = None
+        self._skip_greeting = False
+        self._in_auth = False
         self._present = None
 
     def quit(self):
@@ -306,16 +427,17 @@ class Client:
         """
         if self._present is not None:
             self.close()
-        if self.smtp is not None:
+        if self.sock is not None:
             try:
-                self.smtp.quit()
-            except (OSError, smtplib.SMTPException):
+                self.sock.settimeout(QUIT_TIMEOUT)
+                self.docmd("QUIT")
+            except (OSError, ConnectionFailure):
                 pass
         self.close()
 
     # -- one message ---------------------------------------------------
 
-    def send(self, claim, following=None):
+    def send(self, claim, following=None, before_content=None):
         """Sends the claimed message; returns an Outcome.
 
         `following` (optional) is the claim the caller will send next: when
@@ -323,43 +445,48 @@ class Client:
         the end of this message's content, saving a round trip per message.
         The caller must then pass that claim to the next send() call (or end
         with quit(), which drops the connection so the server discards it).
-        Raises ConnectionFailure when the session breaks (the message is
-        then still queued, the caller releases the claim).
+        `before_content` (optional) is called once the next hop has agreed
+        to take the content, just before it is sent. Raises
+        ConnectionFailure when the session breaks (the message is then
+        still queued, the caller releases the claim), and what
+        `claim.open_content()` raises before anything about the message is
+        sent.
         """
         if self._present is not None and self._present[0] is not claim:
             # Commands went ahead for another message: start afresh.
             self.close()
-        if self.smtp is None:
+        if self._present is None:
+            claim.open_content()
+        if self.sock is None:
             self.connect()
         try:
-            return self._send(claim, following)
+            return self._send(claim, following, before_content)
         except ConnectionFailure:
             self.close()
             raise
-        except (OSError, smtplib.SMTPException) as e:
+        except OSError as e:
             self.close()
             raise ConnectionFailure("connection to %s failed: %s" % (self.target, _describe(e))) from None
 
     def _mail_params(self, env, size):
-        """The MAIL FROM parameters, or raises _NeedsExtension."""
-        smtp = self.smtp
+        """The MAIL FROM parameters, or raises _Unsendable."""
         params = []
-        if smtp.has_extn("size"):
+        if self.has_extn("size"):
             params.append("SIZE=%d" % size)
         if env.content == "8bit":
-            if not smtp.has_extn("8bitmime"):
-                raise _NeedsExtension("the message has 8-bit content and %s does not offer "
-                                      "8BITMIME" % self.target)
+            if not self.has_extn("8bitmime"):
+                raise _Unsendable("the message has 8-bit content and %s does not offer "
+                                  "8BITMIME" % self.target)
             params.append("BODY=8BITMIME")
         elif env.content == "binarymime":
-            if not (smtp.has_extn("binarymime") and smtp.has_extn("chunking")):
-                raise _NeedsExtension("the message is binary and %s does not offer BINARYMIME "
-                                      "with CHUNKING" % self.target)
+            if not (self.has_extn("binarymime") and self.has_extn("chunking")):
+                raise _Unsendable("the message is binary and %s does not offer BINARYMIME "
+                                  "with CHUNKING" % self.target)
             params.append("BODY=BINARYMIME")
         if env.utf8_mailbox_names:
-            if not smtp.has_extn("smtputf8"):
-                raise _NeedsExtension("the message has UTF-8 mailbox names and %s does not offer "
-                                      "SMTPUTF8" % self.target)
+            if not self.has_extn("smtputf8"):
+                raise _Unsendable("the message has UTF-8 mailbox names and %s does not offer "
+                                  "SMTPUTF8" % self.target)
             params.append("SMTPUTF8")
         auth = self._auth_param(env)
         if auth is not None:
@@ -373,7 +500,7 @@ class Client:
         Empty MailFromAuthOut: our session's name if we authenticated, else
         `<>`; `+`: `<>` (no name); anything else is sent as it is (xtext).
         """
-        if "client" in options.anonymous_scopes(self.cfg.anonymous) or not self.smtp.has_extn("auth"):
+        if "client" in options.anonymous_scopes(self.cfg.anonymous) or not self.has_extn("auth"):
             return None
         value = (env.mail_from_auth_out or "").strip()
         if not value:
@@ -383,9 +510,14 @@ class Client:
         return value
 
     def _commands(self, claim):
-        """MAIL, RCPT... (and DATA unless BDAT) for a message; raises _NeedsExtension."""
+        """MAIL, RCPT... (and DATA unless BDAT) for a message; raises _Unsendable."""
         env = claim.envelope
-        params = self._mail_params(env, _content_size(claim.content_path))
+        for address in [env.from_] + env.to_remote:
+            problem = address_problem(address)
+            if problem is not None:
+                raise _Unsendable("invalid envelope: %s" % problem)
+        size = os.fstat(claim.open_content().fileno()).st_size
+        params = self._mail_params(env, size)
         commands = ["MAIL FROM:<%s>%s" % (env.from_, "".join(" " + p for p in params))]
         commands += ["RCPT TO:<%s>" % r for r in env.to_remote]
         if env.content != "binarymime":
@@ -395,34 +527,34 @@ class Client:
     def _presend_commands(self, following):
         """The commands to send ahead for `following`, or None when it cannot go ahead."""
         if following is None or not following.envelope.to_remote \
-                or following.envelope.content == "binarymime" or not self.smtp.has_extn("pipelining"):
+                or following.envelope.content == "binarymime" or not self.has_extn("pipelining"):
             return None
         try:
             return self._commands(following)
-        except _NeedsExtension:
+        except (_Unsendable, ContentError):
+            # (The problem shows when that message's turn comes.)
             return None
 
-    def _send(self, claim, following):
-        smtp = self.smtp
+    def _send(self, claim, following, before_content):
         env = claim.envelope
         bdat = env.content == "binarymime"
         if self._present is not None and self._present[0] is claim:
             commands = self._present[1]
             self._present = None
-            replies = [smtp.getreply() for _ in commands]
+            replies = [self.reply() for _ in commands]
         else:
             try:
                 commands = self._commands(claim)
-            except _NeedsExtension as e:
+            except _Unsendable as e:
                 return Outcome(False, 0, str(e))
-            if smtp.has_extn("pipelining"):
-                smtp.send("".join(c + "\r\n" for c in commands).encode("utf-8"))
-                replies = [smtp.getreply() for _ in commands]
+            if self.has_extn("pipelining"):
+                self._send_lines(commands)
+                replies = [self.reply() for _ in commands]
             else:
                 replies = []
                 for c in commands:
-                    smtp.send((c + "\r\n").encode("utf-8"))
-                    replies.append(smtp.getreply())
+                    self._send_lines([c])
+                    replies.append(self.reply())
                     if replies[-1][0] >= 400 and c.startswith("MAIL"):
                         break
         for code, msg in replies:
@@ -440,12 +572,15 @@ class Client:
             return outcome
         rejected = [(r, _reply_text(c, m)) for r, (c, m) in zip(env.to_remote, replies[1:])
                     if c >= 300]
+        if before_content is not None:
+            before_content()
+        content = claim.open_content()
+        content.seek(0)
         if bdat:
-            code, msg = self._send_bdat(claim.content_path)
+            code, msg = self._send_bdat(content)
         else:
             ahead = self._presend_commands(following)
-            tail = "".join(c + "\r\n" for c in ahead).encode("utf-8") if ahead else b""
-            code, msg = self._send_data(claim.content_path, tail)
+            code, msg = self._send_data(content, ahead)
             if ahead:
                 self._present = (following, ahead)
         if code == 421:
@@ -455,20 +590,25 @@ class Client:
         return Outcome(True, code, _reply_text(code, msg), rejected)
 
     def _judge(self, env, replies, bdat):
-        """An Outcome when MAIL/RCPT/DATA replies mean the message fails, else None."""
+        """An Outcome when MAIL/RCPT/DATA replies mean the message fails, else None.
+
+        Refused recipients fail the whole message with E-MailRelay's
+        reasons: `one or more recipients rejected` (or, with
+        --forward-to-some, `all recipients rejected` when none was
+        accepted), followed by each refused recipient and its reply. The
+        code is the highest refusal code, so one 5xx makes it permanent.
+        """
         code, msg = replies[0]
         if code >= 300:
             return Outcome(False, code, _reply_text(code, msg))
         rcpt_replies = replies[1:1 + len(env.to_remote)]
         refused = [(r, c, m) for r, (c, m) in zip(env.to_remote, rcpt_replies) if c >= 300]
-        if len(refused) == len(env.to_remote):
-            r, c, m = refused[0]
-            return Outcome(False, c, "recipient <%s> rejected: %s" % (r, _reply_text(c, m)),
-                           [(r, _reply_text(c, m)) for r, c, m in refused])
-        if refused and not self.cfg.forward_to_some:
-            r, c, m = refused[0]
-            return Outcome(False, c, "recipient <%s> rejected: %s" % (r, _reply_text(c, m)),
-                           [(r, _reply_text(c, m)) for r, c, m in refused])
+        everyone = len(refused) == len(env.to_remote)
+        if refused and (everyone or not self.cfg.forward_to_some):
+            how_many = "all" if everyone and self.cfg.forward_to_some else "one or more"
+            rejected = [(r, _reply_text(c, m)) for r, c, m in refused]
+            return Outcome(False, max(c for _, c, _ in refused),
+                           rejection_reason(how_many, rejected), rejected)
         if not bdat:
             code, msg = replies[-1]
             if code != 354:
@@ -476,43 +616,57 @@ class Client:
         return None
 
     def _rset(self):
-        code, msg = self.smtp.docmd("RSET")
+        code, msg = self.docmd("RSET")
         if code != 250:
             raise ConnectionFailure("%s refused RSET: %s" % (self.target, _reply_text(code, msg)))
 
-    def _send_data(self, path, tail=b""):
-        """Streams the content as DATA, then `tail` in the same write; returns the reply."""
-        sock = self.smtp.sock
+    def _send_data(self, f, ahead=None):
+        """Streams the content as DATA, then the `ahead` commands in the same write; returns the reply."""
+        sock = self.sock
         pending = []
         pending_size = 0
-        with _open_content(path) as f:
-            for block in data_blocks(f):
-                pending.append(block)
-                pending_size += len(block)
-                if pending_size >= BLOCK_SIZE:
-                    sock.sendall(b"".join(pending))
-                    pending, pending_size = [], 0
-        pending.append(tail)
+        lines = 0
+        debug = log.debug_enabled()
+        for block in dotstuff.blocks(f):
+            if debug:
+                lines += block.count(b"\n")
+            pending.append(block)
+            pending_size += len(block)
+            if pending_size >= BLOCK_SIZE:
+                sock.sendall(b"".join(pending))
+                pending, pending_size = [], 0
+        if debug:
+            log.debug("smtp client: tx>>: [%d line(s) of content]" % (lines - 1))
+            log.debug('smtp client: tx>>: "."')
+        if ahead:
+            if debug:
+                for c in ahead:
+                    log.debug('smtp client: tx>>: "%s"' % log.sanitise(c))
+            pending.append("".join(c + "\r\n" for c in ahead).encode("utf-8"))
         sock.sendall(b"".join(pending))
-        return self.smtp.getreply()
+        return self.reply()
 
-    def _send_bdat(self, path):
+    def _send_bdat(self, f):
         """Sends the exact bytes in BDAT chunks, the last one marked LAST."""
-        sock = self.smtp.sock
-        with _open_content(path) as f:
-            block = f.read(BLOCK_SIZE)
-            while True:
-                following = f.read(BLOCK_SIZE) if block else b""
-                last = not following
-                sock.sendall(b"BDAT %d%s\r\n" % (len(block), b" LAST" if last else b"") + block)
-                code, msg = self.smtp.getreply()
-                if last or code != 250:
-                    return code, msg
-                block = following
+        sock = self.sock
+        block = f.read(BLOCK_SIZE)
+        while True:
+            following = f.read(BLOCK_SIZE) if block else b""
+            last = not following
+            command = "BDAT %d%s" % (len(block), " LAST" if last else "")
+            if log.debug_enabled():
+                log.debug('smtp client: tx>>: "%s" [%d byte(s)]' % (command, len(block)))
+            sock.sendall(command.encode("ascii") + b"\r\n" + block)
+            code, msg = self.reply()
+            if last or code != 250:
+                return code, msg
+            block = following
 
 
-class _NeedsExtension(Exception):
-    pass
+def rejection_reason(how_many, rejected):
+    """`<how_many> recipients rejected: <r> reply; ...` for a `.bad` reason."""
+    return "%s recipients rejected: %s" % (
+        how_many, "; ".join("<%s> %s" % (r, text) for r, text in rejected))
 
 
 def _describe(e):
@@ -520,15 +674,3 @@ def _describe(e):
         return "timed out"
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return text
-
-
-def _open_content(path):
-    """Opens a spool content file for sending (in a root window after --user)."""
-    with process.privileged(group=False):
-        return open(path, "rb")
-
-
-def _content_size(path):
-    """The size of a spool content file (in a root window after --user)."""
-    with process.privileged(group=False):
-        return os.path.getsize(path)

@@ -78,6 +78,10 @@ class SmtpSession:
         self.bad_commands = 0
         self.replies = []
         self.verbose = log.verbose_enabled()
+        # --immediate: this session's handle on the forwarding thread.
+        self._immediate = None
+        # A --filter exited 103: rescan once the message is committed.
+        self._rescan = False
         self._reset_transaction()
 
     # ----- the main loop -------------------------------------------------
@@ -117,6 +121,8 @@ class SmtpSession:
             except (net.Closed, net.Timeout, OSError):
                 pass
             conn.close()
+            if self._immediate is not None:
+                self._immediate.close()
 
     def _readline(self, limit):
         """Reads one command line as text; None when it was refused (already replied)."""
@@ -607,6 +613,7 @@ class SmtpSession:
         try:
             env = self._envelope()
             refusal = None
+            self._rescan = False
             if self.services.filters:
                 msg.commit_content()
                 msg.write_envelope(env)
@@ -636,6 +643,9 @@ class SmtpSession:
             peer=self.peer)
         self._count("messages-stored")
         self._reset_transaction()
+        if self._rescan and self.services.forwarder is not None:
+            # Exit 103: now that the message is committed, the pass sees it.
+            self.services.forwarder.rescan()
         refusal = self._forward_now(msg_id)
         self._reply(refusal or "250 2.0.0 OK id=%s" % msg_id)
 
@@ -646,8 +656,8 @@ class SmtpSession:
             result = f.run(msg.content_path, msg.new_envelope_path)
             if result.special == "cancel":
                 return "cancelled"
-            if result.special == "rescan" and self.services.forwarder is not None:
-                self.services.forwarder.trigger()
+            if result.special == "rescan":
+                self._rescan = True
             if not result.ok:
                 reason = log.sanitise(result.reason or "")
                 log.info("smtp: message rejected by filter: %s" % reason, peer=self.peer)
@@ -666,15 +676,15 @@ class SmtpSession:
         if not self.cfg.immediate or forwarder is None:
             return None
         self._flush()
-        ok, text = forwarder.forward_now(msg_id)
-        if ok:
+        if self._immediate is None:
+            self._immediate = forwarder.immediate_session()
+        refusal = self._immediate.forward(msg_id)
+        if refusal is None:
             return None
-        # The forwarder has removed the message: the next hop's own 4xx/5xx
-        # reply goes back to the submitter, who must retry.
-        text = log.sanitise(text or "")
-        if text[:3].isdigit() and text[0] in "45":
-            return text
-        return "451 4.4.1 forwarding failed: %s" % text
+        # The message is .bad: the next hop's own refusal goes back to the
+        # submitter.
+        text = log.sanitise(refusal)
+        return text if text[:3].isdigit() and text[0] == "5" else "554 5.0.0 %s" % text
 
     def _count(self, name):
         stats = self.services.stats

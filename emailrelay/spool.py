@@ -34,11 +34,12 @@ import collections
 import fcntl
 import itertools
 import os
+import stat
 import threading
 import time
 
 from . import process
-from .envelope import Envelope, EnvelopeError, reason_lines
+from .envelope import SIZE_LIMIT, Envelope, EnvelopeError, reason_lines
 
 FILE_MODE = 0o660
 # Seconds a free-space reading is reused (--min-free-space is checked at MAIL).
@@ -80,6 +81,10 @@ if hasattr(os, "register_at_fork"):
 
 class SpoolError(Exception):
     """The spool cannot do what was asked (bad directory, vanished file, ...)."""
+
+
+class ContentError(SpoolError):
+    """A claimed message's content file cannot be read; the text says why."""
 
 
 def _log(level, message):
@@ -378,12 +383,13 @@ class Spool:
     # -- forwarding
 
     @process.spool_privileged
-    def claim(self, message_id):
+    def claim(self, message_id, failed=None):
         """Claims a committed message for forwarding.
 
         Returns a Claim (holding the envelope's lock) or None if another
         claimer won, the message is gone, or its envelope is corrupt (then it
-        is renamed `.bad` with the reason appended, and a warning logged).
+        is renamed `.bad` with the reason appended, a warning logged, and
+        `failed(reason)` called when given).
         """
         ready = self.path(message_id, READY)
         busy = self.path(message_id, BUSY)
@@ -392,7 +398,10 @@ class Spool:
         except FileNotFoundError:
             return None
         except OSError as e:
-            self._fail_unreadable(message_id, ready, "cannot open envelope: %s" % e.strerror)
+            reason = "cannot open envelope: %s" % e.strerror
+            self._fail_unreadable(message_id, ready, reason)
+            if failed is not None:
+                failed(reason)
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -413,6 +422,8 @@ class Spool:
             reason = "invalid envelope file: %s" % (e,)
             _log("warning", "spool: %s: %s" % (os.path.basename(busy), reason))
             claim.fail(reason, 0)
+            if failed is not None:
+                failed(reason)
             return None
         return claim
 
@@ -506,13 +517,17 @@ class Spool:
 
 
 def _read_fd(fd):
+    """The file's bytes, at most SIZE_LIMIT + 1 of them (the parser refuses more)."""
     os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
-    while True:
-        chunk = os.read(fd, 65536)
+    left = SIZE_LIMIT + 1
+    while left > 0:
+        chunk = os.read(fd, min(65536, left))
         if not chunk:
-            return b"".join(chunks)
+            break
         chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 class NewMessage:
@@ -686,11 +701,38 @@ class Claim:
         self.spool = spool
         self.id = message_id
         self._fd = fd
+        self._content = None
         self.envelope = None
         self.envelope_path = spool.path(message_id, BUSY)
         self.content_path = spool.path(message_id, CONTENT)
 
+    @process.spool_privileged
+    def open_content(self):
+        """The content file, opened for reading (the same file object each call).
+
+        Only a regular file is opened (not a symbolic link, a directory or
+        a FIFO, which would block); raises ContentError saying why not.
+        Read it from the start with `seek(0)`; closed when the claim ends.
+        """
+        if self._content is None:
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+                | getattr(os, "O_CLOEXEC", 0)
+            try:
+                fd = os.open(self.content_path, flags)
+            except OSError as e:
+                raise ContentError("cannot open content file %s: %s"
+                                   % (os.path.basename(self.content_path), e.strerror)) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise ContentError("content file %s is not a regular file"
+                                   % os.path.basename(self.content_path))
+            self._content = os.fdopen(fd, "rb", buffering=0)
+        return self._content
+
     def _unlock(self):
+        if self._content is not None:
+            self._content.close()
+            self._content = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -708,7 +750,26 @@ class Claim:
     def delete(self):
         """Removes the envelope, and the content unless another envelope refers to it."""
         try:
-            _unlink_quietly(self.envelope_path)
+            self.remove_envelope()
+        finally:
+            self.remove_content()
+
+    def remove_envelope(self):
+        """Removes the envelope's name: the message is gone from the queue.
+
+        The first half of delete(), the only part that must happen before
+        anything else is sent; remove_content() must follow (it may be
+        called from another thread), and ends the claim.
+        """
+        _unlink_quietly(self.envelope_path)
+
+    def remove_content(self):
+        """Ends the claim and removes the content unless another envelope refers to it.
+
+        (Closing the last descriptor of the removed envelope, when the file
+        system frees it, is the slow part of a deletion: it is done here.)
+        """
+        try:
             if not content_shared(self.content_path, self.envelope_path):
                 _unlink_quietly(self.content_path)
         finally:
@@ -717,17 +778,36 @@ class Claim:
 
     @process.spool_privileged
     def fail(self, reason, code=None):
-        """Appends the reason (and code) to the envelope and renames it `.bad`."""
+        """Appends the reason (and code) to the envelope and renames it `.bad`.
+
+        Any automatic-retry state is removed first, so that a message
+        returned to the queue (emailrelay-resubmit) starts afresh. Logs
+        `failing envelope`, as E-MailRelay does.
+        """
         try:
+            env = self.envelope
+            if env is not None and env.retry() is not None:
+                env.set_retry(None)
+                self.rewrite(env)
             os.lseek(self._fd, 0, os.SEEK_END)
             _write_all(self._fd, reason_lines(reason, code))
             os.fsync(self._fd)
-            os.rename(self.envelope_path, self.spool.path(self.id, BAD))
+            bad = self.spool.path(self.id, BAD)
+            os.rename(self.envelope_path, bad)
+            _log("info", "spool: failing envelope [%s] -> [%s]"
+                 % (os.path.basename(self.envelope_path), os.path.basename(bad)))
         finally:
             self._unlock()
         _debug(self.id, "failed (.envelope.bad): %s" % reason)
 
     @process.spool_privileged
+    def defer(self, state):
+        """Records the retry `state` (an envelope.Retry) and releases the message."""
+        env = self.envelope
+        env.set_retry(state)
+        self.rewrite(env)
+        self.release()
+
     def rewrite(self, env):
         """Replaces the envelope with `env` atomically, keeping the claim's lock."""
         tmp = self.envelope_path + ".tmp"
@@ -741,6 +821,6 @@ class Claim:
             os.close(fd)
             _unlink_quietly(tmp)
             raise
-        self._unlock()
+        os.close(self._fd)
         self._fd = fd
         self.envelope = env

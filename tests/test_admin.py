@@ -15,7 +15,6 @@ class Admin:
     def __init__(self, port):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buf = b""
-        self.read_to_prompt()
 
     def read_to_prompt(self):
         while not self.buf.endswith(PROMPT):
@@ -118,3 +117,19 @@ def test_terminate_with_admin_terminate(tmp_path):
         assert r.proc.wait(15) == 0
     finally:
         r.stop()
+
+
+def test_no_prompt_on_connect_and_flush_answers_as_emailrelay(tmp_path):
+    with helpers.Relay(tmp_path, ["--forward-to", "nosuch.invalid:25"], admin=True) as r:
+        a = Admin(r.admin_port)
+        try:
+            # Nothing is sent before the first command: its answer comes first.
+            assert a.cmd("pid") == "%d\r\n" % r.proc.pid
+            assert a.cmd("flush").strip() == "error: no messages to send"
+            put_message(r.spool, b"x\r\n")
+            answer = a.cmd("flush").strip()
+            assert answer.startswith('error: dns error: no such host: "nosuch.invalid" (')
+            assert answer.endswith(")")
+            assert len(r.files(".envelope")) == 1
+        finally:
+            a.close()
