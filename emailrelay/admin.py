@@ -3,8 +3,8 @@
 `AdminSession(conn, services).run()` serves one connection: it reads one
 command per line and answers with text lines ending in CRLF, each answer
 followed by the prompt `E-MailRelay> ` (none on connect, as E-MailRelay:
-a script that sends a command at once reads only its answer). Commands: help, flush, forward, list, failures,
-unfail-all, status, notify, pid, quit, and terminate (only with
+a script that sends a command at once reads only its answer). Commands:
+help, flush, forward, list, failures, unfail-all, status, notify, pid, quit, and terminate (only with
 --admin-terminate). Nothing here changes the configuration.
 
 Idle timeout: `--idle-timeout` when given explicitly (0: none), otherwise
@@ -69,7 +69,6 @@ class AdminSession:
         from . import net
         try:
             self.conn.settimeout(self._idle_timeout())
-            self._write(PROMPT)
             while True:
                 try:
                     line = self.conn.readline(1000)

@@ -472,7 +472,7 @@ class Forwarder:
                 return False
             # A filter may have edited the envelope.
             try:
-                claim.envelope = envelope_mod.Envelope.read(claim.envelope_path)
+                claim.reread()
             except (OSError, envelope_mod.EnvelopeError) as e:
                 self._failed(claim, "invalid envelope file after the client filter: %s" % e, 0, result)
                 return False

@@ -754,6 +754,7 @@ class Claim:
         finally:
             self.remove_content()
 
+    @process.spool_privileged
     def remove_envelope(self):
         """Removes the envelope's name: the message is gone from the queue.
 
@@ -763,6 +764,7 @@ class Claim:
         """
         _unlink_quietly(self.envelope_path)
 
+    @process.spool_privileged
     def remove_content(self):
         """Ends the claim and removes the content unless another envelope refers to it.
 
@@ -808,6 +810,14 @@ class Claim:
         self.rewrite(env)
         self.release()
 
+    @process.spool_privileged
+    def reread(self):
+        """Reads the envelope again (a client filter may have edited it);
+        raises OSError or EnvelopeError."""
+        self.envelope = Envelope.read(self.envelope_path)
+        return self.envelope
+
+    @process.spool_privileged
     def rewrite(self, env):
         """Replaces the envelope with `env` atomically, keeping the claim's lock."""
         tmp = self.envelope_path + ".tmp"

@@ -226,7 +226,7 @@ def test_relay_passes_content_and_envelope_paths_to_server_and_client_filters(sc
     port = free_port()
     sink = smtp_sink(port)
     try:
-        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--spool-dir", relay.spool,
+        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--user", "root", "--spool-dir", relay.spool,
                             "--client-filter", spec])
     finally:
         stop_process(sink)

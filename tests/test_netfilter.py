@@ -124,7 +124,7 @@ def test_client_filter_reject_goes_bad_with_the_reason(tmp_path, daemon):
     port = free_port()
     sink = smtp_sink(port)
     try:
-        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--spool-dir", spool,
+        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--user", "root", "--spool-dir", spool,
                             "--client-filter", "net:" + daemon.address])
     finally:
         stop_process(sink)
@@ -141,7 +141,7 @@ def test_client_filter_daemon_down_leaves_messages_queued(tmp_path):
     port = free_port()
     sink = smtp_sink(port)
     try:
-        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--spool-dir", spool,
+        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--user", "root", "--spool-dir", spool,
                             "--client-filter", "net:127.0.0.1:%d" % free_port(),
                             "--filter-timeout", "2"])
     finally:
@@ -158,7 +158,7 @@ def test_client_filter_ok_forwards(tmp_path, daemon):
     port = free_port()
     sink = smtp_sink(port)
     try:
-        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--spool-dir", spool,
+        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--user", "root", "--spool-dir", spool,
                             "--client-filter", "net:" + daemon.address])
     finally:
         stop_process(sink)

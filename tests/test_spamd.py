@@ -97,7 +97,7 @@ def test_client_side_spam_filter_fails_spam(tmp_path, spamd):
     port = free_port()
     sink = smtp_sink(port)
     try:
-        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--spool-dir", relay.spool,
+        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--user", "root", "--spool-dir", relay.spool,
                             "--client-filter", "spam:127.0.0.1:%d" % spamd.port])
     finally:
         stop_process(sink)
