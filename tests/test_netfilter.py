@@ -147,7 +147,7 @@ def test_client_filter_daemon_down_leaves_messages_queued(tmp_path):
     finally:
         stop_process(sink)
     assert r.returncode == 1
-    assert "message stays queued" in r.stderr
+    assert "temporary failure 1: client filter failed" in r.stderr
     names = os.listdir(spool)
     assert len([n for n in names if n.endswith(".envelope")]) == 2
     assert not [n for n in names if ".bad" in n or ".busy" in n]
