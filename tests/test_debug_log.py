@@ -46,7 +46,7 @@ def test_debug_logs_dialogue_programs_and_spool_changes(tmp_path):
     assert re.search(r"debug: pop: rx: PASS <password>\n", log)
     assert re.search(r"debug: pop: tx: \+OK", log)
     assert re.search(r"debug: pop: rx: RETR 1\n", log)
-    assert re.search(r"debug: ran %s \S+\.content: exit 0\n" % re.escape(str(filt)), log)
+    assert re.search(r"debug: ran %s \S+\.content \S+\.envelope\.new: exit 0\n" % re.escape(str(filt)), log)
     assert re.search(r"debug: spool: emailrelay\.[0-9.]+: committed \(\d+ octets\)\n", log)
     # Never a password, an encoded credential or message text.
     for secret in (SMTP_PASSWORD, POP_PASSWORD, MARKER,

@@ -43,7 +43,7 @@ def test_read_and_unread():
 def test_parse_interfaces():
     got = net.parse_interfaces(["127.0.0.1,smtp=::1", "pop=127.0.0.2", "admin=fd#3"])
     assert got == {None: ["127.0.0.1"], "smtp": ["::1"], "pop": ["127.0.0.2"], "admin": ["fd#3"]}
-    for bad in (["eth0"], ["imap=127.0.0.1"], ["fd#x"]):
+    for bad in (["nosuchif9"], ["imap=127.0.0.1"], ["fd#x"]):
         with pytest.raises(ValueError):
             net.parse_interfaces(bad)
 

@@ -37,7 +37,8 @@ MAN_PAGE_OPTIONS = {
 
 NEW_OPTIONS = {"max-connections": 200, "max-connections-per-address": 20,
                "max-recipients": 1000, "max-bounce-recipients": 3, "max-bad-commands": 10,
-               "min-free-space": 1024, "listen-backlog": 0}
+               "min-free-space": 1024, "listen-backlog": 0, "retry-interval": 60,
+               "retry-max-interval": 3600, "retry-lifetime": 432000}
 
 # A good value for each option that takes one.
 SAMPLE = {
@@ -58,6 +59,7 @@ SAMPLE = {
     "pid-file": "/run/emailrelay.pid", "user": "nobody", "log-file": "/tmp/log.%d",
     "max-connections": "50", "listen-backlog": "512", "max-connections-per-address": "5", "max-recipients": "100",
     "max-bounce-recipients": "1", "max-bad-commands": "3", "min-free-space": "0",
+    "retry-interval": "30", "retry-max-interval": "600", "retry-lifetime": "86400",
 }
 OPTIONAL_SAMPLE = {"anonymous": "server,content", "syslog": "local0"}
 
@@ -115,7 +117,8 @@ def test_table_rows_are_well_formed():
         assert opt.help.endswith("."), opt.name
         assert (opt.value is None) == (opt.kind == "flag"), opt.name
     for name, default in NEW_OPTIONS.items():
-        assert options.BY_NAME[name].group == "SMTP server"
+        assert options.BY_NAME[name].group == ("SMTP client" if name.startswith("retry-")
+                                               else "SMTP server")
         assert options.BY_NAME[name].short is None
         assert getattr(parse([]), name.replace("-", "_")) == default
 

@@ -181,7 +181,8 @@ def test_filter_program_reason_and_arguments(tmp_path):
             code, text = c.data(b"hi\r\n")
         assert code == 550 and b"5.7.1 spam; rm -rf / $(x)" in text
         assert not relay.files(".content")
-    assert args_file.read_text().splitlines()[-1].endswith(".content")
+    args = args_file.read_text().splitlines()
+    assert args[-2].endswith(".content") and args[-1].endswith(".envelope.new")
 
 
 def test_verifier_program_exit_codes_and_plain_arguments(tmp_path):

@@ -366,7 +366,7 @@ def test_filter_outcomes(tmp_path, flt, reply, kept):
 
 def test_filter_rescan_triggers_forwarder_and_stop_skips_later_filters(tmp_path):
     fwd = types.SimpleNamespace(triggers=0)
-    fwd.trigger = lambda: setattr(fwd, "triggers", fwd.triggers + 1)
+    fwd.rescan = lambda: setattr(fwd, "triggers", fwd.triggers + 1)
     later = FakeFilter(ok=False, reason="never run")
     out, _, _ = talk(tmp_path, ENVELOPE + b"x\r\n.\r\nQUIT\r\n", forwarder=fwd,
                      filters=[FakeFilter(special="rescan"), FakeFilter(special="stop"), later])
@@ -395,8 +395,9 @@ def test_storage_failure_gives_452_and_no_traceback(tmp_path):
 
 
 def test_immediate_forwarding_refusal_is_passed_back(tmp_path):
-    fwd = types.SimpleNamespace(trigger=lambda: None,
-                                forward_now=lambda msg_id: (False, "550 mailbox unavailable"))
+    handle = types.SimpleNamespace(forward=lambda msg_id: "550 mailbox unavailable",
+                                   close=lambda: None)
+    fwd = types.SimpleNamespace(trigger=lambda: None, immediate_session=lambda: handle)
     out, _, _ = talk(tmp_path, ENVELOPE + b"x\r\n.\r\nQUIT\r\n", forwarder=fwd, immediate=True)
     assert "\r\n550 mailbox unavailable\r\n" in out
 
