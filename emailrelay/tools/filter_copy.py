@@ -124,6 +124,9 @@ def run(argv=None):
     parser.add_argument("-d", "--spool-dir", metavar="DIR",
                         help="copy all committed envelopes of this spool directory")
     parser.add_argument("content", nargs="?", help="the message's content file (given by emailrelay)")
+    parser.add_argument("envelope", nargs="?",
+                        help="the message's envelope file (given by emailrelay 2.1 and later; "
+                             "found from the content file's name when left out)")
     args = parser.parse_args(argv)
     try:
         if args.spool_dir:
