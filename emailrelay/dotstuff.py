@@ -82,38 +82,35 @@ def blocks(f, block_size=BLOCK_SIZE):
 
 
 def normalise_lines(blocks):
-    """Yields the text of `blocks` normalised as the module docstring says."""
+    """Yields the text of `blocks` as `Stuffer` makes it, a line at a time.
+
+    Each piece is one line ending in CRLF or, for a line longer than
+    MAX_PIECE, a part of it without one; the `.` line is not included.
+    """
+    stuffer = Stuffer()
     carry = b""
-    at_start = True
     for block in blocks:
-        if not block:
-            continue
-        data = carry + block.replace(b"\0", b"")
-        # A CR at the end may be the first half of a CRLF split across blocks.
-        hold_cr = data.endswith(b"\r")
-        if hold_cr:
-            data = data[:-1]
-        pieces = _EOL.split(data)
-        carry = pieces.pop()
-        for line in pieces:
-            if at_start and line.startswith(b"."):
-                line = b"." + line
-            yield line + b"\r\n"
-            at_start = True
-        if len(carry) > MAX_PIECE:
-            if at_start and carry.startswith(b"."):
-                carry = b"." + carry
-            yield carry
-            carry = b""
-            at_start = False
-        if hold_cr:
-            carry += b"\r"
+        carry = yield from _lines(carry + stuffer.feed(block))
+    # end() is the missing line ending, if any, then the `.` line.
+    carry = yield from _lines(carry + stuffer.end()[:-3])
     if carry:
-        if carry.endswith(b"\r"):
-            carry = carry[:-1]
-        if at_start and carry.startswith(b"."):
-            carry = b"." + carry
-        yield carry + b"\r\n"
+        yield carry
+
+
+def _lines(data):
+    """Yields the whole lines in `data` (and an overlong partial one); returns the rest."""
+    start = 0
+    while True:
+        end = data.find(b"\r\n", start)
+        if end < 0:
+            break
+        yield data[start:end + 2]
+        start = end + 2
+    rest = data[start:]
+    if len(rest) > MAX_PIECE:
+        yield rest
+        rest = b""
+    return rest
 
 
 def file_blocks(f, size=MAX_PIECE):

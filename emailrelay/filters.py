@@ -1,6 +1,6 @@
 """Filters (`--filter`, `--client-filter`) with E-MailRelay's interfaces.
 
-`make(spec, timeout, rescan_cb=None, kind='server')` checks a spec once at
+`make(spec, timeout, kind='server')` checks a spec once at
 start-up and returns a filter; `run(content_path, envelope_path)` runs it
 for one message and returns a FilterResult. Every filter's `run` may be
 called from several threads at once.
@@ -73,8 +73,8 @@ class FilterResult:
     """What a filter run means for the message.
 
     `ok`: the message goes on. `cancel`: forget the message (not an error,
-    `ok` is False). `rescan`: the spool should be rescanned (`rescan_cb` has
-    already been called). `stop`: the forwarder should stop scanning after
+    `ok` is False). `rescan`: the spool should be rescanned once the message
+    is committed (the SMTP session asks the forwarder). `stop`: the forwarder should stop scanning after
     this message. `special` sums these up: 'cancel', 'rescan', 'stop' or None.
     `code` is the exit status (None on timeout, crash or start failure).
     `reason` is text for the SMTP client ('' when ok); `temporary` is True
@@ -234,12 +234,11 @@ class Filter:
     (None for `exit:`).
     """
 
-    def __init__(self, spec, argv, exit_code, timeout, rescan_cb, kind):
+    def __init__(self, spec, argv, exit_code, timeout, kind):
         self.spec = spec
         self.argv = argv
         self.exit_code = exit_code
         self.timeout = timeout
-        self.rescan_cb = rescan_cb
         self.kind = kind
 
     def run(self, content_path, envelope_path):
@@ -257,8 +256,6 @@ class Filter:
                     reason = "filter failed: " + ran.error
                 return FilterResult(False, None, reason, temporary=True)
             result = interpret(ran.code, ran.output, self.kind)
-        if result.rescan and self.rescan_cb is not None:
-            self.rescan_cb()
         return result
 
 
@@ -321,12 +318,11 @@ def _location(option, spec, text):
         raise ValueError("%s %s: %s" % (option, spec, e)) from None
 
 
-def make(spec, timeout, rescan_cb=None, kind="server"):
+def make(spec, timeout, kind="server"):
     """Checks `spec` and returns a filter; raises ValueError.
 
     `kind` is 'server' (`--filter`) or 'client' (`--client-filter`): the
-    special exit codes mean different things for each. `rescan_cb()` is
-    called after a program run that asks for a spool rescan.
+    special exit codes mean different things for each.
     """
     if kind not in ("server", "client"):
         raise ValueError("unknown filter kind %r" % kind)
@@ -342,5 +338,5 @@ def make(spec, timeout, rescan_cb=None, kind="server"):
         number = text[5:].strip()
         if not number.isdigit() or int(number) > 255:
             raise ValueError("%s %s: exit: needs a number from 0 to 255" % (option, spec))
-        return Filter(spec, None, int(number), timeout, rescan_cb, kind)
-    return Filter(spec, split_command(text), None, timeout, rescan_cb, kind)
+        return Filter(spec, None, int(number), timeout, kind)
+    return Filter(spec, split_command(text), None, timeout, kind)

@@ -78,14 +78,12 @@ def test_cancel_is_not_an_error_even_if_files_are_gone(script, content):
 
 
 def test_server_special_codes(script, content):
-    calls = []
-    rescan = calls.append
-    r = run(script("exit 103\n"), content, rescan_cb=lambda: rescan(1))
-    assert r.ok and r.special == "rescan" and calls == [1]
-    r = run(script("exit 102\n"), content, rescan_cb=lambda: rescan(2))
-    assert r.special == "cancel" and r.rescan and calls == [1, 2]
-    r = run(script("echo '<<later>>'\nexit 104\n"), content, rescan_cb=lambda: rescan(3))
-    assert not r.ok and r.reason == "later" and r.rescan and calls == [1, 2, 3]
+    r = run(script("exit 103\n"), content)
+    assert r.ok and r.special == "rescan"
+    r = run(script("exit 102\n"), content)
+    assert r.special == "cancel" and r.rescan
+    r = run(script("echo '<<later>>'\nexit 104\n"), content)
+    assert not r.ok and r.reason == "later" and r.rescan
     r = run(script("exit 101\n"), content)
     assert r.ok and r.special is None
     r = run(script("exit 120\n"), content)
@@ -194,7 +192,7 @@ def test_metacharacters_and_crlf_reach_the_program_as_plain_arguments(script, co
     out = tmp_path / "args"
     marker = tmp_path / "pwned"
     evil = "$(touch %s);`touch %s`|&<>*\r\nRCPT TO:<x>" % (marker, marker)
-    f = filters.Filter("x", [script('printf "%%s\\0" "$@" > %s\n' % out)], None, 10, None, "server")
+    f = filters.Filter("x", [script('printf "%%s\\0" "$@" > %s\n' % out)], None, 10, "server")
     r = f.run(evil, evil)
     assert r.ok
     assert out.read_bytes().split(b"\0")[0] == evil.encode()
