@@ -31,7 +31,9 @@ class Services:
     `server_auth` (sasl.ServerAuth or None), `server_secrets`,
     `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
     `forwarder` (or None), `stats` (dict of counters), `events`
-    (forwarder.Events or None), `server` (net.Server), `stop_event`.
+    (forwarder.Events or None), `server` (net.Server), `stop_event`,
+    `load_guard` (smtp_controls.LoadGuard or None, --max-load),
+    `help_text` (lines for HELP, --help-text).
     """
 
     def __init__(self, **kwargs):
@@ -49,6 +51,8 @@ class Services:
         self.events = None
         self.server = None
         self.stop_event = None
+        self.load_guard = None
+        self.help_text = []
         self.__dict__.update(kwargs)
 
 
@@ -139,6 +143,14 @@ def _build(cfg):
     if cfg.server_auth:
         services.server_secrets = _load_secrets(cfg.server_auth, "--server-auth")
         services.server_auth = _server_auth(services.server_secrets, cfg, "--server-auth")
+    if cfg.server_auth_program:
+        from . import auth_program
+        if not os.access(cfg.server_auth_program, os.X_OK):
+            raise StartupError("--server-auth-program: cannot execute %s" % cfg.server_auth_program)
+        services.server_auth = _server_auth(
+            auth_program.AuthProgram(cfg.server_auth_program, cfg.filter_timeout), cfg,
+            "--server-auth-program")
+    _build_controls(cfg, services)
     if cfg.pop_auth:
         services.pop_secrets = _load_secrets(cfg.pop_auth, "--pop-auth")
         services.pop_auth = _server_auth(services.pop_secrets, cfg, "--pop-auth")
@@ -173,9 +185,21 @@ def _build(cfg):
         except ValueError as e:
             raise StartupError("--forward-to: %s" % e) from None
 
-    if not cfg.dont_serve:
+    if not (cfg.dont_serve or cfg.inetd or cfg.bsmtp):
         services.server = _listen(cfg, services)
     return services
+
+
+def _build_controls(cfg, services):
+    """The SMTP server controls that need more than the option value (ZMailer's)."""
+    from . import smtp_controls
+    if cfg.max_load is not None:
+        services.load_guard = smtp_controls.LoadGuard(smtp_controls.parse_max_load(cfg.max_load))
+    if cfg.help_text:
+        try:
+            services.help_text = smtp_controls.load_help_text(cfg.help_text)
+        except ValueError as e:
+            raise StartupError("--help-text: %s" % e) from None
 
 
 def _listen(cfg, services):
@@ -184,6 +208,8 @@ def _listen(cfg, services):
         interfaces = net.parse_interfaces(cfg.interface)
     except ValueError as e:
         raise StartupError("--interface: %s" % e) from None
+    for kind, items in net.systemd_sockets().items():
+        interfaces.setdefault(kind, []).extend(items)
     server = net.Server(remote_clients=cfg.remote_clients,
                         max_connections=cfg.max_connections,
                         max_per_address=cfg.max_connections_per_address)
@@ -194,7 +220,8 @@ def _listen(cfg, services):
             server.add("smtp", interfaces, cfg.port,
                        lambda conn: smtp_server.SmtpSession(conn, services).run(),
                        tls_context=implicit,
-                       busy_reply=b"421 4.3.2 too many connections, try again later\r\n")
+                       busy_reply=b"421 4.3.2 too many connections, try again later\r\n",
+                       address_busy_reply=b"450 4.7.0 too many connections from your address\r\n")
         if cfg.pop:
             from . import pop_server
             server.add("pop", interfaces, cfg.pop_port,
@@ -224,6 +251,8 @@ def _run(cfg, services):
         return EXIT_FAILURE
     if cfg.dont_serve:
         return _run_client(cfg, services)
+    if cfg.inetd or cfg.bsmtp:
+        return _run_stdio(cfg, services)
     server = services.server
     try:
         _check_user(cfg)
@@ -275,6 +304,21 @@ def _run(cfg, services):
     finally:
         if cfg.pid_file:
             process.remove_pid_file(cfg.pid_file)
+
+
+def _run_stdio(cfg, services):
+    """--inetd / --bsmtp: one session on stdin and stdout, as --user, then exit."""
+    from . import process, stdio_server
+    try:
+        _check_user(cfg)
+        _preload(cfg)
+        process.set_umask()
+        process.switch_user(cfg.user)
+    except (StartupError, process.ProcessError) as e:
+        from . import log
+        log.error(str(e))
+        return EXIT_FAILURE
+    return stdio_server.run(cfg, services)
 
 
 def _switching_user(cfg):

@@ -13,6 +13,7 @@ place for the connection caps, the open-relay guard and a prompt, signal-driven
 shutdown (the loop wakes on a socketpair), without a thread per listener.
 """
 
+import os
 import queue
 import selectors
 import socket
@@ -28,6 +29,9 @@ RECV_SIZE = 65536
 WRITE_HIGH_WATER = 65536
 # Seconds an over-the-limit connection waits for ending sessions to free a slot.
 OVER_LIMIT_GRACE = 0.25
+# Connections from one address beyond this many times the per-address limit
+# are closed at once, with no reply (ZMailer's MaxSameIpSource).
+FLOOD_FACTOR = 4
 # Seconds an idle session thread waits for a new connection before it ends.
 WORKER_IDLE = 30.0
 
@@ -51,6 +55,7 @@ class _Buffered:
         self._buf = bytearray()
         self._out = bytearray()
         self.tls = False
+        self.tls_cipher = None      # (cipher, protocol, secret bits) once TLS is active
         self.peer_certificate_pem = ""
 
     def _fill(self):
@@ -123,8 +128,9 @@ class Connection(_Buffered):
     """A connected socket as a session sees it.
 
     `peer` and `local` are (ip, port) tuples; `tls` says whether TLS is
-    active; `peer_certificate_pem` holds a verified client certificate (or
-    ''). Timeouts raise `Timeout`; a peer that vanishes mid-write raises
+    active, and `tls_cipher` is then ssl's (cipher, protocol, secret bits);
+    `peer_certificate_pem` holds a verified client certificate (or '').
+    Timeouts raise `Timeout`; a peer that vanishes mid-write raises
     `Closed`; end of input is b'' from readline/read.
     """
 
@@ -189,6 +195,7 @@ class Connection(_Buffered):
         self.sock.settimeout(self._timeout)
         self.sock = context.wrap_socket(self.sock, server_side=True)
         self.tls = True
+        self.tls_cipher = self.sock.cipher()
         der = self.sock.getpeercert(binary_form=True)
         if der:
             import ssl
@@ -203,6 +210,56 @@ class Connection(_Buffered):
         try:
             self.sock.close()
         except OSError:
+            pass
+
+
+class FdConnection(_Buffered):
+    """A `Connection` look-alike over two file descriptors that are not a socket.
+
+    For --bsmtp and --inetd on a pipe: reads from `rfd` (a pipe, a file or
+    a terminal), writes to `wfd`. `peer` is given by the caller, since a
+    pipe has no address; there is no TLS. The idle timeout is kept with
+    select(), which a regular file always passes.
+    """
+
+    def __init__(self, rfd, wfd, peer, local=("unknown", 0)):
+        super().__init__()
+        self.rfd = rfd
+        self.wfd = wfd
+        self.peer = peer
+        self.local = local
+        self._timeout = None
+
+    def _recv(self):
+        import select
+        try:
+            ready, _, _ = select.select([self.rfd], [], [], self._timeout)
+            if not ready:
+                raise Timeout()
+            return os.read(self.rfd, RECV_SIZE)
+        except OSError:
+            return b""
+
+    def _send(self, data):
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.wfd, view):]
+        except OSError as e:
+            raise Closed(str(e)) from None
+
+    def settimeout(self, seconds):
+        """Sets the idle timeout for reads (None: no timeout)."""
+        self._timeout = seconds
+
+    def starttls(self, context):
+        raise OSError("TLS needs a socket on the standard input")
+
+    def close(self):
+        """Flushes what it can; the descriptors belong to the process."""
+        try:
+            self.flush()
+        except (Closed, Timeout):
             pass
 
 
@@ -289,6 +346,34 @@ def parse_interfaces(values):
     return result
 
 
+SD_LISTEN_FDS_START = 3
+KINDS = ("smtp", "pop", "admin")
+
+
+def systemd_sockets(environ=None):
+    """Sockets passed by systemd socket activation (Accept=no), as interfaces.
+
+    Returns {kind: ["fd#N", ...]} for the descriptors that LISTEN_FDS and
+    LISTEN_PID give this process, each under the kind its LISTEN_FDNAMES
+    entry names (smtp, pop or admin; anything else is smtp), or {} when
+    there are none. The variables are removed, as sd_listen_fds() does, so
+    that no child takes the sockets for its own.
+    """
+    environ = os.environ if environ is None else environ
+    pid, count = environ.get("LISTEN_PID", ""), environ.get("LISTEN_FDS", "")
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+        return {}
+    result = {}
+    for i in range(int(count)):
+        name = names[i] if i < len(names) else ""
+        kind = name if name in KINDS else "smtp"
+        result.setdefault(kind, []).append("fd#%d" % (SD_LISTEN_FDS_START + i))
+    return result
+
+
 def _bind(host, port):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -311,12 +396,13 @@ def _bind(host, port):
 class Listener:
     """One listening socket and what to do with its connections."""
 
-    def __init__(self, sock, kind, handler, tls_context, busy_reply):
+    def __init__(self, sock, kind, handler, tls_context, busy_reply, address_busy_reply=None):
         self.sock = sock
         self.kind = kind
         self.handler = handler
         self.tls_context = tls_context
         self.busy_reply = busy_reply
+        self.address_busy_reply = busy_reply if address_busy_reply is None else address_busy_reply
         local = _pair(sock.getsockname())
         self.address = addresses.format_address(*local)
         # The local address of every accepted connection, unless the
@@ -333,6 +419,13 @@ class Server:
     `handler(conn)` in a daemon thread of its own; `on_close(kind)`
     callbacks run after a session ends (used for --forward-on-disconnect).
 
+    Over a limit a connection gets the listener's `busy_reply` (too many
+    connections) or `address_busy_reply` (too many from its address) and
+    is closed; that happens in a session thread, after a short grace for
+    ending sessions, so the accept loop only counts. Once one address holds
+    FLOOD_FACTOR times its limit (sessions and refusals in progress), its
+    further connections are closed at once without a reply.
+
     Session threads are reused: a thread whose session has ended waits a
     while for the next connection, which saves creating a thread (and the
     accept loop's wait for it to start) per connection.
@@ -347,6 +440,8 @@ class Server:
         self._lock = threading.Condition()
         self._live = {}
         self._per_address = {}
+        self._refusing = {}      # ip -> over-limit connections waiting to be refused
+        self._refusals = 0
         self._sessions = 0       # sessions running, until their on_close callbacks end
         self._idle = 0           # session threads waiting for work
         self._work = queue.SimpleQueue()
@@ -366,8 +461,13 @@ class Server:
         except OSError:
             pass
 
-    def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b""):
-        """Listens for `kind` on the given interfaces (all if empty) and port."""
+    def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b"",
+            address_busy_reply=None):
+        """Listens for `kind` on the given interfaces (all if empty) and port.
+
+        `address_busy_reply` (default `busy_reply`) is sent over the
+        per-address limit.
+        """
         items = list(interfaces.get(kind, [])) + list(interfaces.get(None, []))
         if not items:
             items = ["0.0.0.0"]
@@ -382,7 +482,8 @@ class Server:
                 except OSError as e:
                     raise OSError(e.errno, "cannot listen on %s: %s"
                                   % (addresses.format_address(item, port), e.strerror)) from None
-            self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply))
+            self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply,
+                                           address_busy_reply))
 
     def addresses(self):
         """(kind, address) for every listener, for logs and `status`."""
@@ -432,39 +533,35 @@ class Server:
         if not self.remote_clients and not addresses.is_local(ip):
             log.warning("%s: connection refused from non-local address %s "
                         "(see --remote-clients)" % (lst.kind, ip))
-            self.counters["refused"] += 1
+            with self._lock:
+                self.counters["refused"] += 1
             sock.close()
             return
         with self._lock:
-            # A client that reconnects as soon as it reads our 221 can beat
-            # its old session's thread to the clean-up; give ending sessions
-            # a moment before counting this one as over the limit.
-            over = self._over(ip)
-            deadline = time.monotonic() + OVER_LIMIT_GRACE
-            while over and time.monotonic() < deadline:
-                self._lock.wait(deadline - time.monotonic())
-                over = self._over(ip)
-            if not over:
+            held = self._per_address.get(ip, 0) + self._refusing.get(ip, 0)
+            flood = (held >= FLOOD_FACTOR * self.max_per_address
+                     or self._refusals >= self.max_connections)
+            over = not flood and self._over(ip)
+            if flood:
+                self.counters["refused"] += 1
+            elif over:
+                self._refusing[ip] = self._refusing.get(ip, 0) + 1
+                self._refusals += 1
+            else:
                 self._per_address[ip] = self._per_address.get(ip, 0) + 1
                 self._live[sock] = ip
-        if over:
-            log.warning("%s: too many connections: refused %s" % (lst.kind, ip))
-            self.counters["refused"] += 1
-            try:
-                sock.settimeout(1)
-                sock.sendall(lst.busy_reply)
-            except OSError:
-                pass
+                self.counters["connections"] += 1
+        if flood:
             sock.close()
             return
-        self.counters["connections"] += 1
-        log.verbose("%s: connection from %s" % (lst.kind, peer))
+        if not over:
+            log.verbose("%s: connection from %s" % (lst.kind, peer))
         with self._lock:
             self._sessions += 1
             spawn = self._idle == 0
             if not spawn:
                 self._idle -= 1
-        self._work.put((lst, sock, addr, peer))
+        self._work.put((self._refuse if over else self._session, lst, sock, addr, peer))
         if spawn:
             threading.Thread(target=self._worker, name="session", daemon=True).start()
 
@@ -482,11 +579,49 @@ class Server:
                     return
             if job is None:
                 return
-            self._session(*job)
+            job[0](*job[1:])
             with self._lock:
                 self._sessions -= 1
                 self._idle += 1
                 self._lock.notify_all()
+
+    def _refuse(self, lst, sock, addr, peer):
+        """An over-the-limit connection: serves it if a slot frees soon, else refuses it."""
+        ip = addr[0]
+        with self._lock:
+            # A client that reconnects as soon as it reads our 221 can beat
+            # its old session's thread to the clean-up; give ending sessions
+            # a moment before counting this one as over the limit.
+            over = self._over(ip)
+            deadline = time.monotonic() + OVER_LIMIT_GRACE
+            while over and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
+                over = self._over(ip)
+            n = self._refusing[ip] - 1
+            if n:
+                self._refusing[ip] = n
+            else:
+                del self._refusing[ip]
+            self._refusals -= 1
+            per_address = self._per_address.get(ip, 0) >= self.max_per_address
+            if over:
+                self.counters["refused"] += 1
+            else:
+                self._per_address[ip] = self._per_address.get(ip, 0) + 1
+                self._live[sock] = ip
+                self.counters["connections"] += 1
+        if not over:
+            log.verbose("%s: connection from %s" % (lst.kind, peer))
+            self._session(lst, sock, addr, peer)
+            return
+        log.warning("%s: too many connections%s: refused %s"
+                    % (lst.kind, " from one address" if per_address else "", ip))
+        try:
+            sock.settimeout(1)
+            sock.sendall(lst.address_busy_reply if per_address else lst.busy_reply)
+        except OSError:
+            pass
+        sock.close()
 
     def _over(self, ip):
         return (len(self._live) >= self.max_connections

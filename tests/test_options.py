@@ -39,6 +39,11 @@ NEW_OPTIONS = {"max-connections": 200, "max-connections-per-address": 20,
                "max-recipients": 1000, "max-bounce-recipients": 3, "max-bad-commands": 10,
                "min-free-space": 1024}
 
+# ZMailer smtpserver's modes and controls (issue 10), with their defaults.
+ZMAILER_OPTIONS = {"inetd": False, "bsmtp": False, "test-address": None, "max-load": None,
+                   "tarpit": None, "helo-check": False, "greeting": [], "help-text": None,
+                   "server-auth-program": None}
+
 # A good value for each option that takes one.
 SAMPLE = {
     "as-client": "smtp.example.com:25", "as-proxy": "smtp.example.com:25",
@@ -57,6 +62,9 @@ SAMPLE = {
     "pid-file": "/run/emailrelay.pid", "user": "nobody", "log-file": "/tmp/log.%d",
     "max-connections": "50", "max-connections-per-address": "5", "max-recipients": "100",
     "max-bounce-recipients": "1", "max-bad-commands": "3", "min-free-space": "0",
+    "test-address": "[192.0.2.1]", "max-load": "2.5", "tarpit": "1,2,30",
+    "greeting": "%H ESMTP %V at %T %%", "help-text": "/etc/help.txt",
+    "server-auth-program": "/usr/local/bin/check-password",
 }
 OPTIONAL_SAMPLE = {"anonymous": "server,content", "syslog": "local0"}
 
@@ -70,6 +78,7 @@ NEEDS = {
     "pop-by-name": ["--pop", "--pop-auth", "/etc/pop.auth"],
     "pop-no-delete": ["--pop", "--pop-auth", "/etc/pop.auth"],
     "admin-terminate": ["--admin", "10025"],
+    "test-address": ["--bsmtp"],
 }
 
 TESTABLE = [o for o in options.OPTIONS if o.implemented]
@@ -102,7 +111,7 @@ def test_table_has_every_man_page_option_with_its_letter():
         assert name in table, name
         assert table[name] == short, name
     assert len(MAN_PAGE_OPTIONS) == 68
-    assert set(table) == set(MAN_PAGE_OPTIONS) | set(NEW_OPTIONS)
+    assert set(table) == set(MAN_PAGE_OPTIONS) | set(NEW_OPTIONS) | set(ZMAILER_OPTIONS)
 
 
 def test_table_rows_are_well_formed():
@@ -116,6 +125,10 @@ def test_table_rows_are_well_formed():
     for name, default in NEW_OPTIONS.items():
         assert options.BY_NAME[name].group == "SMTP server"
         assert options.BY_NAME[name].short is None
+        assert getattr(parse([]), name.replace("-", "_")) == default
+    for name, default in ZMAILER_OPTIONS.items():
+        assert options.BY_NAME[name].short is None
+        assert "ZMailer" in options.BY_NAME[name].help, name
         assert getattr(parse([]), name.replace("-", "_")) == default
 
 
