@@ -80,7 +80,7 @@ def _modes_section():
     """The man page's OPERATING MODES: inetd, socket activation, batched SMTP."""
     return ([
         ".SH OPERATING MODES",
-        ".SS Run from inetd, xinetd or systemd with Accept=yes (\-\-inetd)",
+        ".SS Run from inetd, xinetd or systemd with Accept=yes (\\-\\-inetd)",
         _roff("With --inetd the program serves one SMTP session on its standard input "
               "and output and exits. The client address is the peer of the socket on "
               "standard input; a pipe or a local socket has no address, so the session "
@@ -108,7 +108,7 @@ def _modes_section():
         "[Install]",
         "WantedBy=sockets.target",
     ]) + [
-        ".SS Batched SMTP and policy tests (\-\-bsmtp, \-\-test\-address)",
+        ".SS Batched SMTP and policy tests (\\-\\-bsmtp, \\-\\-test\\-address)",
         _roff("With --bsmtp the program reads SMTP commands from its standard input "
               "without waiting for replies, writes the replies to its standard output, "
               "stores each accepted message in the spool, and exits with status 0 only "
