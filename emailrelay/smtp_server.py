@@ -351,7 +351,8 @@ class SmtpSession:
             return
         # --help-text lines follow the command list in one multi-line reply.
         lines = ["commands: %s" % " ".join(verbs)] + list(self.services.help_text)
-        self._reply("".join("214-2.0.0 %s\r\n" % x for x in lines[:-1]) + "214 2.0.0 " + lines[-1])
+        self._reply("".join(("214-2.0.0 " + x).rstrip() + "\r\n" for x in lines[:-1])
+                    + ("214 2.0.0 " + lines[-1]).rstrip())
 
     @command("MAIL FROM:<address> [SIZE=<n>] [BODY=7BIT|8BITMIME|BINARYMIME] "
              "[SMTPUTF8] [AUTH=<xtext>]", states=(GREETED,))
