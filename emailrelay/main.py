@@ -192,12 +192,12 @@ def _build(cfg):
 
 def _build_controls(cfg, services):
     """The SMTP server controls that need more than the option value (ZMailer's)."""
-    from . import smtp_controls
+    from . import smtp_controls, smtp_policy
     if cfg.max_load is not None:
-        services.load_guard = smtp_controls.LoadGuard(smtp_controls.parse_max_load(cfg.max_load))
+        services.load_guard = smtp_policy.LoadGuard(smtp_controls.parse_max_load(cfg.max_load))
     if cfg.help_text:
         try:
-            services.help_text = smtp_controls.load_help_text(cfg.help_text)
+            services.help_text = smtp_policy.load_help_text(cfg.help_text)
         except ValueError as e:
             raise StartupError("--help-text: %s" % e) from None
 

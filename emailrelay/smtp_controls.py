@@ -1,23 +1,23 @@
-"""SMTP server controls from ZMailer's smtpserver: values and small helpers.
+"""SMTP server controls from ZMailer's smtpserver: values and pure helpers.
 
 What the option parser checks (`parse_test_address`, `parse_max_load`,
 `parse_tarpit`, `check_greeting`) and what a session uses: `valid_helo`
-(--helo-check), `expand_greeting` (--greeting), `load_help_text`
-(--help-text), `Tarpit` (--tarpit, one per session) and `LoadGuard`
-(--max-load, one per process). Nothing here touches a socket or the spool.
+(--helo-check), `expand_greeting` (--greeting) and `Tarpit` (--tarpit, one
+per session). Util layer: no I/O, no imports from the package. The parts
+that need the system (the load average, the help-text file) are in
+`smtp_policy`.
 """
 
 import ipaddress
-import os
 import re
-import threading
 
-from . import log
-
-HELP_LINE_LIMIT = 500       # keeps each 214 line inside RFC 5321's 512 octets
-HELP_LINES_LIMIT = 100
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _MACROS = {"H", "V", "T", "%"}
+
+
+def _shown(text):
+    """`text` for an error message: as it is when printable, else quoted."""
+    return text if text.isprintable() else repr(text)
 
 
 def parse_test_address(text):
@@ -39,7 +39,7 @@ def parse_test_address(text):
     except ValueError:
         addr = None
     if addr is None or addr.version != version:
-        raise ValueError("invalid address literal %s" % log.sanitise(text))
+        raise ValueError("invalid address literal %s" % _shown(text))
     return str(addr)
 
 
@@ -50,7 +50,7 @@ def parse_max_load(text):
     except ValueError:
         value = -1.0
     if not 0 <= value < float("inf"):
-        raise ValueError("invalid load average %s" % log.sanitise(text))
+        raise ValueError("invalid load average %s" % _shown(text))
     return value
 
 
@@ -69,7 +69,7 @@ def parse_tarpit(text):
         values.append(value)
     if values is None or len(values) != 3:
         raise ValueError("expected <initial>,<exponent>,<limit> as numbers of seconds "
-                         "(and a multiplier) >= 0, not %s" % log.sanitise(text))
+                         "(and a multiplier) >= 0, not %s" % _shown(text))
     return tuple(values)
 
 
@@ -80,7 +80,7 @@ def check_greeting(text):
     for match in re.finditer(r"%(.?)", text):
         if match.group(1) not in _MACROS:
             raise ValueError("unknown macro %%%s (expected %%H, %%V, %%T or %%%%)"
-                             % log.sanitise(match.group(1)))
+                             % _shown(match.group(1)))
 
 
 def expand_greeting(text, domain, version, now):
@@ -110,25 +110,6 @@ def valid_helo(arg):
     return all(_LABEL.match(label) for label in labels)
 
 
-def load_help_text(path):
-    """The lines of a --help-text file; raises ValueError saying what is wrong."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError("cannot read %s: %s" % (path, getattr(e, "strerror", None) or e)) from None
-    if len(lines) > HELP_LINES_LIMIT:
-        raise ValueError("%s: more than %d lines" % (path, HELP_LINES_LIMIT))
-    result = []
-    for number, line in enumerate(lines, 1):
-        line = line.rstrip()
-        if not line.isprintable() or len(line) > HELP_LINE_LIMIT:
-            raise ValueError("%s:%d: a line must be printable text of at most %d characters"
-                             % (path, number, HELP_LINE_LIMIT))
-        result.append(line)
-    return result
-
-
 class Tarpit:
     """The delays before one session's error replies (--tarpit).
 
@@ -146,35 +127,3 @@ class Tarpit:
         delay = self._next
         self._next = min(delay + delay * self.exponent, self.limit)
         return delay
-
-
-class LoadGuard:
-    """--max-load: says whether the machine is too busy for a new session.
-
-    `over()` reads the one-minute load average; the change between "over"
-    and "back below" is logged once each time it happens, not per
-    connection. Safe to call from every session thread.
-    """
-
-    def __init__(self, threshold, getloadavg=os.getloadavg):
-        self.threshold = threshold
-        self._getloadavg = getloadavg
-        self._over = False
-        self._lock = threading.Lock()
-
-    def over(self):
-        try:
-            load = self._getloadavg()[0]
-        except OSError:
-            return False
-        over = load > self.threshold
-        with self._lock:
-            changed = over != self._over
-            self._over = over
-        if changed and over:
-            log.warning("smtp: load average %.2f is above --max-load %g: refusing connections"
-                        % (load, self.threshold))
-        elif changed:
-            log.info("smtp: load average %.2f is back below --max-load %g: accepting connections"
-                     % (load, self.threshold))
-        return over
