@@ -310,7 +310,8 @@ OPTIONS = [
        "Sets the server's private key and certificate chain (one PEM file, or the option "
        "twice: key file first, then certificate file).", kind="path", multi=True),
     _O("server-tls-connection", None, None, "TLS",
-       "Uses implicit TLS (SMTPS) on the SMTP port. Needs --server-tls-certificate."),
+       "Uses implicit TLS (SMTPS) on the SMTP port, or with --inetd on the standard "
+       "input (ZMailer -t). Needs --server-tls-certificate."),
     _O("server-tls-required", None, None, "TLS",
        "Requires SMTP and POP clients to use TLS before they authenticate or send mail."),
     _O("server-tls-verify", None, "<ca-list>", "TLS",

@@ -15,7 +15,8 @@ stores them. The exit status is 0 only when no command got a 4xx/5xx reply
 and the batch did not end inside a transaction. The client address is
 127.0.0.1: the batch comes from this machine.
 
-Either way --test-address gives the session another client address, and
+With --server-tls-connection an --inetd session starts TLS before the
+greeting (SMTPS on port 465, ZMailer's -t). Either way --test-address gives the session another client address, and
 the open-relay guard (--remote-clients) looks at the address the session
 has, as the accept loop does for network sessions.
 """
@@ -54,6 +55,18 @@ def run(cfg, services):
         except (net.Closed, net.Timeout):
             pass
         return EXIT_FAILURE
+    if cfg.inetd and cfg.server_tls_connection:
+        # SMTPS from inetd (ZMailer -t): TLS before the greeting.
+        if not isinstance(conn, net.Connection):
+            log.error("inetd: --server-tls-connection needs a socket on the standard input")
+            return EXIT_FAILURE
+        try:
+            conn.settimeout(60)
+            conn.accept_tls(services.tls_context)
+        except (OSError, ValueError) as e:
+            log.warning("inetd: tls handshake failed with %s: %s" % (ip, e))
+            conn.close()
+            return EXIT_FAILURE
     session = smtp_server.SmtpSession(conn, services)
     session.run()
     if cfg.inetd:

@@ -18,6 +18,7 @@ import subprocess
 from helpers import PYTHON, ROOT, env, free_port, spool_files, stop_process, wait_for
 
 from emailrelay import envelope
+from certs import certs  # noqa: F401  (a pytest fixture)
 
 BASE = ["--no-syslog", "--domain", "relay.test", "--user", "root"]
 
@@ -302,3 +303,21 @@ def test_daemon_serves_sockets_from_systemd_socket_activation(tmp_path):
         p.quit()
         spawner.proc.terminate()
         assert spawner.proc.wait(15) == 0
+
+
+def test_inetd_with_implicit_tls(tmp_path, certs):
+    import ssl
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    log = tmp_path / "log"
+    port = free_port()
+    command = emailrelay_command(spool, log, "--server-tls-connection",
+                                 "--server-tls-certificate", certs.server)
+    context = ssl.create_default_context(cafile=certs.ca)
+    with Spawner(["socat", "TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork" % port,
+                  "EXEC:%s,nofork" % command.replace(":", "\\:")], port):
+        with smtplib.SMTP_SSL("127.0.0.1", port, timeout=30, context=context) as c:
+            c.sendmail("a@x.test", ["b@y.test"], b"Subject: smtps\r\n\r\nhi\r\n")
+    [(_, content)] = wait_stored(spool)
+    assert re.match(rb"Received: from \S+ \(\[127\.0\.0\.1\]\) \(using TLSv1\.[23] with cipher "
+                    rb"\S+ \(\d+/\d+ bits\)\) by relay\.test with ESMTPS id ", content)
