@@ -90,10 +90,10 @@ def test_tarpit_delays_grow_and_cap_and_other_sessions_are_not_delayed(tmp_path)
             assert a.docmd("BOGUS")[0] == 502
             delays.append(time.monotonic() - start)
         # 0.4, then 0.4 + 0.4*1 = 0.8, then 1.6 capped at 1.
-        assert 0.4 <= delays[0] < 0.8
-        assert 0.8 <= delays[1] < 1.0 + 0.35
-        assert 1.0 <= delays[2] < 1.0 + 0.35
-        assert 1.0 <= delays[3] < 1.0 + 0.35
+        assert 0.4 <= delays[0] < delays[1] - 0.2
+        assert 0.8 <= delays[1]
+        assert 1.0 <= delays[2] < 1.0 + 0.6
+        assert 1.0 <= delays[3] < 1.0 + 0.6
 
         # While session a waits before its next error reply, session b is served at once.
         result = {}
@@ -104,10 +104,11 @@ def test_tarpit_delays_grow_and_cap_and_other_sessions_are_not_delayed(tmp_path)
         assert b.ehlo("other.test")[0] == 250
         assert b.noop()[0] == 250
         quick = time.monotonic() - start
+        assert t.is_alive()        # a is still waiting for its reply
         b.quit()
         t.join(10)
         assert result["reply"][0] == 502
-        assert quick < 0.5
+        assert quick < 0.9
         a.quit()
         assert "tarpit: waiting 1s before an error reply" in relay.log()
 
