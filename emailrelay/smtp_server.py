@@ -217,12 +217,7 @@ class SmtpSession:
             return
         self._flush()
         log.verbose("smtp: tarpit: waiting %gs before an error reply" % delay, peer=self.peer)
-        stop = getattr(self.services, "stop_event", None)
-        if stop is not None:
-            stop.wait(delay)
-        else:
-            import time
-            time.sleep(delay)
+        self.services.stop_event.wait(delay)
 
     def _connect_refusal(self):
         """The reply that ends the session before the greeting (--max-load), or None."""
@@ -242,8 +237,7 @@ class SmtpSession:
             from . import __version__
             lines = [smtp_controls.expand_greeting(text, self.domain, __version__, rfc5322_date())
                      for text in self.cfg.greeting]
-            return "\r\n".join("220-" + x for x in lines[:-1]) + "\r\n220 " + lines[-1] \
-                if len(lines) > 1 else "220 " + lines[0]
+            return "".join("220-%s\r\n" % x for x in lines[:-1]) + "220 " + lines[-1]
         if "server" in self.anonymous:
             return "220 %s -- Service ready" % self.domain
         from . import __version__
