@@ -33,7 +33,8 @@ class Services:
     `forwarder` (or None), `stats` (a stats.Stats), `events`
     (forwarder.Events or None), `server` (net.Server), `stop_event`,
     `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None),
-    `dnsbl` (dnsbl.Dnsbl or None).
+    `dnsbl` (dnsbl.Dnsbl or None), `load_guard` (smtp_policy.LoadGuard or
+    None, --max-load), `help_text` (lines for HELP, --help-text).
     """
 
     def __init__(self, **kwargs):
@@ -53,6 +54,8 @@ class Services:
         self.stop_event = None
         self.auth_budget = None
         self.dnsbl = None
+        self.load_guard = None
+        self.help_text = []
         self.__dict__.update(kwargs)
 
 
@@ -169,6 +172,14 @@ def _build(cfg):
         services.server_secrets = _load_secrets(cfg.server_auth, "--server-auth")
         services.server_auth = _server_auth(services.server_secrets, cfg, "--server-auth")
         _check_server_secrets(services.server_secrets, "--server-auth")
+    if cfg.server_auth_program:
+        from . import auth_program
+        if not os.access(cfg.server_auth_program, os.X_OK):
+            raise StartupError("--server-auth-program: cannot execute %s" % cfg.server_auth_program)
+        services.server_auth = _server_auth(
+            auth_program.AuthProgram(cfg.server_auth_program, cfg.filter_timeout), cfg,
+            "--server-auth-program")
+    _build_controls(cfg, services)
     if cfg.pop_auth:
         services.pop_secrets = _load_secrets(cfg.pop_auth, "--pop-auth")
         services.pop_auth = _server_auth(services.pop_secrets, cfg, "--pop-auth")
@@ -207,9 +218,21 @@ def _build(cfg):
             raise StartupError("--forward-to: %s" % e) from None
         _check_forward_to(cfg.forward_to)
 
-    if not cfg.dont_serve:
+    if not (cfg.dont_serve or cfg.inetd or cfg.bsmtp):
         services.server = _listen(cfg, services)
     return services
+
+
+def _build_controls(cfg, services):
+    """The SMTP server controls that need more than the option value (ZMailer's)."""
+    from . import smtp_controls, smtp_policy
+    if cfg.max_load is not None:
+        services.load_guard = smtp_policy.LoadGuard(smtp_controls.parse_max_load(cfg.max_load))
+    if cfg.help_text:
+        try:
+            services.help_text = smtp_policy.load_help_text(cfg.help_text)
+        except ValueError as e:
+            raise StartupError("--help-text: %s" % e) from None
 
 
 def _listen(cfg, services):
@@ -218,6 +241,8 @@ def _listen(cfg, services):
         interfaces = net.parse_interfaces(cfg.interface)
     except ValueError as e:
         raise StartupError("--interface: %s" % e) from None
+    for kind, items in net.systemd_sockets().items():
+        interfaces.setdefault(kind, []).extend(items)
     server = net.Server(remote_clients=cfg.remote_clients,
                         max_connections=cfg.max_connections,
                         max_per_address=cfg.max_connections_per_address,
@@ -229,7 +254,8 @@ def _listen(cfg, services):
             server.add("smtp", interfaces, cfg.port,
                        lambda conn: smtp_server.SmtpSession(conn, services).run(),
                        tls_context=implicit,
-                       busy_reply=b"421 4.3.2 too many connections, try again later\r\n")
+                       busy_reply=b"421 4.3.2 too many connections, try again later\r\n",
+                       address_busy_reply=b"450 4.7.0 too many connections from your address\r\n")
         if cfg.pop:
             from . import pop_server
             server.add("pop", interfaces, cfg.pop_port,
@@ -265,6 +291,9 @@ def _resolve_programs(cfg):
         values[:] = [_resolve_program(spec, "--" + option.replace("_", "-")) for spec in values]
     if cfg.address_verifier:
         cfg.address_verifier = _resolve_program(cfg.address_verifier, "--address-verifier")
+    if cfg.server_auth_program:
+        cfg.server_auth_program = _resolve_program(cfg.server_auth_program,
+                                                   "--server-auth-program")
 
 
 def _resolve_program(spec, option):
@@ -298,10 +327,11 @@ def _resolve_program(spec, option):
 
 
 def _program_paths(cfg):
-    """The absolute program paths the filter/verifier options will run."""
+    """The absolute program paths the filter, verifier and auth-program options will run."""
     import shlex
     specs = list(cfg.filter or []) + list(cfg.client_filter or []) + \
-        ([cfg.address_verifier] if cfg.address_verifier else [])
+        ([cfg.address_verifier] if cfg.address_verifier else []) + \
+        ([cfg.server_auth_program] if cfg.server_auth_program else [])
     for spec in specs:
         text = spec.strip()
         if text.startswith(_SPECIAL_PROGRAMS):
@@ -361,6 +391,8 @@ def _run(cfg, services):
         return EXIT_FAILURE
     if cfg.dont_serve:
         return _run_client(cfg, services)
+    if cfg.inetd or cfg.bsmtp:
+        return _run_stdio(cfg, services)
     server = services.server
     group = entry.pw_gid if entry is not None else None
     process.set_umask()
@@ -404,6 +436,19 @@ def _run(cfg, services):
     finally:
         if cfg.pid_file:
             process.remove_pid_file(cfg.pid_file)
+
+
+def _run_stdio(cfg, services):
+    """--inetd / --bsmtp: one session on stdin and stdout, as --user, then exit.
+
+    The spool is not recovered here: a daemon or forwarder may be working
+    on it at the same time, and each inetd session is only one client.
+    """
+    from . import process, stdio_server
+    process.set_umask()
+    if not _drop_privileges(cfg):
+        return EXIT_FAILURE
+    return stdio_server.run(cfg, services)
 
 
 def _drop_privileges(cfg):

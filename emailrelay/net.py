@@ -45,6 +45,9 @@ OVER_LIMIT_GRACE = 0.25
 OVER_LIMIT_HELD = 64
 # Connections accepted from one listener per wake-up of the accept loop.
 ACCEPT_BATCH = 64
+# Connections from one address beyond this many times the per-address limit
+# are closed at once, with no reply (ZMailer's MaxSameIpSource).
+FLOOD_FACTOR = 4
 # Seconds an idle session thread waits for a new connection before it ends.
 WORKER_IDLE = 30.0
 
@@ -68,6 +71,7 @@ class _Buffered:
         self._buf = bytearray()
         self._out = bytearray()
         self.tls = False
+        self.tls_cipher = None      # (cipher, protocol, secret bits) once TLS is active
         self.peer_certificate_pem = ""
 
     def _fill(self):
@@ -140,8 +144,9 @@ class Connection(_Buffered):
     """A connected socket as a session sees it.
 
     `peer` and `local` are (ip, port) tuples; `tls` says whether TLS is
-    active; `peer_certificate_pem` holds a verified client certificate (or
-    ''). Timeouts raise `Timeout`; a peer that vanishes mid-write raises
+    active, and `tls_cipher` is then ssl's (cipher, protocol, secret bits);
+    `peer_certificate_pem` holds a verified client certificate (or '').
+    Timeouts raise `Timeout`; a peer that vanishes mid-write raises
     `Closed`; end of input is b'' from readline/read.
     """
 
@@ -206,6 +211,7 @@ class Connection(_Buffered):
         self.sock.settimeout(self._timeout)
         self.sock = context.wrap_socket(self.sock, server_side=True)
         self.tls = True
+        self.tls_cipher = self.sock.cipher()
         der = self.sock.getpeercert(binary_form=True)
         if der:
             import ssl
@@ -220,6 +226,56 @@ class Connection(_Buffered):
         try:
             self.sock.close()
         except OSError:
+            pass
+
+
+class FdConnection(_Buffered):
+    """A `Connection` look-alike over two file descriptors that are not a socket.
+
+    For --bsmtp and --inetd on a pipe: reads from `rfd` (a pipe, a file or
+    a terminal), writes to `wfd`. `peer` is given by the caller, since a
+    pipe has no address; there is no TLS. The idle timeout is kept with
+    select(), which a regular file always passes.
+    """
+
+    def __init__(self, rfd, wfd, peer, local=("unknown", 0)):
+        super().__init__()
+        self.rfd = rfd
+        self.wfd = wfd
+        self.peer = peer
+        self.local = local
+        self._timeout = None
+
+    def _recv(self):
+        import select
+        try:
+            ready, _, _ = select.select([self.rfd], [], [], self._timeout)
+            if not ready:
+                raise Timeout()
+            return os.read(self.rfd, RECV_SIZE)
+        except OSError:
+            return b""
+
+    def _send(self, data):
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.wfd, view):]
+        except OSError as e:
+            raise Closed(str(e)) from None
+
+    def settimeout(self, seconds):
+        """Sets the idle timeout for reads (None: no timeout)."""
+        self._timeout = seconds
+
+    def starttls(self, context):
+        raise OSError("TLS needs a socket on the standard input")
+
+    def close(self):
+        """Flushes what it can; the descriptors belong to the process."""
+        try:
+            self.flush()
+        except (Closed, Timeout):
             pass
 
 
@@ -322,6 +378,34 @@ def listen_backlog(wanted=0):
         return socket.SOMAXCONN
 
 
+SD_LISTEN_FDS_START = 3
+KINDS = ("smtp", "pop", "admin")
+
+
+def systemd_sockets(environ=None):
+    """Sockets passed by systemd socket activation (Accept=no), as interfaces.
+
+    Returns {kind: ["fd#N", ...]} for the descriptors that LISTEN_FDS and
+    LISTEN_PID give this process, each under the kind its LISTEN_FDNAMES
+    entry names (smtp, pop or admin; anything else is smtp), or {} when
+    there are none. The variables are removed, as sd_listen_fds() does, so
+    that no child takes the sockets for its own.
+    """
+    environ = os.environ if environ is None else environ
+    pid, count = environ.get("LISTEN_PID", ""), environ.get("LISTEN_FDS", "")
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+        return {}
+    result = {}
+    for i in range(int(count)):
+        name = names[i] if i < len(names) else ""
+        kind = name if name in KINDS else "smtp"
+        result.setdefault(kind, []).append("fd#%d" % (SD_LISTEN_FDS_START + i))
+    return result
+
+
 def _bind(host, port, backlog):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -344,12 +428,13 @@ def _bind(host, port, backlog):
 class Listener:
     """One listening socket and what to do with its connections."""
 
-    def __init__(self, sock, kind, handler, tls_context, busy_reply):
+    def __init__(self, sock, kind, handler, tls_context, busy_reply, address_busy_reply=None):
         self.sock = sock
         self.kind = kind
         self.handler = handler
         self.tls_context = tls_context
         self.busy_reply = busy_reply
+        self.address_busy_reply = busy_reply if address_busy_reply is None else address_busy_reply
         local = _pair(sock.getsockname())
         self.address = addresses.format_address(*local)
         # The local address of every accepted connection, unless the
@@ -369,6 +454,14 @@ class Server:
     `max_connections` and `max_per_address` are the budget of each kind of
     service (smtp, pop, admin) on its own; `add()` may give a kind other
     limits. `backlog` is the listen() backlog (0: the system maximum).
+
+    Over a limit a connection gets the listener's `busy_reply` (too many
+    connections) or `address_busy_reply` (too many from its address) and
+    is closed; that happens in the refuser thread, after a short grace for
+    ending sessions, so the accept loop only counts. Once one address holds
+    FLOOD_FACTOR times its per-address limit of a kind (sessions and
+    connections waiting to be refused), its further connections of that
+    kind are closed at once without a reply.
 
     Session threads are reused: a thread whose session has ended waits a
     while for the next connection, which saves creating a thread (and the
@@ -390,6 +483,7 @@ class Server:
         self._held = collections.deque()  # over-limit connections in their grace
         self._refuser = None
         self._stopping = False
+        self._refusing = {}      # (kind, ip) -> held over-limit connections
         self._sessions = 0       # sessions running, until their on_close callbacks end
         self._idle = 0           # session threads waiting for work
         self._work = queue.SimpleQueue()
@@ -410,11 +504,12 @@ class Server:
             pass
 
     def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b"",
-            max_connections=None, max_per_address=None):
+            max_connections=None, max_per_address=None, address_busy_reply=None):
         """Listens for `kind` on the given interfaces (all if empty) and port.
 
         `max_connections` / `max_per_address` override the server's budget
-        for this kind of service.
+        for this kind of service. `address_busy_reply` (default
+        `busy_reply`) is sent over the per-address limit.
         """
         self._limits[kind] = (max_connections or self.max_connections,
                               max_per_address or self.max_per_address)
@@ -432,7 +527,8 @@ class Server:
                 except OSError as e:
                     raise OSError(e.errno, "cannot listen on %s: %s"
                                   % (addresses.format_address(item, port), e.strerror)) from None
-            self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply))
+            self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply,
+                                           address_busy_reply))
 
     def addresses(self):
         """(kind, address) for every listener, for logs and `status`."""
@@ -487,7 +583,8 @@ class Server:
         if not self.remote_clients and not addresses.is_local(ip):
             log.warning("%s: connection refused from non-local address %s "
                         "(see --remote-clients)" % (lst.kind, ip))
-            self.counters["refused"] += 1
+            with self._lock:
+                self.counters["refused"] += 1
             sock.close()
             return True
         if not self._admit(lst, sock, addr, peer):
@@ -523,11 +620,21 @@ class Server:
 
         A client that reconnects as soon as it reads our 221 can beat its
         old session's thread to the clean-up, so the refuser gives ending
-        sessions OVER_LIMIT_GRACE to free a slot before refusing.
+        sessions OVER_LIMIT_GRACE to free a slot before refusing. An address
+        already holding FLOOD_FACTOR times its limit is closed at once,
+        without a reply, so a flood from one host costs nothing more.
         """
+        key = (lst.kind, addr[0])
         with self._lock:
+            per_address = self._limits.get(lst.kind, (0, self.max_per_address))[1]
+            if self._per_address.get(key, 0) + self._refusing.get(key, 0) \
+                    >= FLOOD_FACTOR * per_address:
+                self.counters["refused"] += 1
+                sock.close()
+                return
             if len(self._held) < OVER_LIMIT_HELD and not self._stopping:
                 self._held.append((time.monotonic() + OVER_LIMIT_GRACE, lst, sock, addr, peer))
+                self._refusing[key] = self._refusing.get(key, 0) + 1
                 if self._refuser is None:
                     self._refuser = threading.Thread(target=self._refuse_loop,
                                                      name="refuser", daemon=True)
@@ -555,23 +662,38 @@ class Server:
             now = time.monotonic()
             for item in held:
                 deadline, lst, sock, addr, peer = item
-                if self._admit(lst, sock, addr, peer):
-                    continue
-                if now < deadline and not self._stopping:
+                admitted = self._admit(lst, sock, addr, peer)
+                if not admitted and now < deadline and not self._stopping:
                     keep.append(item)
-                else:
+                    continue
+                self._unhold(lst.kind, addr[0])
+                if not admitted:
                     self._refuse(lst, sock, addr)
             if keep:
                 with self._lock:
                     self._held.extendleft(reversed(keep))
 
+    def _unhold(self, kind, ip):
+        with self._lock:
+            key = (kind, ip)
+            n = self._refusing.get(key, 0) - 1
+            if n > 0:
+                self._refusing[key] = n
+            else:
+                self._refusing.pop(key, None)
+
     def _refuse(self, lst, sock, addr):
-        """Sends the busy reply without waiting and closes."""
-        log.warning("%s: too many connections: refused %s" % (lst.kind, addr[0]))
-        self.counters["refused"] += 1
+        """Sends the busy reply (the per-address one when that is the limit hit) and closes."""
+        ip = addr[0]
+        with self._lock:
+            per_address = self._limits.get(lst.kind, (0, self.max_per_address))[1]
+            one_address = self._per_address.get((lst.kind, ip), 0) >= per_address
+            self.counters["refused"] += 1
+        log.warning("%s: too many connections%s: refused %s"
+                    % (lst.kind, " from one address" if one_address else "", ip))
         try:
             sock.setblocking(False)
-            sock.send(lst.busy_reply)
+            sock.send(lst.address_busy_reply if one_address else lst.busy_reply)
         except OSError:
             pass
         sock.close()

@@ -205,7 +205,10 @@ OPTIONS = [
        "socket. An interface name (eth0, ppp0) stands for every address the interface has "
        "at start-up, and a -ipv4 or -ipv6 suffix picks one family (ppp0-ipv4, "
        "smtp=eth0-ipv6); an unknown interface or one without such an address stops "
-       "start-up. The default is every IPv4 and IPv6 address.", multi=True),
+       "start-up. The default is every IPv4 and IPv6 address. Sockets passed by systemd "
+       "socket activation (LISTEN_FDS, Accept=no) are used without this option: "
+       "each for the server its FileDescriptorName= names (smtp, pop or admin), SMTP "
+       "otherwise.", multi=True),
     _O("prompt-timeout", "w", "<time>", "SMTP server",
        "Sets the timeout in seconds for the next-hop server's greeting; after it the "
        "dialogue goes ahead without one.", kind="time", default=20),
@@ -219,7 +222,9 @@ OPTIONS = [
        kind="int", default=200, minimum=1),
     _O("max-connections-per-address", None, "<n>", "SMTP server",
        "Limits the number of connections from one client address (to each of the SMTP, "
-       "POP and admin servers).",
+       "POP and admin servers). Over it an SMTP client gets 450 4.7.0 and is "
+       "disconnected; at four times the limit the connection is closed without a reply, "
+       "which is cheap under a flood (ZMailer PARAM MaxSameIpSource).",
        kind="int", default=20, minimum=1),
     _O("listen-backlog", None, "<n>", "SMTP server",
        "Sets the listen() backlog of the listening sockets: how many connections the "
@@ -238,6 +243,46 @@ OPTIONS = [
     _O("min-free-space", None, "<kbytes>", "SMTP server",
        "Refuses new messages (452 4.3.1) while the spool file system has less free space "
        "than this. 0 turns the check off.", kind="int", default=1024),
+    _O("inetd", None, None, "SMTP server",
+       "Serves one SMTP session on the standard input and output and then exits, as "
+       "inetd, xinetd or a systemd socket unit with Accept=yes run it (ZMailer -n). The "
+       "client address is the peer of the socket on standard input; on a pipe it is "
+       "unknown, which is not a local address: such a session is refused unless "
+       "--remote-clients is given, and --test-address [127.0.0.1] counts it as local. "
+       "Logging goes to syslog or --log-file, never to the client."),
+    _O("bsmtp", None, None, "SMTP server",
+       "Reads a batch of SMTP commands (batched SMTP) from the standard input, writes "
+       "the replies to the standard output, stores each accepted message in the spool "
+       "as a network session would, and exits (ZMailer -i). The exit status is 0 only "
+       "when every command was accepted and the batch did not end inside a "
+       "transaction. The client address is 127.0.0.1 unless --test-address says "
+       "otherwise."),
+    _O("test-address", None, "<[address]>", "SMTP server",
+       "With --bsmtp or --inetd, makes the session behave as if the client had this "
+       "address, written as an address literal such as [192.0.2.1] or "
+       "[IPv6:2001:db8::1], for every policy that looks at the client address: "
+       "--remote-clients, trusted lines of the --server-auth file, the client address "
+       "given to verifiers, block lists; it is also the address in the Received line "
+       "and the envelope (ZMailer -T)."),
+    _O("max-load", None, "<load>", "SMTP server",
+       "Refuses new SMTP connections with 421 4.3.2 while the one-minute load average "
+       "is above this number (ZMailer -L)."),
+    _O("tarpit", None, "<initial>,<exponent>,<limit>", "SMTP server",
+       "Delays each 4xx and 5xx reply of a session: the first by <initial> seconds, each "
+       "next one by the previous delay plus the previous delay times <exponent>, never "
+       "more than <limit> seconds (ZMailer PARAM tarpit). Other sessions are not "
+       "slowed down."),
+    _O("helo-check", None, None, "SMTP server",
+       "Requires the EHLO or HELO argument to be a syntactically valid domain name or "
+       "address literal; anything else gets 501 (ZMailer -h)."),
+    _O("greeting", None, "<text>", "SMTP server",
+       "Sets the text of the 220 greeting after the code: %H is the --domain name, %V "
+       "the version, %T the local time and %% a percent sign. Start it with %H, as RFC "
+       "5321 asks. May be given more than once for a multi-line greeting (ZMailer "
+       "PARAM hdr220).", multi=True),
+    _O("help-text", None, "<file>", "SMTP server",
+       "Adds the lines of this file to the reply to a HELP command without an argument, "
+       "as a 214 multi-line reply (ZMailer PARAM help).", kind="path"),
     # POP server
     _O("pop", "B", None, "POP server",
        "Runs a POP3 server giving access to the spooled messages, on port 110 unless "
@@ -271,6 +316,14 @@ OPTIONS = [
        "Chooses the SMTP server's authentication mechanisms: semicolon-separated items, "
        "each a key and a colon and a comma-separated list of mechanisms: m (allowed), x "
        "(denied), a and d (the same once TLS is active); for example m:;a:plain."),
+    _O("server-auth-program", None, "<program>", "Authentication",
+       "Requires SMTP clients to authenticate with AUTH PLAIN or LOGIN, offered only "
+       "once TLS is active, and checks each user name and password by running this "
+       "program with the user name as its one argument and the password and a newline "
+       "on its standard input; exit status 0 accepts (ZMailer PARAM SMTP-auth-pipe). "
+       "No shell, an almost empty environment, and the --filter-timeout limit; the "
+       "password is never in an argument, the environment or the log. Cannot be used "
+       "with --server-auth.", kind="path"),
     _O("pop-auth", "F", "<file>", "Authentication",
        "Sets the secrets file with the POP accounts (server lines, as for --server-auth). "
        "/pam uses PAM.", kind="path"),
@@ -298,7 +351,8 @@ OPTIONS = [
        "Sets the server's private key and certificate chain (one PEM file, or the option "
        "twice: key file first, then certificate file).", kind="path", multi=True),
     _O("server-tls-connection", None, None, "TLS",
-       "Uses implicit TLS (SMTPS) on the SMTP port. Needs --server-tls-certificate."),
+       "Uses implicit TLS (SMTPS) on the SMTP port, or with --inetd on the standard "
+       "input (ZMailer -t). Needs --server-tls-certificate."),
     _O("server-tls-required", None, None, "TLS",
        "Requires SMTP and POP clients to use TLS before they authenticate or send mail."),
     _O("server-tls-verify", None, "<ca-list>", "TLS",
@@ -675,6 +729,37 @@ def _check(v):
     for name in ("server-auth-config", "client-auth-config"):
         if name in v:
             _check_auth_config(name, v[name])
+    _check_zmailer_options(v)
+
+
+def _check_zmailer_options(v):
+    """Checks the operating modes and controls that come from ZMailer's smtpserver."""
+    from . import smtp_controls
+    if v.get("inetd") and v.get("bsmtp"):
+        raise UsageError("--inetd and --bsmtp cannot be used together")
+    for mode in ("inetd", "bsmtp"):
+        if v.get(mode) and v.get("dont-serve"):
+            raise UsageError("--%s cannot be used with --dont-serve or --as-client" % mode)
+        if v.get(mode) and v.get("no-smtp"):
+            raise UsageError("--%s cannot be used with --no-smtp" % mode)
+    if "test-address" in v and not (v.get("inetd") or v.get("bsmtp")):
+        raise UsageError("--test-address needs --bsmtp or --inetd")
+    if "server-auth-program" in v and "server-auth" in v:
+        raise UsageError("--server-auth-program and --server-auth cannot be used together")
+    checks = (("test-address", smtp_controls.parse_test_address),
+              ("max-load", smtp_controls.parse_max_load),
+              ("tarpit", smtp_controls.parse_tarpit))
+    for name, check in checks:
+        if name in v:
+            try:
+                check(v[name])
+            except ValueError as e:
+                raise UsageError("--%s: %s" % (name, e)) from None
+    for text in v.get("greeting", []):
+        try:
+            smtp_controls.check_greeting(text)
+        except ValueError as e:
+            raise UsageError("--greeting: %s" % e) from None
 
 
 def anonymous_scopes(value):

@@ -18,6 +18,8 @@ initial response is the text after the mechanism name (`=` for empty).
 
 Mechanisms: PLAIN, LOGIN, CRAM-MD5 (plain or md5 secrets), CRAM-SHA1 and
 CRAM-SHA256 (plain secrets only). With PAM: PLAIN only, and only over TLS.
+With a checker program (`auth_program.AuthProgram` as the source): PLAIN
+and LOGIN, only over TLS.
 
 `--server-auth-config` / `--client-auth-config` text is `;`-separated items
 `k:list` with comma-separated mechanism names: `m` allowed (server) or
@@ -105,6 +107,8 @@ class ServerAuth:
         """`domain` goes in CRAM challenges (default: the host name)."""
         from . import secrets
         self._pam = isinstance(source, str)
+        # An auth_program.AuthProgram checks passwords itself, as PAM does.
+        self._program = hasattr(source, "check")
         if self._pam and source != secrets.PAM_PATH:
             raise ValueError("not a secrets source: %r" % source)
         self._source = source
@@ -112,8 +116,8 @@ class ServerAuth:
         self._domain = domain
 
     def secrets(self):
-        """The current Secrets (None with PAM)."""
-        if self._pam:
+        """The current Secrets (None with PAM or a checker program)."""
+        if self._pam or self._program:
             return None
         return self._source.get() if hasattr(self._source, "get") else self._source
 
@@ -121,6 +125,8 @@ class ServerAuth:
         """Every mechanism the secrets allow, strongest first, ignoring config and TLS."""
         if self._pam:
             return ["PLAIN"]
+        if self._program:
+            return ["PLAIN", "LOGIN"]
         kinds = self.secrets().server_kinds()
         if "plain" in kinds:
             return list(PLAIN_SECRET_MECHANISMS)
@@ -128,7 +134,7 @@ class ServerAuth:
 
     def mechanisms(self, tls):
         """The mechanisms to advertise (upper case) in a session with or without TLS."""
-        if self._pam and not tls:
+        if (self._pam or self._program) and not tls:
             return []
         supported = self.supported()
         allow, deny = _lists(self._config, tls)
@@ -137,7 +143,7 @@ class ServerAuth:
 
     def trusted(self, ip):
         """The trusted-address keyword for client `ip`, or None (always None with PAM)."""
-        return None if self._pam else self.secrets().trusted(ip)
+        return None if self._pam or self._program else self.secrets().trusted(ip)
 
     def start(self, mechanism, initial_response=None, tls=False):
         """Begins an exchange; raises MechanismError if `mechanism` is not offered.
@@ -155,6 +161,8 @@ class ServerAuth:
         if self._pam:
             from . import pam
             return pam.authenticate(user, password)
+        if self._program:
+            return self._source.check(user, password)
         secret = self.secrets().server_secret(user)
         if secret is None:
             return False

@@ -29,6 +29,7 @@ from . import envelope
 from . import log
 from . import net
 from . import options
+from . import smtp_controls
 from . import smtp_text
 from .smtp_syntax import parse_params, parse_path, rfc5322_date
 from . import spool
@@ -57,6 +58,9 @@ class SmtpSession:
 
     Never raises for anything the peer does; storage failures are replied
     to with 4xx codes and the message is abandoned, never half-stored.
+    After `run()`, `error_replies` is the number of 4xx/5xx replies sent
+    and `mail_from` is not None when input ended inside a transaction
+    (what --bsmtp's exit status is made of).
     """
 
     def __init__(self, conn, services):
@@ -76,12 +80,15 @@ class SmtpSession:
         self.auth_mech = None
         self.auth_failures = 0
         self.bad_commands = 0
+        self.error_replies = 0
         self.replies = []
         self.verbose = log.verbose_enabled()
         # --immediate: this session's handle on the forwarding thread.
         self._immediate = None
         # A --filter exited 103: rescan once the message is committed.
         self._rescan = False
+        self.tarpit = smtp_controls.Tarpit(*smtp_controls.parse_tarpit(cfg.tarpit)) \
+            if cfg.tarpit else None
         self._reset_transaction()
 
     # ----- the main loop -------------------------------------------------
@@ -91,8 +98,10 @@ class SmtpSession:
         conn = self.conn
         try:
             conn.settimeout(self.cfg.idle_timeout or None)
-            dnsbl = getattr(self.services, "dnsbl", None)
-            refusal = dnsbl.check(self.peer_ip) if dnsbl is not None else None
+            refusal = self._connect_refusal()
+            if refusal is None:
+                dnsbl = getattr(self.services, "dnsbl", None)
+                refusal = dnsbl.check(self.peer_ip) if dnsbl is not None else None
             if refusal:
                 self._reply(refusal)
                 raise _Drop()
@@ -181,6 +190,10 @@ class SmtpSession:
         return "503 5.5.1 bad sequence of commands"
 
     def _reply(self, text):
+        if text[:1] in "45":
+            self.error_replies += 1
+            if self.tarpit is not None:
+                self._tarpit_wait()
         if self.verbose:
             log.verbose("smtp: tx: %s" % log.sanitise(text.split("\r\n")[0]), peer=self.peer)
         self.replies.append(text)
@@ -202,7 +215,34 @@ class SmtpSession:
             raise _Drop()
         self._reply(text)
 
+    def _tarpit_wait(self):
+        """Waits before an error reply (--tarpit), holding no lock; ends early at shutdown."""
+        delay = self.tarpit.next_delay()
+        if delay <= 0:
+            return
+        self._flush()
+        log.verbose("smtp: tarpit: waiting %gs before an error reply" % delay, peer=self.peer)
+        self.services.stop_event.wait(delay)
+
+    def _connect_refusal(self):
+        """The reply that ends the session before the greeting (--max-load), or None."""
+        guard = self.services.load_guard
+        if guard is not None and guard.over():
+            return "421 4.3.2 %s system overloaded, try again later" % self.domain
+        return None
+
+    def _helo_refusal(self, arg):
+        """The 501 reply for an EHLO/HELO argument that --helo-check refuses, or None."""
+        if self.cfg.helo_check and not smtp_controls.valid_helo(arg):
+            return "501 5.5.2 invalid domain name or address literal: %s" % log.sanitise(arg[:64])
+        return None
+
     def _greeting(self):
+        if self.cfg.greeting:
+            from . import __version__
+            lines = [smtp_controls.expand_greeting(text, self.domain, __version__, rfc5322_date())
+                     for text in self.cfg.greeting]
+            return "".join("220-%s\r\n" % x for x in lines[:-1]) + "220 " + lines[-1]
         if "server" in self.anonymous:
             return "220 %s -- Service ready" % self.domain
         from . import __version__
@@ -244,6 +284,10 @@ class SmtpSession:
         if not arg:
             self._bad("501 5.5.4 EHLO needs a domain")
             return
+        refusal = self._helo_refusal(arg)
+        if refusal is not None:
+            self._bad(refusal)
+            return
         self.helo = arg
         self.esmtp = True
         self.state = GREETED
@@ -268,6 +312,10 @@ class SmtpSession:
     def smtp_HELO(self, arg):
         if not arg:
             self._bad("501 5.5.4 HELO needs a domain")
+            return
+        refusal = self._helo_refusal(arg)
+        if refusal is not None:
+            self._bad(refusal)
             return
         self.helo = arg
         self.esmtp = False
@@ -300,7 +348,10 @@ class SmtpSession:
             else:
                 self._reply("504 5.5.1 no help for %s" % log.sanitise(arg[:40]))
             return
-        self._reply("214 2.0.0 commands: %s" % " ".join(verbs))
+        # --help-text lines follow the command list in one multi-line reply.
+        lines = ["commands: %s" % " ".join(verbs)] + list(self.services.help_text)
+        self._reply("".join(("214-2.0.0 " + x).rstrip() + "\r\n" for x in lines[:-1])
+                    + ("214 2.0.0 " + lines[-1]).rstrip())
 
     @command("MAIL FROM:<address> [SIZE=<n>] [BODY=7BIT|8BITMIME|BINARYMIME] "
              "[SMTPUTF8] [AUTH=<xtext>]", states=(GREETED,))
@@ -583,12 +634,18 @@ class SmtpSession:
         helo = "".join(c for c in (self.helo or "") if 32 < ord(c) < 127 and c not in "()")
         ip = self.peer_ip
         literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
+        if ip == "unknown":
+            literal = "unknown"     # --inetd on a pipe: there is no address
+        tls = self.conn.tls_cipher if self.conn.tls else None
+        # The protocol and cipher as Postfix writes them.
+        tls_note = " (using %s with cipher %s (%d/%d bits))" % (tls[1], tls[0], tls[2], tls[2]) \
+            if tls else ""
         protocol = "SMTP"
         if self.esmtp:
             protocol = "ESMTP" + ("S" if self.conn.tls else "") + (
                 "A" if self.auth_user is not None else "")
-        line = "Received: from %s (%s) by %s with %s id %s; %s\r\n" % (
-            helo or "unknown", literal, self.domain, protocol, msg_id, rfc5322_date())
+        line = "Received: from %s (%s)%s by %s with %s id %s; %s\r\n" % (
+            helo or "unknown", literal, tls_note, self.domain, protocol, msg_id, rfc5322_date())
         return line.encode("utf-8")
 
     def _refuse_content(self):

@@ -87,6 +87,66 @@ def _roff(text):
     return text
 
 
+def _example(lines):
+    return [".nf", ".RS"] + [_roff(x) if x else "" for x in lines] + [".RE", ".fi"]
+
+
+def _modes_section():
+    """The man page's OPERATING MODES: inetd, socket activation, batched SMTP."""
+    return ([
+        ".SH OPERATING MODES",
+        ".SS Run from inetd, xinetd or systemd with Accept=yes (\\-\\-inetd)",
+        _roff("With --inetd the program serves one SMTP session on its standard input "
+              "and output and exits. The client address is the peer of the socket on "
+              "standard input; a pipe or a local socket has no address, so the session "
+              "is refused unless --remote-clients is given, or --test-address [127.0.0.1] "
+              "counts it as local. Logging goes to syslog or --log-file. An inetd.conf "
+              "line:"),
+    ] + _example([
+        "smtp stream tcp nowait root /usr/local/sbin/emailrelay emailrelay --inetd "
+        "--remote-clients --spool-dir /var/spool/emailrelay",
+    ]) + [
+        _roff("For systemd, etc/emailrelay.socket with Accept=yes starts an "
+              "etc/emailrelay@.service instance (with StandardInput=socket) per "
+              "connection."),
+        ".SS systemd socket activation (Accept=no)",
+        _roff("When systemd passes listening sockets (LISTEN_FDS and LISTEN_PID) the "
+              "daemon serves them without --interface: each for the server its "
+              "FileDescriptorName= names (smtp, pop or admin), SMTP otherwise. A socket "
+              "unit emailrelay.socket that starts emailrelay.service:"),
+    ] + _example([
+        "[Socket]",
+        "ListenStream=25",
+        "Accept=no",
+        "FileDescriptorName=smtp",
+        "",
+        "[Install]",
+        "WantedBy=sockets.target",
+    ]) + [
+        ".SS Batched SMTP and policy tests (\\-\\-bsmtp, \\-\\-test\\-address)",
+        _roff("With --bsmtp the program reads SMTP commands from its standard input "
+              "without waiting for replies, writes the replies to its standard output, "
+              "stores each accepted message in the spool, and exits with status 0 only "
+              "when every command was accepted. A batch carried by another transport "
+              "is stored with one command, and --test-address shows what the policy "
+              "does for a client address, here that a remote client is refused "
+              "without --remote-clients:"),
+    ] + _example([
+        "$ printf 'EHLO test\\r\\nQUIT\\r\\n' | emailrelay --bsmtp --test-address '[192.0.2.1]'",
+        "554 5.7.1 no SMTP service for your address",
+        "$ printf 'EHLO test\\r\\nMAIL FROM:<a@example.com>\\r\\nRCPT TO:<b@example.net>\\r\\n' \\",
+        "    | emailrelay --bsmtp --remote-clients --test-address '[192.0.2.1]' \\",
+        "    --address-verifier /usr/local/sbin/verify",
+        "220 mail.example.com -- E-MailRelay V2.5.0 -- Service ready",
+        "250-mail.example.com says hello",
+        "...",
+        "250 2.1.0 sender <a@example.com> OK",
+        "550 5.1.1 relaying denied for 192.0.2.1",
+        "$ echo $?",
+        "1",
+    ]))
+
+
 def man_page():
     """The emailrelay(1) man page in roff, generated from the table."""
     out = [
@@ -126,6 +186,7 @@ def man_page():
             if note:
                 text += " Default: %s." % note
             out.append(_roff(text))
+    out += _modes_section()
     out += [
         ".SH CONFIG FILE",
         _roff("Options may also come from a config file, given as the one argument that "

@@ -236,7 +236,8 @@ def test_smtplib_starttls_login_xtext_user_and_envelope(tmp_path, certs):
     assert env.authentication == "alice smith"
     assert b"X-MailRelay-Authentication: alice+20smith\r\n" in raw
     assert b"X-MailRelay-MailFromAuthIn: alice+20smith\r\n" in raw
-    assert content.startswith(b"Received: from client.test ([127.0.0.1]) by relay.test with ESMTPSA id ")
+    assert re.match(rb"Received: from client\.test \(\[127\.0\.0\.1\]\) \(using TLSv1\.\d with cipher \S+ "
+                    rb"\(\d+/\d+ bits\)\) by relay\.test with ESMTPSA id ", content)
     assert [e.authentication for _, e, _ in messages] == ["alice smith"] * 3
 
 
@@ -483,7 +484,8 @@ def test_client_tls_and_auth_to_relay_b(tmp_path, certs):
         messages = stored(b.spool)
     for content, env, raw in messages:
         assert env.authentication == "carol" and env.mail_from_auth_in == "carol"
-        assert content.startswith(b"Received: from a.test ([127.0.0.1]) by relay.test with ESMTPSA id ")
+        assert re.match(rb"Received: from a\.test \(\[127\.0\.0\.1\]\) \(using TLSv1\.\d with cipher \S+ "
+                    rb"\(\d+/\d+ bits\)\) by relay\.test with ESMTPSA id ", content)
 
 
 def test_client_without_a_common_mechanism_fails_the_message(tmp_path, certs):

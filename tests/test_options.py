@@ -40,6 +40,11 @@ NEW_OPTIONS = {"max-connections": 200, "max-connections-per-address": 20,
                "min-free-space": 1024, "listen-backlog": 0, "retry-interval": 60,
                "retry-max-interval": 3600, "retry-lifetime": 432000}
 
+# ZMailer smtpserver's modes and controls (issue 10), with their defaults.
+ZMAILER_OPTIONS = {"inetd": False, "bsmtp": False, "test-address": None, "max-load": None,
+                   "tarpit": None, "helo-check": False, "greeting": [], "help-text": None,
+                   "server-auth-program": None}
+
 # A good value for each option that takes one.
 SAMPLE = {
     "as-client": "smtp.example.com:25", "as-proxy": "smtp.example.com:25",
@@ -60,6 +65,9 @@ SAMPLE = {
     "max-connections": "50", "listen-backlog": "512", "max-connections-per-address": "5", "max-recipients": "100",
     "max-bounce-recipients": "1", "max-bad-commands": "3", "min-free-space": "0",
     "retry-interval": "30", "retry-max-interval": "600", "retry-lifetime": "86400",
+    "test-address": "[192.0.2.1]", "max-load": "2.5", "tarpit": "1,2,30",
+    "greeting": "%H ESMTP %V at %T %%", "help-text": "/etc/help.txt",
+    "server-auth-program": "/usr/local/bin/check-password",
 }
 OPTIONAL_SAMPLE = {"anonymous": "server,content", "syslog": "local0"}
 
@@ -73,6 +81,7 @@ NEEDS = {
     "pop-by-name": ["--pop", "--pop-auth", "/etc/pop.auth"],
     "pop-no-delete": ["--pop", "--pop-auth", "/etc/pop.auth"],
     "admin-terminate": ["--admin", "10025"],
+    "test-address": ["--bsmtp"],
 }
 
 TESTABLE = list(options.OPTIONS)
@@ -105,7 +114,7 @@ def test_table_has_every_man_page_option_with_its_letter():
         assert name in table, name
         assert table[name] == short, name
     assert len(MAN_PAGE_OPTIONS) == 68
-    assert set(table) == set(MAN_PAGE_OPTIONS) | set(NEW_OPTIONS)
+    assert set(table) == set(MAN_PAGE_OPTIONS) | set(NEW_OPTIONS) | set(ZMAILER_OPTIONS)
 
 
 def test_table_rows_are_well_formed():
@@ -120,6 +129,10 @@ def test_table_rows_are_well_formed():
         assert options.BY_NAME[name].group == ("SMTP client" if name.startswith("retry-")
                                                else "SMTP server")
         assert options.BY_NAME[name].short is None
+        assert getattr(parse([]), name.replace("-", "_")) == default
+    for name, default in ZMAILER_OPTIONS.items():
+        assert options.BY_NAME[name].short is None
+        assert "ZMailer" in options.BY_NAME[name].help, name
         assert getattr(parse([]), name.replace("-", "_")) == default
 
 

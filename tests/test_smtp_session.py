@@ -17,14 +17,14 @@ def make_cfg(tmp_path, **kw):
     cfg = dict(domain="relay.test", anonymous=False, size=0, idle_timeout=60,
                max_bad_commands=5, server_tls_required=False, max_recipients=100,
                max_bounce_recipients=0, min_free_space=0, spool_dir=str(tmp_path),
-               immediate=False)
+               immediate=False, tarpit=None, helo_check=False, greeting=[])
     cfg.update(kw)
     return types.SimpleNamespace(**cfg)
 
 
 def make_services(tmp_path, **kw):
     parts = dict(filters=[], verifier=None, server_auth=None, server_secrets=None,
-                 tls_context=None, forwarder=None, stats=Stats())
+                 tls_context=None, forwarder=None, stats=Stats(), load_guard=None, help_text=[])
     cfg_kw = {k: v for k, v in kw.items() if k not in parts}
     parts.update({k: v for k, v in kw.items() if k in parts})
     return types.SimpleNamespace(cfg=make_cfg(tmp_path, **cfg_kw),
