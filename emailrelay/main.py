@@ -106,7 +106,9 @@ def _rescan(services):
 def _server_auth(holder, cfg, what):
     from . import sasl
     try:
-        return sasl.ServerAuth(holder, cfg.server_auth_config, domain=cfg.domain)
+        # With --server-tls, PLAIN and LOGIN wait for STARTTLS/STLS (sasl.py).
+        return sasl.ServerAuth(holder, cfg.server_auth_config, domain=cfg.domain,
+                               tls_available=bool(cfg.server_tls))
     except ValueError as e:
         raise StartupError("%s: %s" % (what, e)) from None
 
@@ -249,7 +251,7 @@ def _run(cfg, services):
         signals = process.Signals(wakeup_fd=server.wakeup_fd())
         stop = services.stop_event
         for kind, address in server.addresses():
-            log.info("%s server listening on %s" % (kind, address))
+            log.info("%s server on %s" % (kind, address))
         if cfg.close_stderr:
             log.close_stderr()
         if services.forwarder is not None:

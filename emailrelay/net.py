@@ -458,7 +458,7 @@ class Server:
             sock.close()
             return
         self.counters["connections"] += 1
-        log.verbose("%s: connection from %s" % (lst.kind, peer))
+        log.info("%s connection from %s" % (lst.kind, peer))
         with self._lock:
             self._sessions += 1
             spawn = self._idle == 0
@@ -501,7 +501,7 @@ class Server:
                 try:
                     conn.accept_tls(lst.tls_context)
                 except (OSError, ValueError) as e:
-                    log.warning("%s: tls handshake failed with %s: %s" % (lst.kind, peer, e))
+                    log.warning("tls error: %s (%s connection from %s)" % (e, lst.kind, peer))
                     return
             lst.handler(conn)
         except Exception as e:  # a session must never take the server down
@@ -511,6 +511,7 @@ class Server:
                 sock.close()
             except OSError:
                 pass
+            log.info("%s connection closed" % lst.kind, peer=peer)
             with self._lock:
                 self._live.pop(sock, None)
                 n = self._per_address.get(ip, 1) - 1
