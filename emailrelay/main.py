@@ -128,7 +128,9 @@ def _load_secrets(path, what):
 def _server_auth(holder, cfg, what):
     from . import sasl
     try:
-        return sasl.ServerAuth(holder, cfg.server_auth_config, domain=cfg.domain)
+        # With --server-tls, PLAIN and LOGIN wait for STARTTLS/STLS (sasl.py).
+        return sasl.ServerAuth(holder, cfg.server_auth_config, domain=cfg.domain,
+                               tls_available=bool(cfg.server_tls))
     except ValueError as e:
         raise StartupError("%s: %s" % (what, e)) from None
 
@@ -254,8 +256,10 @@ def _listen(cfg, services):
             server.add("smtp", interfaces, cfg.port,
                        lambda conn: smtp_server.SmtpSession(conn, services).run(),
                        tls_context=implicit,
-                       busy_reply=b"421 4.3.2 too many connections, try again later\r\n",
-                       address_busy_reply=b"450 4.7.0 too many connections from your address\r\n")
+                       busy_reply=smtp_server.reply_bytes(
+                           cfg, "421 4.3.2 too many connections, try again later"),
+                       address_busy_reply=smtp_server.reply_bytes(
+                           cfg, "450 4.7.0 too many connections from your address"))
         if cfg.pop:
             from . import pop_server
             server.add("pop", interfaces, cfg.pop_port,
@@ -410,7 +414,7 @@ def _run(cfg, services):
         signals = process.Signals(wakeup_fd=server.wakeup_fd())
         stop = services.stop_event
         for kind, address in server.addresses():
-            log.info("%s server listening on %s" % (kind, address))
+            log.info("%s server on %s" % (kind, address))
         if cfg.close_stderr:
             log.close_stderr()
         if services.forwarder is not None:

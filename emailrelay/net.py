@@ -609,7 +609,7 @@ class Server:
             if not spawn:
                 self._idle -= 1
         self.counters["connections"] += 1
-        log.verbose("%s: connection from %s" % (kind, peer))
+        log.info("%s connection from %s" % (kind, peer))
         self._work.put((lst, sock, addr, peer))
         if spawn:
             threading.Thread(target=self._worker, name="session", daemon=True).start()
@@ -731,7 +731,7 @@ class Server:
                 try:
                     conn.accept_tls(lst.tls_context)
                 except (OSError, ValueError) as e:
-                    log.warning("%s: tls handshake failed with %s: %s" % (lst.kind, peer, e))
+                    log.warning("tls error: %s (%s connection from %s)" % (e, lst.kind, peer))
                     return
             lst.handler(conn)
         except Exception as e:  # a session must never take the server down
@@ -741,6 +741,7 @@ class Server:
                 sock.close()
             except OSError:
                 pass
+            log.info("%s connection closed" % lst.kind, peer=peer)
             with self._lock:
                 self._live.pop(sock, None)
                 key = (lst.kind, ip)

@@ -136,6 +136,14 @@ OPTIONS = [
     _O("response-timeout", "T", "<time>", "SMTP client",
        "Sets the timeout in seconds for each response from the next-hop server.",
        kind="time", default=60),
+    _O("client-smtp-config", "c", "<config>", "SMTP client",
+       "Configures the SMTP client protocol: a comma-separated list of keywords, each "
+       "turned on by itself or with a + prefix and off with a no or - prefix: "
+       "pipelining (on here; off in E-MailRelay 2.6), smtputf8strict (on: a message with "
+       "UTF-8 addresses fails when the next hop lacks SMTPUTF8), eightbitstrict (off: "
+       "8-bit content is sent even when the next hop lacks 8BITMIME), binarymimestrict "
+       "(on: binary content fails when the next hop lacks BINARYMIME and CHUNKING).",
+       multi=True),
     _O("forward-to-some", None, None, "SMTP client",
        "Forwards a message even when the next-hop server rejects some of its recipients."),
     _O("retry-interval", None, "<time>", "SMTP client",
@@ -239,10 +247,13 @@ OPTIONS = [
        kind="int", default=3, minimum=1),
     _O("max-bad-commands", None, "<n>", "SMTP server",
        "Sets how many unknown or malformed commands a client may send before it gets 421 "
-       "and is disconnected.", kind="int", default=10, minimum=1),
+       "and is disconnected. Without it an SMTP client is disconnected without a reply "
+       "at its 8th error, as E-MailRelay does; POP allows 10.",
+       kind="int", default=10, minimum=1),
     _O("min-free-space", None, "<kbytes>", "SMTP server",
        "Refuses new messages (452 4.3.1) while the spool file system has less free space "
-       "than this. 0 turns the check off.", kind="int", default=1024),
+       "than this, checked at MAIL and again before each message is committed. 0 turns "
+       "the check off.", kind="int", default=1024),
     _O("inetd", None, None, "SMTP server",
        "Serves one SMTP session on the standard input and output and then exits, as "
        "inetd, xinetd or a systemd socket unit with Accept=yes run it (ZMailer -n). The "
@@ -283,6 +294,15 @@ OPTIONS = [
     _O("help-text", None, "<file>", "SMTP server",
        "Adds the lines of this file to the reply to a HELP command without an argument, "
        "as a 214 multi-line reply (ZMailer PARAM help).", kind="path"),
+    _O("server-smtp-config", "Z", "<config>", "SMTP server",
+       "Configures the SMTP server protocol: a comma-separated list of keywords, each "
+       "turned on by itself or with a + prefix and off with a no or - prefix: pipelining "
+       "(on), chunking (off: BDAT and BINARYMIME), smtputf8 (off: advertise SMTPUTF8), "
+       "smtputf8strict (off: refuse UTF-8 addresses without MAIL FROM SMTPUTF8), "
+       "strictparsing (on: angle brackets required in MAIL FROM and RCPT TO), alabels "
+       "(on: UTF-8 domain names stored as A-labels, xn--...), enhancedstatuscodes (off: "
+       "advertise ENHANCEDSTATUSCODES and put RFC 3463 codes in replies; an addition of "
+       "this version).", multi=True),
     # POP server
     _O("pop", "B", None, "POP server",
        "Runs a POP3 server giving access to the spooled messages, on port 110 unless "
@@ -729,6 +749,13 @@ def _check(v):
     for name in ("server-auth-config", "client-auth-config"):
         if name in v:
             _check_auth_config(name, v[name])
+    for name, keywords in (("server-smtp-config", SERVER_SMTP_KEYWORDS),
+                           ("client-smtp-config", CLIENT_SMTP_KEYWORDS)):
+        if name in v:
+            try:
+                smtp_config(v[name], keywords)
+            except ValueError as e:
+                raise UsageError("--%s: %s" % (name, e)) from None
     _check_zmailer_options(v)
 
 
@@ -760,6 +787,44 @@ def _check_zmailer_options(v):
             smtp_controls.check_greeting(text)
         except ValueError as e:
             raise UsageError("--greeting: %s" % e) from None
+
+
+# --server-smtp-config and --client-smtp-config keywords and their defaults
+# (E-MailRelay 2.6's, except client pipelining and our enhancedstatuscodes).
+SERVER_SMTP_KEYWORDS = {"pipelining": True, "chunking": False, "smtputf8": False,
+                        "smtputf8strict": False, "strictparsing": True, "alabels": True,
+                        "enhancedstatuscodes": False}
+CLIENT_SMTP_KEYWORDS = {"pipelining": True, "smtputf8strict": True, "eightbitstrict": False,
+                        "binarymimestrict": True}
+_SWITCH_PREFIXES = (("+", True), ("with-", True), ("without-", False), ("-", False),
+                    ("no", False))
+
+
+def smtp_config(value, keywords):
+    """The {keyword: bool} an --xxx-smtp-config value gives; raises ValueError.
+
+    `value` is the option's text or list of texts (None: all defaults).
+    Each comma-separated item is a keyword, on by itself or with `+` or
+    `with-`, off with `-`, `no` or `without-` (E-MailRelay's prefixes).
+    """
+    result = dict(keywords)
+    texts = [value] if isinstance(value, str) else list(value or ())
+    for text in texts:
+        for item in text.split(","):
+            word = item.strip().lower()
+            if not word:
+                continue
+            on = True
+            if word not in keywords:
+                for prefix, state in _SWITCH_PREFIXES:
+                    if word.startswith(prefix) and word[len(prefix):] in keywords:
+                        word, on = word[len(prefix):], state
+                        break
+                else:
+                    raise ValueError("unknown keyword %s (expected %s)"
+                                     % (_one_line(item.strip()), ", ".join(sorted(keywords))))
+            result[word] = on
+    return result
 
 
 def anonymous_scopes(value):

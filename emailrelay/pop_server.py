@@ -348,6 +348,14 @@ class PopSession:
             return True
         return False
 
+    def _clear_text_refused(self):
+        """True (after replying) when USER/PASS must wait for STLS (see sasl.py)."""
+        auth = self.services.pop_auth
+        if auth is not None and not auth.clear_text_allowed(self.conn.tls):
+            self._bad("-ERR use STLS first: no clear-text passwords before TLS")
+            return True
+        return False
+
     def _mechanisms(self):
         if self.services.pop_auth is None:
             return []
@@ -357,7 +365,9 @@ class PopSession:
         lines = ["+OK capability list follows", "TOP", "UIDL", "RESP-CODES", "PIPELINING"]
         if self.maildrop is None:
             if not (self.cfg.server_tls_required and not self.conn.tls):
-                lines.append("USER")
+                auth = self.services.pop_auth
+                if auth is None or auth.clear_text_allowed(self.conn.tls):
+                    lines.append("USER")
                 mechs = self._mechanisms()
                 if mechs:
                     lines.append("SASL " + " ".join(mechs))
@@ -380,13 +390,13 @@ class PopSession:
         try:
             self.conn.starttls(self.services.tls_context)
         except (OSError, ValueError) as e:
-            log.warning("pop: tls handshake failed: %s" % e, peer=self.peer)
+            log.warning("tls error: %s" % e, peer=self.peer)
             self.done = True
             return
         log.verbose("pop: tls established", peer=self.peer)
 
     def do_user(self, arg):
-        if self._tls_missing():
+        if self._tls_missing() or self._clear_text_refused():
             return
         if not arg:
             self._bad("-ERR USER needs a name")
@@ -396,7 +406,7 @@ class PopSession:
         self._reply("+OK send PASS")
 
     def do_pass(self, arg):
-        if self._tls_missing():
+        if self._tls_missing() or self._clear_text_refused():
             return
         if self.user is None:
             self._bad("-ERR give USER first")

@@ -26,8 +26,12 @@ and LOGIN, only over TLS.
 preferred (client) mechanisms in order, `x` denied, and `a`/`d` the same
 for a session encrypted with TLS. Without an `a` or `d` item a TLS session
 uses the `m`/`x` lists too. Server: `m:;a:plain` offers nothing before TLS
-and PLAIN after. Client: the `m` list is tried first, in its order, then the
-other usable mechanisms strongest first; `x` mechanisms are never used.
+and PLAIN after. When the server offers TLS (`tls_available`) and the
+config has no `m` list, the clear-text mechanisms PLAIN and LOGIN are
+offered only once TLS is active, as Postfix's smtpd_tls_auth_only does; an
+`m` list given by the site is used as it stands. Client: the `m` list is
+tried first, in its order, then the other usable mechanisms strongest
+first; `x` mechanisms are never used.
 
 Client side: `ClientAuth(secret, config_text)` picks a mechanism from what
 the server offers (`choose`), produces the responses (`responses`), and can
@@ -42,6 +46,7 @@ import time
 
 from . import md5state
 
+CLEAR_TEXT = ("PLAIN", "LOGIN")
 CRAM = {"CRAM-SHA256": "sha256", "CRAM-SHA1": "sha1", "CRAM-MD5": "md5"}
 # Strongest first: the server's advertising order and the client's default preference.
 PLAIN_SECRET_MECHANISMS = ["CRAM-SHA256", "CRAM-SHA1", "CRAM-MD5", "PLAIN", "LOGIN"]
@@ -103,8 +108,9 @@ def _text(data):
 class ServerAuth:
     """Server-side AUTH policy for one secrets source; safe to share between sessions."""
 
-    def __init__(self, source, config_text=None, domain=None):
-        """`domain` goes in CRAM challenges (default: the host name)."""
+    def __init__(self, source, config_text=None, domain=None, tls_available=False):
+        """`domain` goes in CRAM challenges (default: the host name);
+        `tls_available`: sessions can switch to TLS (STARTTLS, STLS)."""
         from . import secrets
         self._pam = isinstance(source, str)
         # An auth_program.AuthProgram checks passwords itself, as PAM does.
@@ -114,6 +120,7 @@ class ServerAuth:
         self._source = source
         self._config = parse_config(config_text)
         self._domain = domain
+        self._tls_only = tls_available and "m" not in self._config
 
     def secrets(self):
         """The current Secrets (None with PAM or a checker program)."""
@@ -139,7 +146,13 @@ class ServerAuth:
         supported = self.supported()
         allow, deny = _lists(self._config, tls)
         order = supported if allow is None else [m for m in allow if m in supported]
+        if self._tls_only and not tls:
+            deny = list(deny) + list(CLEAR_TEXT)
         return [m for m in order if m not in deny]
+
+    def clear_text_allowed(self, tls):
+        """True when a password may be sent as it is (POP USER/PASS) in this session."""
+        return tls or not self._tls_only
 
     def trusted(self, ip):
         """The trusted-address keyword for client `ip`, or None (always None with PAM)."""

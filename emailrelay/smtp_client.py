@@ -138,6 +138,8 @@ class Client:
         self._last_code = 0
         # (claim, commands) sent ahead with the previous message's content.
         self._present = None
+        self.features = options.smtp_config(getattr(cfg, "client_smtp_config", None),
+                                            options.CLIENT_SMTP_KEYWORDS)
 
     # -- the wire ------------------------------------------------------
 
@@ -473,21 +475,27 @@ class Client:
         params = []
         if self.has_extn("size"):
             params.append("SIZE=%d" % size)
+        # Without the extension the message fails only in a --client-smtp-config
+        # "strict" mode; otherwise it is sent as it is, as E-MailRelay does.
+        strict = self.features
         if env.content == "8bit":
-            if not self.has_extn("8bitmime"):
+            if self.has_extn("8bitmime"):
+                params.append("BODY=8BITMIME")
+            elif strict["eightbitstrict"]:
                 raise _Unsendable("the message has 8-bit content and %s does not offer "
                                   "8BITMIME" % self.target)
-            params.append("BODY=8BITMIME")
         elif env.content == "binarymime":
-            if not (self.has_extn("binarymime") and self.has_extn("chunking")):
+            if self._bdat(env):
+                params.append("BODY=BINARYMIME")
+            elif strict["binarymimestrict"]:
                 raise _Unsendable("the message is binary and %s does not offer BINARYMIME "
                                   "with CHUNKING" % self.target)
-            params.append("BODY=BINARYMIME")
         if env.utf8_mailbox_names:
-            if not self.has_extn("smtputf8"):
+            if self.has_extn("smtputf8"):
+                params.append("SMTPUTF8")
+            elif strict["smtputf8strict"]:
                 raise _Unsendable("the message has UTF-8 mailbox names and %s does not offer "
                                   "SMTPUTF8" % self.target)
-            params.append("SMTPUTF8")
         auth = self._auth_param(env)
         if auth is not None:
             params.append("AUTH=" + auth)
@@ -520,14 +528,23 @@ class Client:
         params = self._mail_params(env, size)
         commands = ["MAIL FROM:<%s>%s" % (env.from_, "".join(" " + p for p in params))]
         commands += ["RCPT TO:<%s>" % r for r in env.to_remote]
-        if env.content != "binarymime":
+        if not self._bdat(env):
             commands.append("DATA")
         return commands
+
+    def _bdat(self, env):
+        """True when the message goes with BDAT: binary content, and the server can take it."""
+        return (env.content == "binarymime" and self.has_extn("binarymime")
+                and self.has_extn("chunking"))
+
+    def _pipelining(self):
+        """True when commands go pipelined: the server offers it and --client-smtp-config allows it."""
+        return self.features["pipelining"] and self.has_extn("pipelining")
 
     def _presend_commands(self, following):
         """The commands to send ahead for `following`, or None when it cannot go ahead."""
         if following is None or not following.envelope.to_remote \
-                or following.envelope.content == "binarymime" or not self.has_extn("pipelining"):
+                or self._bdat(following.envelope) or not self._pipelining():
             return None
         try:
             return self._commands(following)
@@ -537,7 +554,7 @@ class Client:
 
     def _send(self, claim, following, before_content):
         env = claim.envelope
-        bdat = env.content == "binarymime"
+        bdat = self._bdat(env)
         if self._present is not None and self._present[0] is claim:
             commands = self._present[1]
             self._present = None
@@ -547,7 +564,7 @@ class Client:
                 commands = self._commands(claim)
             except _Unsendable as e:
                 return Outcome(False, 0, str(e))
-            if self.has_extn("pipelining"):
+            if self._pipelining():
                 self._send_lines(commands)
                 replies = [self.reply() for _ in commands]
             else:

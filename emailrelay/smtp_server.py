@@ -10,7 +10,7 @@ stores each accepted message in the spool durably before replying `250`.
 The session is an explicit state machine. Commands are the `smtp_<VERB>`
 methods; each is decorated with `@command(syntax, states)`, which gives the
 HELP text and the states the command is allowed in (a command outside its
-states gets `503 5.5.1`). States:
+states gets `503`). States:
 
     START    connected, no EHLO/HELO yet (also after STARTTLS)
     GREETED  EHLO/HELO done, no transaction
@@ -21,9 +21,17 @@ states gets `503 5.5.1`). States:
 
 Replies are queued and sent only when the client has no more input
 pipelined, or before we would block reading (RFC 2920); this is what makes
-pipelined clients fast. Message text is read by `smtp_text` in large blocks
+pipelined clients fast. Replies are written with RFC 3463 enhanced status
+codes; unless `--server-smtp-config +enhancedstatuscodes` is given they are
+taken out as they are queued, so that the default replies are E-MailRelay
+2.6's, word for word. Message text is read by `smtp_text` in large blocks
 and command syntax is parsed by `smtp_syntax`.
 """
+
+import errno
+import os
+import re
+import threading
 
 from . import envelope
 from . import log
@@ -31,7 +39,7 @@ from . import net
 from . import options
 from . import smtp_controls
 from . import smtp_text
-from .smtp_syntax import parse_params, parse_path, rfc5322_date
+from .smtp_syntax import parse_params, parse_path, rfc5322_date, to_alabels
 from . import spool
 
 START, GREETED, MAIL, RCPT, BDAT, DONE = "START", "GREETED", "MAIL", "RCPT", "BDAT", "DONE"
@@ -39,6 +47,30 @@ START, GREETED, MAIL, RCPT, BDAT, DONE = "START", "GREETED", "MAIL", "RCPT", "BD
 COMMAND_LIMIT = 512     # RFC 5321 4.5.3.1.4, including CRLF
 AUTH_LINE_LIMIT = 12288  # RFC 4954 4: AUTH responses may be long
 MAX_AUTH_FAILURES = 3
+# E-MailRelay drops a client at its 8th protocol error, without a reply.
+PROTOCOL_ERROR_LIMIT = 8
+# An enhanced code after the reply code, followed by text or by the end of
+# the line (an empty line of a multi-line reply).
+_ENHANCED_CODE = re.compile(r"^(\d{3}[ -])\d\.\d{1,3}\.\d{1,3}(?: |(?=\r|$))", re.M)
+OUT_OF_SEQUENCE = "503 5.5.1 command out of sequence -- use RSET to resynchronise"
+NO_STORAGE = "452 4.3.1 insufficient system storage"
+
+def plain_reply(text):
+    """`text` (one reply, perhaps multi-line) without its RFC 3463 enhanced codes.
+
+    The default replies are E-MailRelay's, which has none; replies sent
+    outside a session (the busy and refusal texts) use this too.
+    """
+    return _ENHANCED_CODE.sub(r"\1", text) if text[5:6] == "." else text
+
+
+def reply_bytes(cfg, text):
+    """A one-off reply line as sent on the wire, enhanced codes only if configured."""
+    if not options.smtp_config(getattr(cfg, "server_smtp_config", None),
+                               options.SERVER_SMTP_KEYWORDS)["enhancedstatuscodes"]:
+        text = plain_reply(text)
+    return (text + "\r\n").encode("ascii")
+
 
 def command(syntax, states=None):
     """Marks an `smtp_<VERB>` method: its HELP syntax and allowed states (None: any)."""
@@ -81,6 +113,12 @@ class SmtpSession:
         self.auth_failures = 0
         self.bad_commands = 0
         self.error_replies = 0
+        self.features = options.smtp_config(getattr(cfg, "server_smtp_config", None),
+                                            options.SERVER_SMTP_KEYWORDS)
+        self.enhanced = self.features["enhancedstatuscodes"]
+        given = getattr(cfg, "given", None)
+        # None: E-MailRelay's rule (PROTOCOL_ERROR_LIMIT); else --max-bad-commands.
+        self.bad_limit = cfg.max_bad_commands if given is None or given("max-bad-commands") else None
         self.replies = []
         self.verbose = log.verbose_enabled()
         # --immediate: this session's handle on the forwarding thread.
@@ -159,11 +197,14 @@ class SmtpSession:
             shown = "AUTH " + arg.split(" ")[0] if verb == "AUTH" else line
             log.verbose("smtp: rx: %s" % log.sanitise(shown), peer=self.peer)
         method = _COMMANDS.get(verb)
+        if verb == "AUTH" and self.services.server_auth is None:
+            self._reply("502 5.5.1 command not implemented")
+            return
         if method is None or not self._available(verb):
-            self._bad("502 5.5.2 command not recognised")
+            self._bad("500 5.5.1 command unrecognized")
             return
         if method.states is not None and self.state not in method.states:
-            self._bad(self._sequence_error(verb))
+            self._sequence_error(verb)
             return
         method(self, arg.strip(" "))
 
@@ -174,22 +215,20 @@ class SmtpSession:
             return self.services.server_auth is not None
         if verb == "ETRN":
             return self.services.forwarder is not None
+        if verb == "BDAT":
+            return self.features["chunking"]
         return True
 
     def _sequence_error(self, verb):
-        if self.state == START:
-            return "503 5.5.1 send EHLO or HELO first"
-        if self.state == BDAT:
-            return "503 5.5.1 bad sequence of commands: BDAT in progress"
-        if verb == "MAIL":
-            return "503 5.5.1 bad sequence of commands: MAIL already given"
-        if verb in ("RCPT",):
-            return "503 5.5.1 bad sequence of commands: need MAIL before RCPT"
-        if verb in ("DATA", "BDAT"):
-            return "503 5.5.1 bad sequence of commands: need RCPT before %s" % verb
-        return "503 5.5.1 bad sequence of commands"
+        """Replies to a command given in the wrong state, as E-MailRelay does."""
+        if verb in ("DATA", "BDAT") and self.state == MAIL:
+            self._reply("554 5.5.1 no valid recipients")
+        else:
+            self._bad(OUT_OF_SEQUENCE)
 
     def _reply(self, text):
+        if not self.enhanced:
+            text = plain_reply(text)
         if text[:1] in "45":
             self.error_replies += 1
             if self.tarpit is not None:
@@ -206,9 +245,20 @@ class SmtpSession:
         self.conn.flush()
 
     def _bad(self, text):
-        """Replies with an error and counts it; too many end the session."""
+        """Replies with an error and counts it; too many end the session.
+
+        By default the reply to the 8th error is the last thing sent, as
+        E-MailRelay does; with --max-bad-commands the next error gets 421.
+        """
         self.bad_commands += 1
-        limit = self.cfg.max_bad_commands
+        limit = self.bad_limit
+        if limit is None:
+            self._reply(text)
+            if self.bad_commands >= PROTOCOL_ERROR_LIMIT:
+                log.warning("smtp: too many protocol errors from the client: dropping the connection",
+                            peer=self.peer)
+                raise _Drop()
+            return
         if limit and self.bad_commands > limit:
             log.warning("smtp: too many bad commands from %s" % self.peer_ip, peer=self.peer)
             self._reply("421 4.7.0 %s too many errors, closing connection" % self.domain)
@@ -260,6 +310,7 @@ class SmtpSession:
         self.to_remote = []
         self.message = None
         self.text = None
+        self._write = None
         if self.state not in (START, DONE):
             self.state = GREETED
 
@@ -282,7 +333,7 @@ class SmtpSession:
     @command("EHLO <domain>")
     def smtp_EHLO(self, arg):
         if not arg:
-            self._bad("501 5.5.4 EHLO needs a domain")
+            self._reply("501 5.5.4 parameter required")
             return
         refusal = self._helo_refusal(arg)
         if refusal is not None:
@@ -292,26 +343,42 @@ class SmtpSession:
         self.esmtp = True
         self.state = GREETED
         self._reset_transaction()
-        lines = ["%s says hello" % self.domain if "server" not in self.anonymous else self.domain,
-                 "PIPELINING",
-                 "SIZE %d" % self.size_limit if self.size_limit else "SIZE",
-                 "8BITMIME", "BINARYMIME", "SMTPUTF8", "CHUNKING", "ENHANCEDSTATUSCODES"]
+        # E-MailRelay 2.6's keywords and order, then ours, 8BITMIME last.
+        features = self.features
+        lines = ["%s says hello" % self.domain if "server" not in self.anonymous else self.domain]
+        if self.size_limit:
+            lines.append("SIZE %d" % self.size_limit)
+        mechs = self._auth_mechanisms()
+        if mechs:
+            lines.append("AUTH " + " ".join(mechs))
         if self._available("STARTTLS"):
             lines.append("STARTTLS")
-        if self.services.server_auth is not None:
-            mechs = self.services.server_auth.mechanisms(self.conn.tls)
-            if mechs:
-                lines.append("AUTH " + " ".join(mechs))
-        if self.services.forwarder is not None:
-            lines.append("ETRN")
         if "vrfy" not in self.anonymous:
             lines.append("VRFY")
+        if features["chunking"]:
+            lines += ["CHUNKING", "BINARYMIME"]
+        if features["pipelining"]:
+            lines.append("PIPELINING")
+        if features["smtputf8"]:
+            lines.append("SMTPUTF8")
+        if self.enhanced:
+            lines.append("ENHANCEDSTATUSCODES")
+        if self.services.forwarder is not None:
+            lines.append("ETRN")
+        lines.append("8BITMIME")
         self._reply("\r\n".join("250-" + x for x in lines[:-1]) + "\r\n250 " + lines[-1])
+
+    def _auth_mechanisms(self):
+        """The AUTH mechanisms to offer now: none before TLS with --server-tls-required."""
+        auth = self.services.server_auth
+        if auth is None or (self.cfg.server_tls_required and not self.conn.tls):
+            return []
+        return auth.mechanisms(self.conn.tls)
 
     @command("HELO <domain>")
     def smtp_HELO(self, arg):
         if not arg:
-            self._bad("501 5.5.4 HELO needs a domain")
+            self._reply("501 5.5.4 parameter required")
             return
         refusal = self._helo_refusal(arg)
         if refusal is not None:
@@ -321,21 +388,21 @@ class SmtpSession:
         self.esmtp = False
         self.state = GREETED
         self._reset_transaction()
-        self._reply("250 %s says hello" % self.domain)
+        self._reply("250 hello")
 
     @command("NOOP")
     def smtp_NOOP(self, arg):
-        self._reply("250 2.0.0 OK")
+        self._reply("250 2.0.0 noop")
 
     @command("RSET")
     def smtp_RSET(self, arg):
         self._reset_transaction()
-        self._reply("250 2.0.0 OK")
+        self._reply("250 2.0.0 state reset")
 
     @command("QUIT")
     def smtp_QUIT(self, arg):
         self._reset_transaction()
-        self._reply("221 2.0.0 %s closing connection" % self.domain)
+        self._reply("221 2.0.0 OK")
         self.state = DONE
 
     @command("HELP [<command>]")
@@ -356,27 +423,33 @@ class SmtpSession:
     @command("MAIL FROM:<address> [SIZE=<n>] [BODY=7BIT|8BITMIME|BINARYMIME] "
              "[SMTPUTF8] [AUTH=<xtext>]", states=(GREETED,))
     def smtp_MAIL(self, arg):
-        if self.cfg.server_tls_required and not self.conn.tls:
-            self._reply("530 5.7.0 must issue STARTTLS first")
-            return
+        starttls = self._available("STARTTLS")
+        tls_missing = self.cfg.server_tls_required and not self.conn.tls
         if (self.services.server_auth is not None and self.auth_user is None
                 and self._trusted() is None):
-            self._reply("530 5.7.0 authentication required")
+            self._reply("530 5.7.0 authentication required"
+                        + (": use starttls" if tls_missing and starttls else ""))
+            return
+        if tls_missing:
+            self._reply("530 5.7.0 encryption required" + (": use starttls" if starttls else ""))
             return
         if arg[:5].upper() != "FROM:":
-            self._bad("501 5.5.4 syntax: MAIL FROM:<address>")
+            self._bad("553 5.5.2 mailbox name not allowed: invalid mail-from command")
             return
         try:
-            address, rest = parse_path(arg[5:], allow_empty=True)
+            address, rest = parse_path(arg[5:], allow_empty=True,
+                                       strict=self.features["strictparsing"])
         except ValueError as e:
-            self._bad("501 5.1.7 bad sender address: %s" % e)
+            self._bad("553 5.1.7 mailbox name not allowed: %s" % e)
             return
         params = parse_params(rest)
         body = "7bit"
+        # Parameters nobody here understands (DSN's RET= and ENVID=, say)
+        # are ignored, as E-MailRelay ignores them.
         for key, value in params.items():
             if key == "SIZE":
                 if value is None or not value.isdigit():
-                    self._bad("501 5.5.4 bad SIZE parameter")
+                    self._bad("501 5.5.4 invalid argument")
                     return
                 if self.size_limit and int(value) > self.size_limit:
                     self._reply("552 5.3.4 message size exceeds fixed maximum message size")
@@ -385,29 +458,39 @@ class SmtpSession:
                 body = {"7BIT": "7bit", "8BITMIME": "8bit",
                         "BINARYMIME": "binarymime"}.get((value or "").upper())
                 if body is None:
-                    self._bad("501 5.5.4 bad BODY parameter")
+                    self._bad("501 5.5.4 invalid argument")
                     return
-            elif key == "SMTPUTF8" and value is None:
-                pass
-            elif key == "AUTH" and value:
-                pass
-            else:
-                self._bad("555 5.5.4 unsupported parameter %s" % log.sanitise(key[:40]))
-                return
-        if not address.isascii() and "SMTPUTF8" not in params:
-            self._reply("553 5.6.7 non-ASCII address needs SMTPUTF8")
+        smtputf8 = "SMTPUTF8" in params
+        address = self._mailbox(address, smtputf8)
+        if address is None:
             return
         if not self._enough_space():
-            self._reply("452 4.3.1 insufficient system storage")
+            self._reply(NO_STORAGE)
             return
         self.mail_from = address
         self.body = body
-        self.smtputf8 = "SMTPUTF8" in params
+        self.smtputf8 = smtputf8 or not address.isascii()
         # MAIL FROM AUTH= is kept as given (xtext), and only for an
         # authenticated client (RFC 4954 5).
         self.mail_auth = (params.get("AUTH") or "") if self.auth_user is not None else ""
         self.state = MAIL
         self._reply("250 2.1.0 sender <%s> OK" % address)
+
+    def _mailbox(self, address, smtputf8, rcpt=False):
+        """The address as stored (A-labels with alabels), or None after a refusal."""
+        if address.isascii():
+            return address
+        refusal = "550 5.6.7 " if rcpt else "553 5.6.7 mailbox name not allowed: "
+        if self.features["smtputf8strict"] and not smtputf8:
+            self._reply(refusal + "invalid character in mailbox name")
+            return None
+        if self.features["alabels"]:
+            try:
+                return to_alabels(address)
+            except ValueError as e:
+                self._reply(refusal + str(e))
+                return None
+        return address
 
     def _enough_space(self):
         need = self.cfg.min_free_space
@@ -419,18 +502,16 @@ class SmtpSession:
     @command("RCPT TO:<address>", states=(MAIL, RCPT))
     def smtp_RCPT(self, arg):
         if arg[:3].upper() != "TO:":
-            self._bad("501 5.5.4 syntax: RCPT TO:<address>")
+            self._bad("550 5.5.2 invalid rcpt-to command")
             return
         try:
-            address, rest = parse_path(arg[3:], allow_empty=False)
+            address, _ = parse_path(arg[3:], allow_empty=False,
+                                    strict=self.features["strictparsing"])
         except ValueError as e:
-            self._bad("501 5.1.3 bad recipient address: %s" % e)
+            self._bad("550 5.1.3 %s" % e)
             return
-        if rest:
-            self._bad("555 5.5.4 unsupported RCPT parameter")
-            return
-        if not address.isascii() and not self.smtputf8:
-            self._reply("553 5.6.7 non-ASCII address needs SMTPUTF8")
+        stored = self._mailbox(address, self.smtputf8, rcpt=True)
+        if stored is None:
             return
         count = len(self.to_local) + len(self.to_remote)
         limit = self.cfg.max_recipients
@@ -441,21 +522,20 @@ class SmtpSession:
         if self.mail_from == "" and limit and count >= limit:
             self._reply("452 4.5.3 too many recipients for a bounce message")
             return
-        result = self._verify(address, self.mail_from)
-        if result is None:
-            self.to_remote.append(address)
-            self.state = RCPT
-            self._reply("250 2.1.5 recipient <%s> OK" % address)
+        result = self._verify(stored, self.mail_from)
+        if result is None or result.status == "remote":
+            self.to_remote.append(stored)
         elif result.status == "local":
             self.to_local.append(result.address)
-            self.state = RCPT
-            self._reply("250 2.1.5 recipient <%s> OK (local mailbox %s)" % (address, result.address))
-        elif result.status == "remote":
-            self.to_remote.append(address)
-            self.state = RCPT
-            self._reply("250 2.1.5 recipient <%s> OK" % address)
         else:
             self._verify_refusal(result, address)
+            return
+        if not stored.isascii():
+            self.smtputf8 = True
+        self.state = RCPT
+        local = result is not None and result.status == "local"
+        # E-MailRelay marks a local recipient with a second space.
+        self._reply("250 2.1.5 recipient <%s> %sOK" % (address, " " if local else ""))
 
     def _verify(self, address, from_):
         """Runs the address verifier; None when there is none."""
@@ -485,23 +565,26 @@ class SmtpSession:
 
     @command("VRFY <address>")
     def smtp_VRFY(self, arg):
-        if "vrfy" in self.anonymous or self.services.verifier is None:
-            self._reply("252 2.1.5 cannot verify")
+        if "vrfy" in self.anonymous:
+            self._reply("252 2.1.5 cannot vrfy")
             return
         try:
             address, _ = parse_path(arg, allow_empty=False)
-        except ValueError as e:
-            self._bad("501 5.1.3 bad address: %s" % e)
+        except ValueError:
+            self._reply("550 5.1.3 invalid mailbox")
             return
         result = self._verify(address, "")
-        if result.status == "local":
+        if result is not None and result.status == "local":
             name = log.sanitise(result.full_name or "")
-            self._reply("250 2.1.5 %s <%s>" % (name, result.address) if name
-                        else "250 2.1.5 <%s>" % result.address)
-        elif result.status == "remote":
-            self._reply("252 2.1.5 cannot verify")
+            self._reply("250 2.1.5 %s" % (name or "<%s>" % result.address))
+        elif result is None or result.status == "remote":
+            self._reply("252 2.1.5 cannot verify but will accept: %s" % address)
         else:
             self._verify_refusal(result, address)
+
+    @command("EXPN <list>")
+    def smtp_EXPN(self, arg):
+        self._reply("502 5.5.1 command not implemented")
 
     @command("ETRN <domain>", states=(GREETED,))
     def smtp_ETRN(self, arg):
@@ -511,14 +594,14 @@ class SmtpSession:
     @command("STARTTLS", states=(START, GREETED))
     def smtp_STARTTLS(self, arg):
         if arg:
-            self._bad("501 5.5.4 STARTTLS takes no argument")
+            self._reply("501 5.5.4 invalid argument")
             return
-        self._reply("220 2.0.0 ready to start TLS")
+        self._reply("220 2.0.0 ready to start tls")
         self._flush()
         try:
             self.conn.starttls(self.services.tls_context)
         except (OSError, ValueError) as e:
-            log.warning("smtp: tls handshake failed: %s" % e, peer=self.peer)
+            log.warning("tls error: %s" % e, peer=self.peer)
             raise _Drop() from None
         # RFC 3207 4.2: forget everything learnt before the handshake.
         self.state = START
@@ -532,16 +615,20 @@ class SmtpSession:
     def smtp_AUTH(self, arg):
         from . import sasl
         if self.auth_user is not None:
-            self._bad("503 5.5.1 already authenticated")
+            self._bad(OUT_OF_SEQUENCE)
             return
         if self.cfg.server_tls_required and not self.conn.tls:
-            self._reply("530 5.7.0 must issue STARTTLS first")
+            # Refused before anything after the mechanism name is looked at.
+            self._reply("530 5.7.0 encryption required: use starttls")
             return
         mech, _, initial = arg.partition(" ")
+        auth = self.services.server_auth
         try:
-            exchange = self.services.server_auth.start(mech, initial.strip() or None, tls=self.conn.tls)
+            exchange = auth.start(mech, initial.strip() or None, tls=self.conn.tls)
         except sasl.MechanismError:
-            self._bad("504 5.5.4 mechanism not supported")
+            later = (self._available("STARTTLS") and mech.upper() in auth.mechanisms(True))
+            self._reply("504 5.5.4 unsupported authentication mechanism"
+                        + (": use starttls" if later else ""))
             return
         outcome = exchange.step(None)
         while outcome[0] == "challenge":
@@ -574,13 +661,12 @@ class SmtpSession:
     @command("DATA", states=(RCPT,))
     def smtp_DATA(self, arg):
         if self.body == "binarymime":
-            self._bad("503 5.5.1 BODY=BINARYMIME needs BDAT")
+            self._bad("503 5.5.1 invalid data command with binarymime -- use RSET to resynchronise")
             return
-        if not self._start_message():
-            return
-        self._reply("354 start mail input; end with <CRLF>.<CRLF>")
+        write = self._start_message()
+        self._reply("354 start mail input -- end with <CRLF>.<CRLF>")
         self._flush()
-        smtp_text.read_data(self.conn, self.message.write, self.text)
+        smtp_text.read_data(self.conn, write, self.text)
         if self.text.fault is None:
             self._commit()
         else:
@@ -591,43 +677,45 @@ class SmtpSession:
         parts = arg.split()
         if not parts or len(parts) > 2 or not parts[0].isdigit() or (
                 len(parts) == 2 and parts[1].upper() != "LAST"):
-            self._bad("501 5.5.4 syntax: BDAT <size> [LAST]")
+            self._bad("501 5.5.4 invalid argument")
             return
         size = int(parts[0])
         last = len(parts) == 2
         if self.state not in (RCPT, BDAT):
             # The chunk is read and dropped so it is not taken for commands.
             smtp_text.read_chunk(self.conn, size, None, None)
-            self._bad(self._sequence_error("BDAT"))
+            self._sequence_error("BDAT")
             return
         if self.state == RCPT:
-            if not self._start_message():
-                smtp_text.read_chunk(self.conn, size, None, None)
-                return
+            self._write = self._start_message()
             self.state = BDAT
-        smtp_text.read_chunk(self.conn, size, self.message.write, self.text)
+        smtp_text.read_chunk(self.conn, size, self._write, self.text)
         if self.text.fault is not None:
             self._refuse_content()
         elif not last:
-            self._reply("250 2.0.0 %d octets received" % size)
+            self._reply("250 2.0.0 %d bytes received" % size)
         else:
             self._commit()
 
     # ----- storing a message --------------------------------------------
 
     def _start_message(self):
-        """Creates the spool files and writes the Received line; False after a 4xx reply."""
+        """Creates the spool files and writes the Received line; returns the writer.
+
+        When the spool cannot take the message the text is still read (and
+        dropped, `self.text.fault` says why), so that the reply comes at its
+        end and the session goes on.
+        """
+        self.text = smtp_text.Text(self.size_limit)
         try:
             self.message = self.services.spool.new_message()
             if "content" not in self.anonymous:
                 self.message.write(self._received(self.message.id))
         except OSError as e:
-            log.error("smtp: cannot store message: %s" % e, peer=self.peer)
-            self._reset_transaction()
-            self._reply("452 4.3.0 cannot store the message")
-            return False
-        self.text = smtp_text.Text(self.size_limit)
-        return True
+            self._discard_message()
+            self.text.fault, self.text.error = "storage", e
+            return None
+        return self.message.write
 
     def _received(self, msg_id):
         """The RFC 5321 4.4 trace header for the message being received."""
@@ -649,17 +737,22 @@ class SmtpSession:
         return line.encode("utf-8")
 
     def _refuse_content(self):
-        if self.text.fault == "long":
-            self._reply("500 5.5.2 line too long")
+        """Replies to text that could not be kept; the session goes on."""
+        text = self.text
+        if text.fault == "storage":
+            log.error("smtp: cannot store message: %s" % text.error, peer=self.peer)
+            self._reply(_storage_reply(text.error))
         else:
+            log.info("smtp: message refused: too big", peer=self.peer)
             self._reply("552 5.3.4 message size exceeds fixed maximum message size")
-        log.info("smtp: message refused: %s" % ("line too long" if self.text.fault == "long"
-                                                else "too big"), peer=self.peer)
         self._reset_transaction()
 
     def _envelope(self):
+        # 8-bit text sent without BODY=8BITMIME is recorded as 8bit, so
+        # that the forwarder asks the next hop for 8BITMIME.
+        body = "8bit" if self.body == "7bit" and self.text.eightbit else self.body
         return envelope.Envelope(
-            content=self.body, from_=self.mail_from, to_local=self.to_local,
+            content=body, from_=self.mail_from, to_local=self.to_local,
             to_remote=self.to_remote, authentication=self.auth_user or "",
             client=self.peer, client_certificate=self.conn.peer_certificate_pem or "",
             mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
@@ -667,6 +760,12 @@ class SmtpSession:
     def _commit(self):
         """Makes the message durable, runs the filters, and replies."""
         msg = self.message
+        if not self._enough_space():
+            log.warning("smtp: message refused: less than --min-free-space left in the spool",
+                        peer=self.peer)
+            self._reset_transaction()
+            self._reply(NO_STORAGE)
+            return
         try:
             env = self._envelope()
             refusal = None
@@ -674,24 +773,35 @@ class SmtpSession:
             if self.services.filters:
                 msg.commit_content()
                 msg.write_envelope(env)
+                log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
+                            peer=self.peer)
                 refusal = self._run_filters(msg)
             if refusal == "cancelled":
                 # Exit 100: the filter owns the files now; say nothing more.
                 msg.disown()
                 self.message = None
                 self._reset_transaction()
-                self._reply("250 2.0.0 OK")
+                self._reply("250 2.0.0 message processed")
                 return
             if refusal is not None:
                 self._count("messages-rejected")
                 self._reset_transaction()
                 self._reply(refusal)
                 return
+            if not self.services.filters:
+                log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
+                            peer=self.peer)
             msg_id = msg.finish(env)
-        except (OSError, envelope.EnvelopeError, spool.SpoolError) as e:
+        except spool.SpoolError as e:
+            # A filter removed the files without exiting 100.
+            log.info("rejected by filter: [%s]" % e, peer=self.peer)
+            self._reset_transaction()
+            self._reply("452 4.3.0 rejected")
+            return
+        except (OSError, envelope.EnvelopeError) as e:
             log.error("smtp: cannot store message: %s" % e, peer=self.peer)
             self._reset_transaction()
-            self._reply("452 4.3.0 cannot store the message")
+            self._reply(_storage_reply(e))
             return
         self.message = None
         count = len(self.to_local) + len(self.to_remote)
@@ -704,10 +814,14 @@ class SmtpSession:
             # Exit 103: now that the message is committed, the pass sees it.
             self.services.forwarder.rescan()
         refusal = self._forward_now(msg_id)
-        self._reply(refusal or "250 2.0.0 OK id=%s" % msg_id)
+        self._reply(refusal or "250 2.0.0 message processed")
 
     def _run_filters(self, msg):
-        """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply."""
+        """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply.
+
+        As E-MailRelay: a rejection (exit 1-99) is `452 <reason>`; a filter
+        that times out, crashes or cannot run is `452 error`.
+        """
         for f in self.services.filters:
             self._flush()
             result = f.run(msg.content_path, msg.new_envelope_path)
@@ -717,12 +831,15 @@ class SmtpSession:
                 self._rescan = True
             if not result.ok:
                 reason = log.sanitise(result.reason or "")
-                log.info("smtp: message rejected by filter: %s" % reason, peer=self.peer)
                 msg.abandon()
                 self.message = None
                 if result.temporary:
-                    return "451 4.3.0 %s" % (reason or "temporary failure")
-                return "550 5.7.1 %s" % (reason or "rejected")
+                    why = "timeout" if reason == "filter timed out" else reason
+                    log.warning("filter [%s]: [%s]: failed response=[error] reason=[%s]"
+                                % (log.sanitise(f.spec), msg.id, why), peer=self.peer)
+                    return "452 4.3.0 error"
+                log.info("rejected by filter: [%s]" % reason, peer=self.peer)
+                return "452 4.7.1 %s" % (reason or "rejected")
             if result.special == "stop":
                 break
         return None
@@ -747,6 +864,13 @@ class SmtpSession:
         stats = self.services.stats
         if stats is not None:
             stats.increment(name)
+
+
+def _storage_reply(e):
+    """The reply when the spool cannot take a message (`e` an OSError or similar)."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return NO_STORAGE
+    return "452 4.3.0 cannot store the message"
 
 
 # The command table: verb -> unbound smtp_<VERB> method.

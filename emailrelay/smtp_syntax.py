@@ -35,12 +35,14 @@ def _format_date(now):
         t.tm_hour, t.tm_min, t.tm_sec, sign, offset // 60, offset % 60)
 
 
-def parse_path(text, allow_empty):
+def parse_path(text, allow_empty, strict=False):
     """Splits `<path> params` (RFC 5321 4.1.2) into (address, params-text).
 
-    Accepts a missing pair of angle brackets, strips a source route, and
-    honours quoted local parts. Raises ValueError on bad syntax or control
-    characters, which never reach filters or verifiers.
+    With `strict` the angle brackets are required (E-MailRelay's
+    strictparsing); without, a bare `user@domain` is accepted. Strips a
+    source route and honours quoted local parts. Raises ValueError, with
+    E-MailRelay's wording, on bad syntax or control characters, which never
+    reach filters or verifiers.
     """
     text = text.lstrip(" ")
     if text.startswith("<"):
@@ -59,22 +61,40 @@ def parse_path(text, allow_empty):
                 break
             i += 1
         if end < 0:
-            raise ValueError("missing '>'")
+            raise ValueError("missing or invalid angle brackets in mailbox name")
         address, rest = text[1:end], text[end + 1:]
         if rest and not rest.startswith(" "):
-            raise ValueError("junk after '>'")
+            raise ValueError("invalid angle brackets")
+    elif strict:
+        raise ValueError("missing or invalid angle brackets in mailbox name")
     else:
         address, _, rest = text.partition(" ")
     if address.startswith("@"):
         # A source route (<@a,@b:user@host>) is ignored, as RFC 5321 C says.
         if ":" not in address:
-            raise ValueError("bad source route")
+            raise ValueError("invalid source route in mailbox name")
         address = address.split(":", 1)[1]
     if any(ord(c) < 32 or ord(c) == 127 for c in address):
-        raise ValueError("control character in address")
+        raise ValueError("invalid character in mailbox name")
     if not address and not allow_empty:
         raise ValueError("empty address")
     return address, rest.strip(" ")
+
+
+def to_alabels(address):
+    """The address with a non-ASCII domain part as IDNA A-labels (`xn--...`).
+
+    The local part is kept as it is (RFC 6531 allows UTF-8 there); an
+    address literal or an ASCII domain is unchanged. Raises ValueError for a
+    domain the `idna` codec cannot encode.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii() or domain.startswith("["):
+        return address
+    try:
+        return local + "@" + domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError("invalid domain name") from None
 
 
 def parse_params(text):

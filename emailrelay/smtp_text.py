@@ -1,32 +1,44 @@
 """Reading SMTP message text: DATA (dot-stuffed) and BDAT chunks, streamed.
 
 Both readers pass the text on to a `write(bytes)` callable in blocks and
-never hold a whole message. They keep a running `Text` tally of the size
-and of the first fault ("long": a text line over TEXT_LIMIT; "big": over
-the size limit); once a fault is set the rest of the text is still read, so
-that it is not taken for commands, but dropped. `read_data` raises
-`EOFError` if the client goes away first.
+never hold a whole message, nor a whole line: text lines of any length are
+accepted (RFC 5321's 1000-octet line limit is not enforced on text, as
+Postfix does not; the 512-octet limit applies to commands only). They keep
+a running `Text` tally of the size, whether any octet has the top bit set,
+and of the first fault ("big": over the size limit; "storage": `write`
+raised OSError, kept in `Text.error`); once a fault is set the rest of the
+text is still read, so that it is not taken for commands, but dropped.
+`read_data` raises `EOFError` if the client goes away first.
 """
 
-TEXT_LIMIT = 998        # RFC 5321 4.5.3.1.6, excluding CRLF
 BLOCK = 65536
+# A line longer than this is passed on in pieces rather than buffered.
+SPLIT = BLOCK
 TERMINATOR = b"\r\n.\r\n"
 
 
 class Text:
-    """What a reader found: octets kept so far and the first fault (or None)."""
+    """What a reader found: octets kept, 8-bit or not, and the first fault (or None)."""
 
     def __init__(self, size_limit=0):
         self.size_limit = size_limit
         self.size = 0
+        self.eightbit = False
         self.fault = None
+        self.error = None
 
     def _keep(self, data, write):
         self.size += len(data)
         if self.size_limit and self.size > self.size_limit:
             self.fault = "big"
-        else:
+            return
+        if not self.eightbit and not data.isascii():
+            self.eightbit = True
+        try:
             write(data)
+        except OSError as e:
+            self.fault = "storage"
+            self.error = e
 
 
 def read_data(conn, write, text):
@@ -53,20 +65,18 @@ def read_data(conn, write, text):
             continue
         else:
             k = data.rfind(b"\r\n")
+            if len(data) - k > SPLIT:
+                # A long line: pass it on but for a tail short enough not
+                # to hold a CRLF, so that no line start or terminator is cut.
+                k = len(data) - 4
             body, pending = data[:k], data[k:]
-            if len(pending) - 2 > TEXT_LIMIT:
-                text.fault = "long"
-                pending = pending[-4:]
         if text.fault is None:
-            if len(body) > TEXT_LIMIT + 2 and max(map(len, body.split(b"\r\n"))) > TEXT_LIMIT:
-                text.fault = "long"
-            else:
-                if b"\r\n." in body:
-                    body = body.replace(b"\r\n.", b"\r\n")
-                if first and body:
-                    body = body[2:]
-                    first = False
-                text._keep(body, write)
+            if b"\r\n." in body:
+                body = body.replace(b"\r\n.", b"\r\n")
+            if first and body:
+                body = body[2:]
+                first = False
+            text._keep(body, write)
         if end >= 0:
             return
 

@@ -42,8 +42,6 @@ from . import process
 from .envelope import SIZE_LIMIT, Envelope, EnvelopeError, reason_lines
 
 FILE_MODE = 0o660
-# Seconds a free-space reading is reused (--min-free-space is checked at MAIL).
-FREE_SPACE_INTERVAL = 1.0
 NEW, READY, BUSY, BAD, LOCAL = ".envelope.new", ".envelope", ".envelope.busy", ".envelope.bad", ".envelope.local"
 ORPHAN = ".envelope.new.orphan"
 CONTENT = ".content"
@@ -245,25 +243,19 @@ class Spool:
         if not os.path.isdir(directory):
             raise SpoolError("spool directory does not exist: %s" % directory)
         self.directory = os.path.abspath(directory)
-        self._free = (None, None)
 
     @process.spool_privileged
     def free_kbytes(self):
-        """KiB available to us in the spool's file system (None if unknown).
+        """KiB available to us in the spool's file system now (None if unknown).
 
-        Looked up at most once a FREE_SPACE_INTERVAL, not for every message.
+        One statvfs() call, cheap enough to make before every commit: a
+        cached reading would let a burst of messages fill the disk.
         """
-        now = time.monotonic()
-        checked, free = self._free
-        if checked is not None and now - checked < FREE_SPACE_INTERVAL:
-            return free
         try:
             st = os.statvfs(self.directory)
-            free = st.f_bavail * st.f_frsize // 1024
         except OSError:
-            free = None
-        self._free = (now, free)
-        return free
+            return None
+        return st.f_bavail * st.f_frsize // 1024
 
     def path(self, message_id, suffix):
         """The path of a spool file, e.g. `path(id, '.envelope')`."""

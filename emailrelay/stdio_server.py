@@ -51,7 +51,7 @@ def run(cfg, services):
         log.warning("%s: connection refused from non-local address %s (see --remote-clients)"
                     % (kind, ip))
         try:
-            conn.write(b"554 5.7.1 no SMTP service for your address\r\n")
+            conn.write(smtp_server.reply_bytes(cfg, "554 5.7.1 no SMTP service for your address"))
             conn.close()
         except (net.Closed, net.Timeout):
             pass

@@ -130,7 +130,7 @@ class Relay:
             if self.proc.poll() is not None:
                 raise AssertionError("emailrelay exited with %s before listening:\n%s%s"
                                      % (self.proc.returncode, self.log(), self.stderr()))
-            return self.log().count("listening on") >= self._listeners
+            return len(re.findall(r"\b(smtp|pop|admin) server on ", self.log())) >= self._listeners
         wait_for(ready, timeout, what="emailrelay to listen")
 
     def log(self):

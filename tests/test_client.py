@@ -278,19 +278,51 @@ def test_binarymime_goes_by_bdat_with_exact_bytes(tmp_path, scripted):
     assert s["bdat"] == content
 
 
-@pytest.mark.parametrize("fields, words", [
-    ({"content": "binarymime"}, "BINARYMIME"),
-    ({"content": "8bit"}, "8BITMIME"),
-    ({"utf8_mailbox_names": True}, "SMTPUTF8"),
+@pytest.mark.parametrize("fields, words, config", [
+    ({"content": "binarymime"}, "BINARYMIME", "binarymimestrict"),
+    ({"content": "8bit"}, "8BITMIME", "+eightbitstrict"),
+    ({"utf8_mailbox_names": True}, "SMTPUTF8", "smtputf8strict"),
 ])
-def test_a_message_needing_a_missing_extension_fails(tmp_path, scripted, fields, words):
+def test_a_message_needing_a_missing_extension_fails_when_strict(tmp_path, scripted, fields,
+                                                                 words, config):
     server = scripted(extensions=["PIPELINING"])
     mid = put_message(tmp_path, b"x\r\n", **fields)
-    client = smtp_client.Client(make_cfg(tmp_path, server.port))
+    client = smtp_client.Client(make_cfg(tmp_path, server.port, "--client-smtp-config", config))
     outcome = client.send(claim_one(tmp_path, mid))
     client.quit()
     assert not outcome.ok and words in outcome.reason
     assert not any(c.startswith("MAIL") for c in server.sessions[0]["commands"])
+
+
+@pytest.mark.parametrize("fields, config", [
+    ({"content": "binarymime"}, "nobinarymimestrict"),
+    ({"content": "8bit"}, ""),
+    ({"utf8_mailbox_names": True}, "-smtputf8strict"),
+])
+def test_a_message_needing_a_missing_extension_goes_plain_when_not_strict(tmp_path, scripted,
+                                                                          fields, config):
+    # E-MailRelay's defaults: 8-bit text goes without BODY=8BITMIME to a
+    # server that lacks it; the other two need their keyword turned off.
+    server = scripted(extensions=["PIPELINING"])
+    mid = put_message(tmp_path, b"x\r\n", **fields)
+    client = smtp_client.Client(make_cfg(tmp_path, server.port, "--client-smtp-config", config))
+    outcome = client.send(claim_one(tmp_path, mid))
+    client.quit()
+    assert outcome.ok
+    [mail] = [c for c in server.sessions[0]["commands"] if c.startswith("MAIL")]
+    assert mail == "MAIL FROM:<a@x.test>"
+    assert "DATA" in server.sessions[0]["commands"]
+
+
+@pytest.mark.parametrize("config, pipelined", [("+pipelining", True), ("nopipelining", False)])
+def test_client_pipelining_keyword(tmp_path, scripted, config, pipelined):
+    # A refused MAIL shows it: pipelined, RCPT and DATA were already on their way.
+    server = scripted(extensions=["PIPELINING"], mail_reply=b"451 4.3.0 not now")
+    mid = put_message(tmp_path, b"x\r\n")
+    client = smtp_client.Client(make_cfg(tmp_path, server.port, "-c", config))
+    assert not client.send(claim_one(tmp_path, mid)).ok
+    client.quit()
+    assert ("RCPT TO:<b@y.test>" in server.sessions[0]["commands"]) == pipelined
 
 
 def test_smtputf8_parameter_when_offered(tmp_path, scripted):

@@ -70,8 +70,8 @@ def test_unknown_interface_and_missing_family():
 
 
 def listening(relay):
-    return sorted(line.split("listening on ")[1] for line in relay.log().splitlines()
-                  if "listening on " in line)
+    return sorted(line.split(" server on ")[1] for line in relay.log().splitlines()
+                  if " server on " in line)
 
 
 def relay_on(tmp_path, interface, listeners, args=()):

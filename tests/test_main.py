@@ -276,7 +276,7 @@ def _greeting_without_domain(tmp_path, prefix=()):
                             cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: proc.poll() is not None or (log_file.exists() and "listening on"
+        wait_for(lambda: proc.poll() is not None or (log_file.exists() and "smtp server on "
                                                       in log_file.read_text()), 20, what="listening")
         assert proc.poll() is None, proc.stderr.read()
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:

@@ -87,7 +87,7 @@ def test_over_limit_flood_from_one_address_does_not_delay_another(tmp_path):
             s.close()
         print("greeting times under flood: max %.4fs" % max(times))
         assert max(times) < 0.1, times
-        assert any(r.startswith(b"450 4.7.0 too many connections from your address")
+        assert any(r.startswith(b"450 too many connections from your address")
                    for r in replies), replies
         assert b"" in replies, "no connection was closed without a reply"
         assert "smtp: too many connections from one address: refused 127.0.0.3" in relay.log()
@@ -135,7 +135,7 @@ def test_idle_admin_connections_do_not_starve_smtp(tmp_path):
         for i in range(40):
             admins.append(_connect(relay.admin_port, "127.0.0.%d" % (10 + i % 20)))
         try:
-            wait_for(lambda: relay.log().count("admin: connection from") >= 20,
+            wait_for(lambda: relay.log().count("admin connection from") >= 20,
                      what="admin sessions")
             for source in ("127.0.0.1", "127.0.0.2"):
                 with smtplib.SMTP() as client:

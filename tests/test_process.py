@@ -52,7 +52,7 @@ class Program:
         def ready():
             assert self.proc.poll() is None, "exited early: " + self.text()
             source = log_file if log_file is not None else self.output
-            return source.exists() and "listening on" in source.read_text()
+            return source.exists() and "smtp server on " in source.read_text()
         wait_for(ready, 15, what="the program to listen")
 
     def wait(self, timeout=15):
@@ -91,7 +91,7 @@ def test_daemon_writes_pid_file_before_parent_exits_and_stops_on_sigterm(tmp_pat
     pid = int(pid_file.read_text())
     try:
         assert pid != parent.pid and alive(pid)
-        wait_for(lambda: "listening on" in log_file.read_text(), 10, what="listening")
+        wait_for(lambda: "smtp server on " in log_file.read_text(), 10, what="listening")
         assert smtp_greeting(port).startswith(b"220 ")
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not alive(pid), 10, what="the daemon to exit")
@@ -152,7 +152,7 @@ def test_log_file_with_date_and_sighup_reopen(tmp_path):
     finally:
         assert prog.stop() == 0
     assert "emailrelay: info: stopping" in path.read_text()
-    assert "listening on" in (tmp_path / "rotated").read_text()
+    assert "smtp server on " in (tmp_path / "rotated").read_text()
     assert prog.text() == ""
 
 
@@ -166,7 +166,7 @@ def test_close_stderr_silences_stderr_after_start_up(tmp_path):
     finally:
         assert prog.stop() == 0
     err = prog.text()
-    assert "listening on" in err
+    assert "smtp server on " in err
     assert "connection" not in err and "stopping" not in err
 
 

@@ -60,7 +60,7 @@ def test_max_load_below_the_current_load_refuses_with_421(tmp_path):
             for _ in range(3):
                 with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
                     f = s.makefile("rb")
-                    assert f.readline() == b"421 4.3.2 relay.test system overloaded, try again later\r\n"
+                    assert f.readline() == b"421 relay.test system overloaded, try again later\r\n"
                     assert f.readline() == b""
             log = relay.log()
         assert log.count("is above --max-load 0: refusing connections") == 1
@@ -87,7 +87,7 @@ def test_tarpit_delays_grow_and_cap_and_other_sessions_are_not_delayed(tmp_path)
         delays = []
         for _ in range(4):
             start = time.monotonic()
-            assert a.docmd("BOGUS")[0] == 502
+            assert a.docmd("BOGUS")[0] == 500
             delays.append(time.monotonic() - start)
         # 0.4, then 0.4 + 0.4*1 = 0.8, then 1.6 capped at 1.
         assert 0.4 <= delays[0] < delays[1] - 0.2
@@ -107,7 +107,7 @@ def test_tarpit_delays_grow_and_cap_and_other_sessions_are_not_delayed(tmp_path)
         assert t.is_alive()        # a is still waiting for its reply
         b.quit()
         t.join(10)
-        assert result["reply"][0] == 502
+        assert result["reply"][0] == 500
         assert quick < 0.9
         a.quit()
         assert "tarpit: waiting 1s before an error reply" in relay.log()
@@ -133,7 +133,7 @@ def swaks(port, ehlo):
 def test_helo_check_refuses_bad_names_and_accepts_domains_and_literals(tmp_path):
     with Relay(tmp_path, ["--helo-check"]) as relay:
         out = swaks(relay.port, "bad_name!")
-        assert "<** 501 5.5.2 invalid domain name or address literal: bad_name!" in out
+        assert "<** 501 invalid domain name or address literal: bad_name!" in out
         assert "<-  250-relay.test says hello" in swaks(relay.port, "client.example.com")
         for good in ("[127.0.0.1]", "[IPv6:::1]", "localhost", "xn--bcher-kva.example"):
             with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
@@ -180,9 +180,9 @@ def test_help_text_lines_follow_the_command_list(tmp_path):
             assert c.docmd("HELP", "MAIL")[0] == 214
     assert code == 214
     lines = reply.decode().split("\n")
-    assert lines[0].startswith("2.0.0 commands: ") and "MAIL" in lines[0]
-    assert lines[1:] == ["2.0.0 This server is at Yoyodyne Propulsion Inc.", "2.0.0",
-                         "2.0.0 Abuse reports to <abuse@example.com>"]
+    assert lines[0].startswith("commands: ") and "MAIL" in lines[0]
+    assert lines[1:] == ["This server is at Yoyodyne Propulsion Inc.", "",
+                         "Abuse reports to <abuse@example.com>"]
 
 
 def test_help_text_file_must_be_readable(tmp_path):
@@ -318,7 +318,7 @@ def test_per_address_limit_450_then_silence_under_a_flood(tmp_path):
             held.append(s)
         with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
             f = s.makefile("rb")
-            assert f.readline() == b"450 4.7.0 too many connections from your address\r\n"
+            assert f.readline() == b"450 too many connections from your address\r\n"
             assert f.readline() == b""
         flood = [socket.create_connection(("127.0.0.1", relay.port), timeout=10)
                  for _ in range(20)]
@@ -329,7 +329,7 @@ def test_per_address_limit_450_then_silence_under_a_flood(tmp_path):
             except ConnectionResetError:
                 answers.append(b"")
             s.close()
-        assert set(answers) <= {b"", b"450 4.7.0 too many connections from your address\r\n"}
+        assert set(answers) <= {b"", b"450 too many connections from your address\r\n"}
         # Two held and up to six waiting to be told: the rest were closed without a word.
         assert answers.count(b"") >= 10, answers
         for s in held:

@@ -66,8 +66,8 @@ def test_bsmtp_clean_batch_stores_every_message_and_exits_0(tmp_path):
     assert status == 0
     assert replies[0] == "220 relay.test -- E-MailRelay V%s -- Service ready" % __import__(
         "emailrelay").__version__
-    assert sum(r.startswith("250 2.0.0 OK id=") for r in replies) == 2
-    assert replies[-1] == "221 2.0.0 relay.test closing connection"
+    assert replies.count("250 message processed") == 2
+    assert replies[-1] == "221 OK"
     messages = stored(tmp_path / "spool")
     assert len(messages) == 2
     env_, content = messages[0]
@@ -88,8 +88,8 @@ def test_bsmtp_accepted_refused_and_malformed_transactions(tmp_path):
                  "RSET", "QUIT")
     status, replies, err = bsmtp(tmp_path, batch, "--address-verifier", verifier)
     assert status == 1
-    assert "501 5.1.7 bad sender address: missing '>'" in replies
-    assert "550 5.1.1 no such user" in replies
+    assert "553 mailbox name not allowed: missing or invalid angle brackets in mailbox name" in replies
+    assert "550 no such user" in replies
     assert "not every transaction was accepted: 1 message stored, 2 commands refused" in err
     assert len(stored(tmp_path / "spool")) == 1
 
@@ -105,10 +105,10 @@ def test_bsmtp_batch_ending_inside_data_stores_nothing_and_fails(tmp_path):
 def test_test_address_changes_the_open_relay_decision(tmp_path):
     batch = crlf("EHLO batch.test", *MESSAGE, "QUIT")
     status, replies, err = bsmtp(tmp_path, batch, "--test-address", "[192.0.2.1]")
-    assert (status, replies) == (1, ["554 5.7.1 no SMTP service for your address"])
+    assert (status, replies) == (1, ["554 no SMTP service for your address"])
     assert "connection refused from non-local address 192.0.2.1 (see --remote-clients)" in err
     status, replies, _ = bsmtp(tmp_path, batch, "--test-address", "[IPv6:2001:db8::1]")
-    assert (status, replies) == (1, ["554 5.7.1 no SMTP service for your address"])
+    assert (status, replies) == (1, ["554 no SMTP service for your address"])
     assert stored(tmp_path / "spool") == []
 
     status, _, _ = bsmtp(tmp_path, batch, "--test-address", "[10.1.2.3]")   # a private address
@@ -133,7 +133,7 @@ def test_test_address_reaches_trusted_lines_and_the_verifier(tmp_path):
     assert status == 0, replies
     status, replies, _ = bsmtp(tmp_path, batch, "--test-address", "[198.51.100.1]", *args)
     assert status == 1
-    assert "530 5.7.0 authentication required" in replies
+    assert "530 authentication required" in replies
     assert seen.read_text().splitlines() == [
         "[b@y.test][relay.test][a@x.test][192.0.2.7][none][friends]"]
 
@@ -204,7 +204,7 @@ def test_inetd_under_socat_exec_counts_a_socketpair_as_unknown(tmp_path):
     with Spawner(["socat", "TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork" % port,
                   "EXEC:%s" % command.replace(":", "\\:")], port):
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            assert s.makefile("rb").readline() == b"554 5.7.1 no SMTP service for your address\r\n"
+            assert s.makefile("rb").readline() == b"554 no SMTP service for your address\r\n"
     assert "inetd: connection refused from non-local address unknown" in log.read_text()
 
     command = emailrelay_command(spool, log, "--test-address", "[127.0.0.1]")
@@ -252,7 +252,7 @@ def test_inetd_on_a_tcp_socket_takes_the_peer_address(tmp_path):
                 f.write(line + b"\r\n")
                 f.flush()
             rest = f.read()
-    assert b"250 2.0.0 OK id=" in rest
+    assert b"250 message processed" in rest
     [(env_, _)] = wait_stored(spool)
     assert env_.client == "127.0.0.1:%d" % source_port
 
@@ -292,9 +292,9 @@ def test_daemon_serves_sockets_from_systemd_socket_activation(tmp_path):
         _, reply = send_one(smtp_port)
         assert reply[0] == 250
         text = log.read_text()
-        assert "smtp server listening on 127.0.0.1:%d" % smtp_port in text
-        assert "pop server listening on 127.0.0.1:%d" % pop_port in text
-        assert text.count("listening on") == 2
+        assert "smtp server on 127.0.0.1:%d" % smtp_port in text
+        assert "pop server on 127.0.0.1:%d" % pop_port in text
+        assert len(re.findall(r"\b(smtp|pop|admin) server on ", text)) == 2
         import poplib
         p = poplib.POP3("127.0.0.1", pop_port, timeout=30)
         p.user("pat")
