@@ -209,7 +209,8 @@ class Forwarder:
         Returns (ok, text): `OK`, `error: no messages to send`, or
         `error: <what went wrong>`, as the admin `flush` command answers.
         """
-        if not self.spool.ids():
+        # A message a running pass holds (.busy) is still a message to send.
+        if not any(state in ("ready", "busy") for _, state in self.spool.list_messages()):
             return False, "error: no messages to send"
         with self._cond:
             self._pending = True

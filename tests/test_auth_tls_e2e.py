@@ -132,11 +132,11 @@ def test_swaks_mechanisms_with_plain_and_md5_secrets(tmp_path, certs, server_mod
             code, out = swaks(relay.port, swaks_mode, "--auth", mech, "--auth-user", user,
                               "--auth-password", password)
             assert code == 0, out
-            assert "235 2.7.0 authentication successful" in out
+            assert "235 authentication successful" in out
             relay.wait_log(r"info: smtp: authenticated as %s using %s" % (user, mech))
         code, out = swaks(relay.port, swaks_mode, "--auth", "CRAM-MD5", "--auth-user", "bob",
                           "--auth-password", "pw-alice")
-        assert code != 0 and "535 5.7.8 authentication failed" in out
+        assert code != 0 and "535 authentication failed" in out
         relay.wait_log(r'warning: smtp authentication failed for user "bob" from 127\.0\.0\.1')
         messages = stored(relay.spool)
         log = relay.log()
@@ -158,16 +158,16 @@ def test_cancelled_auth_and_injection_keep_the_session(tmp_path):
         # Cancelled exchanges (RFC 4954 '*'): 501, not counted as failures.
         for mech in (b"LOGIN", b"CRAM-MD5", b"PLAIN"):
             assert c.cmd(b"AUTH " + mech).startswith(b"334 ")
-            assert c.cmd(b"*") == b"501 5.7.0 authentication cancelled\r\n"
-        assert c.cmd(b"AUTH PLAIN *") == b"501 5.7.0 authentication cancelled\r\n"
+            assert c.cmd(b"*") == b"501 authentication cancelled\r\n"
+        assert c.cmd(b"AUTH PLAIN *") == b"501 authentication cancelled\r\n"
         # A user name with CR LF inside the base64, and a NUL in the command line.
         assert c.cmd(b"AUTH PLAIN " + plain_response(fake, "pw").encode()) == \
-            b"535 5.7.8 authentication failed\r\n"
-        assert c.cmd(b"AUTH PLAIN \0\0=") == b"535 5.7.8 authentication failed\r\n"
-        assert c.cmd(b"NOOP") == b"250 2.0.0 OK\r\n"
-        assert c.cmd(b"MAIL FROM:<a@x.test>") == b"530 5.7.0 authentication required\r\n"
+            b"535 authentication failed\r\n"
+        assert c.cmd(b"AUTH PLAIN \0\0=") == b"535 authentication failed\r\n"
+        assert c.cmd(b"NOOP") == b"250 noop\r\n"
+        assert c.cmd(b"MAIL FROM:<a@x.test>") == b"530 authentication required\r\n"
         assert c.cmd(b"AUTH PLAIN " + plain_response("alice", "pw-alice").encode()) == \
-            b"235 2.7.0 authentication successful\r\n"
+            b"235 authentication successful\r\n"
         assert c.cmd(b"MAIL FROM:<a@x.test>").startswith(b"250 ")
         assert c.cmd(b"QUIT").startswith(b"221 ")
         c.close()
@@ -184,9 +184,9 @@ def test_three_failures_end_the_session(tmp_path):
         c = Chat(relay.port)
         c.cmd(b"EHLO client.test")
         bad = b"AUTH PLAIN " + plain_response("alice", "wrong").encode()
-        assert c.cmd(bad).startswith(b"535 5.7.8")
-        assert c.cmd(bad).startswith(b"535 5.7.8")
-        assert c.cmd(bad) == b"421 4.7.0 relay.test too many authentication failures\r\n"
+        assert c.cmd(bad) == b"535 authentication failed\r\n"
+        assert c.cmd(bad) == b"535 authentication failed\r\n"
+        assert c.cmd(bad) == b"421 relay.test too many authentication failures\r\n"
         assert c.f.readline() == b""
         c.close()
 
@@ -208,8 +208,8 @@ def test_openssl_s_client(tmp_path, certs, server_mode, s_client_args):
                            universal_newlines=True, timeout=30)
         [(content, env, _)] = stored(relay.spool)
     out = r.stdout
-    assert "235 2.7.0 authentication successful" in out
-    assert "250 2.0.0 OK id=emailrelay." in out and "221 2.0.0" in out
+    assert "235 authentication successful" in out
+    assert "250 message processed" in out and "221 OK" in out
     if not s_client_args:
         assert out.startswith("220 relay.test")  # the greeting came over TLS
     assert env.authentication == "alice"
@@ -249,9 +249,9 @@ def test_tls_required_and_auth_config(tmp_path, certs):
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
             c.ehlo("client.test")
             assert c.has_extn("starttls") and not c.has_extn("auth")
-            assert c.docmd("MAIL FROM:<a@x.test>") == (530, b"5.7.0 must issue STARTTLS first")
+            assert c.docmd("MAIL FROM:<a@x.test>") == (530, b"authentication required: use starttls")
             assert c.docmd("AUTH PLAIN " + plain_response("alice", "pw-alice")) == \
-                (530, b"5.7.0 must issue STARTTLS first")
+                (530, b"encryption required: use starttls")
             c.starttls(context=client_context())
             c.ehlo("client.test")
             assert c.esmtp_features["auth"].strip() == "PLAIN"
@@ -273,7 +273,7 @@ def test_trusted_address_keyword_reaches_the_verifier(tmp_path):
     with Relay(tmp_path, ["--server-auth", secrets, "--address-verifier", verifier]) as relay:
         c = Chat(relay.port)  # from 127.0.0.1: not trusted
         c.cmd(b"EHLO client.test")
-        assert c.cmd(b"MAIL FROM:<a@x.test>") == b"530 5.7.0 authentication required\r\n"
+        assert c.cmd(b"MAIL FROM:<a@x.test>") == b"530 authentication required\r\n"
         assert c.cmd(b"AUTH PLAIN " + plain_response("alice", "pw-alice").encode()).startswith(b"235")
         assert c.cmd(b"MAIL FROM:<a@x.test>").startswith(b"250")
         assert c.cmd(b"RCPT TO:<one@y.test>").startswith(b"250")
@@ -283,7 +283,7 @@ def test_trusted_address_keyword_reaches_the_verifier(tmp_path):
         assert c.cmd(b"MAIL FROM:<t@x.test>").startswith(b"250")
         assert c.cmd(b"RCPT TO:<two@y.test>").startswith(b"250")
         assert c.cmd(b"DATA").startswith(b"354")
-        assert c.cmd(b"Subject: trusted\r\n\r\nhi\r\n.").startswith(b"250 2.0.0 OK id=")
+        assert c.cmd(b"Subject: trusted\r\n\r\nhi\r\n.")== b"250 message processed\r\n"
         c.close()
         [(_, env, _)] = stored(relay.spool)
     assert env.from_ == "t@x.test" and env.authentication == ""
@@ -336,7 +336,7 @@ def test_pam_through_the_relay(tmp_path, certs, pam_user):
             c.ehlo("client.test")
             assert c.esmtp_features["auth"].strip() == "PLAIN"
             assert c.docmd("AUTH PLAIN " + plain_response(pam_user, "wrong")) == \
-                (535, b"5.7.8 authentication failed")
+                (535, b"authentication failed")
             assert c.docmd("AUTH PLAIN " + plain_response(pam_user, PAM_PASSWORD))[0] == 235
             c.sendmail("a@x.test", ["b@y.test"], b"Subject: pam\r\n\r\n")
         code, out = swaks(relay.port, "--tls", "--auth", "PLAIN", "--auth-user", pam_user,
@@ -367,7 +367,7 @@ def test_client_certificates_at_a_verifying_server(tmp_path, certs):
         for cert in (None, certs.bad):
             with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError)):
                 starttls_session(relay.port, cert)
-        wait_for(lambda: relay.log().count("smtp: tls handshake failed") == 2,
+        wait_for(lambda: relay.log().count("tls error: ") == 2,
                  what="two handshake failures in the log")
         messages = stored(relay.spool)
     assert len(messages) == 2
@@ -395,9 +395,9 @@ def test_tls_config_minimum_version(tmp_path, certs):
                                   universal_newlines=True, timeout=30)
         old = s_client("-tls1_2")
         new = s_client("-tls1_3")
-        relay.wait_log(r"tls handshake failed")
+        relay.wait_log(r"warning: tls error: ")
     assert old.returncode != 0 and "220 " not in old.stdout
-    assert new.stdout.startswith("220 relay.test") and "221 2.0.0" in new.stdout
+    assert new.stdout.startswith("220 relay.test") and "221 OK" in new.stdout
 
 
 def test_tls_config_unknown_keyword_is_a_startup_error(tmp_path, certs):

@@ -44,7 +44,7 @@ def test_smtplib_message_and_log_line(tmp_path):
     with Relay(tmp_path) as relay:
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
             code, text = c.ehlo("client.test")
-            assert code == 250 and b"PIPELINING" in text and b"CHUNKING" in text
+            assert code == 250 and b"PIPELINING" in text and b"CHUNKING" not in text
             c.sendmail("a@x.test", ["b@y.test", "c@y.test"], b"Subject: t\r\n\r\nhello\r\n")
         relay.wait_log(r"info: smtp: stored emailrelay\.\S+ from <a@x.test> to 2 recipients")
         [(content, env)] = committed(relay.spool).values()
@@ -62,7 +62,7 @@ def test_swaks_pipeline_and_curl(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30,
                              universal_newlines=True)
         assert out.returncode == 0, out.stdout
-        assert "250 2.0.0 OK id=emailrelay." in out.stdout
+        assert "<-  250 message processed" in out.stdout
         out = subprocess.run(["curl", "-s", "smtp://127.0.0.1:%d" % relay.port, "--mail-from", "c@x.test",
                               "--mail-rcpt", "d@y.test", "-T", str(msg)], timeout=30)
         assert out.returncode == 0
@@ -95,7 +95,7 @@ def test_smuggling_over_a_socket(tmp_path, seq):
                 b".\r\nQUIT\r\n")
         reply = raw_session(relay.port, data)
         messages = committed(relay.spool)
-    assert reply.count(b"250 2.0.0 OK id=") == 1
+    assert reply.count(b"250 message processed\r\n") == 1
     [(content, env)] = messages.values()
     assert env.from_ == "a@x.test"
     assert b"MAIL FROM:<evil@x.test>" in content and content.endswith(b"evil\r\n")
@@ -106,9 +106,11 @@ def test_line_limits_over_a_socket(tmp_path):
         data = (b"NOOP " + b"x" * 600 + b"\r\nEHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
                 b"DATA\r\n" + b"y" * 5000 + b"\r\n.\r\nQUIT\r\n")
         reply = raw_session(relay.port, data)
-        assert not relay.files(".content")
-    assert reply.count(b"500 5.5.2 line too long") == 2
-    assert reply.endswith(b"221 2.0.0 relay.test closing connection\r\n")
+        [(content, _)] = committed(relay.spool).values()
+    # Only commands are limited (512 octets); a 5,000-character text line is stored.
+    assert reply.count(b"500 line too long") == 1
+    assert content.endswith(b"\r\n" + b"y" * 5000 + b"\r\n")
+    assert reply.endswith(b"250 message processed\r\n221 OK\r\n")
 
 
 def test_limit_options(tmp_path):
@@ -120,10 +122,10 @@ def test_limit_options(tmp_path):
                             + rcpts + b"RSET\r\nMAIL FROM:<>\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\n"
                             b"RSET\r\nBAD1\r\nBAD2\r\nBAD3\r\nNOOP\r\n")
         assert b"250-SIZE 100\r\n" in reply
-        assert reply.count(b"552 5.3.4") == 1
-        assert reply.count(b"452 4.5.3 too many recipients\r\n") == 1
-        assert reply.count(b"452 4.5.3 too many recipients for a bounce message") == 1
-        assert reply.endswith(b"421 4.7.0 relay.test too many errors, closing connection\r\n")
+        assert reply.count(b"552 message size exceeds fixed maximum message size") == 1
+        assert reply.count(b"452 too many recipients\r\n") == 1
+        assert reply.count(b"452 too many recipients for a bounce message") == 1
+        assert reply.endswith(b"421 relay.test too many errors, closing connection\r\n")
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
             c.ehlo("c")
             c.mail("a@x.test")  # no SIZE=: the limit is found during DATA
@@ -132,7 +134,7 @@ def test_limit_options(tmp_path):
         assert not relay.files(".content")
     with Relay(tmp_path, ["--min-free-space", str(10 ** 12)], name="full") as relay:
         reply = raw_session(relay.port, b"HELO c\r\nMAIL FROM:<a@x.test>\r\nQUIT\r\n")
-        assert b"452 4.3.1 insufficient system storage" in reply
+        assert b"452 insufficient system storage" in reply
 
 
 def test_idle_timeout(tmp_path):
@@ -140,7 +142,7 @@ def test_idle_timeout(tmp_path):
         with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
             f = s.makefile("rb")
             f.readline()
-            assert f.readline() == b"421 4.4.2 relay.test idle timeout\r\n"
+            assert f.readline() == b"421 relay.test idle timeout\r\n"
             assert f.readline() == b""
 
 
@@ -152,7 +154,7 @@ def write_script(path, text):
 
 @pytest.mark.parametrize("spec,code,text,kept", [
     ("exit:0", 250, None, 1),
-    ("exit:1", 550, None, 0),
+    ("exit:1", 452, None, 0),
     ("exit:100", 250, None, None),
     ("exit:103", 250, None, 1),
 ])
@@ -179,7 +181,7 @@ def test_filter_program_reason_and_arguments(tmp_path):
             c.mail("a$(touch /tmp/pwned)@x.test")
             c.rcpt("b;ls@y.test")
             code, text = c.data(b"hi\r\n")
-        assert code == 550 and b"5.7.1 spam; rm -rf / $(x)" in text
+        assert (code, text) == (452, b"spam; rm -rf / $(x)")
         assert not relay.files(".content")
     args = args_file.read_text().splitlines()
     assert args[-2].endswith(".content") and args[-1].endswith(".envelope.new")
@@ -203,11 +205,11 @@ esac
                             b"RCPT TO:<local@y.test>\r\nRCPT TO:<bad@y.test>\r\nRCPT TO:<tmp@y.test>\r\n"
                             b"RCPT TO:<\"$(touch x);|&\"@y.test>\r\nRCPT TO:<a\rb@y.test>\r\n"
                             b"DATA\r\nhi\r\n.\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<kill@y.test>\r\nNOOP\r\n")
-        assert b"550 5.1.1 no such user bad@y.test" in reply
-        assert b"450 4.1.1 try later" in reply
-        assert b"501 5.1.3" in reply
-        assert reply.count(b"250 2.0.0 OK id=") == 1
-        assert reply.rstrip().endswith(b"250 2.1.0 sender <a@x.test> OK")  # then dropped
+        assert b"550 no such user bad@y.test" in reply
+        assert b"450 try later" in reply
+        assert b"550 invalid character in mailbox name" in reply
+        assert reply.count(b"250 message processed\r\n") == 1
+        assert reply.rstrip().endswith(b"250 sender <a@x.test> OK")  # then dropped
         [local] = relay.files(".envelope.local")
         env = envelope.Envelope.read(os.path.join(relay.spool, local))
     assert env.to_local == ["postmaster"] and env.to_remote == ['"$(touch x);|&"@y.test']
@@ -226,8 +228,13 @@ def test_crash_kills_lose_no_acknowledged_message(tmp_path):
             stop = threading.Event()
 
             def client(n):
+                # The 250 reply has no message id (E-MailRelay's text): each
+                # body starts with a token of its own instead.
+                seq = 0
                 while not stop.is_set():
-                    body = (b"round %d client %d\r\n" % (round_, n)) * rng.randint(1, 3000)
+                    seq += 1
+                    token = b"round %d client %d message %d" % (round_, n, seq)
+                    body = (token + b"\r\n") * rng.randint(1, 3000)
                     try:
                         with smtplib.SMTP("127.0.0.1", relay.port, timeout=5) as c:
                             c.ehlo("c")
@@ -237,9 +244,8 @@ def test_crash_kills_lose_no_acknowledged_message(tmp_path):
                     except (OSError, smtplib.SMTPException):
                         continue
                     if code == 250:
-                        mid = text.decode().split("id=")[1].strip()
                         with lock:
-                            acknowledged.add((mid, len(body)))
+                            acknowledged.add((token, len(body)))
             threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
             for t in threads:
                 t.start()
@@ -250,10 +256,10 @@ def test_crash_kills_lose_no_acknowledged_message(tmp_path):
             for t in threads:
                 t.join()
             messages = committed(relay.spool)
-            for mid, size in acknowledged:
-                assert mid in messages, "acknowledged message %s lost" % mid
-                content = messages[mid][0]
-                assert len(content.split(b"\r\n", 1)[1]) == size
+            by_token = {content.split(b"\r\n")[1]: content for content, _ in messages.values()}
+            for token, size in acknowledged:
+                assert token in by_token, "acknowledged message %r lost" % token
+                assert len(by_token[token].split(b"\r\n", 1)[1]) == size
             for mid, (content, env) in messages.items():
                 assert content.startswith(b"Received: ") and content.endswith(b"\r\n")
                 assert env.from_ == "a@x.test"
@@ -284,13 +290,14 @@ def test_starttls_then_auth_with_swaks_and_esmtpsa(tmp_path, certificate):
         out = subprocess.run(base + ["--auth-password", "secret", "--tls"], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
         assert out.returncode == 0, out.stdout
-        assert "235 2.7.0" in out.stdout
+        assert "<~  235 authentication successful" in out.stdout
         out = subprocess.run(base + ["--auth-password", "secret"], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
-        assert out.returncode != 0 and "530 5.7.0 must issue STARTTLS first" in out.stdout
+        assert out.returncode != 0 and "*** Host did not advertise authentication" in out.stdout
+        assert "AUTH" not in out.stdout.split("Host did not advertise")[1]
         out = subprocess.run(base + ["--auth-password", "wrong", "--tls"], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
-        assert "535 5.7.8 authentication failed" in out.stdout
+        assert "<~* 535 authentication failed" in out.stdout
         relay.wait_log(r'warning: smtp authentication failed for user "alice" from 127\.0\.0\.1')
         [(content, env)] = committed(relay.spool).values()
     assert b" with ESMTPSA id " in content.split(b"\r\n")[0]
@@ -307,7 +314,7 @@ def test_starttls_discards_pipelined_commands(tmp_path, certificate):
             while not f.readline().startswith(b"250 "):
                 pass
             s.sendall(b"STARTTLS\r\nRSET\r\n")
-            assert f.readline().startswith(b"220 2.0.0")
+            assert f.readline() == b"220 ready to start tls\r\n"
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -320,5 +327,5 @@ def test_starttls_discards_pipelined_commands(tmp_path, certificate):
                         break
                     data += chunk
     # No reply to the injected RSET; EHLO state was reset, so MAIL is out of sequence.
-    assert data.startswith(b"503 5.5.1 send EHLO or HELO first\r\n250-")
-    assert b"STARTTLS" not in data and data.endswith(b"221 2.0.0 relay.test closing connection\r\n")
+    assert data.startswith(b"503 command out of sequence -- use RSET to resynchronise\r\n250-")
+    assert b"STARTTLS" not in data and data.endswith(b"221 OK\r\n")
