@@ -1,7 +1,7 @@
 # emailrelay for Python: test, install, zipapp and man page.
 #
 #   make test      install what the tests need, run the suite on python3 and 3.8
-#   make install   the package, launchers, man pages, config, spool and systemd unit
+#   make install   the package, launchers, man pages, config, spool and systemd units
 #   make zipapp    build emailrelay.pyz (ZIPAPP=path to put it elsewhere)
 #   make man       regenerate man/emailrelay.1 from the option table
 #
@@ -70,7 +70,10 @@ install:
 		chmod 644 $(DESTDIR)$(SYSCONFDIR)/emailrelay.conf; fi
 	sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
 		-e 's|@SPOOLDIR@|$(SPOOLDIR)|g' etc/emailrelay.service.in > $(DESTDIR)$(SYSTEMDDIR)/emailrelay.service
-	chmod 644 $(DESTDIR)$(SYSTEMDDIR)/emailrelay.service
+	sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SPOOLDIR@|$(SPOOLDIR)|g' etc/emailrelay@.service.in \
+		> $(DESTDIR)$(SYSTEMDDIR)/emailrelay@.service
+	install -m 644 etc/emailrelay.socket $(DESTDIR)$(SYSTEMDDIR)/emailrelay.socket
+	chmod 644 $(DESTDIR)$(SYSTEMDDIR)/emailrelay.service $(DESTDIR)$(SYSTEMDDIR)/emailrelay@.service
 	install -d $(DESTDIR)$(SYSCONFDIR)/logrotate.d $(DESTDIR)$(SYSCONFDIR)/ppp/ip-up.d
 	install -m 644 etc/logrotate.emailrelay $(DESTDIR)$(SYSCONFDIR)/logrotate.d/emailrelay
 	sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SPOOLDIR@|$(SPOOLDIR)|g' etc/ip-up.emailrelay \

@@ -170,6 +170,11 @@ def test_make_install(tmp_path):
     assert (dest / "usr/share/man/man1/emailrelay-sendmail.1").is_file()
     assert (dest / "etc/emailrelay.conf.example").is_file()
     assert (dest / "usr/lib/systemd/system/emailrelay.service").is_file()
+    assert (dest / "usr/lib/systemd/system/emailrelay.socket").is_file()
+    with open(str(dest / "usr/lib/systemd/system/emailrelay@.service")) as f:
+        template = f.read()
+    assert "ExecStart=/usr/sbin/emailrelay --inetd --remote-clients --log " \
+        "--spool-dir /var/spool/emailrelay\n" in template
     for tool in ("submit", "passwd", "resubmit", "filter-copy", "sendmail"):
         assert os.access(str(dest / "usr/sbin" / ("emailrelay-" + tool)), os.X_OK)
     assert not (dest / "usr/sbin/sendmail").exists(), "sendmail only when asked"
