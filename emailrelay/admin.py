@@ -3,9 +3,11 @@
 `AdminSession(conn, services).run()` serves one connection: it reads one
 command per line and answers with text lines ending in CRLF, each answer
 followed by the prompt `E-MailRelay> ` (none on connect, as E-MailRelay:
-a script that sends a command at once reads only its answer). Commands:
-help, flush, forward, list, failures, unfail-all, status, notify, pid, quit, and terminate (only with
---admin-terminate). Nothing here changes the configuration.
+a script that sends a command at once reads only its answer). The
+commands are the rows of `COMMANDS` (name, help text, handler), which
+`help` lists: help, flush, forward, list, failures, unfail-all, status,
+notify, pid, quit, and terminate (only with --admin-terminate). Nothing
+here changes the configuration.
 
 Idle timeout: `--idle-timeout` when given explicitly (0: none), otherwise
 ADMIN_IDLE_TIMEOUT seconds (someone typing at a telnet prompt needs longer
@@ -23,21 +25,6 @@ from . import log
 PROMPT = b"E-MailRelay> "
 # Seconds an admin session may sit idle unless --idle-timeout is given.
 ADMIN_IDLE_TIMEOUT = 600
-
-_HELP = [
-    ("help", "show this list"),
-    ("flush", "forward spooled messages now and wait for the result"),
-    ("forward", "start forwarding spooled messages, answering at once"),
-    ("list", "list the messages waiting to be forwarded"),
-    ("failures", "list the failed (.bad) messages and their reasons"),
-    ("unfail-all", "return every failed message to the queue"),
-    ("status", "show listening addresses and counters"),
-    ("notify", "show events (forwarding, failures) as they happen"),
-    ("pid", "show the process id"),
-    ("quit", "close this connection"),
-    ("terminate", "stop the server (needs --admin-terminate)"),
-]
-
 
 class AdminSession:
     """One admin connection; `services` is main's Services object.
@@ -81,12 +68,11 @@ class AdminSession:
                 if not words:
                     self._write(PROMPT)
                     continue
-                command = words[0].lower()
-                handler = getattr(self, "do_" + command.replace("-", "_"), None)
-                if handler is None:
+                row = _BY_NAME.get(words[0].lower())
+                if row is None:
                     self._answer("error: unrecognised command %r: try help" % log.sanitise(words[0]))
                     continue
-                if handler() is False:
+                if row[2](self) is False:
                     return
         except net.Timeout:
             log.info("admin: idle timeout", peer=self._peer())
@@ -111,7 +97,7 @@ class AdminSession:
     # -- commands ------------------------------------------------------
 
     def do_help(self):
-        self._answer(["%-11s %s" % (name, text) for name, text in _HELP])
+        self._answer(["%-11s %s" % (name, text) for name, text, _ in COMMANDS])
 
     def do_flush(self):
         forwarder = self.services.forwarder
@@ -204,3 +190,20 @@ class AdminSession:
             self.services.events.unsubscribe(self._events)
             self._events.put(None)
             self._events = None
+
+
+# The command table, in the order `help` lists it: (name, help text, handler).
+COMMANDS = [
+    ("help", "show this list", AdminSession.do_help),
+    ("flush", "forward spooled messages now and wait for the result", AdminSession.do_flush),
+    ("forward", "start forwarding spooled messages, answering at once", AdminSession.do_forward),
+    ("list", "list the messages waiting to be forwarded", AdminSession.do_list),
+    ("failures", "list the failed (.bad) messages and their reasons", AdminSession.do_failures),
+    ("unfail-all", "return every failed message to the queue", AdminSession.do_unfail_all),
+    ("status", "show listening addresses and counters", AdminSession.do_status),
+    ("notify", "show events (forwarding, failures) as they happen", AdminSession.do_notify),
+    ("pid", "show the process id", AdminSession.do_pid),
+    ("quit", "close this connection", AdminSession.do_quit),
+    ("terminate", "stop the server (needs --admin-terminate)", AdminSession.do_terminate),
+]
+_BY_NAME = {row[0]: row for row in COMMANDS}

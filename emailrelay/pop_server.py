@@ -18,6 +18,10 @@ What callers and users may rely on:
   so both are stable across sessions.
 - A maildrop is locked for one session at a time, across threads and
   processes (`flock` on `.emailrelay-pop.lock` in the maildrop directory).
+- The session is in one of RFC 1939's states, AUTHORIZATION, TRANSACTION
+  and UPDATE, and the `COMMANDS` table says which commands each state
+  takes; any other gets `-ERR <verb> is not valid in this state` (or
+  `-ERR unknown command`), counted as a bad command.
 - Deletions happen only at QUIT (the UPDATE state); a session that ends any
   other way deletes nothing. With `--pop-no-delete`, DELE answers `+OK` and
   hides the message for the rest of the session, but nothing is deleted.
@@ -54,6 +58,8 @@ from . import sasl
 # RFC 2449 allows 255 octets for a command line; a little slack for clients
 # that are generous with arguments.
 COMMAND_LIMIT = 512
+# RFC 1939's session states.
+AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
 # SASL responses are base64 and may exceed the command limit (RFC 5034 4).
 SASL_LINE_LIMIT = 8192
 # Failed logins before the session is closed.
@@ -251,6 +257,7 @@ class PopSession:
         self.user = None          # the name given by USER, waiting for PASS
         self.authenticated = None  # the logged-in user
         self.maildrop = None
+        self.state = AUTHORIZATION
         self.done = False
         self.bad_commands = 0
         self.auth_failures = 0
@@ -326,18 +333,13 @@ class PopSession:
         verb = verb.upper()
         if self.debug:
             log.debug("pop: rx: %s" % _shown(verb, text), peer=self.peer)
-        if self.maildrop is None:
-            table = _AUTHORIZATION
+        row = COMMANDS.get(verb)
+        if row is None:
+            self._bad("-ERR unknown command")
+        elif self.state not in row[0]:
+            self._bad("-ERR %s is not valid in this state" % verb)
         else:
-            table = _TRANSACTION
-        method = table.get(verb)
-        if method is None:
-            if verb in _AUTHORIZATION or verb in _TRANSACTION:
-                self._bad("-ERR %s is not valid in this state" % verb)
-            else:
-                self._bad("-ERR unknown command")
-            return
-        method(self, arg)
+            row[1](self, arg)
 
     # AUTHORIZATION state.
 
@@ -363,7 +365,7 @@ class PopSession:
 
     def do_capa(self, arg):
         lines = ["+OK capability list follows", "TOP", "UIDL", "RESP-CODES", "PIPELINING"]
-        if self.maildrop is None:
+        if self.state == AUTHORIZATION:
             if not (self.cfg.server_tls_required and not self.conn.tls):
                 auth = self.services.pop_auth
                 if auth is None or auth.clear_text_allowed(self.conn.tls):
@@ -516,6 +518,7 @@ class PopSession:
             self._reply("-ERR " + e.text)
             return
         self.authenticated = user
+        self.state = TRANSACTION
         live = self.maildrop.live()
         log.info("pop: %s logged in (%d messages)" % (log.sanitise(user), len(live)),
                  peer=self.peer)
@@ -524,10 +527,10 @@ class PopSession:
 
     def do_quit(self, arg):
         self.done = True
-        if self.maildrop is None:
+        if self.state == AUTHORIZATION:
             self._reply("+OK %s POP3 server signing off" % self.domain)
             return
-        # The UPDATE state.
+        self.state = UPDATE
         marked = [m for m in self.maildrop.messages if m.deleted]
         if self.cfg.pop_no_delete:
             if marked:
@@ -625,27 +628,26 @@ class PopSession:
                     % (len(live), sum(m.size for m in live)))
 
 
-_AUTHORIZATION = {
-    "CAPA": PopSession.do_capa,
-    "STLS": PopSession.do_stls,
-    "USER": PopSession.do_user,
-    "PASS": PopSession.do_pass,
-    "APOP": PopSession.do_apop,
-    "AUTH": PopSession.do_auth,
-    "QUIT": PopSession.do_quit,
-}
-
-_TRANSACTION = {
-    "CAPA": PopSession.do_capa,
-    "STAT": PopSession.do_stat,
-    "LIST": PopSession.do_list,
-    "UIDL": PopSession.do_uidl,
-    "RETR": PopSession.do_retr,
-    "TOP": PopSession.do_top,
-    "DELE": PopSession.do_dele,
-    "NOOP": PopSession.do_noop,
-    "RSET": PopSession.do_rset,
-    "QUIT": PopSession.do_quit,
+# The transition table: verb -> (states that take it, handler). Logging in
+# (PASS, APOP, AUTH) moves AUTHORIZATION to TRANSACTION; QUIT in TRANSACTION
+# moves to UPDATE, where deletions happen, and ends the session.
+_BOTH = (AUTHORIZATION, TRANSACTION)
+COMMANDS = {
+    "CAPA": (_BOTH, PopSession.do_capa),
+    "STLS": ((AUTHORIZATION,), PopSession.do_stls),
+    "USER": ((AUTHORIZATION,), PopSession.do_user),
+    "PASS": ((AUTHORIZATION,), PopSession.do_pass),
+    "APOP": ((AUTHORIZATION,), PopSession.do_apop),
+    "AUTH": ((AUTHORIZATION,), PopSession.do_auth),
+    "STAT": ((TRANSACTION,), PopSession.do_stat),
+    "LIST": ((TRANSACTION,), PopSession.do_list),
+    "UIDL": ((TRANSACTION,), PopSession.do_uidl),
+    "RETR": ((TRANSACTION,), PopSession.do_retr),
+    "TOP": ((TRANSACTION,), PopSession.do_top),
+    "DELE": ((TRANSACTION,), PopSession.do_dele),
+    "NOOP": ((TRANSACTION,), PopSession.do_noop),
+    "RSET": ((TRANSACTION,), PopSession.do_rset),
+    "QUIT": (_BOTH, PopSession.do_quit),
 }
 
 

@@ -423,3 +423,16 @@ def test_by_name_refuses_symlink_out_of_spool(byname, tmp_path):
 def _xtext(text):
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else "+%02X" % ord(c)
                    for c in text)
+
+
+def test_command_table_follows_rfc_1939_states():
+    by_state = {}
+    for verb, (states, handler) in pop_server.COMMANDS.items():
+        assert callable(handler)
+        for state in states:
+            by_state.setdefault(state, set()).add(verb)
+    assert by_state[pop_server.AUTHORIZATION] == {"CAPA", "STLS", "USER", "PASS", "APOP", "AUTH",
+                                                  "QUIT"}
+    assert by_state[pop_server.TRANSACTION] == {"CAPA", "STAT", "LIST", "UIDL", "RETR", "TOP",
+                                                "DELE", "NOOP", "RSET", "QUIT"}
+    assert pop_server.UPDATE not in by_state, "UPDATE takes no commands: QUIT ends it"
