@@ -330,19 +330,25 @@ class SmtpSession:
 
     # ----- commands ------------------------------------------------------
 
-    @command("EHLO <domain>")
-    def smtp_EHLO(self, arg):
+    def _greet(self, arg, esmtp):
+        """EHLO and HELO: checks the argument, resets the session; False after a refusal."""
         if not arg:
             self._reply("501 5.5.4 parameter required")
-            return
+            return False
         refusal = self._helo_refusal(arg)
         if refusal is not None:
             self._bad(refusal)
-            return
+            return False
         self.helo = arg
-        self.esmtp = True
+        self.esmtp = esmtp
         self.state = GREETED
         self._reset_transaction()
+        return True
+
+    @command("EHLO <domain>")
+    def smtp_EHLO(self, arg):
+        if not self._greet(arg, esmtp=True):
+            return
         # E-MailRelay 2.6's keywords and order, then ours, 8BITMIME last.
         features = self.features
         lines = ["%s says hello" % self.domain if "server" not in self.anonymous else self.domain]
@@ -377,18 +383,8 @@ class SmtpSession:
 
     @command("HELO <domain>")
     def smtp_HELO(self, arg):
-        if not arg:
-            self._reply("501 5.5.4 parameter required")
-            return
-        refusal = self._helo_refusal(arg)
-        if refusal is not None:
-            self._bad(refusal)
-            return
-        self.helo = arg
-        self.esmtp = False
-        self.state = GREETED
-        self._reset_transaction()
-        self._reply("250 hello")
+        if self._greet(arg, esmtp=False):
+            self._reply("250 hello")
 
     @command("NOOP")
     def smtp_NOOP(self, arg):
