@@ -9,7 +9,8 @@ MAX_DELAY, and logged as a warning that fail2ban can match:
 
     emailrelay: warning: too many authentication failures from 192.0.2.1 (smtp): 6 in 600s: reply delayed 1s
 
-The delay blocks only the failing session's own thread; with the
+The delay holds up only the failing session (a POP thread waits; an SMTP
+conversation sleeps in the session loop without a thread); with the
 per-address connection limit it caps the guessing rate of one address.
 Successful logins do not reset the count (an attacker with one account
 could otherwise reset it at will). The count for an address is forgotten
@@ -46,6 +47,16 @@ class FailureBudget:
 
         Returns the seconds waited (0 within the budget).
         """
+        delay = self.record(ip, service)
+        if delay:
+            self._sleep(delay)
+        return delay
+
+    def record(self, ip, service):
+        """Records a failure as `failed` does, but returns the delay owed instead of waiting.
+
+        For a caller that waits its own way (the SMTP session loop).
+        """
         now = self._clock()
         with self._lock:
             entry = self._failures.get(ip)
@@ -61,7 +72,6 @@ class FailureBudget:
         delay = min(2.0 ** (excess - 1), self.max_delay)
         log.warning("too many authentication failures from %s (%s): %d in %ds: reply delayed %ds"
                     % (ip, service, count, self.window, delay))
-        self._sleep(delay)
         return delay
 
     def _forget(self, now):

@@ -255,6 +255,7 @@ def _listen(cfg, services):
             implicit = services.tls_context if cfg.server_tls_connection else None
             server.add("smtp", interfaces, cfg.port,
                        lambda conn: smtp_server.SmtpSession(conn, services).run(),
+                       conversation=lambda conn: smtp_server.SmtpSession(conn, services),
                        tls_context=implicit,
                        busy_reply=smtp_server.reply_bytes(
                            cfg, "421 4.3.2 too many connections, try again later"),

@@ -428,10 +428,13 @@ def _bind(host, port, backlog):
 class Listener:
     """One listening socket and what to do with its connections."""
 
-    def __init__(self, sock, kind, handler, tls_context, busy_reply, address_busy_reply=None):
+    def __init__(self, sock, kind, handler, tls_context, busy_reply, address_busy_reply=None,
+                 conversation=None):
         self.sock = sock
         self.kind = kind
         self.handler = handler
+        # conn -> session with a conversation(): served by the session loop.
+        self.conversation = conversation if tls_context is None else None
         self.tls_context = tls_context
         self.busy_reply = busy_reply
         self.address_busy_reply = busy_reply if address_busy_reply is None else address_busy_reply
@@ -483,6 +486,8 @@ class Server:
         self._held = collections.deque()  # over-limit connections in their grace
         self._refuser = None
         self._stopping = False
+        self._loop = None        # the session loop, once a parked session needs it
+        self._stop_event = None
         self._refusing = {}      # (kind, ip) -> held over-limit connections
         self._sessions = 0       # sessions running, until their on_close callbacks end
         self._idle = 0           # session threads waiting for work
@@ -504,12 +509,16 @@ class Server:
             pass
 
     def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b"",
-            max_connections=None, max_per_address=None, address_busy_reply=None):
+            max_connections=None, max_per_address=None, address_busy_reply=None,
+            conversation=None):
         """Listens for `kind` on the given interfaces (all if empty) and port.
 
         `max_connections` / `max_per_address` override the server's budget
         for this kind of service. `address_busy_reply` (default
-        `busy_reply`) is sent over the per-address limit.
+        `busy_reply`) is sent over the per-address limit. With
+        `conversation(conn) -> session` (a `session_loop` conversation),
+        plain connections are served by the session loop instead of a
+        thread each; `handler` still serves implicit-TLS ones.
         """
         self._limits[kind] = (max_connections or self.max_connections,
                               max_per_address or self.max_per_address)
@@ -528,7 +537,7 @@ class Server:
                     raise OSError(e.errno, "cannot listen on %s: %s"
                                   % (addresses.format_address(item, port), e.strerror)) from None
             self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply,
-                                           address_busy_reply))
+                                           address_busy_reply, conversation))
 
     def addresses(self):
         """(kind, address) for every listener, for logs and `status`."""
@@ -545,9 +554,13 @@ class Server:
         `on_wake()` runs in this thread after every wake-up, so signal
         flags (SIGHUP) are handled outside signal handlers.
         """
+        self._stop_event = stop_event
         sel = selectors.DefaultSelector()
         for lst in self.listeners:
             lst.sock.setblocking(False)
+            # Accepting stays in this thread even for the session loop's
+            # connections: a flood of connections to refuse must not take
+            # the loop's time from the sessions it serves.
             sel.register(lst.sock, selectors.EVENT_READ, lst)
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         try:
@@ -560,16 +573,19 @@ class Server:
                         except OSError:
                             pass
                         continue
-                    # A burst fills the backlog faster than one accept per
-                    # wake-up would empty it.
-                    for _ in range(ACCEPT_BATCH):
-                        if not self._accept(key.data):
-                            break
+                    self._accept_batch(key.data)
                 if on_wake is not None:
                     on_wake()
         finally:
             sel.close()
             self._shutdown()
+
+    def _accept_batch(self, lst):
+        # A burst fills the backlog faster than one accept per wake-up
+        # would empty it.
+        for _ in range(ACCEPT_BATCH):
+            if not self._accept(lst):
+                break
 
     def _accept(self, lst):
         """Accepts one connection; False when there was none waiting."""
@@ -605,15 +621,52 @@ class Server:
             self._per_address[(kind, ip)] = self._per_address.get((kind, ip), 0) + 1
             self._live[sock] = sock
             self._sessions += 1
-            spawn = self._idle == 0
-            if not spawn:
+            parked = lst.conversation is not None
+            spawn = not parked and self._idle == 0
+            if not parked and not spawn:
                 self._idle -= 1
         self.counters["connections"] += 1
         log.info("%s connection from %s" % (kind, peer))
+        if parked:
+            self._park(lst, sock, addr, peer)
+            return True
         self._work.put((lst, sock, addr, peer))
         if spawn:
             threading.Thread(target=self._worker, name="session", daemon=True).start()
         return True
+
+    def _session_loop(self):
+        """The session loop, started on first use."""
+        from . import session_loop
+        with self._lock:
+            if self._loop is None:
+                self._loop = session_loop.SessionLoop(
+                    register=self._register, stop_event=self._stop_event, name="smtp")
+            return self._loop
+
+    def _park(self, lst, sock, addr, peer):
+        """Hands a connection to the session loop."""
+        from . import session_loop
+        loop = self._session_loop()
+
+        def done():
+            self._ended(lst, sock, addr, peer)
+            with self._lock:
+                self._sessions -= 1
+                self._lock.notify_all()
+        try:
+            conn = session_loop.LoopConnection(sock, addr, lst.local)
+            session = lst.conversation(conn)
+        except Exception as e:
+            log.error("%s: session with %s failed: %s: %s" % (lst.kind, peer, type(e).__name__, e))
+            done()
+            return
+        loop.add(session, conn, done)
+
+    def _register(self, sock, conn):
+        """A parked session started TLS: shutdown reaches it through its new connection."""
+        with self._lock:
+            self._live[sock] = conn
 
     def _hold(self, lst, sock, addr, peer):
         """Passes an over-limit connection to the refuser thread.
@@ -737,26 +790,31 @@ class Server:
         except Exception as e:  # a session must never take the server down
             log.error("%s: session with %s failed: %s: %s" % (lst.kind, peer, type(e).__name__, e))
         finally:
+            self._ended(lst, sock, addr, peer)
+
+    def _ended(self, lst, sock, addr, peer):
+        """A session is over: its socket is closed, its budget freed, on_close run."""
+        ip = addr[0]
+        try:
+            sock.close()
+        except OSError:
+            pass
+        log.info("%s connection closed" % lst.kind, peer=peer)
+        with self._lock:
+            self._live.pop(sock, None)
+            key = (lst.kind, ip)
+            n = self._per_address.get(key, 1) - 1
+            if n:
+                self._per_address[key] = n
+            else:
+                self._per_address.pop(key, None)
+            self._per_kind[lst.kind] = self._per_kind.get(lst.kind, 1) - 1
+            self._lock.notify_all()
+        for cb in self.on_close:
             try:
-                sock.close()
-            except OSError:
-                pass
-            log.info("%s connection closed" % lst.kind, peer=peer)
-            with self._lock:
-                self._live.pop(sock, None)
-                key = (lst.kind, ip)
-                n = self._per_address.get(key, 1) - 1
-                if n:
-                    self._per_address[key] = n
-                else:
-                    self._per_address.pop(key, None)
-                self._per_kind[lst.kind] = self._per_kind.get(lst.kind, 1) - 1
-                self._lock.notify_all()
-            for cb in self.on_close:
-                try:
-                    cb(lst.kind)
-                except Exception as e:
-                    log.error("%s: after-session action failed: %s" % (lst.kind, e))
+                cb(lst.kind)
+            except Exception as e:
+                log.error("%s: after-session action failed: %s" % (lst.kind, e))
 
     def _shutdown(self, grace=5.0):
         for lst in self.listeners:
@@ -770,6 +828,8 @@ class Server:
             live = list(self._live.values())
         for item in live:
             _shutdown_socket(getattr(item, "sock", item))
+        if self._loop is not None:
+            self._loop.stop()
         deadline = time.monotonic() + grace
         with self._lock:
             while self._sessions and time.monotonic() < deadline:

@@ -31,12 +31,12 @@ and command syntax is parsed by `smtp_syntax`.
 import errno
 import os
 import re
-import threading
 
 from . import envelope
 from . import log
 from . import net
 from . import options
+from . import session_loop
 from . import smtp_controls
 from . import smtp_text
 from .smtp_syntax import parse_params, parse_path, rfc5322_date, to_alabels
@@ -61,7 +61,13 @@ def plain_reply(text):
     The default replies are E-MailRelay's, which has none; replies sent
     outside a session (the busy and refusal texts) use this too.
     """
-    return _ENHANCED_CODE.sub(r"\1", text) if text[5:6] == "." else text
+    if text[5:6] != ".":
+        return text
+    if "\n" not in text and text[4:5].isdigit():
+        # The common case, one line: "250 2.1.5 text" -> "250 text".
+        i = text.find(" ", 5)
+        return text[:4] + (text[i + 1:] if i > 0 else "")
+    return _ENHANCED_CODE.sub(r"\1", text)
 
 
 def reply_bytes(cfg, text):
@@ -132,23 +138,28 @@ class SmtpSession:
     # ----- the main loop -------------------------------------------------
 
     def run(self):
-        """Runs the session until QUIT, end of input, timeout or a fatal error."""
-        conn = self.conn
+        """Runs the session in this thread until QUIT, end of input, timeout or a fatal error."""
+        session_loop.drive(self, getattr(self.services, "stop_event", None))
+
+    def conversation(self):
+        """The session as a `session_loop` conversation (a generator); see `run`."""
         try:
-            conn.settimeout(self.cfg.idle_timeout or None)
+            self.conn.settimeout(self.cfg.idle_timeout or None)
             refusal = self._connect_refusal()
-            if refusal is None:
-                dnsbl = getattr(self.services, "dnsbl", None)
-                refusal = dnsbl.check(self.peer_ip) if dnsbl is not None else None
+            dnsbl = getattr(self.services, "dnsbl", None)
+            if refusal is None and dnsbl is not None:
+                refusal = yield ("call", dnsbl.check, (self.peer_ip,))
             if refusal:
                 self._reply(refusal)
                 raise _Drop()
             self._reply(self._greeting())
             while self.state != DONE:
-                line = self._readline(COMMAND_LIMIT)
+                line = yield from self._readline(COMMAND_LIMIT)
                 if line is None:
                     continue
-                self._dispatch(line)
+                handled = self._dispatch(line)
+                if handled is not None:
+                    yield from handled
         except net.Timeout:
             log.info("smtp: idle timeout", peer=self.peer)
             self._reply("421 4.4.2 %s idle timeout" % self.domain)
@@ -167,16 +178,19 @@ class SmtpSession:
                 self._flush()
             except (net.Closed, net.Timeout, OSError):
                 pass
-            conn.close()
             if self._immediate is not None:
                 self._immediate.close()
 
     def _readline(self, limit):
-        """Reads one command line as text; None when it was refused (already replied)."""
+        """Reads one command line as text; None when it was refused (already replied).
+
+        A generator (see `conversation`): the replies owed are sent first
+        unless the client has pipelined more input.
+        """
         if not self.conn.pending():
-            self._flush()
+            yield from self._send()
         try:
-            raw = self.conn.readline(limit)
+            raw = yield ("line", limit)
         except net.LineTooLong:
             self._bad("500 5.5.2 line too long")
             return None
@@ -190,6 +204,7 @@ class SmtpSession:
             return None
 
     def _dispatch(self, line):
+        """Runs a command; returns the handler's generator when it has more to do."""
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
         if self.verbose:
@@ -206,7 +221,7 @@ class SmtpSession:
         if method.states is not None and self.state not in method.states:
             self._sequence_error(verb)
             return
-        method(self, arg.strip(" "))
+        return method(self, arg.strip(" "))
 
     def _available(self, verb):
         if verb == "STARTTLS":
@@ -227,21 +242,45 @@ class SmtpSession:
             self._bad(OUT_OF_SEQUENCE)
 
     def _reply(self, text):
+        """Queues a reply; with --tarpit an error reply is queued behind its delay."""
         if not self.enhanced:
             text = plain_reply(text)
         if text[:1] in "45":
             self.error_replies += 1
             if self.tarpit is not None:
-                self._tarpit_wait()
+                delay = self.tarpit.next_delay()
+                if delay > 0:
+                    self.replies.append(float(delay))
         if self.verbose:
             log.verbose("smtp: tx: %s" % log.sanitise(text.split("\r\n")[0]), peer=self.peer)
         self.replies.append(text)
 
+    def _send(self):
+        """Sends the queued replies, waiting before each tarpit-delayed one (a generator).
+
+        The delay is a "sleep" request: it holds no lock and, in the
+        session loop, no thread.
+        """
+        while self.replies:
+            texts = []
+            while self.replies and not isinstance(self.replies[0], float):
+                texts.append(self.replies.pop(0))
+            if texts:
+                self.conn.write(("\r\n".join(texts) + "\r\n").encode("utf-8", "replace"))
+            if self.replies:
+                delay = self.replies.pop(0)
+                self.conn.flush()
+                log.verbose("smtp: tarpit: waiting %gs before an error reply" % delay,
+                            peer=self.peer)
+                yield ("sleep", delay)
+        self.conn.flush()
+
     def _flush(self):
-        if self.replies:
-            data = ("\r\n".join(self.replies) + "\r\n").encode("utf-8", "replace")
-            self.replies = []
-            self.conn.write(data)
+        """Sends the queued replies now, without the tarpit's delays (the session is ending)."""
+        texts = [r for r in self.replies if not isinstance(r, float)]
+        self.replies = []
+        if texts:
+            self.conn.write(("\r\n".join(texts) + "\r\n").encode("utf-8", "replace"))
         self.conn.flush()
 
     def _bad(self, text):
@@ -264,15 +303,6 @@ class SmtpSession:
             self._reply("421 4.7.0 %s too many errors, closing connection" % self.domain)
             raise _Drop()
         self._reply(text)
-
-    def _tarpit_wait(self):
-        """Waits before an error reply (--tarpit), holding no lock; ends early at shutdown."""
-        delay = self.tarpit.next_delay()
-        if delay <= 0:
-            return
-        self._flush()
-        log.verbose("smtp: tarpit: waiting %gs before an error reply" % delay, peer=self.peer)
-        self.services.stop_event.wait(delay)
 
     def _connect_refusal(self):
         """The reply that ends the session before the greeting (--max-load), or None."""
@@ -518,7 +548,7 @@ class SmtpSession:
         if self.mail_from == "" and limit and count >= limit:
             self._reply("452 4.5.3 too many recipients for a bounce message")
             return
-        result = self._verify(stored, self.mail_from)
+        result = yield from self._verify(stored, self.mail_from)
         if result is None or result.status == "remote":
             self.to_remote.append(stored)
         elif result.status == "local":
@@ -534,7 +564,7 @@ class SmtpSession:
         self._reply("250 2.1.5 recipient <%s> %sOK" % (address, " " if local else ""))
 
     def _verify(self, address, from_):
-        """Runs the address verifier; None when there is none."""
+        """Runs the address verifier (a generator); its result, or None when there is none."""
         verifier = self.services.verifier
         if verifier is None:
             return None
@@ -543,10 +573,11 @@ class SmtpSession:
         else:
             keyword = self._trusted()
             mech, name = ("none", keyword) if keyword is not None else ("", "")
-        # Blocks only this session's thread; send what we owe first so a
-        # pipelining client is not kept waiting on earlier replies.
-        self._flush()
-        return verifier.verify(address, from_, self.peer_ip, self.domain, mech, name)
+        # Send what we owe first so a pipelining client is not kept waiting
+        # on earlier replies while the verifier runs.
+        yield from self._send()
+        return (yield ("call", verifier.verify,
+                       (address, from_, self.peer_ip, self.domain, mech, name)))
 
     def _verify_refusal(self, result, address):
         reason = log.sanitise(result.reason or "")
@@ -569,7 +600,7 @@ class SmtpSession:
         except ValueError:
             self._reply("550 5.1.3 invalid mailbox")
             return
-        result = self._verify(address, "")
+        result = yield from self._verify(address, "")
         if result is not None and result.status == "local":
             name = log.sanitise(result.full_name or "")
             self._reply("250 2.1.5 %s" % (name or "<%s>" % result.address))
@@ -593,9 +624,9 @@ class SmtpSession:
             self._reply("501 5.5.4 invalid argument")
             return
         self._reply("220 2.0.0 ready to start tls")
-        self._flush()
+        yield from self._send()
         try:
-            self.conn.starttls(self.services.tls_context)
+            yield ("starttls", self.services.tls_context)
         except (OSError, ValueError) as e:
             log.warning("tls error: %s" % e, peer=self.peer)
             raise _Drop() from None
@@ -626,13 +657,14 @@ class SmtpSession:
             self._reply("504 5.5.4 unsupported authentication mechanism"
                         + (": use starttls" if later else ""))
             return
-        outcome = exchange.step(None)
+        # A step may ask PAM or --server-auth-program: it is work, not protocol.
+        outcome = yield ("call", exchange.step, (None,))
         while outcome[0] == "challenge":
             self._reply("334 " + outcome[1].decode("ascii"))
-            line = self._readline(AUTH_LINE_LIMIT)
+            line = yield from self._readline(AUTH_LINE_LIMIT)
             if line is None:
                 return
-            outcome = exchange.step(line)
+            outcome = yield ("call", exchange.step, (line,))
         if outcome[0] == "ok":
             self.auth_user = outcome[1]
             self.auth_mech = exchange.mechanism
@@ -648,7 +680,10 @@ class SmtpSession:
         log.warning('smtp authentication failed for user "%s" from %s'
                     % (log.sanitise(exchange.user or ""), self.peer_ip))
         if getattr(self.services, "auth_budget", None) is not None:
-            self.services.auth_budget.failed(self.peer_ip, "smtp")
+            delay = self.services.auth_budget.record(self.peer_ip, "smtp")
+            if delay:
+                yield from self._send()
+                yield ("sleep", delay)
         if self.auth_failures >= MAX_AUTH_FAILURES:
             self._reply("421 4.7.0 %s too many authentication failures" % self.domain)
             raise _Drop()
@@ -661,10 +696,10 @@ class SmtpSession:
             return
         write = self._start_message()
         self._reply("354 start mail input -- end with <CRLF>.<CRLF>")
-        self._flush()
-        smtp_text.read_data(self.conn, write, self.text)
+        yield from self._send()
+        yield from smtp_text.read_data(self.conn, write, self.text)
         if self.text.fault is None:
-            self._commit()
+            yield from self._commit()
         else:
             self._refuse_content()
 
@@ -679,19 +714,19 @@ class SmtpSession:
         last = len(parts) == 2
         if self.state not in (RCPT, BDAT):
             # The chunk is read and dropped so it is not taken for commands.
-            smtp_text.read_chunk(self.conn, size, None, None)
+            yield from smtp_text.read_chunk(size, None, None)
             self._sequence_error("BDAT")
             return
         if self.state == RCPT:
             self._write = self._start_message()
             self.state = BDAT
-        smtp_text.read_chunk(self.conn, size, self._write, self.text)
+        yield from smtp_text.read_chunk(size, self._write, self.text)
         if self.text.fault is not None:
             self._refuse_content()
         elif not last:
             self._reply("250 2.0.0 %d bytes received" % size)
         else:
-            self._commit()
+            yield from self._commit()
 
     # ----- storing a message --------------------------------------------
 
@@ -754,14 +789,23 @@ class SmtpSession:
             mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
 
     def _commit(self):
-        """Makes the message durable, runs the filters, and replies."""
-        msg = self.message
+        """Makes the message durable, runs the filters, and replies (a generator).
+
+        The replies owed go out first; the storing is a "call", since it
+        waits for the disk and for filter programs.
+        """
         if not self._enough_space():
             log.warning("smtp: message refused: less than --min-free-space left in the spool",
                         peer=self.peer)
             self._reset_transaction()
             self._reply(NO_STORAGE)
             return
+        yield from self._send()
+        self._reply((yield ("call", self._store, ())))
+
+    def _store(self):
+        """The blocking part of `_commit`: returns the reply to the message."""
+        msg = self.message
         try:
             env = self._envelope()
             refusal = None
@@ -777,13 +821,11 @@ class SmtpSession:
                 msg.disown()
                 self.message = None
                 self._reset_transaction()
-                self._reply("250 2.0.0 message processed")
-                return
+                return "250 2.0.0 message processed"
             if refusal is not None:
                 self._count("messages-rejected")
                 self._reset_transaction()
-                self._reply(refusal)
-                return
+                return refusal
             if not self.services.filters:
                 log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
                             peer=self.peer)
@@ -792,13 +834,11 @@ class SmtpSession:
             # A filter removed the files without exiting 100.
             log.info("rejected by filter: [%s]" % e, peer=self.peer)
             self._reset_transaction()
-            self._reply("452 4.3.0 rejected")
-            return
+            return "452 4.3.0 rejected"
         except (OSError, envelope.EnvelopeError) as e:
             log.error("smtp: cannot store message: %s" % e, peer=self.peer)
             self._reset_transaction()
-            self._reply(_storage_reply(e))
-            return
+            return _storage_reply(e)
         self.message = None
         count = len(self.to_local) + len(self.to_remote)
         log.info("smtp: stored %s from <%s> to %d recipient%s" % (
@@ -810,7 +850,7 @@ class SmtpSession:
             # Exit 103: now that the message is committed, the pass sees it.
             self.services.forwarder.rescan()
         refusal = self._forward_now(msg_id)
-        self._reply(refusal or "250 2.0.0 message processed")
+        return refusal or "250 2.0.0 message processed"
 
     def _run_filters(self, msg):
         """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply.
@@ -819,7 +859,6 @@ class SmtpSession:
         that times out, crashes or cannot run is `452 error`.
         """
         for f in self.services.filters:
-            self._flush()
             result = f.run(msg.content_path, msg.new_envelope_path)
             if result.special == "cancel":
                 return "cancelled"
@@ -845,7 +884,6 @@ class SmtpSession:
         forwarder = self.services.forwarder
         if not self.cfg.immediate or forwarder is None:
             return None
-        self._flush()
         if self._immediate is None:
             self._immediate = forwarder.immediate_session()
         refusal = self._immediate.forward(msg_id)

@@ -9,6 +9,9 @@ and of the first fault ("big": over the size limit; "storage": `write`
 raised OSError, kept in `Text.error`); once a fault is set the rest of the
 text is still read, so that it is not taken for commands, but dropped.
 `read_data` raises `EOFError` if the client goes away first.
+
+Both are generators in the `session_loop` style: they yield ("read", n)
+requests for input and are run with `yield from` inside a conversation.
 """
 
 BLOCK = 65536
@@ -52,7 +55,7 @@ def read_data(conn, write, text):
     pending = b"\r\n"   # a virtual CRLF before the first line
     first = True
     while True:
-        chunk = conn.read(BLOCK)
+        chunk = yield ("read", BLOCK)
         if not chunk:
             raise EOFError()
         data = pending + chunk
@@ -81,10 +84,10 @@ def read_data(conn, write, text):
             return
 
 
-def read_chunk(conn, size, write, text):
+def read_chunk(size, write, text):
     """Reads exactly `size` octets of a BDAT chunk into `write` (None: drop them)."""
     while size > 0:
-        chunk = conn.read(min(size, BLOCK))
+        chunk = yield ("read", min(size, BLOCK))
         if not chunk:
             raise EOFError()
         size -= len(chunk)

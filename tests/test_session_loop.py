@@ -1,0 +1,103 @@
+"""The session loop: plain SMTP sessions parked in one thread, work in a small pool."""
+
+import os
+import smtplib
+import socket
+
+import pytest
+
+from emailrelay import net, session_loop
+from helpers import Relay, wait_for
+
+
+def _threads(pid):
+    return len(os.listdir("/proc/%d/task" % pid))
+
+
+def test_many_idle_connections_are_held_without_a_thread_each(tmp_path):
+    with Relay(tmp_path, ["--max-connections", "400", "--max-connections-per-address", "400"]) as relay:
+        before = _threads(relay.proc.pid)
+        held = []
+        try:
+            for _ in range(300):
+                s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+                held.append(s)
+            for s in held:
+                assert s.makefile("rb").readline().startswith(b"220 ")
+            during = _threads(relay.proc.pid)
+            # A message still goes through while they wait.
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+                c.sendmail("a@x.test", ["b@y.test"], b"Subject: among many\r\n\r\nhi\r\n")
+        finally:
+            for s in held:
+                s.close()
+        wait_for(lambda: len(relay.files(".envelope")) == 1, what="the message")
+    assert during - before < 10, (before, during)
+
+
+def test_pipelined_commands_around_a_verifier_get_their_replies_in_order(tmp_path):
+    verifier = tmp_path / "verifier"
+    verifier.write_text('#!/bin/sh\necho ""; echo "$1"; exit 1\n')
+    verifier.chmod(0o755)
+    with Relay(tmp_path, ["--address-verifier", str(verifier)]) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+                      b"RCPT TO:<c@y.test>\r\nDATA\r\n")
+            lines = [f.readline() for _ in range(8)]
+            s.sendall(b"hi\r\n.\r\nQUIT\r\n")
+            lines += [f.readline(), f.readline()]
+    assert lines[4:] == [b"250 sender <a@x.test> OK\r\n", b"250 recipient <b@y.test> OK\r\n",
+                         b"250 recipient <c@y.test> OK\r\n",
+                         b"354 start mail input -- end with <CRLF>.<CRLF>\r\n",
+                         b"250 message processed\r\n", b"221 OK\r\n"]
+
+
+class _Pair:
+    """A LoopConnection over one end of a socket pair, the other end for the test."""
+
+    def __init__(self):
+        self.ours, self.theirs = socket.socketpair()
+        self.conn = session_loop.LoopConnection(self.ours, ("127.0.0.1", 1), ("127.0.0.1", 25))
+
+    def feed(self, data):
+        self.theirs.sendall(data)
+        wait_for(lambda: self.conn.receive() or self.conn._buf or self.conn.eof,
+                 what="input")
+
+    def close(self):
+        self.ours.close()
+        self.theirs.close()
+
+
+def test_loop_connection_lines_and_overlong_lines_as_readline_gives_them():
+    pair = _Pair()
+    try:
+        assert pair.conn.take_line(10) is None
+        pair.feed(b"NOOP\r\nxx")
+        assert pair.conn.take_line(10) == b"NOOP\r\n"
+        assert pair.conn.take_line(10) is None
+        # An overlong line is dropped as it arrives and reported at its end.
+        pair.feed(b"y" * 20)
+        assert pair.conn.take_line(10) is None
+        pair.feed(b"yyy\r\nQUIT\r\n")
+        with pytest.raises(net.LineTooLong):
+            pair.conn.take_line(10)
+        assert pair.conn.take_line(10) == b"QUIT\r\n"
+        pair.theirs.shutdown(socket.SHUT_WR)
+        wait_for(lambda: pair.conn.receive() or pair.conn.eof, what="end of input")
+        assert pair.conn.take_line(10) == b""
+        assert pair.conn.take(10) == b""
+    finally:
+        pair.close()
+
+
+def test_loop_connection_output_to_a_vanished_peer_is_dropped_not_raised():
+    pair = _Pair()
+    pair.theirs.close()
+    pair.conn.write(b"250 OK\r\n" * 100000)
+    pair.conn.flush()
+    pair.conn.flush()
+    assert pair.conn.broken and pair.conn.eof and not pair.conn._out
+    pair.ours.close()
