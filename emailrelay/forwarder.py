@@ -15,9 +15,10 @@ the outcome, on one connection to the next hop kept for that session.
 
 A pass claims each ready message (so processes sharing a spool never send
 one twice), runs the --client-filter programs, and hands the message to one
-`smtp_client.Client` connection kept for the whole pass. Accepted messages
-are deleted, at the latest before the next message's content goes out, so a
-crash sends again at most the message in flight. Permanent refusals (5xx,
+`smtp_client.Client` connection kept for the whole pass. An accepted message
+leaves the queue as soon as its `250` is in, before anything else is sent,
+so a crash sends again at most the message in flight; after --user the
+spool work between two messages takes one root window. Permanent refusals (5xx,
 a certificate that fails verification, AUTH refused or impossible, a client
 filter's refusal, no remote recipients, unreadable content or an address
 that cannot be sent) make the message `.bad` with the reason.
@@ -46,6 +47,7 @@ import time
 from . import addresses
 from . import envelope as envelope_mod
 from . import log
+from . import process
 from .stats import Stats
 
 
@@ -340,9 +342,12 @@ class Forwarder:
         """One pass over the spool with one connection; returns a PassResult.
 
         With `force`, messages waiting for their retry time are tried too.
-        A sent message's envelope is removed before the next message's
-        content goes out; the rest of the deletion is done by a helper
-        thread (see _Deletions).
+        Between two messages the spool work is done in one root window
+        (after --user): removing the names of the message just sent (its
+        `250` is in), claiming the next one and, without client filters,
+        the one after it (whose commands go out with the next content) and
+        opening their content. The rest of each deletion is left to a
+        helper thread (see _Deletions).
         """
         from . import smtp_client
         result = PassResult()
@@ -350,30 +355,41 @@ class Forwarder:
         client = None
         settler = _Deletions(self._sent)
         claims = self._claims(force, result)
-        claim = next(claims, None)
-        following = None
+        # Without client filters the message after the current one is known
+        # before the current one is sent, so its commands can be pipelined
+        # with the current content.
+        ahead = not self.client_filters
+        claim = following = None
         try:
-            while claim is not None:
-                if self._stopping:
+            while not self._stopping:
+                with process.privileged(group=False):
+                    settler.flush()
+                    claim, following = following, None
+                    if claim is None:
+                        claim = next(claims, None)
+                    if ahead and claim is not None:
+                        following = next(claims, None)
+                        # (Client filters may replace the content: then it
+                        # is opened after them, in _prepare().)
+                        for c in (claim, following):
+                            _open_content_quietly(c)
+                settler.hand_over()
+                if claim is None:
                     break
                 result.processed += 1
                 if client is None:
                     client = self._new_client()
-                # Without client filters the next message is known now, so
-                # its commands can be pipelined with this one's content.
-                following = None if self.client_filters else next(claims, None)
                 try:
                     self._forward(claim, client, result, settler, following)
                 except smtp_client.ConnectionFailure as e:
                     result.error = str(e)
                     self._connection_failed(claim, e, result)
+                    claim = None
                     break
                 claim = None
                 if result.stopped:
                     break
                 self._run_jobs()
-                claim = following if not self.client_filters else next(claims, None)
-                following = None
         finally:
             if client is not None:
                 client.quit()
@@ -493,7 +509,7 @@ class Forwarder:
             return
         if following is not None and not following.envelope.to_remote:
             following = None
-        outcome = client.send(claim, following, before_content=settler.flush)
+        outcome = client.send(claim, following)
         self._settle(claim, outcome, result, settler)
 
     def _settle(self, claim, outcome, result, settler=None):
@@ -621,19 +637,29 @@ class _Deletions:
     """Removes sent messages from the spool, bounding what a crash sends twice.
 
     `add(claim)` notes a message the next hop accepted; `flush()` (called
-    before the next message's content goes out, and by `close()`) removes
-    the envelope names of those noted, so at most the message in flight is
-    sent again after a crash. The rest of each deletion (closing the
-    envelope, removing the content file, no longer part of any message)
-    is done by a helper thread while the session goes on: on a journalling
-    file system it costs more than the whole SMTP transaction. `sent(id)`
-    is called for each removed envelope.
+    by run_pass() in its root window as soon as send() has returned, before
+    anything else is sent, and by `close()`) removes the envelope names of
+    those noted, so at most the message in flight is sent again after a
+    crash. The rest of each deletion is done by a helper thread while the
+    session goes on: `hand_over()` (outside the window) gives it the claims
+    BATCH at a time; it removes their content names in one short root
+    window a batch, then closes their files without root (freeing them is
+    the slow part: on a journalling file system it costs more than the
+    whole SMTP transaction). hand_over() waits while BACKLOG batches are
+    pending, so open files stay bounded. `sent(id)` is called for each
+    removed envelope.
     """
+
+    # Each root window costs a switch of every thread's ids (glibc signals
+    # them), so the helper takes one per batch rather than one per message.
+    BATCH = 16
+    BACKLOG = 4
 
     def __init__(self, sent):
         self._sent = sent
         self._claims = []
-        self._queue = queue.Queue()
+        self._removed = []
+        self._queue = queue.Queue(self.BACKLOG)
         self._thread = None
 
     def add(self, claim):
@@ -641,34 +667,64 @@ class _Deletions:
 
     def flush(self):
         claims, self._claims = self._claims, []
-        for claim in claims:
-            try:
-                claim.remove_envelope()
-            except OSError as e:
-                log.error("forwarding: %s: cannot remove the envelope: %s" % (claim.id, e))
-                continue
-            self._sent(claim.id)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="forwarder clean-up",
-                                                daemon=True)
-                self._thread.start()
-            self._queue.put(claim)
+        if not claims:
+            return
+        with process.privileged(group=False):
+            for claim in claims:
+                try:
+                    claim.remove_envelope()
+                except OSError as e:
+                    # (The claim keeps its lock: no one else sends it while we run.)
+                    log.error("forwarding: %s: cannot remove the envelope: %s" % (claim.id, e))
+                    continue
+                self._sent(claim.id)
+                self._removed.append(claim)
+
+    def hand_over(self, everything=False):
+        """Queues a full batch of removed claims (with `everything`, what there is)."""
+        if len(self._removed) < self.BATCH and not (everything and self._removed):
+            return
+        removed, self._removed = self._removed, []
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="forwarder clean-up",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put(removed)
 
     def _run(self):
         while True:
-            claim = self._queue.get()
-            if claim is None:
+            claims = self._queue.get()
+            if claims is None:
                 return
-            try:
-                claim.remove_content()
-            except OSError as e:  # one message's clean-up must not stop the rest
-                log.error("forwarding: %s: cannot remove the content: %s" % (claim.id, e))
+            with process.privileged(group=False):
+                for claim in claims:
+                    try:
+                        claim.remove_content(close=False)
+                    except OSError as e:  # one message's clean-up must not stop the rest
+                        log.error("forwarding: %s: cannot remove the content: %s" % (claim.id, e))
+            for claim in claims:
+                try:
+                    claim.close()
+                except OSError as e:
+                    log.error("forwarding: %s: cannot close the files: %s" % (claim.id, e))
 
     def close(self):
         self.flush()
+        self.hand_over(everything=True)
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
+
+
+def _open_content_quietly(claim):
+    """Opens a claim's content ahead of its turn; a failure shows in its turn."""
+    from . import spool
+    if claim is None:
+        return
+    try:
+        claim.open_content()
+    except spool.ContentError:
+        pass
 
 
 def _release(claim):

@@ -698,7 +698,6 @@ class Claim:
         self.envelope_path = spool.path(message_id, BUSY)
         self.content_path = spool.path(message_id, CONTENT)
 
-    @process.spool_privileged
     def open_content(self):
         """The content file, opened for reading (the same file object each call).
 
@@ -706,6 +705,11 @@ class Claim:
         a FIFO, which would block); raises ContentError saying why not.
         Read it from the start with `seek(0)`; closed when the claim ends.
         """
+        # Once open, no root window: the client asks for it several times a message.
+        return self._content if self._content is not None else self._open_content()
+
+    @process.spool_privileged
+    def _open_content(self):
         if self._content is None:
             flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
                 | getattr(os, "O_CLOEXEC", 0)
@@ -757,18 +761,24 @@ class Claim:
         _unlink_quietly(self.envelope_path)
 
     @process.spool_privileged
-    def remove_content(self):
-        """Ends the claim and removes the content unless another envelope refers to it.
+    def remove_content(self, close=True):
+        """Removes the content unless another envelope refers to it; ends the claim.
 
-        (Closing the last descriptor of the removed envelope, when the file
-        system frees it, is the slow part of a deletion: it is done here.)
+        Closing the last descriptors of the removed files, when the file
+        system frees them, is the slow part of a deletion and needs no
+        privileges: with `close` false it is left to a later close().
         """
         try:
             if not content_shared(self.content_path, self.envelope_path):
                 _unlink_quietly(self.content_path)
         finally:
-            self._unlock()
+            if close:
+                self._unlock()
         _debug(self.id, "deleted")
+
+    def close(self):
+        """Closes the claim's files (after remove_content(close=False))."""
+        self._unlock()
 
     @process.spool_privileged
     def fail(self, reason, code=None):
