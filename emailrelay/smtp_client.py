@@ -439,7 +439,7 @@ class Client:
 
     # -- one message ---------------------------------------------------
 
-    def send(self, claim, following=None, before_content=None):
+    def send(self, claim, following=None):
         """Sends the claimed message; returns an Outcome.
 
         `following` (optional) is the claim the caller will send next: when
@@ -447,8 +447,7 @@ class Client:
         the end of this message's content, saving a round trip per message.
         The caller must then pass that claim to the next send() call (or end
         with quit(), which drops the connection so the server discards it).
-        `before_content` (optional) is called once the next hop has agreed
-        to take the content, just before it is sent. Raises
+        Raises
         ConnectionFailure when the session breaks (the message is then
         still queued, the caller releases the claim), and what
         `claim.open_content()` raises before anything about the message is
@@ -462,7 +461,7 @@ class Client:
         if self.sock is None:
             self.connect()
         try:
-            return self._send(claim, following, before_content)
+            return self._send(claim, following)
         except ConnectionFailure:
             self.close()
             raise
@@ -552,7 +551,7 @@ class Client:
             # (The problem shows when that message's turn comes.)
             return None
 
-    def _send(self, claim, following, before_content):
+    def _send(self, claim, following):
         env = claim.envelope
         bdat = self._bdat(env)
         if self._present is not None and self._present[0] is claim:
@@ -589,8 +588,6 @@ class Client:
             return outcome
         rejected = [(r, _reply_text(c, m)) for r, (c, m) in zip(env.to_remote, replies[1:])
                     if c >= 300]
-        if before_content is not None:
-            before_content()
         content = claim.open_content()
         content.seek(0)
         if bdat:
