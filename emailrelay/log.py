@@ -84,6 +84,11 @@ class _State:
 
 
 _lock = threading.RLock()
+if hasattr(os, "register_at_fork"):
+    # A child forked while another thread writes a line (--workers restarts
+    # one from a thread) must not inherit the lock held by a thread it lacks.
+    os.register_at_fork(before=_lock.acquire, after_in_parent=_lock.release,
+                        after_in_child=_lock.release)
 _state = _State()
 _file = None        # the open log file (binary, unbuffered) or None
 _file_path = None   # its path, to notice a new day's name

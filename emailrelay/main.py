@@ -12,12 +12,16 @@ Exit statuses: 0 success; 1 a start-up or run-time failure (including
 """
 
 import os
+import signal
 import sys
 import threading
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+# The counters of `services.stats` (the admin `status` command shows them).
+STATS = ["messages-stored", "messages-rejected", "messages-forwarded", "messages-failed"]
 
 
 class StartupError(Exception):
@@ -34,7 +38,9 @@ class Services:
     (forwarder.Events or None), `server` (net.Server), `stop_event`,
     `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None),
     `dnsbl` (dnsbl.Dnsbl or None), `load_guard` (smtp_policy.LoadGuard or
-    None, --max-load), `help_text` (lines for HELP, --help-text).
+    None, --max-load), `help_text` (lines for HELP, --help-text),
+    `worker_listeners` (with --workers above 1, the net.Server that holds the
+    SMTP and POP sockets the workers serve, never served itself; else None).
     """
 
     def __init__(self, **kwargs):
@@ -56,6 +62,7 @@ class Services:
         self.dnsbl = None
         self.load_guard = None
         self.help_text = []
+        self.worker_listeners = None
         self.__dict__.update(kwargs)
 
 
@@ -140,8 +147,7 @@ def _build(cfg):
     from . import spool as spool_mod
     services = Services(cfg=cfg, stop_event=threading.Event())
     from .stats import Stats
-    services.stats = Stats(["messages-stored", "messages-rejected",
-                            "messages-forwarded", "messages-failed"])
+    services.stats = Stats(STATS)
 
     if not os.path.isdir(cfg.spool_dir):
         raise StartupError("spool directory does not exist: %s" % cfg.spool_dir)
@@ -238,6 +244,7 @@ def _build_controls(cfg, services):
 
 
 def _listen(cfg, services):
+    """Binds every listener; with --workers above 1, SMTP and POP go to worker_listeners."""
     from . import net
     try:
         interfaces = net.parse_interfaces(cfg.interface)
@@ -245,39 +252,59 @@ def _listen(cfg, services):
         raise StartupError("--interface: %s" % e) from None
     for kind, items in net.systemd_sockets().items():
         interfaces.setdefault(kind, []).extend(items)
-    server = net.Server(remote_clients=cfg.remote_clients,
-                        max_connections=cfg.max_connections,
-                        max_per_address=cfg.max_connections_per_address,
-                        backlog=cfg.listen_backlog)
+    server = _new_server(cfg)
+    # Workers serve SMTP and POP; with neither there is nothing for them.
+    workers = cfg.workers > 1 and (not cfg.no_smtp or cfg.pop)
+    shared = _new_server(cfg) if workers else server
     try:
-        if not cfg.no_smtp:
-            from . import smtp_server
-            implicit = services.tls_context if cfg.server_tls_connection else None
-            server.add("smtp", interfaces, cfg.port,
-                       lambda conn: smtp_server.SmtpSession(conn, services).run(),
-                       conversation=lambda conn: smtp_server.SmtpSession(conn, services),
-                       tls_context=implicit,
-                       busy_reply=smtp_server.reply_bytes(
-                           cfg, "421 4.3.2 too many connections, try again later"),
-                       address_busy_reply=smtp_server.reply_bytes(
-                           cfg, "450 4.7.0 too many connections from your address"))
-        if cfg.pop:
-            from . import pop_server
-            server.add("pop", interfaces, cfg.pop_port,
-                       lambda conn: pop_server.PopSession(conn, services).run(),
-                       busy_reply=b"-ERR too many connections\r\n")
+        _add_sessions(shared, cfg, services, interfaces)
         if cfg.admin:
             from . import admin
             server.add("admin", interfaces, cfg.admin,
                        lambda conn: admin.AdminSession(conn, services).run(),
                        busy_reply=b"too many connections\r\n")
     except (OSError, ValueError) as e:
-        for lst in server.listeners:
+        for lst in server.listeners + (shared.listeners if shared is not server else []):
             lst.sock.close()
         raise StartupError(str(e.strerror if isinstance(e, OSError) and e.strerror else e)) from None
-    if services.forwarder is not None and cfg.forward_on_disconnect:
-        server.on_close.append(lambda kind: kind == "smtp" and services.forwarder.trigger())
+    if shared is not server:
+        services.worker_listeners = shared
+    else:
+        _forward_on_disconnect(server, services)
     return server
+
+
+def _new_server(cfg):
+    from . import net
+    return net.Server(remote_clients=cfg.remote_clients,
+                      max_connections=cfg.max_connections,
+                      max_per_address=cfg.max_connections_per_address,
+                      backlog=cfg.listen_backlog)
+
+
+def _add_sessions(server, cfg, services, interfaces):
+    """Adds the SMTP and POP listeners (what workers serve) to `server`."""
+    if not cfg.no_smtp:
+        from . import smtp_server
+        implicit = services.tls_context if cfg.server_tls_connection else None
+        server.add("smtp", interfaces, cfg.port,
+                   lambda conn: smtp_server.SmtpSession(conn, services).run(),
+                   conversation=lambda conn: smtp_server.SmtpSession(conn, services),
+                   tls_context=implicit,
+                   busy_reply=smtp_server.reply_bytes(
+                       cfg, "421 4.3.2 too many connections, try again later"),
+                   address_busy_reply=smtp_server.reply_bytes(
+                       cfg, "450 4.7.0 too many connections from your address"))
+    if cfg.pop:
+        from . import pop_server
+        server.add("pop", interfaces, cfg.pop_port,
+                   lambda conn: pop_server.PopSession(conn, services).run(),
+                   busy_reply=b"-ERR too many connections\r\n")
+
+
+def _forward_on_disconnect(server, services):
+    if services.forwarder is not None and services.cfg.forward_on_disconnect:
+        server.on_close.append(lambda kind: kind == "smtp" and services.forwarder.trigger())
 
 
 # Program specs that are not a path to run.
@@ -413,34 +440,91 @@ def _run(cfg, services):
         if not _drop_privileges(cfg) or not _recover(cfg, services):
             return EXIT_FAILURE
         signals = process.Signals(wakeup_fd=server.wakeup_fd())
-        stop = services.stop_event
-        for kind, address in server.addresses():
+        shared = services.worker_listeners
+        for kind, address in (shared.addresses() if shared else []) + server.addresses():
             log.info("%s server on %s" % (kind, address))
         if cfg.close_stderr:
             log.close_stderr()
+        supervisor = None
+        if shared is not None:
+            from . import workers
+            # Forked before the forwarder's thread starts (and after the
+            # switch to --user, which each worker keeps).
+            supervisor = workers.Supervisor(
+                cfg.workers, lambda channel: _run_worker(cfg, services, channel),
+                forwarder=services.forwarder)
+            supervisor.start()
         if services.forwarder is not None:
             services.forwarder.start(initial=cfg.forward)
         process.notify_ready()
 
-        def on_wake():
-            if signals.stop.is_set():
-                stop.set()
-            if signals.hup.is_set():
-                signals.hup.clear()
-                _reload(services)
-
-        def watch_stop():
-            stop.wait()
-            server.wake()
-        threading.Thread(target=watch_stop, name="stop watcher", daemon=True).start()
-        server.serve(stop, on_wake=on_wake)
+        def on_hup():
+            _reload(services)
+            if supervisor is not None:
+                supervisor.signal_all(signal.SIGHUP)
+        _serve(server, services.stop_event, signals, on_hup)
         log.info("stopping")
+        if supervisor is not None:
+            supervisor.stop()
         if services.forwarder is not None:
             services.forwarder.stop()
         return EXIT_OK
     finally:
         if cfg.pid_file:
             process.remove_pid_file(cfg.pid_file)
+
+
+def _serve(server, stop, signals, on_hup):
+    """Runs `server`'s accept loop until SIGTERM/SIGINT (`signals`) or `stop` is set."""
+    def on_wake():
+        if signals.stop.is_set():
+            stop.set()
+        if signals.hup.is_set():
+            signals.hup.clear()
+            on_hup()
+
+    def watch_stop():
+        stop.wait()
+        server.wake()
+    threading.Thread(target=watch_stop, name="stop watcher", daemon=True).start()
+    server.serve(stop, on_wake=on_wake)
+
+
+def _run_worker(cfg, services, channel):
+    """The whole of a --workers process: serves SMTP and POP until stopped.
+
+    It has its own accept loop, connection limits, counters and
+    authentication-failure budget (nothing it shares with the main process
+    may hold a lock that a thread of the main process took before the
+    fork), and a workers.ForwarderLink in place of the forwarder.
+    """
+    from . import log, process, workers
+    from .stats import Stats
+    process.forked_child()
+    for lst in services.server.listeners:
+        lst.sock.close()
+    own = Services(**vars(services))
+    own.stop_event = threading.Event()
+    own.stats = Stats(STATS)
+    own.events = None
+    own.worker_listeners = None
+    if services.forwarder is not None:
+        own.forwarder = workers.ForwarderLink(channel)
+    if services.auth_budget is not None:
+        from . import auth_budget
+        own.auth_budget = auth_budget.FailureBudget()
+    own.server = _new_server(cfg)
+    inherited = services.worker_listeners.listeners
+    interfaces = {lst.kind: [] for lst in inherited}
+    for lst in inherited:
+        interfaces[lst.kind].append("fd#%d" % os.dup(lst.sock.fileno()))
+        lst.sock.close()
+    _add_sessions(own.server, cfg, own, interfaces)
+    _forward_on_disconnect(own.server, own)
+    signals = process.Signals(wakeup_fd=own.server.wakeup_fd())
+    workers.watch_main(channel, own.stop_event.set)
+    log.verbose("worker serving %s" % ", ".join(kind for kind in interfaces))
+    _serve(own.server, own.stop_event, signals, lambda: _reload(own))
 
 
 def _run_stdio(cfg, services):

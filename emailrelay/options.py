@@ -239,6 +239,12 @@ OPTIONS = [
        "kernel queues before they are accepted. 0, the default, means the system "
        "maximum (/proc/sys/net/core/somaxconn on Linux), so a burst of clients is "
        "queued rather than dropped.", kind="int", default=0),
+    _O("workers", None, "<n>", "SMTP server",
+       "Runs the SMTP and POP servers in this many worker processes, which share the "
+       "listening sockets, so that a host with several cores uses them. The main process "
+       "keeps the forwarder and the admin server and restarts a worker that dies. The "
+       "connection limits apply to each worker on its own. More than 1 cannot be used "
+       "with --immediate.", kind="int", default=1, minimum=1),
     _O("max-recipients", None, "<n>", "SMTP server",
        "Limits the number of recipients of one message (at least 100, as RFC 5321 asks).",
        kind="int", default=1000, minimum=100),
@@ -723,6 +729,9 @@ def _check(v):
     need("pop-no-delete", "pop")
     need("pop", "pop-auth")
     need("admin-terminate", "admin")
+    if v.get("immediate") and int(v.get("workers", 1)) > 1:
+        raise UsageError("--immediate cannot be used with --workers more than 1 (a worker "
+                         "cannot wait for the main process's forwarder)")
     if v.get("no-smtp") and v.get("immediate"):
         raise UsageError("--immediate needs the SMTP server (it cannot be used with --no-smtp)")
     for name in ("server-tls-certificate", "client-tls-certificate"):

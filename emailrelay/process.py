@@ -222,6 +222,21 @@ def privileged(group=True):
     return _FULL_WINDOW if group else _SPOOL_WINDOW
 
 
+def forked_child():
+    """Call first in a child forked while other threads ran: no root window is open here.
+
+    A window that another thread of the parent had open is copied with its
+    root effective ids, but not the thread that would have closed it.
+    """
+    global _ids_lock, _uid_windows, _gid_windows
+    _ids_lock = threading.Lock()
+    _uid_windows = _gid_windows = 0
+    if _user_ids is not None:
+        os.seteuid(0)
+        os.setegid(_user_ids[1])
+        os.seteuid(_user_ids[0])
+
+
 def spool_privileged(function):
     """Decorates a spool operation to run in a root window (user id only)."""
     import functools
