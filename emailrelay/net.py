@@ -487,6 +487,7 @@ class Server:
         self._refuser = None
         self._stopping = False
         self._loop = None        # the session loop, once a parked session needs it
+        self._freed = 0          # sessions ended so far (for the refuser thread)
         self._stop_event = None
         self._refusing = {}      # (kind, ip) -> held over-limit connections
         self._sessions = 0       # sessions running, until their on_close callbacks end
@@ -558,10 +559,13 @@ class Server:
         sel = selectors.DefaultSelector()
         for lst in self.listeners:
             lst.sock.setblocking(False)
-            # Accepting stays in this thread even for the session loop's
-            # connections: a flood of connections to refuse must not take
-            # the loop's time from the sessions it serves.
-            sel.register(lst.sock, selectors.EVENT_READ, lst)
+            if lst.conversation is not None:
+                # Accepted in the session loop's thread, a few at a time so
+                # that a flood of connections to refuse does not starve the
+                # sessions it serves.
+                self._session_loop().watch(lst.sock, lambda lst=lst: self._accept_batch(lst, 8))
+            else:
+                sel.register(lst.sock, selectors.EVENT_READ, lst)
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         try:
             while not stop_event.is_set():
@@ -580,10 +584,10 @@ class Server:
             sel.close()
             self._shutdown()
 
-    def _accept_batch(self, lst):
+    def _accept_batch(self, lst, most=ACCEPT_BATCH):
         # A burst fills the backlog faster than one accept per wake-up
         # would empty it.
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(most):
             if not self._accept(lst):
                 break
 
@@ -698,6 +702,7 @@ class Server:
 
     def _refuse_loop(self):
         """The refuser thread: admits held connections as slots free, refuses the rest."""
+        seen = None
         while True:
             with self._lock:
                 while not self._held and not self._stopping:
@@ -707,8 +712,11 @@ class Server:
                     return
                 deadline = self._held[0][0]
                 now = time.monotonic()
-                if now < deadline and not self._stopping:
+                # A session that ended while the last round was being tried
+                # notified nobody: look again at once rather than wait.
+                if now < deadline and not self._stopping and self._freed == seen:
                     self._lock.wait(deadline - now)
+                seen = self._freed
                 held = list(self._held)
                 self._held.clear()
             keep = []
@@ -809,6 +817,7 @@ class Server:
             else:
                 self._per_address.pop(key, None)
             self._per_kind[lst.kind] = self._per_kind.get(lst.kind, 1) - 1
+            self._freed += 1
             self._lock.notify_all()
         for cb in self.on_close:
             try:

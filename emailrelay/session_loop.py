@@ -9,6 +9,7 @@ block it yields a request instead:
                             net.LineTooLong thrown in
     ("read", n)          -> at most n octets (b'' at end of input)
     ("call", fn, args)   -> fn(*args)'s result, or its exception thrown in
+    ("work", fn, args)   -> the same, for work that is often quick (see below)
     ("sleep", seconds)   -> None after that long (sooner at shutdown)
     ("starttls", ctx)    -> None once TLS is up, or the handshake's error
 
@@ -20,15 +21,21 @@ a blocking connection: a session thread, --inetd, --bsmtp and the tests.
 
 `SessionLoop` runs every plain-TCP SMTP conversation in one thread, the
 half-sync/half-async pattern: a session waiting for its client costs no
-thread, "call" work (a commit with its fsyncs, filters, verifiers, DNS
-block lists) goes to a small pool whose threads are started only as they
-are needed, and a session that starts TLS moves to a thread of its own
-(non-blocking TLS is not worth its complexity for the few sessions that
-use it). With one thread doing the protocol work for every connection, the
-GIL changes hands only when work is handed to or back from the pool, not
-on every system call of twenty session threads. Replies are sent before a
-session waits for more input, so pipelining works as in a session thread;
-the output of a client that does not read is bounded (WRITE_HIGH_WATER).
+thread, and the listening sockets are accepted from in the same thread (a
+few connections per turn, so that a flood to refuse cannot starve the
+sessions). "work" that has lately been quick (a commit on tmpfs or a fast
+disk) is done in the loop thread itself; "call"s (filter and verifier
+programs, DNS block lists, anything that may wait for the network) and slow
+"work" (fsync on a slow disk) go to a small pool whose threads are started
+only as slow calls overlap. A session that starts TLS
+moves to a thread of its own (non-blocking TLS is not worth its complexity
+for the few sessions that use it). With one thread doing the protocol work
+for every connection, the GIL changes hands only when work goes to or
+comes back from the pool, not on every system call of twenty session
+threads. Replies are sent before a session waits for more input, so
+pipelining works as in a session thread; the output owed to a client that
+does not read, and the input of one that sends during a call, are bounded
+(WRITE_HIGH_WATER).
 """
 
 import collections
@@ -45,6 +52,11 @@ from . import net
 POOL_SIZE = 16
 # Seconds every worker must have been busy with one call before another starts.
 GROW_AFTER = 0.005
+# "work" that has lately taken less than this many seconds is done in the
+# loop thread itself: handing it to the pool and back costs more.
+QUICK = 0.0005
+# Times slow "work" goes to the pool between two tries in the loop thread.
+PROBE_EVERY = 256
 # Seconds between looks for conversations whose client has been idle too long.
 SWEEP_INTERVAL = 0.5
 
@@ -84,7 +96,7 @@ def _serve(conn, request, stop_event):
         return conn.readline(request[1])
     if kind == "read":
         return conn.read(request[1])
-    if kind == "call":
+    if kind == "call" or kind == "work":
         return request[1](*request[2])
     if kind == "sleep":
         if stop_event is not None:
@@ -233,6 +245,8 @@ class SessionLoop:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._inbox = collections.deque()   # (entry, value, exc) from other threads
+        self._cost = {}                      # call -> running mean of its seconds here
+        self._skipped = {}                   # call -> pool calls since it was last tried here
         self._timers = []                    # heap of (deadline, seq, entry, token): sleeps
         self._seq = 0
         self._entries = set()
@@ -246,13 +260,46 @@ class SessionLoop:
 
     def add(self, session, conn, done):
         """Starts `session.conversation()` in the loop (from any thread)."""
-        self._post(_Entry(session, None, conn, done), None, None)
+        entry = _Entry(session, None, conn, done)
+        if threading.get_ident() == self._thread.ident:
+            self._start(entry)
+        else:
+            self._post(entry, None, None)
+
+    def watch(self, sock, on_ready):
+        """Calls on_ready() in the loop thread whenever listening socket `sock` is readable.
+
+        Accepting here saves handing each connection from one thread to
+        another, which is most of what a connection costs.
+        """
+        self._post(None, lambda: self._selector.register(sock, selectors.EVENT_READ, on_ready),
+                   None)
 
     def stop(self):
         """Ends the conversations that wait for their clients (from any thread)."""
         with self._lock:
             self._stopping = True
         self._wake()
+
+    def _here(self, key):
+        """True when "work" `key` should be done in the loop thread (see QUICK).
+
+        Work never seen is tried here once; work found slow goes to the
+        pool, and is tried here again every PROBE_EVERY times in case it
+        has become quick (the disk is idle again, say). Times are taken
+        only here: in the pool they would include waits for the GIL.
+        """
+        cost = self._cost.get(key)
+        if cost is None or cost < QUICK:
+            return True
+        n = self._skipped.get(key, 0) + 1
+        self._skipped[key] = 0 if n >= PROBE_EVERY else n
+        return n >= PROBE_EVERY
+
+    def _learn(self, key, seconds):
+        """Keeps a running mean of what calls to `key` take here."""
+        old = self._cost.get(key)
+        self._cost[key] = seconds if old is None else old + (seconds - old) / 4
 
     def _post(self, entry, value, exc):
         with self._lock:
@@ -283,6 +330,12 @@ class SessionLoop:
                 if entry is None:
                     self._drain_wake()
                     continue
+                if type(entry) is not _Entry:
+                    try:
+                        entry()         # a listener (see watch)
+                    except Exception as e:
+                        log.error("%s: accepting failed: %s" % (self._name, e))
+                    continue
                 try:
                     entry.since = now
                     if mask & selectors.EVENT_READ:
@@ -311,6 +364,9 @@ class SessionLoop:
             self._inbox.clear()
             stopping = self._stopping
         for entry, value, exc in items:
+            if entry is None:
+                value()         # a registration from watch()
+                continue
             try:
                 if entry.gen is None:
                     self._start(entry)
@@ -384,11 +440,22 @@ class SessionLoop:
                     continue
                 self._pump(entry)
                 return
-            if kind == "call":
+            if kind == "call" or kind == "work":
+                conn.flush()
+                fn = request[1]
+                key = getattr(fn, "__func__", fn)
+                if kind == "work" and self._here(key):
+                    start = time.monotonic()
+                    try:
+                        value = fn(*request[2])
+                    except Exception as e:
+                        exc = e
+                    self._learn(key, time.monotonic() - start)
+                    continue
                 # The socket stays registered: input that arrives meanwhile
                 # is buffered (up to WRITE_HIGH_WATER, see _pump).
-                conn.flush()
-                self._pool.submit(entry, request[1], request[2], self._post)
+                entry.request = ("call",)
+                self._pool.submit(entry, fn, request[2], self._post)
                 return
             if kind == "sleep":
                 self._pump(entry)
@@ -489,16 +556,14 @@ class SessionLoop:
         sock = old.sock
         try:
             sock.setblocking(True)
-            if old._out:
-                sock.sendall(old._out)
             conn = net.Connection(sock, old.peer, old.local)
             conn.settimeout(old.timeout)
         except OSError as e:
-            entry.session.conn = old
-            old.eof = True
-            threading.Thread(target=self._threaded, args=(entry, ("call", _raise, (e,))),
-                             name="%s tls" % self._name, daemon=True).start()
+            self._fail(entry, e)
             return
+        # What the loop could not send yet goes first, from the new thread
+        # (starttls flushes before the handshake).
+        conn._out += old._out
         entry.session.conn = conn
         if self._register is not None:
             self._register(sock, conn)
@@ -534,9 +599,6 @@ class SessionLoop:
         except Exception as e:
             log.error("%s: after-session action failed: %s" % (self._name, e))
 
-
-def _raise(e):
-    raise e
 
 
 class _Pool:

@@ -791,8 +791,8 @@ class SmtpSession:
     def _commit(self):
         """Makes the message durable, runs the filters, and replies (a generator).
 
-        The replies owed go out first; the storing is a "call", since it
-        waits for the disk and for filter programs.
+        The replies owed go out first; the storing is a request of its own,
+        since it waits for the disk and for filter programs.
         """
         if not self._enough_space():
             log.warning("smtp: message refused: less than --min-free-space left in the spool",
@@ -801,7 +801,10 @@ class SmtpSession:
             self._reply(NO_STORAGE)
             return
         yield from self._send()
-        self._reply((yield ("call", self._store, ())))
+        # Storing alone is "work", often quick enough for the session loop's
+        # own thread; filter programs and --immediate wait on others.
+        quick = not self.services.filters and not self.cfg.immediate
+        self._reply((yield ("work" if quick else "call", self._store, ())))
 
     def _store(self):
         """The blocking part of `_commit`: returns the reply to the message."""
