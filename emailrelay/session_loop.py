@@ -51,7 +51,7 @@ from . import net
 # Most worker threads for "call" requests.
 POOL_SIZE = 16
 # Seconds every worker must have been busy with one call before another starts.
-GROW_AFTER = 0.005
+GROW_AFTER = 0.001
 # "work" that has lately taken less than this many seconds is done in the
 # loop thread itself: handing it to the pool and back costs more.
 QUICK = 0.0005
