@@ -101,3 +101,34 @@ def test_loop_connection_output_to_a_vanished_peer_is_dropped_not_raised():
     pair.conn.flush()
     assert pair.conn.broken and pair.conn.eof and not pair.conn._out
     pair.ours.close()
+
+
+def _peak_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_message_streams_through_the_loop_in_flat_memory(tmp_path):
+    size = 100 * 1024 * 1024
+    line = b"x" * 998 + b"\r\n"
+    with Relay(tmp_path) as relay:
+        before = _peak_kib(relay.proc.pid)
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+            while not f.readline().startswith(b"354"):
+                pass
+            block = line * 1024
+            blocks = size // len(block)
+            for _ in range(blocks):
+                s.sendall(block)
+            s.sendall(b".\r\nQUIT\r\n")
+            assert f.readline() == b"250 message processed\r\n"
+        growth = _peak_kib(relay.proc.pid) - before
+        [name] = relay.files(".content")
+        assert os.path.getsize(os.path.join(relay.spool, name)) > blocks * len(block)
+    assert growth < 20 * 1024, "peak memory grew by %d KiB" % growth
