@@ -827,6 +827,8 @@ class Server:
 
     def _shutdown(self, grace=5.0):
         for lst in self.listeners:
+            if lst.conversation is not None and self._loop is not None:
+                self._loop.unwatch(lst.sock)
             try:
                 lst.sock.close()
             except OSError:

@@ -275,6 +275,24 @@ class SessionLoop:
         self._post(None, lambda: self._selector.register(sock, selectors.EVENT_READ, on_ready),
                    None)
 
+    def unwatch(self, sock):
+        """Stops watching listening socket `sock` (from any thread), so it can be closed.
+
+        Waits (briefly) until the loop has let go of it: a socket closed
+        while registered could keep signalling through a copy another
+        process holds (--workers).
+        """
+        done = threading.Event()
+
+        def forget():
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            done.set()
+        self._post(None, forget, None)
+        done.wait(5)
+
     def stop(self):
         """Ends the conversations that wait for their clients (from any thread)."""
         with self._lock:
@@ -365,7 +383,7 @@ class SessionLoop:
             stopping = self._stopping
         for entry, value, exc in items:
             if entry is None:
-                value()         # a registration from watch()
+                value()         # a registration from watch() or unwatch()
                 continue
             try:
                 if entry.gen is None:
