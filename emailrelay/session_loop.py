@@ -343,7 +343,9 @@ class SessionLoop:
             if self._timers:
                 wake = self._timers[0][0] - now
                 timeout = wake if timeout is None else min(timeout, wake)
-            for key, mask in select(None if timeout is None else max(timeout, 0)):
+            events = select(None if timeout is None else max(timeout, 0))
+            now = time.monotonic()
+            for key, mask in events:
                 entry = key.data
                 if entry is None:
                     self._drain_wake()
