@@ -43,27 +43,22 @@ class Services:
     SMTP and POP sockets the workers serve, never served itself; else None).
     """
 
+    __slots__ = ("cfg", "spool", "filters", "verifier", "server_auth", "server_secrets",
+                 "pop_auth", "pop_secrets", "tls_context", "forwarder", "stats", "events",
+                 "server", "stop_event", "auth_budget", "dnsbl", "load_guard", "help_text",
+                 "worker_listeners")
+
     def __init__(self, **kwargs):
-        self.cfg = None
-        self.spool = None
-        self.filters = []
-        self.verifier = None
-        self.server_auth = None
-        self.server_secrets = None
-        self.pop_auth = None
-        self.pop_secrets = None
-        self.tls_context = None
-        self.forwarder = None
-        self.stats = None
-        self.events = None
-        self.server = None
-        self.stop_event = None
-        self.auth_budget = None
-        self.dnsbl = None
-        self.load_guard = None
-        self.help_text = []
-        self.worker_listeners = None
-        self.__dict__.update(kwargs)
+        """Every attribute starts empty; `kwargs` set some. A name that is
+        not an attribute raises AttributeError, here or when assigned later."""
+        for name in self.__slots__:
+            setattr(self, name, [] if name in ("filters", "help_text") else None)
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+
+    def copy(self):
+        """A new Services with the same parts (a worker's starting point)."""
+        return Services(**{name: getattr(self, name) for name in self.__slots__})
 
 
 def run(argv=None):
@@ -503,7 +498,7 @@ def _run_worker(cfg, services, channel):
     process.forked_child()
     for lst in services.server.listeners:
         lst.sock.close()
-    own = Services(**vars(services))
+    own = services.copy()
     own.stop_event = threading.Event()
     own.stats = Stats(STATS)
     own.events = None
