@@ -650,8 +650,8 @@ class _Deletions:
     removed envelope.
     """
 
-    # Each root window costs a switch of every thread's ids (glibc signals
-    # them), so the helper takes one per batch rather than one per message.
+    # Where windows are process-wide (see process), each costs a switch of
+    # every thread's ids, so the helper takes one per batch, not per message.
     BATCH = 16
     BACKLOG = 4
 

@@ -158,51 +158,109 @@ def remove_pid_file(path):
 # switches only the effective ids to --user (seed 000, "Security issues"),
 # so it can take root back for a moment: to bind, to do spool file i/o, to
 # write and remove the pid file, to re-read root-only secrets files and to
-# reopen log files. On Linux the effective ids are process-wide (glibc's
-# seteuid() changes every thread), so a window opened by one thread gives
-# root to all of them until the last window closes: windows are counted,
-# never nested wrongly, and kept short (one spool operation, one open()).
+# reopen log files.
+#
+# A window changes the ids of the calling thread only, where the kernel
+# allows it: Linux keeps credentials per thread, and it is glibc's seteuid()
+# that makes them process-wide, by signalling every other thread and waiting
+# for each to switch too (about 150 microseconds a window with a few threads
+# asleep, against 4 for the bare system call). The raw setresuid/setresgid
+# system calls are used instead, so a window costs two system calls and
+# gives root to no other thread. Where their numbers are not known here,
+# os.seteuid() is used and a window is process-wide: then windows are
+# counted across threads, so the ids go back only when the last one closes.
+# Either way windows nest, and are kept short (one spool operation, one
+# open()); no thread is started inside one (it would keep root).
+
+# Linux system call numbers of setresuid and setresgid, by machine.
+_RES_CALLS = {"x86_64": (117, 119), "aarch64": (147, 149), "riscv64": (147, 149)}
+
+
+def _thread_calls():
+    """(seteuid, setegid) for the calling thread only, or None where not known."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import platform
+    numbers = _RES_CALLS.get(platform.machine())
+    if numbers is None:
+        return None
+    try:
+        import ctypes
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    keep = ctypes.c_long(-1)
+
+    def call(number, value):
+        if syscall(ctypes.c_long(number), keep, ctypes.c_long(value), keep) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    return (lambda uid: call(numbers[0], uid)), (lambda gid: call(numbers[1], gid))
+
 
 _ids_lock = threading.Lock()
 _user_ids = None      # (uid, gid) once drop_privileges() has switched
-_uid_windows = 0      # open privileged() windows, all kinds
-_gid_windows = 0      # open windows that also took the root group back
+_uid_windows = 0      # open process-wide windows, all kinds
+_gid_windows = 0      # open process-wide windows that also took the root group back
+_per_thread = threading.local()
+_THREAD_CALLS = _thread_calls()
+# The id switches windows use; one thread's alone when _THREAD_CALLS is known.
+_seteuid, _setegid = _THREAD_CALLS or (os.seteuid, os.setegid)
 
 
 class _Window:
-    """A root window: the effective ids are root's while any window is open."""
+    """A root window: the effective ids are root's while it is open (see above)."""
 
     def __init__(self, group):
         self._group = group
 
     def __enter__(self):
-        global _uid_windows, _gid_windows
-        ids = _user_ids
-        if ids is None:
+        if _user_ids is None:
             return self
+        if _THREAD_CALLS is not None:
+            counts = _per_thread.__dict__
+            if not counts.get("uid"):
+                _seteuid(0)
+            counts["uid"] = counts.get("uid", 0) + 1
+            if self._group:
+                if not counts.get("gid"):
+                    _setegid(0)
+                counts["gid"] = counts.get("gid", 0) + 1
+            return self
+        global _uid_windows, _gid_windows
         with _ids_lock:
             if _uid_windows == 0:
-                os.seteuid(0)
+                _seteuid(0)
             _uid_windows += 1
             if self._group:
                 if _gid_windows == 0:
-                    os.setegid(0)
+                    _setegid(0)
                 _gid_windows += 1
         return self
 
     def __exit__(self, *exc):
-        global _uid_windows, _gid_windows
         ids = _user_ids
         if ids is None:
             return False
+        if _THREAD_CALLS is not None:
+            counts = _per_thread.__dict__
+            if self._group:
+                counts["gid"] -= 1
+                if not counts["gid"]:
+                    _setegid(ids[1])
+            counts["uid"] -= 1
+            if not counts["uid"]:
+                _seteuid(ids[0])
+            return False
+        global _uid_windows, _gid_windows
         with _ids_lock:
             if self._group:
                 _gid_windows -= 1
                 if _gid_windows == 0:
-                    os.setegid(ids[1])
+                    _setegid(ids[1])
             _uid_windows -= 1
             if _uid_windows == 0:
-                os.seteuid(ids[0])
+                _seteuid(ids[0])
         return False
 
 
@@ -231,6 +289,7 @@ def forked_child():
     global _ids_lock, _uid_windows, _gid_windows
     _ids_lock = threading.Lock()
     _uid_windows = _gid_windows = 0
+    _per_thread.__dict__.clear()
     if _user_ids is not None:
         os.seteuid(0)
         os.setegid(_user_ids[1])

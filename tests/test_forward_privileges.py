@@ -44,13 +44,13 @@ def fill(spool_dir, count, refused=None, deferred=None):
 def fake_switch(monkeypatch):
     """Makes the process believe it switched to --user, counting the switches.
 
-    Nothing really changes ids: os.seteuid/os.setegid only record the calls.
+    Nothing really changes ids: the windows' id switches only record the calls.
     Returns the list of (function, id) calls.
     """
     calls = []
     monkeypatch.setattr(process, "_user_ids", (4242, 4242))
-    monkeypatch.setattr(process.os, "seteuid", lambda uid: calls.append(("seteuid", uid)))
-    monkeypatch.setattr(process.os, "setegid", lambda gid: calls.append(("setegid", gid)))
+    monkeypatch.setattr(process, "_seteuid", lambda uid: calls.append(("seteuid", uid)))
+    monkeypatch.setattr(process, "_setegid", lambda gid: calls.append(("setegid", gid)))
     return calls
 
 

@@ -293,3 +293,41 @@ def test_runs_with_the_systemd_units_capabilities_and_no_new_privileges(tmp_path
         assert relay.stop() == 0, relay.log() + relay.stderr()
     assert not pid_file.exists()
     assert "error" not in relay.log() and "warning" not in relay.log()
+
+
+WINDOW_SCRIPT = r"""
+import os, sys, threading
+sys.path.insert(0, sys.argv[1])
+from emailrelay import process
+process.drop_privileges("daemon")
+inside = threading.Event()
+seen = {}
+
+def other():
+    inside.wait(10)
+    seen["other"] = os.geteuid()
+
+t = threading.Thread(target=other)
+t.start()
+with process.privileged(group=False):
+    seen["window"] = os.geteuid()
+    inside.set()
+    t.join(10)
+seen["after"] = os.geteuid()
+print(seen["window"], seen["other"], seen["after"], process._THREAD_CALLS is not None)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_root_window_gives_root_to_its_own_thread_only(tmp_path):
+    daemon = pwd.getpwnam("daemon").pw_uid
+    r = subprocess.run([PYTHON, "-c", WINDOW_SCRIPT, ROOT], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    window, other, after, per_thread = r.stdout.split()
+    assert (int(window), int(after)) == (0, daemon)
+    if per_thread == "True":
+        # Linux on this machine: the window is the calling thread's alone.
+        assert int(other) == daemon
+    else:
+        assert int(other) == 0
