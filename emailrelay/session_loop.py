@@ -492,7 +492,9 @@ class SessionLoop:
         if request is None or request[0] == "starttls":
             return      # ended, or another thread has it
         if request[0] == "call":
-            if len(conn._buf) >= net.WRITE_HIGH_WATER:
+            # Stop listening once there is enough to read, or the end of
+            # input (which would be reported again and again meanwhile).
+            if conn.eof or len(conn._buf) >= net.WRITE_HIGH_WATER:
                 self._wait(entry, 0)
             return
         if conn._out:

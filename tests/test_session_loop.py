@@ -132,3 +132,28 @@ def test_a_large_message_streams_through_the_loop_in_flat_memory(tmp_path):
         [name] = relay.files(".content")
         assert os.path.getsize(os.path.join(relay.spool, name)) > blocks * len(block)
     assert growth < 20 * 1024, "peak memory grew by %d KiB" % growth
+
+
+def test_a_client_gone_during_a_slow_filter_costs_no_cpu_meanwhile(tmp_path):
+    flt = tmp_path / "filter"
+    marker = tmp_path / "started"
+    flt.write_text('#!/bin/sh\ntouch %s\nsleep 2\nexit 0\n' % marker)
+    flt.chmod(0o755)
+    with Relay(tmp_path, ["--filter", str(flt)]) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+            while not f.readline().startswith(b"354"):
+                pass
+            s.sendall(b"hi\r\n.\r\n")
+            wait_for(marker.exists, what="the filter to start")
+            f.close()
+        # The client has gone while the filter runs: the loop must not spin.
+        with open("/proc/%d/stat" % relay.proc.pid) as stat:
+            before = sum(int(x) for x in stat.read().rsplit(")", 1)[1].split()[11:13])
+        wait_for(lambda: relay.files(".envelope"), timeout=15, what="the message")
+        with open("/proc/%d/stat" % relay.proc.pid) as stat:
+            after = sum(int(x) for x in stat.read().rsplit(")", 1)[1].split()[11:13])
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert (after - before) / ticks < 0.5, "the server used %.2fs of CPU" % ((after - before) / ticks)
