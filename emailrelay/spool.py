@@ -28,40 +28,43 @@ everything else). After --user, every operation
 on spool paths runs in a root window with only the user id reclaimed
 (`process.spool_privileged`), so new files belong to root and the --user
 group and a root-only spool directory still works.
+
+This module is the directory (`Spool`: new messages, listing, claiming,
+recovery, the admin views); a new message is a `spool_message.NewMessage`,
+a claimed one a `spool_claim.Claim`, and the names, errors and file
+primitives they share are in `spool_files`. Other modules use the store
+through this one.
 """
 
 import collections
 import fcntl
 import itertools
 import os
-import stat
 import threading
 import time
 
 from . import process
-from .envelope import SIZE_LIMIT, Envelope, EnvelopeError, reason_lines
+from . import spool_files
+from .envelope import SIZE_LIMIT, Envelope, EnvelopeError
+from .spool_claim import Claim
+from .spool_files import (BAD, BUSY, CONTENT, CONTENT_ORPHAN, NEW, ORPHAN, READY, STATES,
+                          WRITE_BLOCK, ContentError, SpoolError, content_shared, create_file,
+                          debug, fsync_directory, unlink_quietly, write_file_durably)
+from .spool_message import NewMessage
 
-FILE_MODE = 0o660
-NEW, READY, BUSY, BAD, LOCAL = ".envelope.new", ".envelope", ".envelope.busy", ".envelope.bad", ".envelope.local"
-ORPHAN = ".envelope.new.orphan"
-CONTENT = ".content"
-# A content file with no envelope, left by a process that died while
-# receiving it, is renamed to this (never deleted).
-CONTENT_ORPHAN = ".content.orphan"
+# What other modules take from here, besides Spool.
+__all__ = ["Spool", "Committed", "SpoolError", "ContentError", "NEW", "READY", "BUSY", "BAD",
+           "CONTENT", "WRITE_BLOCK", "fsync_directory", "write_file_durably"]
+
 # Seconds since a content file without an envelope was last written before
 # recover() treats it as abandoned: a live session writes at least once per
 # idle timeout, and this is ten times the default one.
 ORPHAN_CONTENT_AGE = 600
-# Longest first: a name is classified by the first suffix it ends with.
-_STATES = ((ORPHAN, "orphan"), (NEW, "new"), (BUSY, "busy"), (BAD, "bad"), (LOCAL, "local"),
-           (READY, "ready"))
 
 Committed = collections.namedtuple("Committed", "id envelope_path content_path")
 
 _sequence = itertools.count(1)
 _sequence_lock = threading.Lock()
-# Write content in blocks of this size (a 4 KiB message is one write).
-WRITE_BLOCK = 65536
 
 _pid_cache = []
 
@@ -75,75 +78,6 @@ def _pid():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_pid_cache.clear)
-
-
-class SpoolError(Exception):
-    """The spool cannot do what was asked (bad directory, vanished file, ...)."""
-
-
-class ContentError(SpoolError):
-    """A claimed message's content file cannot be read; the text says why."""
-
-
-def _log(level, message):
-    from . import log
-    getattr(log, level)(message)
-
-
-def _debug(message_id, change):
-    """Logs a state change with --debug."""
-    from . import log
-    if log.debug_enabled():
-        log.debug("spool: %s: %s" % (message_id, change))
-
-
-def fsync_directory(directory):
-    """Makes renames and creations in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# fdatasync() also writes the metadata needed to read the data back (the
-# size of a new file), which is all a spool file needs; it skips timestamps.
-_datasync = getattr(os, "fdatasync", os.fsync)
-
-
-def _create(path, flags=os.O_WRONLY | os.O_CREAT | os.O_EXCL):
-    """Creates `path` with mode 0660 whatever the umask; returns the fd."""
-    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def write_file_durably(path, data, flags=os.O_WRONLY | os.O_CREAT | os.O_TRUNC):
-    """Writes `data` to a new file of mode 0660 and fsyncs it."""
-    fd = _create(path, flags)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _pid_running(pid):
@@ -202,40 +136,6 @@ def _sort_key(message_id, path):
     return (mtime, 0, 0, message_id)
 
 
-def _subdirectories(directory):
-    """Immediate sub-directories of `directory` (not symbolic links)."""
-    try:
-        # A directory's link count is 2 + its sub-directories on most file
-        # systems: the common case (no sub-directories) needs no listing.
-        if os.stat(directory).st_nlink == 2:
-            return []
-        with os.scandir(directory) as it:
-            return [e.path for e in it if e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return []
-
-
-@process.spool_privileged
-def content_shared(content_path, except_path=None):
-    """True if an envelope other than `except_path` refers to this content file.
-
-    A content file is shared while any envelope (in any state) with the same
-    id exists in its directory or in one of that directory's immediate
-    sub-directories (`--pop-by-name` copies made by emailrelay-filter-copy).
-    """
-    directory, name = os.path.split(os.path.abspath(content_path))
-    if not name.endswith(CONTENT):
-        return False
-    stem = name[:-len(CONTENT)]
-    skip = os.path.abspath(except_path) if except_path else None
-    for d in [directory] + _subdirectories(directory):
-        for suffix, _ in _STATES:
-            p = os.path.join(d, stem + suffix)
-            if p != skip and os.path.lexists(p):
-                return True
-    return False
-
-
 class Spool:
     """The spool directory: new messages, committed ids, claims and admin views."""
 
@@ -276,7 +176,7 @@ class Spool:
             message_id = "emailrelay.%d.%d.%d" % (pid, int(time.time()), seq)
             path = self.path(message_id, CONTENT)
             try:
-                return message_id, path, _create(path)
+                return message_id, path, create_file(path)
             except FileExistsError:
                 # Another process with our pid (a restart in the same
                 # second, or a shared spool across pid namespaces).
@@ -289,7 +189,7 @@ class Spool:
             for entry in it:
                 if entry.name.startswith("."):
                     continue
-                for suffix, state in _STATES:
+                for suffix, state in STATES:
                     if entry.name.endswith(suffix) and len(entry.name) > len(suffix):
                         try:
                             regular = entry.is_file()
@@ -367,7 +267,7 @@ class Spool:
             try:
                 os.rename(path, self.path(message_id, READY))
                 count += 1
-                _debug(message_id, "unfailed (.envelope)")
+                debug(message_id, "unfailed (.envelope)")
             except FileNotFoundError:
                 continue
         return count
@@ -407,12 +307,12 @@ class Spool:
             os.close(fd)
             raise
         claim = Claim(self, message_id, fd)
-        _debug(message_id, "claimed (.envelope.busy)")
+        debug(message_id, "claimed (.envelope.busy)")
         try:
             claim.envelope = Envelope.parse(_read_fd(fd))
         except (EnvelopeError, OSError) as e:
             reason = "invalid envelope file: %s" % (e,)
-            _log("warning", "spool: %s: %s" % (os.path.basename(busy), reason))
+            spool_files.log_event("warning", "spool: %s: %s" % (os.path.basename(busy), reason))
             claim.fail(reason, 0)
             if failed is not None:
                 failed(reason)
@@ -420,7 +320,7 @@ class Spool:
         return claim
 
     def _fail_unreadable(self, message_id, path, reason):
-        _log("warning", "spool: %s: %s" % (os.path.basename(path), reason))
+        spool_files.log_event("warning", "spool: %s: %s" % (os.path.basename(path), reason))
         try:
             os.rename(path, self.path(message_id, BAD))
         except OSError:
@@ -469,7 +369,7 @@ class Spool:
                 os.rename(path, target)
             except FileNotFoundError:
                 continue
-            _log("warning", "spool: content with no envelope moved aside: %s"
+            spool_files.log_event("warning", "spool: content with no envelope moved aside: %s"
                  % (message_id + CONTENT_ORPHAN))
 
     def _recover_new(self, message_id, path):
@@ -482,7 +382,7 @@ class Spool:
             os.rename(path, self.path(message_id, ORPHAN))
         finally:
             os.close(fd)
-        _log("warning", "spool: unfinished message moved aside: %s (content %s)"
+        spool_files.log_event("warning", "spool: unfinished message moved aside: %s (content %s)"
              % (message_id + ORPHAN, message_id + CONTENT))
 
     def _recover_busy(self, message_id, path):
@@ -495,7 +395,7 @@ class Spool:
             return
         finally:
             os.close(fd)
-        _log("warning", "spool: %s: claim of a stopped process released" % (message_id + BUSY))
+        spool_files.log_event("warning", "spool: %s: claim of a stopped process released" % (message_id + BUSY))
 
     # -- deleting (POP)
 
@@ -504,8 +404,8 @@ class Spool:
         """Deletes an envelope, and its content unless another envelope refers to it."""
         os.unlink(envelope_path)
         if not content_shared(content_path, envelope_path):
-            _unlink_quietly(content_path)
-        _debug(os.path.basename(envelope_path), "removed")
+            unlink_quietly(content_path)
+        debug(os.path.basename(envelope_path), "removed")
 
 
 def _read_fd(fd):
@@ -522,317 +422,3 @@ def _read_fd(fd):
     return b"".join(chunks)
 
 
-class NewMessage:
-    """A message being stored: stream the content, then commit.
-
-    Use: `write(data)` as often as needed (memory does not grow with the
-    message), `commit_content()`, `write_envelope(env)` (the `.new` file that
-    filters see), then `finish(env)`; or `abandon()` at any point. After
-    `finish()` returns, the message is on disk for good. When no filter has
-    to see the message, `finish(env)` may follow the writes directly: it
-    commits the content and writes the envelope itself.
-    """
-
-    def __init__(self, spool):
-        self.spool = spool
-        self.id, self.content_path, self._fd = spool._create_content()
-        self.new_envelope_path = spool.path(self.id, NEW)
-        self.size = 0
-        self._buf = bytearray()
-        self._envelope_fd = None
-        # Identities of the files as we synced them, recorded once they are
-        # exposed to filters (write_envelope() before finish()).
-        self._synced = None
-        self._done = False
-
-    def write(self, data):
-        """Appends content bytes."""
-        self._buf += data
-        self.size += len(data)
-        if len(self._buf) >= WRITE_BLOCK:
-            self._flush()
-
-    def _flush(self):
-        _write_all(self._fd, self._buf)
-        self._buf.clear()
-
-    def commit_content(self):
-        """Writes out and fsyncs the content file and closes it."""
-        fd = self._fd
-        if fd is None:
-            return
-        try:
-            self._flush()
-            _datasync(fd)
-        except BaseException:
-            self._close_content()
-            raise
-        self._close_content()
-
-    def _close_content(self):
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    @process.spool_privileged
-    def write_envelope(self, env):
-        """Writes and fsyncs the `.envelope.new` file (replacing any earlier one).
-
-        The file stays locked until finish() or abandon(), so that another
-        process's recover() never takes it for an orphan.
-        """
-        self._write_envelope(env)
-        self._synced = {self.content_path: _identity(os.stat(self.content_path)),
-                        self.new_envelope_path: _identity(os.fstat(self._envelope_fd))}
-
-    def _write_envelope(self, env):
-        if self._envelope_fd is None:
-            self._envelope_fd = _create(self.new_envelope_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-            fcntl.flock(self._envelope_fd, fcntl.LOCK_EX)
-        else:
-            os.ftruncate(self._envelope_fd, 0)
-            os.lseek(self._envelope_fd, 0, os.SEEK_SET)
-        fd = self._envelope_fd
-        _write_all(fd, env.to_bytes())
-        _datasync(fd)
-
-    @process.spool_privileged
-    def finish(self, env):
-        """Commits the message; returns its id. The caller may then reply 250.
-
-        `.envelope.new` becomes `.envelope`; when `env.to_local` is not empty
-        a `.envelope.local` copy is made too, and with no remote recipients
-        the `.local` file is the only envelope. Files a filter changed are
-        fsync'd again; the directory is fsync'd last. Raises SpoolError if a
-        filter removed the files, OSError on I/O failure.
-        """
-        self.commit_content()
-        if self._envelope_fd is None:
-            self._write_envelope(env)
-        if self._synced is not None:
-            for path in (self.content_path, self.new_envelope_path):
-                self._resync_if_changed(path)
-        if env.to_local and env.to_remote:
-            with open(self.new_envelope_path, "rb") as f:
-                data = f.read()
-            tmp = self.spool.path(self.id, LOCAL + ".tmp")
-            write_file_durably(tmp, data)
-            os.rename(tmp, self.spool.path(self.id, LOCAL))
-            os.rename(self.new_envelope_path, self.spool.path(self.id, READY))
-        elif env.to_local:
-            os.rename(self.new_envelope_path, self.spool.path(self.id, LOCAL))
-        else:
-            os.rename(self.new_envelope_path, self.spool.path(self.id, READY))
-        fsync_directory(self.spool.directory)
-        self._release_envelope()
-        self._done = True
-        _debug(self.id, "committed (%d octets)%s" % (self.size, " with a .local copy"
-                                                      if env.to_local else ""))
-        return self.id
-
-    def _resync_if_changed(self, path):
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise SpoolError("message file removed before commit: %s" % os.path.basename(path)) from None
-        if _identity(st) != self._synced.get(path):
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def _release_envelope(self):
-        if self._envelope_fd is not None:
-            os.close(self._envelope_fd)
-            self._envelope_fd = None
-
-    @process.spool_privileged
-    def disown(self):
-        """Lets go of the message without touching its files (a filter exited 100).
-
-        The filter owns the files now (it may have removed or copied them);
-        the directory is fsync'd so that what it left is as durable as a
-        finished message. abandon() is a no-op afterwards.
-        """
-        self.commit_content()
-        self._release_envelope()
-        self._done = True
-        fsync_directory(self.spool.directory)
-        _debug(self.id, "left to the filter (exit 100)")
-
-    @process.spool_privileged
-    def abandon(self):
-        """Removes whatever was written; safe to call twice, and after finish() a no-op."""
-        if self._fd is not None:
-            try:
-                self._close_content()
-            except OSError:
-                pass
-        self._release_envelope()
-        if self._done:
-            return
-        self._done = True
-        _unlink_quietly(self.new_envelope_path)
-        _unlink_quietly(self.content_path)
-        _debug(self.id, "abandoned, files removed")
-
-
-def _identity(st):
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-class Claim:
-    """A message claimed for forwarding (its envelope is `.busy` and locked).
-
-    `envelope` (parsed), `content_path`, `envelope_path`. End the claim with
-    exactly one of release(), delete() or fail().
-    """
-
-    def __init__(self, spool, message_id, fd):
-        self.spool = spool
-        self.id = message_id
-        self._fd = fd
-        self._content = None
-        self.envelope = None
-        self.envelope_path = spool.path(message_id, BUSY)
-        self.content_path = spool.path(message_id, CONTENT)
-
-    def open_content(self):
-        """The content file, opened for reading (the same file object each call).
-
-        Only a regular file is opened (not a symbolic link, a directory or
-        a FIFO, which would block); raises ContentError saying why not.
-        Read it from the start with `seek(0)`; closed when the claim ends.
-        """
-        # Once open, no root window: the client asks for it several times a message.
-        return self._content if self._content is not None else self._open_content()
-
-    @process.spool_privileged
-    def _open_content(self):
-        if self._content is None:
-            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
-                | getattr(os, "O_CLOEXEC", 0)
-            try:
-                fd = os.open(self.content_path, flags)
-            except OSError as e:
-                raise ContentError("cannot open content file %s: %s"
-                                   % (os.path.basename(self.content_path), e.strerror)) from None
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise ContentError("content file %s is not a regular file"
-                                   % os.path.basename(self.content_path))
-            self._content = os.fdopen(fd, "rb", buffering=0)
-        return self._content
-
-    def _unlock(self):
-        if self._content is not None:
-            self._content.close()
-            self._content = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    @process.spool_privileged
-    def release(self):
-        """Puts the message back to `.envelope` (to be tried again later)."""
-        try:
-            os.rename(self.envelope_path, self.spool.path(self.id, READY))
-        finally:
-            self._unlock()
-        _debug(self.id, "released (.envelope)")
-
-    @process.spool_privileged
-    def delete(self):
-        """Removes the envelope, and the content unless another envelope refers to it."""
-        try:
-            self.remove_envelope()
-        finally:
-            self.remove_content()
-
-    @process.spool_privileged
-    def remove_envelope(self):
-        """Removes the envelope's name: the message is gone from the queue.
-
-        The first half of delete(), the only part that must happen before
-        anything else is sent; remove_content() must follow (it may be
-        called from another thread), and ends the claim.
-        """
-        _unlink_quietly(self.envelope_path)
-
-    @process.spool_privileged
-    def remove_content(self, close=True):
-        """Removes the content unless another envelope refers to it; ends the claim.
-
-        Closing the last descriptors of the removed files, when the file
-        system frees them, is the slow part of a deletion and needs no
-        privileges: with `close` false it is left to a later close().
-        """
-        try:
-            if not content_shared(self.content_path, self.envelope_path):
-                _unlink_quietly(self.content_path)
-        finally:
-            if close:
-                self._unlock()
-        _debug(self.id, "deleted")
-
-    def close(self):
-        """Closes the claim's files (after remove_content(close=False))."""
-        self._unlock()
-
-    @process.spool_privileged
-    def fail(self, reason, code=None):
-        """Appends the reason (and code) to the envelope and renames it `.bad`.
-
-        Any automatic-retry state is removed first, so that a message
-        returned to the queue (emailrelay-resubmit) starts afresh. Logs
-        `failing envelope`, as E-MailRelay does.
-        """
-        try:
-            env = self.envelope
-            if env is not None and env.retry() is not None:
-                env.set_retry(None)
-                self.rewrite(env)
-            os.lseek(self._fd, 0, os.SEEK_END)
-            _write_all(self._fd, reason_lines(reason, code))
-            os.fsync(self._fd)
-            bad = self.spool.path(self.id, BAD)
-            os.rename(self.envelope_path, bad)
-            _log("info", "spool: failing envelope [%s] -> [%s]"
-                 % (os.path.basename(self.envelope_path), os.path.basename(bad)))
-        finally:
-            self._unlock()
-        _debug(self.id, "failed (.envelope.bad): %s" % reason)
-
-    @process.spool_privileged
-    def defer(self, state):
-        """Records the retry `state` (an envelope.Retry) and releases the message."""
-        env = self.envelope
-        env.set_retry(state)
-        self.rewrite(env)
-        self.release()
-
-    @process.spool_privileged
-    def reread(self):
-        """Reads the envelope again (a client filter may have edited it);
-        raises OSError or EnvelopeError."""
-        self.envelope = Envelope.read(self.envelope_path)
-        return self.envelope
-
-    @process.spool_privileged
-    def rewrite(self, env):
-        """Replaces the envelope with `env` atomically, keeping the claim's lock."""
-        tmp = self.envelope_path + ".tmp"
-        fd = _create(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            _write_all(fd, env.to_bytes())
-            os.fsync(fd)
-            os.rename(tmp, self.envelope_path)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise
-        os.close(self._fd)
-        self._fd = fd
-        self.envelope = env

@@ -10,6 +10,7 @@ import pytest
 
 import helpers
 from emailrelay import spool as spool_mod
+from emailrelay import spool_files
 from emailrelay.envelope import Envelope
 from emailrelay.spool import Spool, SpoolError
 
@@ -17,7 +18,7 @@ from emailrelay.spool import Spool, SpoolError
 @pytest.fixture
 def logged(monkeypatch):
     lines = []
-    monkeypatch.setattr(spool_mod, "_log", lambda level, text: lines.append((level, text)))
+    monkeypatch.setattr(spool_files, "log_event", lambda level, text: lines.append((level, text)))
     return lines
 
 
