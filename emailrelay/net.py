@@ -1,10 +1,10 @@
-"""Listening sockets, the accept loop, and the connection object sessions use.
+"""Listening sockets, the accept loop and connection admission.
 
-Protocol sessions never see a socket: they get a `Connection` (or, in unit
-tests, a `MemoryConnection`) with buffered line and block reads, buffered
-writes, and a server-side TLS upgrade. `Server` owns every listening socket
-of the process and runs one accept loop in the main thread; each accepted
-connection runs its session in a thread of its own.
+`Server` owns every listening socket of the process and runs one accept
+loop in the main thread; an accepted connection runs its session in a
+thread of its own, or in the session loop (`session_loop`) for plain SMTP.
+The connection object sessions use is in `connection`; its names are
+offered here too, where the protocol modules have always found them.
 
 Why one selector loop rather than one `socketserver.ThreadingTCPServer` per
 listening address (the design card's suggestion): E-MailRelay listens on
@@ -22,21 +22,24 @@ sends the busy reply and closes.
 
 import collections
 import os
-
 import queue
 import selectors
 import socket
-import struct
 import threading
 import time
 
 from . import addresses
+from .connection import (RECV_SIZE, WRITE_HIGH_WATER, Closed, Connection, FdConnection,
+                         LineTooLong, MemoryConnection, Timeout, address_pair)
 from . import interfaces
 from . import log
 
-RECV_SIZE = 65536
-# Writes are buffered for pipelining; a large backlog is sent at once.
-WRITE_HIGH_WATER = 65536
+
+# The connection API sessions take from here (see the module docstring).
+__all__ = ["Server", "Listener", "parse_interfaces", "listen_backlog", "systemd_sockets",
+           "RECV_SIZE", "WRITE_HIGH_WATER", "Closed", "Connection", "FdConnection",
+           "LineTooLong", "MemoryConnection", "Timeout"]
+
 # Seconds an over-the-limit connection waits (in the refuser thread, never in
 # the accept loop) for ending sessions to free a slot.
 OVER_LIMIT_GRACE = 0.25
@@ -50,285 +53,6 @@ ACCEPT_BATCH = 64
 FLOOD_FACTOR = 4
 # Seconds an idle session thread waits for a new connection before it ends.
 WORKER_IDLE = 30.0
-
-
-class LineTooLong(Exception):
-    """A line exceeded the limit; the rest of it has been read and dropped."""
-
-
-class Timeout(Exception):
-    """Nothing arrived from the peer within the idle timeout."""
-
-
-class Closed(Exception):
-    """The peer went away while we were writing."""
-
-
-class _Buffered:
-    """Line and block reading over a `_recv()` primitive, with pushback."""
-
-    def __init__(self):
-        self._buf = bytearray()
-        self._out = bytearray()
-        self.tls = False
-        self.tls_cipher = None      # (cipher, protocol, secret bits) once TLS is active
-        self.peer_certificate_pem = ""
-
-    def _fill(self):
-        data = self._recv()
-        if data:
-            self._buf += data
-        return bool(data)
-
-    def pending(self):
-        """True when input is already buffered (the client pipelined)."""
-        return bool(self._buf)
-
-    def readline(self, limit=1000):
-        """Reads one line including its ending (LF, CRLF); b'' at end of input.
-
-        A line longer than `limit` octets raises LineTooLong after everything
-        up to and including its LF has been consumed, so the caller can reply
-        and carry on; memory never grows past `limit` plus one receive.
-        Input that ends without a line ending is returned as it is.
-        """
-        start = 0
-        overlong = False
-        while True:
-            i = self._buf.find(b"\n", start)
-            if i >= 0:
-                line = bytes(self._buf[:i + 1])
-                del self._buf[:i + 1]
-                if overlong or len(line) > limit:
-                    raise LineTooLong()
-                return line
-            if len(self._buf) > limit:
-                overlong = True
-                self._buf.clear()
-            start = len(self._buf)
-            if not self._fill():
-                if overlong:
-                    raise LineTooLong()
-                line = bytes(self._buf)
-                self._buf.clear()
-                return line
-
-    def read(self, n):
-        """Reads at most `n` octets (at least one), or b'' at end of input."""
-        if not self._buf and not self._fill():
-            return b""
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
-
-    def unread(self, data):
-        """Puts `data` back in front of the input (bytes read too far)."""
-        if data:
-            self._buf[:0] = data
-
-    def write(self, data):
-        """Queues `data`; it is sent by flush(), or at once when the queue is large."""
-        self._out += data
-        if len(self._out) >= WRITE_HIGH_WATER:
-            self.flush()
-
-    def flush(self):
-        """Sends everything queued by write()."""
-        if self._out:
-            data = bytes(self._out)
-            self._out.clear()
-            self._send(data)
-
-
-class Connection(_Buffered):
-    """A connected socket as a session sees it.
-
-    `peer` and `local` are (ip, port) tuples; `tls` says whether TLS is
-    active, and `tls_cipher` is then ssl's (cipher, protocol, secret bits);
-    `peer_certificate_pem` holds a verified client certificate (or '').
-    Timeouts raise `Timeout`; a peer that vanishes mid-write raises
-    `Closed`; end of input is b'' from readline/read.
-    """
-
-    def __init__(self, sock, peer=None, local=None):
-        """`peer` and `local` may be given when known (from accept() and a
-        listener's specific address), saving the look-ups."""
-        super().__init__()
-        self.sock = sock
-        self.peer = _pair(peer or sock.getpeername())
-        self.local = _pair(local or sock.getsockname())
-        self._timeout = sock.gettimeout()
-
-    def _recv(self):
-        try:
-            return self.sock.recv(RECV_SIZE)
-        except (socket.timeout, BlockingIOError):
-            raise Timeout() from None
-        except OSError:
-            # Reset, TLS alert, closed under us at shutdown: the peer is gone.
-            return b""
-
-    def _send(self, data):
-        try:
-            self.sock.sendall(data)
-        except (socket.timeout, BlockingIOError):
-            raise Timeout() from None
-        except OSError as e:
-            raise Closed(str(e)) from None
-
-    def settimeout(self, seconds):
-        """Sets the idle timeout for reads and writes (None: no timeout)."""
-        self._timeout = seconds
-        if self.tls:
-            self.sock.settimeout(seconds)
-            return
-        # A kernel timeout on a blocking socket: Python's own socket timeout
-        # polls before every recv and send, which doubles the system calls on
-        # the hot path (and the points where session threads contend).
-        if self.sock.gettimeout() is not None:
-            self.sock.settimeout(None)
-        tv = _timeval(seconds or 0)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-    def starttls(self, context):
-        """Upgrades to TLS as the server, after flushing our reply.
-
-        Anything the client sent before the handshake is discarded (the
-        CVE-2011-0411 class of injection). Raises OSError/ssl.SSLError on a
-        failed handshake.
-        """
-        self.flush()
-        self._buf.clear()
-        self.accept_tls(context)
-
-    def accept_tls(self, context):
-        """Starts TLS at once, for implicit-TLS ports (SMTPS, POP3S)."""
-        # TLS needs Python's timeout handling, not the kernel's.
-        zero = _timeval(0)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, zero)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, zero)
-        self.sock.settimeout(self._timeout)
-        self.sock = context.wrap_socket(self.sock, server_side=True)
-        self.tls = True
-        self.tls_cipher = self.sock.cipher()
-        der = self.sock.getpeercert(binary_form=True)
-        if der:
-            import ssl
-            self.peer_certificate_pem = ssl.DER_cert_to_PEM_cert(der)
-
-    def close(self):
-        """Flushes what it can and closes the socket."""
-        try:
-            self.flush()
-        except (Closed, Timeout):
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-class FdConnection(_Buffered):
-    """A `Connection` look-alike over two file descriptors that are not a socket.
-
-    For --bsmtp and --inetd on a pipe: reads from `rfd` (a pipe, a file or
-    a terminal), writes to `wfd`. `peer` is given by the caller, since a
-    pipe has no address; there is no TLS. The idle timeout is kept with
-    select(), which a regular file always passes.
-    """
-
-    def __init__(self, rfd, wfd, peer, local=("unknown", 0)):
-        super().__init__()
-        self.rfd = rfd
-        self.wfd = wfd
-        self.peer = peer
-        self.local = local
-        self._timeout = None
-
-    def _recv(self):
-        import select
-        try:
-            ready, _, _ = select.select([self.rfd], [], [], self._timeout)
-            if not ready:
-                raise Timeout()
-            return os.read(self.rfd, RECV_SIZE)
-        except OSError:
-            return b""
-
-    def _send(self, data):
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self.wfd, view):]
-        except OSError as e:
-            raise Closed(str(e)) from None
-
-    def settimeout(self, seconds):
-        """Sets the idle timeout for reads (None: no timeout)."""
-        self._timeout = seconds
-
-    def starttls(self, context):
-        raise OSError("TLS needs a socket on the standard input")
-
-    def close(self):
-        """Flushes what it can; the descriptors belong to the process."""
-        try:
-            self.flush()
-        except (Closed, Timeout):
-            pass
-
-
-class MemoryConnection(_Buffered):
-    """A `Connection` look-alike over bytes, for testing sessions.
-
-    The whole input is given up front (it may be a list of chunks, each
-    returned by one receive, to exercise buffering); `output` collects what
-    the session wrote, flushed or not.
-    """
-
-    def __init__(self, data=b"", peer=("127.0.0.1", 40000), local=("127.0.0.1", 25)):
-        super().__init__()
-        self._chunks = list(data) if isinstance(data, list) else [data]
-        self.output = bytearray()
-        self.peer = peer
-        self.local = local
-        self.closed = False
-        self.timeout = None
-
-    def _recv(self):
-        while self._chunks:
-            chunk = self._chunks.pop(0)
-            if chunk:
-                return chunk
-        return b""
-
-    def _send(self, data):
-        self.output += data
-
-    def write(self, data):
-        self.output += data
-
-    def flush(self):
-        pass
-
-    def settimeout(self, seconds):
-        self.timeout = seconds
-
-    def starttls(self, context):
-        raise OSError("TLS is not available on a memory connection")
-
-    def close(self):
-        self.closed = True
-
-
-def _pair(addr):
-    return (addr[0], addr[1])
-
-
-def _timeval(seconds):
-    whole = int(seconds)
-    return struct.pack("@ll", whole, int((seconds - whole) * 1e6))
 
 
 def parse_interfaces(values):
@@ -438,7 +162,7 @@ class Listener:
         self.tls_context = tls_context
         self.busy_reply = busy_reply
         self.address_busy_reply = busy_reply if address_busy_reply is None else address_busy_reply
-        local = _pair(sock.getsockname())
+        local = address_pair(sock.getsockname())
         self.address = addresses.format_address(*local)
         # The local address of every accepted connection, unless the
         # listener is bound to a wildcard address.
@@ -597,7 +321,6 @@ class Server:
             sock, addr = lst.sock.accept()
         except OSError:
             return False
-        sock.setblocking(True)
         ip = addr[0]
         peer = addresses.format_address(ip, addr[1])
         if not self.remote_clients and not addresses.is_local(ip):
@@ -780,8 +503,8 @@ class Server:
                 self._lock.notify_all()
 
     def _session(self, lst, sock, addr, peer):
-        ip = addr[0]
         try:
+            sock.setblocking(True)
             conn = Connection(sock, addr, lst.local)
             with self._lock:
                 # Shutdown wakes the session through its current socket,

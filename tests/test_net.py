@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from emailrelay import net
+from emailrelay import connection, net
 
 
 def test_readline_splits_chunks_and_keeps_endings():
@@ -51,7 +51,7 @@ def test_parse_interfaces():
 def test_socket_connection_writes_are_buffered_until_flush():
     a, b = socket.socketpair()
     conn = net.Connection.__new__(net.Connection)
-    net._Buffered.__init__(conn)
+    connection._Buffered.__init__(conn)
     conn.sock, conn.peer, conn.local = a, ("127.0.0.1", 1), ("127.0.0.1", 2)
     conn.write(b"250 one\r\n")
     conn.write(b"250 two\r\n")

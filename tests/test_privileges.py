@@ -318,7 +318,6 @@ print(seen["window"], seen["other"], seen["after"], process._THREAD_CALLS is not
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_a_root_window_gives_root_to_its_own_thread_only(tmp_path):
     daemon = pwd.getpwnam("daemon").pw_uid
     r = subprocess.run([PYTHON, "-c", WINDOW_SCRIPT, ROOT], stdout=subprocess.PIPE,
