@@ -1,13 +1,15 @@
 """The administration interface (--admin): a telnet-friendly command line.
 
-`AdminSession(conn, services).run()` serves one connection: it reads one
+`AdminSession(conn, services).run()` serves one connection (a
+`session_core.LineSession`; `services` is an `AdminServices`): it reads one
 command per line and answers with text lines ending in CRLF, each answer
 followed by the prompt `E-MailRelay> ` (none on connect, as E-MailRelay:
 a script that sends a command at once reads only its answer). The
-commands are the rows of `COMMANDS` (name, help text, handler), which
-`help` lists: help, flush, forward, list, failures, unfail-all, status,
-notify, pid, quit, and terminate (only with --admin-terminate). Nothing
-here changes the configuration.
+commands are the rows of `COMMANDS` (verb, states, handler, next state),
+which `help` lists with their help texts: help, flush, forward, list,
+failures, unfail-all, status, notify, pid, quit, and terminate (only with
+--admin-terminate). Commands are not case-sensitive. Nothing here changes
+the configuration.
 
 Idle timeout: `--idle-timeout` when given explicitly (0: none), otherwise
 ADMIN_IDLE_TIMEOUT seconds (someone typing at a telnet prompt needs longer
@@ -21,25 +23,92 @@ import os
 import threading
 
 from . import log
+from . import net
+from . import parts
+from . import session_core
 
 PROMPT = b"E-MailRelay> "
 # Seconds an admin session may sit idle unless --idle-timeout is given.
 ADMIN_IDLE_TIMEOUT = 600
+READY = "READY"
 
-class AdminSession:
-    """One admin connection; `services` is main's Services object.
 
-    Uses `services.cfg`, `.spool`, `.forwarder` (may be None), `.events`
-    (may be None), `.stats`, `.server` (for listening addresses and
-    connection counters, may be None) and `.stop_event`.
+class AdminServices(parts.Parts):
+    """What an admin session uses.
+
+    `cfg`, `spool`, `stats` (a stats.Stats), `flush` (runs a forwarding
+    pass and waits: returns (ok, text); None without --forward-to),
+    `trigger` (starts a pass; None without --forward-to), `events`
+    (forwarder.Events or None), `listeners` (returns (listening addresses
+    as (kind, address) pairs, live sessions, connection counters); None
+    when not serving) and `stop_event` (set by terminate).
     """
 
+    __slots__ = ("cfg", "spool", "stats", "flush", "trigger", "events", "listeners",
+                 "stop_event")
+
+
+class AdminSession(session_core.LineSession):
+    """One admin connection; see the module docstring."""
+
+    PROTOCOL = "admin"
+    COMMAND_LIMIT = 1000
+    TOO_LONG = "error: line too long"
+
     def __init__(self, conn, services):
-        self.conn = conn
-        self.services = services
+        super().__init__(conn, services, READY, session_core.BadBudget(0, None, ""))
+        # The notify thread writes between the session's answers.
         self._write_lock = threading.Lock()
         self._events = None
         self._notifier = None
+        self._typed = ""
+
+    # The core's hooks: every answer ends with the prompt, and the notify
+    # thread may write at any time.
+
+    def idle_timeout(self):
+        if self.cfg.given("idle-timeout"):
+            return self.cfg.idle_timeout or None  # 0: no timeout
+        return ADMIN_IDLE_TIMEOUT
+
+    def on_timeout(self):
+        log.info("admin: idle timeout", peer=self.peer)
+        try:
+            self._write(b"\r\nerror: idle timeout\r\n")
+        except (net.Timeout, net.Closed):
+            pass
+
+    def closing(self):
+        if self._events is not None:
+            self.services.events.unsubscribe(self._events)
+            self._events.put(None)
+            self._events = None
+
+    def parse(self, line):
+        words = line.split(None, 1)
+        if not words:
+            return "", ""
+        self._typed = words[0]
+        return words[0].upper(), words[1] if len(words) > 1 else ""
+
+    def unknown(self, verb):
+        if verb:
+            self.reply("error: unrecognised command %r: try help" % log.sanitise(self._typed))
+        else:
+            self.reply("")
+
+    def encode(self, texts):
+        # An empty answer (to an empty line) is the prompt alone.
+        return b"".join((t + "\r\n" if t else "").encode("utf-8", "replace") + PROMPT
+                        for t in texts)
+
+    def send(self):
+        self.flush_now()
+        yield from ()
+
+    def flush_now(self):
+        with self._write_lock:
+            super().flush_now()
 
     def _write(self, data):
         with self._write_lock:
@@ -47,103 +116,57 @@ class AdminSession:
             self.conn.flush()
 
     def _answer(self, lines):
-        if isinstance(lines, str):
-            lines = [lines]
-        self._write(("".join(line + "\r\n" for line in lines)).encode("utf-8", "replace") + PROMPT)
-
-    def run(self):
-        """Serves commands until `quit`, `terminate` or end of input."""
-        from . import net
-        try:
-            self.conn.settimeout(self._idle_timeout())
-            while True:
-                try:
-                    line = self.conn.readline(1000)
-                except net.LineTooLong:
-                    self._answer("error: line too long")
-                    continue
-                if not line:
-                    return
-                words = line.decode("utf-8", "replace").strip().split()
-                if not words:
-                    self._write(PROMPT)
-                    continue
-                row = _BY_NAME.get(words[0].lower())
-                if row is None:
-                    self._answer("error: unrecognised command %r: try help" % log.sanitise(words[0]))
-                    continue
-                if row[2](self) is False:
-                    return
-        except net.Timeout:
-            log.info("admin: idle timeout", peer=self._peer())
-            try:
-                self._write(b"\r\nerror: idle timeout\r\n")
-            except (net.Timeout, net.Closed):
-                pass
-        except net.Closed:
-            return
-        finally:
-            self._stop_notify()
-
-    def _idle_timeout(self):
-        cfg = self.services.cfg
-        if cfg.given("idle-timeout"):
-            return cfg.idle_timeout or None  # 0: no timeout
-        return ADMIN_IDLE_TIMEOUT
-
-    def _peer(self):
-        return "%s:%s" % tuple(self.conn.peer[:2])
+        self.reply(lines if isinstance(lines, str) else "\r\n".join(lines))
 
     # -- commands ------------------------------------------------------
 
-    def do_help(self):
-        self._answer(["%-11s %s" % (name, text) for name, text, _ in COMMANDS])
+    def do_help(self, arg):
+        self._answer(["%-11s %s" % (row.verb.lower(), row.help) for row in COMMANDS.values()])
 
-    def do_flush(self):
-        forwarder = self.services.forwarder
-        if forwarder is None:
+    def do_flush(self, arg):
+        flush = self.services.flush
+        if flush is None:
             self._answer("error: no --forward-to address")
-            return
-        ok, text = forwarder.flush()
+            return None
+        return self._flush(flush)
+
+    def _flush(self, flush):
+        ok, text = yield ("call", flush, ())
         self._answer(text)
 
-    def do_forward(self):
-        forwarder = self.services.forwarder
-        if forwarder is None:
+    def do_forward(self, arg):
+        if self.services.trigger is None:
             self._answer("error: no --forward-to address")
             return
-        forwarder.trigger()
+        self.services.trigger()
         self._answer("OK")
 
-    def do_list(self):
-        ids = self.services.spool.ids()
-        self._answer(ids or ["<none>"])
+    def do_list(self, arg):
+        self._answer(self.services.spool.ids() or ["<none>"])
 
-    def do_failures(self):
+    def do_failures(self, arg):
         failures = self.services.spool.failures()
         self._answer(["%s: %s" % (mid, reason) for mid, reason in failures] or ["<none>"])
 
-    def do_unfail_all(self):
+    def do_unfail_all(self, arg):
         n = self.services.spool.unfail_all()
         self._answer("OK: %d message(s) returned to the queue" % n)
 
-    def do_status(self):
+    def do_status(self, arg):
         lines = []
-        server = self.services.server
-        if server is not None:
-            for kind, address in server.addresses():
-                lines.append("listening: %s %s" % (kind, address))
-            lines.append("sessions: %d" % server.live_count())
-            for key, value in sorted(server.counters.items()):
-                lines.append("%s: %s" % (key, value))
+        if self.services.listeners is not None:
+            addresses, sessions, counters = self.services.listeners()
+            lines += ["listening: %s %s" % pair for pair in addresses]
+            lines.append("sessions: %d" % sessions)
+            lines += ["%s: %s" % item for item in sorted(counters.items())]
         stats = self.services.stats
-        for key, value in sorted(stats.snapshot().items() if stats is not None else ()):
-            lines.append("%s: %s" % (key, value))
-        if self.services.cfg.forward_to:
-            lines.append("forward-to: %s" % self.services.cfg.forward_to)
+        lines += ["%s: %s" % item for item in sorted(stats.snapshot().items()
+                                                     if stats is not None else ())]
+        if self.cfg.forward_to:
+            lines.append("forward-to: %s" % self.cfg.forward_to)
         self._answer(lines or ["<none>"])
 
-    def do_notify(self):
+    def do_notify(self, arg):
         events = self.services.events
         if events is None:
             self._answer("error: no events in this configuration")
@@ -157,22 +180,20 @@ class AdminSession:
             self._notifier.start()
         self._answer("OK")
 
-    def do_pid(self):
+    def do_pid(self, arg):
         self._answer(str(os.getpid()))
 
-    def do_quit(self):
-        return False
+    def do_quit(self, arg):
+        pass
 
-    def do_terminate(self):
-        if not self.services.cfg.admin_terminate:
+    def do_terminate(self, arg):
+        if not self.cfg.admin_terminate:
             self._answer("error: terminate is disabled (see --admin-terminate)")
             return
         log.info("admin: terminate command")
         self._write(b"OK\r\n")
+        self.state = session_core.DONE
         self.services.stop_event.set()
-        return False
-
-    # -- notify --------------------------------------------------------
 
     def _notify_loop(self):
         q = self._events
@@ -185,25 +206,22 @@ class AdminSession:
             except Exception:  # the connection is gone; the session ends on its own
                 return
 
-    def _stop_notify(self):
-        if self._events is not None:
-            self.services.events.unsubscribe(self._events)
-            self._events.put(None)
-            self._events = None
 
-
-# The command table, in the order `help` lists it: (name, help text, handler).
-COMMANDS = [
-    ("help", "show this list", AdminSession.do_help),
-    ("flush", "forward spooled messages now and wait for the result", AdminSession.do_flush),
-    ("forward", "start forwarding spooled messages, answering at once", AdminSession.do_forward),
-    ("list", "list the messages waiting to be forwarded", AdminSession.do_list),
-    ("failures", "list the failed (.bad) messages and their reasons", AdminSession.do_failures),
-    ("unfail-all", "return every failed message to the queue", AdminSession.do_unfail_all),
-    ("status", "show listening addresses and counters", AdminSession.do_status),
-    ("notify", "show events (forwarding, failures) as they happen", AdminSession.do_notify),
-    ("pid", "show the process id", AdminSession.do_pid),
-    ("quit", "close this connection", AdminSession.do_quit),
-    ("terminate", "stop the server (needs --admin-terminate)", AdminSession.do_terminate),
-]
-_BY_NAME = {row[0]: row for row in COMMANDS}
+# The command table, in the order `help` lists it. Admin has one state: a
+# session is READY until quit or terminate.
+_S = AdminSession
+COMMANDS = session_core.table(
+    # verb, states, handler, next state, help
+    ("HELP", None, _S.do_help, None, "show this list"),
+    ("FLUSH", None, _S.do_flush, None, "forward spooled messages now and wait for the result"),
+    ("FORWARD", None, _S.do_forward, None, "start forwarding spooled messages, answering at once"),
+    ("LIST", None, _S.do_list, None, "list the messages waiting to be forwarded"),
+    ("FAILURES", None, _S.do_failures, None, "list the failed (.bad) messages and their reasons"),
+    ("UNFAIL-ALL", None, _S.do_unfail_all, None, "return every failed message to the queue"),
+    ("STATUS", None, _S.do_status, None, "show listening addresses and counters"),
+    ("NOTIFY", None, _S.do_notify, None, "show events (forwarding, failures) as they happen"),
+    ("PID", None, _S.do_pid, None, "show the process id"),
+    ("QUIT", None, _S.do_quit, session_core.DONE, "close this connection"),
+    ("TERMINATE", None, _S.do_terminate, None, "stop the server (needs --admin-terminate)"),
+)
+AdminSession.COMMANDS = COMMANDS

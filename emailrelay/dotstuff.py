@@ -9,7 +9,9 @@ whatever the line length.
   client uses them, where only speed matters.
 - `normalise_lines(blocks)` / `file_blocks(f)` yield one line at a time
   (a line longer than MAX_PIECE in parts) and leave the `.` line to the
-  caller: POP RETR and TOP use them, since TOP counts body lines.
+  caller, for a writer that counts lines.
+- `write_text(f, write, body_lines)` writes a stored message with either:
+  POP RETR (by blocks) and TOP (by lines, since it counts body lines).
 
 Why NUL is dropped: RFC 5321 does not allow it in text, and a receiver that
 strips NUL itself would read `CRLF NUL . CRLF` as the end of the data;
@@ -120,3 +122,30 @@ def file_blocks(f, size=MAX_PIECE):
         if not block:
             return
         yield block
+
+
+def write_text(f, write, body_lines=None):
+    """Writes the content of binary file `f` through `write` as it goes on the wire.
+
+    The `.` line comes last. With `body_lines` (POP TOP), only the header,
+    the blank line after it and that many body lines.
+    """
+    if body_lines is None:
+        for out in blocks(f):
+            write(out)
+        return
+    in_body = False
+    count = 0
+    line_start = True
+    for piece in normalise_lines(file_blocks(f)):
+        if in_body and count >= body_lines:
+            break
+        write(piece)
+        ends = piece.endswith(b"\r\n")
+        if ends:
+            if in_body:
+                count += 1
+            elif line_start and piece == b"\r\n":
+                in_body = True
+        line_start = ends
+    write(b".\r\n")

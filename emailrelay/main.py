@@ -16,6 +16,8 @@ import signal
 import sys
 import threading
 
+from . import parts
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -28,8 +30,8 @@ class StartupError(Exception):
     """A configuration problem found before anything is started."""
 
 
-class Services:
-    """What a protocol session may use: configuration and shared parts.
+class Services(parts.Parts):
+    """The program's parts, as `_build` makes them; sessions get narrow views.
 
     Attributes: `cfg`, `spool`, `filters` (list), `verifier` (or None),
     `server_auth` (sasl.ServerAuth or None), `server_secrets`,
@@ -47,18 +49,38 @@ class Services:
                  "pop_auth", "pop_secrets", "tls_context", "forwarder", "stats", "events",
                  "server", "stop_event", "auth_budget", "dnsbl", "load_guard", "help_text",
                  "worker_listeners")
+    LISTS = ("filters", "help_text")
 
-    def __init__(self, **kwargs):
-        """Every attribute starts empty; `kwargs` set some. A name that is
-        not an attribute raises AttributeError, here or when assigned later."""
-        for name in self.__slots__:
-            setattr(self, name, [] if name in ("filters", "help_text") else None)
-        for name, value in kwargs.items():
-            setattr(self, name, value)
+    def smtp(self):
+        """What an SMTP session may use (smtp_server.SmtpServices)."""
+        from . import smtp_server
+        fwd = self.forwarder
+        return smtp_server.SmtpServices(
+            cfg=self.cfg, spool=self.spool, filters=self.filters, verifier=self.verifier,
+            server_auth=self.server_auth, auth_budget=self.auth_budget,
+            tls_context=self.tls_context, stats=self.stats, dnsbl=self.dnsbl,
+            load_guard=self.load_guard, help_text=self.help_text, stop_event=self.stop_event,
+            trigger=fwd.trigger if fwd is not None else None,
+            rescan=fwd.rescan if fwd is not None else None,
+            immediate=fwd.immediate_session if fwd is not None and self.cfg.immediate else None)
 
-    def copy(self):
-        """A new Services with the same parts (a worker's starting point)."""
-        return Services(**{name: getattr(self, name) for name in self.__slots__})
+    def pop(self):
+        """What a POP session may use (pop_server.PopServices)."""
+        from . import pop_server
+        return pop_server.PopServices(cfg=self.cfg, spool=self.spool, pop_auth=self.pop_auth,
+                                      tls_context=self.tls_context,
+                                      auth_budget=self.auth_budget, stop_event=self.stop_event)
+
+    def admin(self, server):
+        """What an admin session may use (admin.AdminServices); `server` has the listeners."""
+        from . import admin
+        fwd = self.forwarder
+        return admin.AdminServices(
+            cfg=self.cfg, spool=self.spool, stats=self.stats, events=self.events,
+            flush=fwd.flush if fwd is not None else None,
+            trigger=fwd.trigger if fwd is not None else None,
+            listeners=lambda: (server.addresses(), server.live_count(), dict(server.counters)),
+            stop_event=self.stop_event)
 
 
 def run(argv=None):
@@ -255,8 +277,9 @@ def _listen(cfg, services):
         _add_sessions(shared, cfg, services, interfaces)
         if cfg.admin:
             from . import admin
+            admin_services = services.admin(server)
             server.add("admin", interfaces, cfg.admin,
-                       lambda conn: admin.AdminSession(conn, services).run(),
+                       lambda conn: admin.AdminSession(conn, admin_services).run(),
                        busy_reply=b"too many connections\r\n")
     except (OSError, ValueError) as e:
         for lst in server.listeners + (shared.listeners if shared is not server else []):
@@ -281,10 +304,11 @@ def _add_sessions(server, cfg, services, interfaces):
     """Adds the SMTP and POP listeners (what workers serve) to `server`."""
     if not cfg.no_smtp:
         from . import smtp_server
+        smtp = services.smtp()
         implicit = services.tls_context if cfg.server_tls_connection else None
         server.add("smtp", interfaces, cfg.port,
-                   lambda conn: smtp_server.SmtpSession(conn, services).run(),
-                   conversation=lambda conn: smtp_server.SmtpSession(conn, services),
+                   lambda conn: smtp_server.SmtpSession(conn, smtp).run(),
+                   conversation=lambda conn: smtp_server.SmtpSession(conn, smtp),
                    tls_context=implicit,
                    busy_reply=smtp_server.reply_bytes(
                        cfg, "421 4.3.2 too many connections, try again later"),
@@ -292,8 +316,9 @@ def _add_sessions(server, cfg, services, interfaces):
                        cfg, "450 4.7.0 too many connections from your address"))
     if cfg.pop:
         from . import pop_server
+        pop = services.pop()
         server.add("pop", interfaces, cfg.pop_port,
-                   lambda conn: pop_server.PopSession(conn, services).run(),
+                   lambda conn: pop_server.PopSession(conn, pop).run(),
                    busy_reply=b"-ERR too many connections\r\n")
 
 
@@ -532,7 +557,7 @@ def _run_stdio(cfg, services):
     process.set_umask()
     if not _drop_privileges(cfg):
         return EXIT_FAILURE
-    return stdio_server.run(cfg, services)
+    return stdio_server.run(cfg, services.smtp())
 
 
 def _drop_privileges(cfg):

@@ -2,15 +2,14 @@
 
 `SmtpSession(conn, services).run()` speaks SMTP over a `net.Connection` (or
 a `net.MemoryConnection` in tests) until the client quits or goes away, and
-stores each accepted message in the spool durably before replying `250`.
-`services` is the bundle `main.Services` builds: `cfg`, `spool`, `filters`,
-`verifier`, `server_auth`, `server_secrets`, `tls_context`, `forwarder`,
-`stats`.
+stores each accepted message in the spool durably before replying `250`;
+`conversation()` is the same session for the session loop. `services` is
+an `SmtpServices`.
 
-The session is an explicit state machine. Commands are the `smtp_<VERB>`
-methods; each is decorated with `@command(syntax, states)`, which gives the
-HELP text and the states the command is allowed in (a command outside its
-states gets `503`). States:
+The session is a `session_core.LineSession`: reading, the reply queue,
+dispatch, the budgets, SASL and STARTTLS are the core's. `COMMANDS` is the
+transition table, rows of (verb, allowed states, handler, next state, HELP
+syntax); a command outside its states gets `503`. States:
 
     START    connected, no EHLO/HELO yet (also after STARTTLS)
     GREETED  EHLO/HELO done, no transaction
@@ -34,19 +33,19 @@ import re
 
 from . import envelope
 from . import log
-from . import net
 from . import options
-from . import session_loop
+from . import parts
+from . import session_core
 from . import smtp_controls
 from . import smtp_text
 from .smtp_syntax import parse_params, parse_path, rfc5322_date, to_alabels
 from . import spool
 
-START, GREETED, MAIL, RCPT, BDAT, DONE = "START", "GREETED", "MAIL", "RCPT", "BDAT", "DONE"
+START, GREETED, MAIL, RCPT, BDAT = "START", "GREETED", "MAIL", "RCPT", "BDAT"
+DONE = session_core.DONE
 
 COMMAND_LIMIT = 512     # RFC 5321 4.5.3.1.4, including CRLF
 AUTH_LINE_LIMIT = 12288  # RFC 4954 4: AUTH responses may be long
-MAX_AUTH_FAILURES = 3
 # E-MailRelay drops a client at its 8th protocol error, without a reply.
 PROTOCOL_ERROR_LIMIT = 8
 # An enhanced code after the reply code, followed by text or by the end of
@@ -78,20 +77,51 @@ def reply_bytes(cfg, text):
     return (text + "\r\n").encode("ascii")
 
 
-def command(syntax, states=None):
-    """Marks an `smtp_<VERB>` method: its HELP syntax and allowed states (None: any)."""
-    def mark(fn):
-        fn.syntax = syntax
-        fn.states = states
-        return fn
-    return mark
+class SmtpServices(parts.Parts):
+    """What an SMTP session uses.
+
+    `cfg`; `spool` (spool.Spool); `filters` (list) and `verifier` (or
+    None); `server_auth` (sasl.ServerAuth or None) and `auth_budget` (or
+    None); `tls_context` (server side, or None: no STARTTLS); `trigger`
+    (starts a forwarding pass, for ETRN; None without --forward-to);
+    `rescan` (the same after a --filter exited 103); `immediate` (returns a
+    handle whose `forward(msg_id)` forwards one message now and `close()`;
+    None unless --immediate); `stats` (stats.Stats or None); `dnsbl`,
+    `load_guard` (or None); `help_text` (lines for HELP); `stop_event`;
+    `settings` (`Settings`, worked out from `cfg` once when not given).
+    """
+
+    __slots__ = ("cfg", "spool", "filters", "verifier", "server_auth", "auth_budget",
+                 "tls_context", "trigger", "rescan", "immediate", "stats", "dnsbl",
+                 "load_guard", "help_text", "stop_event", "settings")
+    LISTS = ("filters", "help_text")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.settings is None and self.cfg is not None:
+            self.settings = Settings(self.cfg)
 
 
-class _Drop(Exception):
-    """The session must end now (after any queued reply is sent)."""
+class Settings:
+    """What every SMTP session takes from the configuration, parsed once.
+
+    `features` (--server-smtp-config), `enhanced`, `anonymous` (scopes),
+    `tarpit` ((base, step, ceiling) or None) and `counts_errors`: True for
+    E-MailRelay's limit of PROTOCOL_ERROR_LIMIT errors, False when
+    --max-bad-commands was given.
+    """
+
+    def __init__(self, cfg):
+        self.features = options.smtp_config(getattr(cfg, "server_smtp_config", None),
+                                            options.SERVER_SMTP_KEYWORDS)
+        self.enhanced = self.features["enhancedstatuscodes"]
+        self.anonymous = options.anonymous_scopes(cfg.anonymous)
+        self.tarpit = smtp_controls.parse_tarpit(cfg.tarpit) if cfg.tarpit else None
+        given = getattr(cfg, "given", None)
+        self.counts_errors = not (given is None or given("max-bad-commands"))
 
 
-class SmtpSession:
+class SmtpSession(session_core.LineSession):
     """One SMTP server conversation; `run()` handles it to the end.
 
     Never raises for anything the peer does; storage failures are replied
@@ -101,208 +131,121 @@ class SmtpSession:
     (what --bsmtp's exit status is made of).
     """
 
+    PROTOCOL = "smtp"
+    COMMAND_LIMIT = COMMAND_LIMIT
+    TOO_LONG = "500 5.5.2 line too long"
+    NOT_UTF8 = "500 5.5.2 invalid character in command"
+
     def __init__(self, conn, services):
-        self.conn = conn
-        self.services = services
         cfg = services.cfg
-        self.cfg = cfg
+        settings = services.settings
         self.domain = cfg.domain or "localhost"
-        self.anonymous = options.anonymous_scopes(cfg.anonymous)
+        if settings.counts_errors:
+            # E-MailRelay drops the client at its 8th error, after the reply.
+            budget = session_core.BadBudget(
+                PROTOCOL_ERROR_LIMIT, None,
+                "smtp: too many protocol errors from the client: dropping the connection")
+        else:
+            budget = session_core.BadBudget(
+                cfg.max_bad_commands, "421 4.7.0 %s too many errors, closing connection"
+                % self.domain, "smtp: too many bad commands from %s" % conn.peer[0])
+        super().__init__(conn, services, START, budget)
+        self.anonymous = settings.anonymous
+        self.features = settings.features
+        self.enhanced = settings.enhanced
         self.size_limit = cfg.size or 0
-        self.peer = "%s:%s" % (conn.peer[0], conn.peer[1])
-        self.peer_ip = conn.peer[0]
-        self.state = START
         self.helo = None
         self.esmtp = False
         self.auth_user = None
         self.auth_mech = None
-        self.auth_failures = 0
-        self.bad_commands = 0
-        self.error_replies = 0
-        self.features = options.smtp_config(getattr(cfg, "server_smtp_config", None),
-                                            options.SERVER_SMTP_KEYWORDS)
-        self.enhanced = self.features["enhancedstatuscodes"]
-        given = getattr(cfg, "given", None)
-        # None: E-MailRelay's rule (PROTOCOL_ERROR_LIMIT); else --max-bad-commands.
-        self.bad_limit = cfg.max_bad_commands if given is None or given("max-bad-commands") else None
-        self.replies = []
-        self.verbose = log.verbose_enabled()
         # --immediate: this session's handle on the forwarding thread.
         self._immediate = None
         # A --filter exited 103: rescan once the message is committed.
         self._rescan = False
-        self.tarpit = smtp_controls.Tarpit(*smtp_controls.parse_tarpit(cfg.tarpit)) \
-            if cfg.tarpit else None
+        self.tarpit = smtp_controls.Tarpit(*settings.tarpit) if settings.tarpit else None
         self._reset_transaction()
 
-    # ----- the main loop -------------------------------------------------
+    # ----- the core's hooks ----------------------------------------------
 
-    def run(self):
-        """Runs the session in this thread until QUIT, end of input, timeout or a fatal error."""
-        session_loop.drive(self, getattr(self.services, "stop_event", None))
+    def opening(self):
+        refusal = self._connect_refusal()
+        dnsbl = self.services.dnsbl
+        if refusal is None and dnsbl is not None:
+            refusal = yield ("call", dnsbl.check, (self.peer_ip,))
+        if refusal:
+            self.reply(refusal)
+            raise session_core.Drop()
+        self.reply(self._greeting())
 
-    def conversation(self):
-        """The session as a `session_loop` conversation (a generator); see `run`."""
-        try:
-            self.conn.settimeout(self.cfg.idle_timeout or None)
-            refusal = self._connect_refusal()
-            dnsbl = getattr(self.services, "dnsbl", None)
-            if refusal is None and dnsbl is not None:
-                refusal = yield ("call", dnsbl.check, (self.peer_ip,))
-            if refusal:
-                self._reply(refusal)
-                raise _Drop()
-            self._reply(self._greeting())
-            while self.state != DONE:
-                line = yield from self._readline(COMMAND_LIMIT)
-                if line is None:
-                    continue
-                handled = self._dispatch(line)
-                if handled is not None:
-                    yield from handled
-        except net.Timeout:
-            log.info("smtp: idle timeout", peer=self.peer)
-            self._reply("421 4.4.2 %s idle timeout" % self.domain)
-        except EOFError:
-            log.verbose("smtp: client disconnected", peer=self.peer)
-        except _Drop:
-            pass
-        except net.Closed:
-            log.verbose("smtp: connection lost", peer=self.peer)
-        except Exception as e:  # the peer never sees a traceback
-            log.error("smtp: session failed: %s: %s" % (type(e).__name__, e), peer=self.peer)
-            self._reply("421 4.3.0 %s internal error, closing connection" % self.domain)
-        finally:
-            self._discard_message()
-            try:
-                self._flush()
-            except (net.Closed, net.Timeout, OSError):
-                pass
-            if self._immediate is not None:
-                self._immediate.close()
+    def on_timeout(self):
+        log.info("smtp: idle timeout", peer=self.peer)
+        self.reply("421 4.4.2 %s idle timeout" % self.domain)
 
-    def _readline(self, limit):
-        """Reads one command line as text; None when it was refused (already replied).
+    def on_failure(self, e):
+        super().on_failure(e)
+        self.reply("421 4.3.0 %s internal error, closing connection" % self.domain)
 
-        A generator (see `conversation`): the replies owed are sent first
-        unless the client has pipelined more input.
-        """
-        if not self.conn.pending():
-            yield from self._send()
-        try:
-            raw = yield ("line", limit)
-        except net.LineTooLong:
-            self._bad("500 5.5.2 line too long")
-            return None
-        if not raw:
-            raise EOFError()
-        raw = raw.rstrip(b"\r\n")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self._bad("500 5.5.2 invalid character in command")
-            return None
+    def closing(self):
+        self._discard_message()
+        if self._immediate is not None:
+            self._immediate.close()
 
-    def _dispatch(self, line):
-        """Runs a command; returns the handler's generator when it has more to do."""
-        verb, _, arg = line.partition(" ")
-        verb = verb.upper()
-        if self.verbose:
-            # An AUTH initial response is a credential: only the mechanism is logged.
-            shown = "AUTH " + arg.split(" ")[0] if verb == "AUTH" else line
-            log.verbose("smtp: rx: %s" % log.sanitise(shown), peer=self.peer)
-        method = _COMMANDS.get(verb)
-        if verb == "AUTH" and self.services.server_auth is None:
-            self._reply("502 5.5.1 command not implemented")
-            return
-        if method is None or not self._available(verb):
-            self._bad("500 5.5.1 command unrecognized")
-            return
-        if method.states is not None and self.state not in method.states:
-            self._sequence_error(verb)
-            return
-        return method(self, arg.strip(" "))
+    def is_error(self, text):
+        return text[:1] in "45"
 
-    def _available(self, verb):
+    def available(self, verb):
         if verb == "STARTTLS":
             return self.services.tls_context is not None and not self.conn.tls
         if verb == "AUTH":
             return self.services.server_auth is not None
         if verb == "ETRN":
-            return self.services.forwarder is not None
+            return self.services.trigger is not None
         if verb == "BDAT":
             return self.features["chunking"]
         return True
 
-    def _sequence_error(self, verb):
+    def unknown(self, verb):
+        if verb == "AUTH":
+            self.reply("502 5.5.1 command not implemented")
+        else:
+            self.bad("500 5.5.1 command unrecognized")
+
+    def out_of_sequence(self, verb):
         """Replies to a command given in the wrong state, as E-MailRelay does."""
         if verb in ("DATA", "BDAT") and self.state == MAIL:
-            self._reply("554 5.5.1 no valid recipients")
+            self.reply("554 5.5.1 no valid recipients")
         else:
-            self._bad(OUT_OF_SEQUENCE)
+            self.bad(OUT_OF_SEQUENCE)
 
-    def _reply(self, text):
+    def shown(self, verb, line):
+        # An AUTH initial response is a credential: only the mechanism is logged.
+        return "AUTH " + line[5:].strip(" ").split(" ")[0] if verb == "AUTH" else line
+
+    def trace_enabled(self):
+        return log.verbose_enabled()
+
+    def trace(self, text):
+        log.verbose(text, peer=self.peer)
+
+    def reset_after_tls(self):
+        # RFC 3207 4.2: forget everything learnt before the handshake.
+        self.state = START
+        self.helo = None
+        self.auth_user = None
+        self.auth_mech = None
+        self._reset_transaction()
+
+    def reply(self, text):
         """Queues a reply; with --tarpit an error reply is queued behind its delay."""
         if not self.enhanced:
             text = plain_reply(text)
-        if text[:1] in "45":
-            self.error_replies += 1
-            if self.tarpit is not None:
-                delay = self.tarpit.next_delay()
-                if delay > 0:
-                    self.replies.append(float(delay))
-        if self.verbose:
-            log.verbose("smtp: tx: %s" % log.sanitise(text.split("\r\n")[0]), peer=self.peer)
-        self.replies.append(text)
-
-    def _send(self):
-        """Sends the queued replies, waiting before each tarpit-delayed one (a generator).
-
-        The delay is a "sleep" request: it holds no lock and, in the
-        session loop, no thread.
-        """
-        while self.replies:
-            texts = []
-            while self.replies and not isinstance(self.replies[0], float):
-                texts.append(self.replies.pop(0))
-            if texts:
-                self.conn.write(("\r\n".join(texts) + "\r\n").encode("utf-8", "replace"))
-            if self.replies:
-                delay = self.replies.pop(0)
-                self.conn.flush()
-                log.verbose("smtp: tarpit: waiting %gs before an error reply" % delay,
+        if self.tarpit is not None and text[:1] in "45":
+            seconds = self.tarpit.next_delay()
+            if seconds > 0:
+                log.verbose("smtp: tarpit: waiting %gs before an error reply" % seconds,
                             peer=self.peer)
-                yield ("sleep", delay)
-        self.conn.flush()
-
-    def _flush(self):
-        """Sends the queued replies now, without the tarpit's delays (the session is ending)."""
-        texts = [r for r in self.replies if not isinstance(r, float)]
-        self.replies = []
-        if texts:
-            self.conn.write(("\r\n".join(texts) + "\r\n").encode("utf-8", "replace"))
-        self.conn.flush()
-
-    def _bad(self, text):
-        """Replies with an error and counts it; too many end the session.
-
-        By default the reply to the 8th error is the last thing sent, as
-        E-MailRelay does; with --max-bad-commands the next error gets 421.
-        """
-        self.bad_commands += 1
-        limit = self.bad_limit
-        if limit is None:
-            self._reply(text)
-            if self.bad_commands >= PROTOCOL_ERROR_LIMIT:
-                log.warning("smtp: too many protocol errors from the client: dropping the connection",
-                            peer=self.peer)
-                raise _Drop()
-            return
-        if limit and self.bad_commands > limit:
-            log.warning("smtp: too many bad commands from %s" % self.peer_ip, peer=self.peer)
-            self._reply("421 4.7.0 %s too many errors, closing connection" % self.domain)
-            raise _Drop()
-        self._reply(text)
+                self.delay(seconds)
+        super().reply(text)
 
     def _connect_refusal(self):
         """The reply that ends the session before the greeting (--max-load), or None."""
@@ -363,19 +306,17 @@ class SmtpSession:
     def _greet(self, arg, esmtp):
         """EHLO and HELO: checks the argument, resets the session; False after a refusal."""
         if not arg:
-            self._reply("501 5.5.4 parameter required")
+            self.reply("501 5.5.4 parameter required")
             return False
         refusal = self._helo_refusal(arg)
         if refusal is not None:
-            self._bad(refusal)
+            self.bad(refusal)
             return False
         self.helo = arg
         self.esmtp = esmtp
-        self.state = GREETED
         self._reset_transaction()
         return True
 
-    @command("EHLO <domain>")
     def smtp_EHLO(self, arg):
         if not self._greet(arg, esmtp=True):
             return
@@ -387,7 +328,7 @@ class SmtpSession:
         mechs = self._auth_mechanisms()
         if mechs:
             lines.append("AUTH " + " ".join(mechs))
-        if self._available("STARTTLS"):
+        if self.available("STARTTLS"):
             lines.append("STARTTLS")
         if "vrfy" not in self.anonymous:
             lines.append("VRFY")
@@ -399,10 +340,10 @@ class SmtpSession:
             lines.append("SMTPUTF8")
         if self.enhanced:
             lines.append("ENHANCEDSTATUSCODES")
-        if self.services.forwarder is not None:
+        if self.services.trigger is not None:
             lines.append("ETRN")
         lines.append("8BITMIME")
-        self._reply("\r\n".join("250-" + x for x in lines[:-1]) + "\r\n250 " + lines[-1])
+        self.reply("\r\n".join("250-" + x for x in lines[:-1]) + "\r\n250 " + lines[-1])
 
     def _auth_mechanisms(self):
         """The AUTH mechanisms to offer now: none before TLS with --server-tls-required."""
@@ -411,62 +352,54 @@ class SmtpSession:
             return []
         return auth.mechanisms(self.conn.tls)
 
-    @command("HELO <domain>")
     def smtp_HELO(self, arg):
         if self._greet(arg, esmtp=False):
-            self._reply("250 hello")
+            self.reply("250 hello")
 
-    @command("NOOP")
     def smtp_NOOP(self, arg):
-        self._reply("250 2.0.0 noop")
+        self.reply("250 2.0.0 noop")
 
-    @command("RSET")
     def smtp_RSET(self, arg):
         self._reset_transaction()
-        self._reply("250 2.0.0 state reset")
+        self.reply("250 2.0.0 state reset")
 
-    @command("QUIT")
     def smtp_QUIT(self, arg):
         self._reset_transaction()
-        self._reply("221 2.0.0 OK")
-        self.state = DONE
+        self.reply("221 2.0.0 OK")
 
-    @command("HELP [<command>]")
     def smtp_HELP(self, arg):
-        verbs = sorted(v for v in _COMMANDS if self._available(v))
+        verbs = sorted(v for v in COMMANDS if self.available(v))
         if arg:
             verb = arg.upper()
             if verb in verbs:
-                self._reply("214 2.0.0 Syntax: %s" % _COMMANDS[verb].syntax)
+                self.reply("214 2.0.0 Syntax: %s" % COMMANDS[verb].help)
             else:
-                self._reply("504 5.5.1 no help for %s" % log.sanitise(arg[:40]))
+                self.reply("504 5.5.1 no help for %s" % log.sanitise(arg[:40]))
             return
         # --help-text lines follow the command list in one multi-line reply.
         lines = ["commands: %s" % " ".join(verbs)] + list(self.services.help_text)
-        self._reply("".join(("214-2.0.0 " + x).rstrip() + "\r\n" for x in lines[:-1])
+        self.reply("".join(("214-2.0.0 " + x).rstrip() + "\r\n" for x in lines[:-1])
                     + ("214 2.0.0 " + lines[-1]).rstrip())
 
-    @command("MAIL FROM:<address> [SIZE=<n>] [BODY=7BIT|8BITMIME|BINARYMIME] "
-             "[SMTPUTF8] [AUTH=<xtext>]", states=(GREETED,))
     def smtp_MAIL(self, arg):
-        starttls = self._available("STARTTLS")
+        starttls = self.available("STARTTLS")
         tls_missing = self.cfg.server_tls_required and not self.conn.tls
         if (self.services.server_auth is not None and self.auth_user is None
                 and self._trusted() is None):
-            self._reply("530 5.7.0 authentication required"
+            self.reply("530 5.7.0 authentication required"
                         + (": use starttls" if tls_missing and starttls else ""))
             return
         if tls_missing:
-            self._reply("530 5.7.0 encryption required" + (": use starttls" if starttls else ""))
+            self.reply("530 5.7.0 encryption required" + (": use starttls" if starttls else ""))
             return
         if arg[:5].upper() != "FROM:":
-            self._bad("553 5.5.2 mailbox name not allowed: invalid mail-from command")
+            self.bad("553 5.5.2 mailbox name not allowed: invalid mail-from command")
             return
         try:
             address, rest = parse_path(arg[5:], allow_empty=True,
                                        strict=self.features["strictparsing"])
         except ValueError as e:
-            self._bad("553 5.1.7 mailbox name not allowed: %s" % e)
+            self.bad("553 5.1.7 mailbox name not allowed: %s" % e)
             return
         params = parse_params(rest)
         body = "7bit"
@@ -475,23 +408,23 @@ class SmtpSession:
         for key, value in params.items():
             if key == "SIZE":
                 if value is None or not value.isdigit():
-                    self._bad("501 5.5.4 invalid argument")
+                    self.bad("501 5.5.4 invalid argument")
                     return
                 if self.size_limit and int(value) > self.size_limit:
-                    self._reply("552 5.3.4 message size exceeds fixed maximum message size")
+                    self.reply("552 5.3.4 message size exceeds fixed maximum message size")
                     return
             elif key == "BODY":
                 body = {"7BIT": "7bit", "8BITMIME": "8bit",
                         "BINARYMIME": "binarymime"}.get((value or "").upper())
                 if body is None:
-                    self._bad("501 5.5.4 invalid argument")
+                    self.bad("501 5.5.4 invalid argument")
                     return
         smtputf8 = "SMTPUTF8" in params
         address = self._mailbox(address, smtputf8)
         if address is None:
             return
         if not self._enough_space():
-            self._reply(NO_STORAGE)
+            self.reply(NO_STORAGE)
             return
         self.mail_from = address
         self.body = body
@@ -499,8 +432,7 @@ class SmtpSession:
         # MAIL FROM AUTH= is kept as given (xtext), and only for an
         # authenticated client (RFC 4954 5).
         self.mail_auth = (params.get("AUTH") or "") if self.auth_user is not None else ""
-        self.state = MAIL
-        self._reply("250 2.1.0 sender <%s> OK" % address)
+        self.reply("250 2.1.0 sender <%s> OK" % address)
 
     def _mailbox(self, address, smtputf8, rcpt=False):
         """The address as stored (A-labels with alabels), or None after a refusal."""
@@ -508,13 +440,13 @@ class SmtpSession:
             return address
         refusal = "550 5.6.7 " if rcpt else "553 5.6.7 mailbox name not allowed: "
         if self.features["smtputf8strict"] and not smtputf8:
-            self._reply(refusal + "invalid character in mailbox name")
+            self.reply(refusal + "invalid character in mailbox name")
             return None
         if self.features["alabels"]:
             try:
                 return to_alabels(address)
             except ValueError as e:
-                self._reply(refusal + str(e))
+                self.reply(refusal + str(e))
                 return None
         return address
 
@@ -525,16 +457,15 @@ class SmtpSession:
         free = self.services.spool.free_kbytes()
         return free is None or free >= need
 
-    @command("RCPT TO:<address>", states=(MAIL, RCPT))
     def smtp_RCPT(self, arg):
         if arg[:3].upper() != "TO:":
-            self._bad("550 5.5.2 invalid rcpt-to command")
+            self.bad("550 5.5.2 invalid rcpt-to command")
             return
         try:
             address, _ = parse_path(arg[3:], allow_empty=False,
                                     strict=self.features["strictparsing"])
         except ValueError as e:
-            self._bad("550 5.1.3 %s" % e)
+            self.bad("550 5.1.3 %s" % e)
             return
         stored = self._mailbox(address, self.smtputf8, rcpt=True)
         if stored is None:
@@ -542,11 +473,11 @@ class SmtpSession:
         count = len(self.to_local) + len(self.to_remote)
         limit = self.cfg.max_recipients
         if limit and count >= limit:
-            self._reply("452 4.5.3 too many recipients")
+            self.reply("452 4.5.3 too many recipients")
             return
         limit = self.cfg.max_bounce_recipients
         if self.mail_from == "" and limit and count >= limit:
-            self._reply("452 4.5.3 too many recipients for a bounce message")
+            self.reply("452 4.5.3 too many recipients for a bounce message")
             return
         result = yield from self._verify(stored, self.mail_from)
         if result is None or result.status == "remote":
@@ -558,10 +489,9 @@ class SmtpSession:
             return
         if not stored.isascii():
             self.smtputf8 = True
-        self.state = RCPT
         local = result is not None and result.status == "local"
         # E-MailRelay marks a local recipient with a second space.
-        self._reply("250 2.1.5 recipient <%s> %sOK" % (address, " " if local else ""))
+        self.reply("250 2.1.5 recipient <%s> %sOK" % (address, " " if local else ""))
 
     def _verify(self, address, from_):
         """Runs the address verifier (a generator); its result, or None when there is none."""
@@ -575,147 +505,115 @@ class SmtpSession:
             mech, name = ("none", keyword) if keyword is not None else ("", "")
         # Send what we owe first so a pipelining client is not kept waiting
         # on earlier replies while the verifier runs.
-        yield from self._send()
+        yield from self.send()
         return (yield ("call", verifier.verify,
                        (address, from_, self.peer_ip, self.domain, mech, name)))
 
     def _verify_refusal(self, result, address):
         reason = log.sanitise(result.reason or "")
         if result.status == "reject":
-            self._reply("550 5.1.1 %s" % (reason or "invalid recipient <%s>" % address))
+            self.reply("550 5.1.1 %s" % (reason or "invalid recipient <%s>" % address))
         elif result.status == "tempfail":
-            self._reply("450 4.1.1 %s" % (reason or "recipient <%s> unavailable" % address))
+            self.reply("450 4.1.1 %s" % (reason or "recipient <%s> unavailable" % address))
         else:
             log.warning("smtp: address verifier aborted the connection from %s" % self.peer_ip,
                         peer=self.peer)
-            raise _Drop()
+            raise session_core.Drop()
 
-    @command("VRFY <address>")
     def smtp_VRFY(self, arg):
         if "vrfy" in self.anonymous:
-            self._reply("252 2.1.5 cannot vrfy")
+            self.reply("252 2.1.5 cannot vrfy")
             return
         try:
             address, _ = parse_path(arg, allow_empty=False)
         except ValueError:
-            self._reply("550 5.1.3 invalid mailbox")
+            self.reply("550 5.1.3 invalid mailbox")
             return
         result = yield from self._verify(address, "")
         if result is not None and result.status == "local":
             name = log.sanitise(result.full_name or "")
-            self._reply("250 2.1.5 %s" % (name or "<%s>" % result.address))
+            self.reply("250 2.1.5 %s" % (name or "<%s>" % result.address))
         elif result is None or result.status == "remote":
-            self._reply("252 2.1.5 cannot verify but will accept: %s" % address)
+            self.reply("252 2.1.5 cannot verify but will accept: %s" % address)
         else:
             self._verify_refusal(result, address)
 
-    @command("EXPN <list>")
     def smtp_EXPN(self, arg):
-        self._reply("502 5.5.1 command not implemented")
+        self.reply("502 5.5.1 command not implemented")
 
-    @command("ETRN <domain>", states=(GREETED,))
     def smtp_ETRN(self, arg):
-        self.services.forwarder.trigger()
-        self._reply("250 2.0.0 OK, queue run started")
+        self.services.trigger()
+        self.reply("250 2.0.0 OK, queue run started")
 
-    @command("STARTTLS", states=(START, GREETED))
     def smtp_STARTTLS(self, arg):
         if arg:
-            self._reply("501 5.5.4 invalid argument")
-            return
-        self._reply("220 2.0.0 ready to start tls")
-        yield from self._send()
-        try:
-            yield ("starttls", self.services.tls_context)
-        except (OSError, ValueError) as e:
-            log.warning("tls error: %s" % e, peer=self.peer)
-            raise _Drop() from None
-        # RFC 3207 4.2: forget everything learnt before the handshake.
-        self.state = START
-        self.helo = None
-        self.auth_user = None
-        self.auth_mech = None
-        self._reset_transaction()
-        log.verbose("smtp: tls established", peer=self.peer)
+            self.reply("501 5.5.4 invalid argument")
+            return None
+        self.reply("220 2.0.0 ready to start tls")
+        return self.start_tls(self.services.tls_context)
 
-    @command("AUTH <mechanism> [<initial-response>]", states=(GREETED,))
     def smtp_AUTH(self, arg):
         from . import sasl
         if self.auth_user is not None:
-            self._bad(OUT_OF_SEQUENCE)
+            self.bad(OUT_OF_SEQUENCE)
             return
-        if self.cfg.server_tls_required and not self.conn.tls:
+        if self.tls_missing():
             # Refused before anything after the mechanism name is looked at.
-            self._reply("530 5.7.0 encryption required: use starttls")
+            self.reply("530 5.7.0 encryption required: use starttls")
             return
         mech, _, initial = arg.partition(" ")
         auth = self.services.server_auth
         try:
             exchange = auth.start(mech, initial.strip() or None, tls=self.conn.tls)
         except sasl.MechanismError:
-            later = (self._available("STARTTLS") and mech.upper() in auth.mechanisms(True))
-            self._reply("504 5.5.4 unsupported authentication mechanism"
-                        + (": use starttls" if later else ""))
+            later = (self.available("STARTTLS") and mech.upper() in auth.mechanisms(True))
+            self.reply("504 5.5.4 unsupported authentication mechanism"
+                       + (": use starttls" if later else ""))
             return
-        # A step may ask PAM or --server-auth-program: it is work, not protocol.
-        outcome = yield ("call", exchange.step, (None,))
-        while outcome[0] == "challenge":
-            self._reply("334 " + outcome[1].decode("ascii"))
-            line = yield from self._readline(AUTH_LINE_LIMIT)
-            if line is None:
-                return
-            outcome = yield ("call", exchange.step, (line,))
+        outcome = yield from self.sasl_exchange(exchange, "334 ", AUTH_LINE_LIMIT, self.TOO_LONG)
+        if outcome is None:
+            return
         if outcome[0] == "ok":
             self.auth_user = outcome[1]
             self.auth_mech = exchange.mechanism
             log.info("smtp: authenticated as %s using %s"
                      % (log.sanitise(self.auth_user), exchange.mechanism), peer=self.peer)
-            self._reply("235 2.7.0 authentication successful")
+            self.reply("235 2.7.0 authentication successful")
             return
         if outcome[1] == sasl.CANCELLED:
-            self._reply("501 5.7.0 authentication cancelled")
+            self.reply("501 5.7.0 authentication cancelled")
             return
-        self.auth_failures += 1
         # Always with the address, whatever --log-address says: fail2ban needs it.
         log.warning('smtp authentication failed for user "%s" from %s'
                     % (log.sanitise(exchange.user or ""), self.peer_ip))
-        if getattr(self.services, "auth_budget", None) is not None:
-            delay = self.services.auth_budget.record(self.peer_ip, "smtp")
-            if delay:
-                yield from self._send()
-                yield ("sleep", delay)
-        if self.auth_failures >= MAX_AUTH_FAILURES:
-            self._reply("421 4.7.0 %s too many authentication failures" % self.domain)
-            raise _Drop()
-        self._reply("535 5.7.8 authentication failed")
+        yield from self.auth_failed("535 5.7.8 authentication failed",
+                                    "421 4.7.0 %s too many authentication failures" % self.domain)
 
-    @command("DATA", states=(RCPT,))
     def smtp_DATA(self, arg):
         if self.body == "binarymime":
-            self._bad("503 5.5.1 invalid data command with binarymime -- use RSET to resynchronise")
+            self.bad("503 5.5.1 invalid data command with binarymime -- use RSET to resynchronise")
             return
         write = self._start_message()
-        self._reply("354 start mail input -- end with <CRLF>.<CRLF>")
-        yield from self._send()
+        self.reply("354 start mail input -- end with <CRLF>.<CRLF>")
+        yield from self.send()
         yield from smtp_text.read_data(self.conn, write, self.text)
         if self.text.fault is None:
             yield from self._commit()
         else:
             self._refuse_content()
 
-    @command("BDAT <size> [LAST]")
     def smtp_BDAT(self, arg):
         parts = arg.split()
         if not parts or len(parts) > 2 or not parts[0].isdigit() or (
                 len(parts) == 2 and parts[1].upper() != "LAST"):
-            self._bad("501 5.5.4 invalid argument")
+            self.bad("501 5.5.4 invalid argument")
             return
         size = int(parts[0])
         last = len(parts) == 2
         if self.state not in (RCPT, BDAT):
             # The chunk is read and dropped so it is not taken for commands.
             yield from smtp_text.read_chunk(size, None, None)
-            self._sequence_error("BDAT")
+            self.out_of_sequence("BDAT")
             return
         if self.state == RCPT:
             self._write = self._start_message()
@@ -724,7 +622,7 @@ class SmtpSession:
         if self.text.fault is not None:
             self._refuse_content()
         elif not last:
-            self._reply("250 2.0.0 %d bytes received" % size)
+            self.reply("250 2.0.0 %d bytes received" % size)
         else:
             yield from self._commit()
 
@@ -772,10 +670,10 @@ class SmtpSession:
         text = self.text
         if text.fault == "storage":
             log.error("smtp: cannot store message: %s" % text.error, peer=self.peer)
-            self._reply(_storage_reply(text.error))
+            self.reply(_storage_reply(text.error))
         else:
             log.info("smtp: message refused: too big", peer=self.peer)
-            self._reply("552 5.3.4 message size exceeds fixed maximum message size")
+            self.reply("552 5.3.4 message size exceeds fixed maximum message size")
         self._reset_transaction()
 
     def _envelope(self):
@@ -798,13 +696,13 @@ class SmtpSession:
             log.warning("smtp: message refused: less than --min-free-space left in the spool",
                         peer=self.peer)
             self._reset_transaction()
-            self._reply(NO_STORAGE)
+            self.reply(NO_STORAGE)
             return
-        yield from self._send()
+        yield from self.send()
         # Storing alone is "work", often quick enough for the session loop's
         # own thread; filter programs and --immediate wait on others.
         quick = not self.services.filters and not self.cfg.immediate
-        self._reply((yield ("work" if quick else "call", self._store, ())))
+        self.reply((yield ("work" if quick else "call", self._store, ())))
 
     def _store(self):
         """The blocking part of `_commit`: returns the reply to the message."""
@@ -849,9 +747,9 @@ class SmtpSession:
             peer=self.peer)
         self._count("messages-stored")
         self._reset_transaction()
-        if self._rescan and self.services.forwarder is not None:
+        if self._rescan and self.services.rescan is not None:
             # Exit 103: now that the message is committed, the pass sees it.
-            self.services.forwarder.rescan()
+            self.services.rescan()
         refusal = self._forward_now(msg_id)
         return refusal or "250 2.0.0 message processed"
 
@@ -884,11 +782,11 @@ class SmtpSession:
 
     def _forward_now(self, msg_id):
         """--immediate: forwards the message now; a refusal reply or None."""
-        forwarder = self.services.forwarder
-        if not self.cfg.immediate or forwarder is None:
+        immediate = self.services.immediate
+        if immediate is None:
             return None
         if self._immediate is None:
-            self._immediate = forwarder.immediate_session()
+            self._immediate = immediate()
         refusal = self._immediate.forward(msg_id)
         if refusal is None:
             return None
@@ -910,6 +808,32 @@ def _storage_reply(e):
     return "452 4.3.0 cannot store the message"
 
 
-# The command table: verb -> unbound smtp_<VERB> method.
-_COMMANDS = {name[5:]: getattr(SmtpSession, name) for name in dir(SmtpSession)
-             if name.startswith("smtp_")}
+# The command table, E-MailRelay's states; HELP gives each row's syntax. A
+# command whose reply is not an error moves the session to the row's next
+# state (None: the handler decides, or the state stays). After a message
+# is stored or refused the transaction is reset to GREETED; STARTTLS and
+# its handshake go back to START (RFC 3207 4.2).
+_S = SmtpSession
+_ANY = None
+COMMANDS = session_core.table(
+    # verb, states, handler, next state, HELP syntax
+    ("EHLO", _ANY, _S.smtp_EHLO, GREETED, "EHLO <domain>"),
+    ("HELO", _ANY, _S.smtp_HELO, GREETED, "HELO <domain>"),
+    ("STARTTLS", (START, GREETED), _S.smtp_STARTTLS, START, "STARTTLS"),
+    ("AUTH", (GREETED,), _S.smtp_AUTH, None, "AUTH <mechanism> [<initial-response>]"),
+    ("MAIL", (GREETED,), _S.smtp_MAIL, MAIL,
+     "MAIL FROM:<address> [SIZE=<n>] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8] [AUTH=<xtext>]"),
+    ("RCPT", (MAIL, RCPT), _S.smtp_RCPT, RCPT, "RCPT TO:<address>"),
+    ("DATA", (RCPT,), _S.smtp_DATA, GREETED, "DATA"),
+    # BDAT: BDAT until a LAST chunk, then GREETED; out of sequence, the
+    # chunk is still read (the handler checks the state).
+    ("BDAT", _ANY, _S.smtp_BDAT, None, "BDAT <size> [LAST]"),
+    ("RSET", _ANY, _S.smtp_RSET, None, "RSET"),
+    ("NOOP", _ANY, _S.smtp_NOOP, None, "NOOP"),
+    ("VRFY", _ANY, _S.smtp_VRFY, None, "VRFY <address>"),
+    ("EXPN", _ANY, _S.smtp_EXPN, None, "EXPN <list>"),
+    ("ETRN", (GREETED,), _S.smtp_ETRN, None, "ETRN <domain>"),
+    ("HELP", _ANY, _S.smtp_HELP, None, "HELP [<command>]"),
+    ("QUIT", _ANY, _S.smtp_QUIT, DONE, "QUIT"),
+)
+SmtpSession.COMMANDS = COMMANDS

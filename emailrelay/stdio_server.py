@@ -1,6 +1,7 @@
 """One SMTP session on the standard input and output: --inetd and --bsmtp.
 
-`run(cfg, services)` serves the session and returns the exit status.
+`run(cfg, services)` serves the session (`services` an
+`smtp_server.SmtpServices`) and returns the exit status.
 
 --inetd (ZMailer -n): inetd, xinetd or a systemd socket unit with
 Accept=yes gives the client's socket as descriptors 0 and 1. The client

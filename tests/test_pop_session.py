@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from emailrelay import net, options, pop_server, sasl, secrets, spool
+from emailrelay import net, options, pop_maildrop, pop_server, sasl, secrets, spool
 
 ENVELOPE = (
     "X-MailRelay-Format: #2821.8\r\n"
@@ -46,12 +46,10 @@ def add_message(directory, seq, content, user_dirs=()):
     return mid
 
 
-class Services:
-    def __init__(self, cfg, tls_context=None):
-        self.cfg = cfg
-        self.spool = spool.Spool(cfg.spool_dir)
-        self.pop_auth = sasl.ServerAuth(secrets.Reloadable(cfg.pop_auth), cfg.server_auth_config)
-        self.tls_context = tls_context
+def Services(cfg, tls_context=None):
+    return pop_server.PopServices(
+        cfg=cfg, spool=spool.Spool(cfg.spool_dir), tls_context=tls_context,
+        pop_auth=sasl.ServerAuth(secrets.Reloadable(cfg.pop_auth), cfg.server_auth_config))
 
 
 @pytest.fixture
@@ -339,7 +337,7 @@ def test_idle_timeout_closes_without_update(box):
 
 def test_lock_in_process(box):
     s = make_services(box)
-    holder = pop_server.Maildrop(s.spool, box["dir"], False)
+    holder = pop_maildrop.Maildrop(s.spool, box["dir"], False)
     try:
         out, _ = session(s, "USER alice", "PASS secret", "USER bob", "PASS s3cret", "QUIT")
         assert out.count("-ERR [IN-USE] maildrop locked") == 2
@@ -352,7 +350,7 @@ def test_lock_in_process(box):
 def test_lock_across_processes(box):
     code = ("import fcntl,os,sys; fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT); "
             "fcntl.flock(fd,fcntl.LOCK_EX); print('locked',flush=True); sys.stdin.read()")
-    p = subprocess.Popen([sys.executable, "-c", code, os.path.join(box["dir"], pop_server.LOCK_FILE)],
+    p = subprocess.Popen([sys.executable, "-c", code, os.path.join(box["dir"], pop_maildrop.LOCK_FILE)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert p.stdout.readline() == b"locked\n"
@@ -390,9 +388,9 @@ def test_by_name_each_user_sees_own_copy_and_shared_content_survives(byname):
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/etc", "..\\x", "a\x00b", "a\x01b",
                                   "a b", "\x7f", ".hidden", "x" * 256])
 def test_unsafe_names_never_reach_the_file_system(name):
-    assert not pop_server.valid_user_name(name)
-    with pytest.raises(pop_server.MaildropError):
-        pop_server.maildrop_directory("/nonexistent-spool", name, True)
+    assert not pop_maildrop.valid_user_name(name)
+    with pytest.raises(pop_maildrop.MaildropError):
+        pop_maildrop.maildrop_directory("/nonexistent-spool", name, True)
 
 
 @pytest.mark.parametrize("name", ["..", "../spool", "a/b", "/etc", "sub\\..", "x\x01y", "-"])
@@ -417,7 +415,7 @@ def test_by_name_refuses_symlink_out_of_spool(byname, tmp_path):
     os.symlink(str(outside), os.path.join(byname["dir"], "bob"))
     out, _ = session(make_services(byname, "--pop-by-name"), "USER bob", "PASS s3cret", "QUIT")
     assert "-ERR [SYS/PERM] maildrop is outside the spool directory" in out
-    assert not os.path.exists(str(outside / pop_server.LOCK_FILE))
+    assert not os.path.exists(str(outside / pop_maildrop.LOCK_FILE))
 
 
 def _xtext(text):
@@ -427,8 +425,9 @@ def _xtext(text):
 
 def test_command_table_follows_rfc_1939_states():
     by_state = {}
-    for verb, (states, handler) in pop_server.COMMANDS.items():
-        assert callable(handler)
+    for verb, row in pop_server.COMMANDS.items():
+        assert callable(row.handler) and row.verb == verb
+        states = row.states
         for state in states:
             by_state.setdefault(state, set()).add(verb)
     assert by_state[pop_server.AUTHORIZATION] == {"CAPA", "STLS", "USER", "PASS", "APOP", "AUTH",

@@ -28,12 +28,12 @@ def make_cfg(tmp_path, **kw):
 
 
 def make_services(tmp_path, **kw):
-    parts = dict(filters=[], verifier=None, server_auth=None, server_secrets=None,
-                 tls_context=None, forwarder=None, stats=Stats(), load_guard=None, help_text=[])
-    cfg_kw = {k: v for k, v in kw.items() if k not in parts}
-    parts.update({k: v for k, v in kw.items() if k in parts})
-    return types.SimpleNamespace(cfg=make_cfg(tmp_path, **cfg_kw),
-                                 spool=spool.Spool(str(tmp_path)), **parts)
+    parts = dict(stats=Stats())
+    names = smtp_server.SmtpServices.__slots__
+    cfg_kw = {k: v for k, v in kw.items() if k not in names}
+    parts.update({k: v for k, v in kw.items() if k in names})
+    return smtp_server.SmtpServices(cfg=make_cfg(tmp_path, **cfg_kw),
+                                    spool=spool.Spool(str(tmp_path)), **parts)
 
 
 class CountingConnection(net.MemoryConnection):
@@ -384,9 +384,9 @@ def test_filter_outcomes(tmp_path, flt, reply, kept):
 
 def test_filter_rescan_triggers_forwarder_and_stop_skips_later_filters(tmp_path):
     fwd = types.SimpleNamespace(triggers=0)
-    fwd.rescan = lambda: setattr(fwd, "triggers", fwd.triggers + 1)
+    rescan = lambda: setattr(fwd, "triggers", fwd.triggers + 1)  # noqa: E731
     later = FakeFilter(ok=False, reason="never run")
-    out, _, _ = talk(tmp_path, ENVELOPE + b"x\r\n.\r\nQUIT\r\n", forwarder=fwd,
+    out, _, _ = talk(tmp_path, ENVELOPE + b"x\r\n.\r\nQUIT\r\n", rescan=rescan,
                      filters=[FakeFilter(special="rescan"), FakeFilter(special="stop"), later])
     assert "250 2.0.0 message processed" in out and fwd.triggers == 1 and not later.seen
     assert len(stored(tmp_path)) == 1
@@ -394,8 +394,8 @@ def test_filter_rescan_triggers_forwarder_and_stop_skips_later_filters(tmp_path)
 
 def test_etrn_only_with_forwarder(tmp_path):
     fwd = types.SimpleNamespace(triggers=0)
-    fwd.trigger = lambda: setattr(fwd, "triggers", fwd.triggers + 1)
-    out, _, _ = talk(tmp_path, b"EHLO c\r\nETRN relay.test\r\nQUIT\r\n", forwarder=fwd)
+    trigger = lambda: setattr(fwd, "triggers", fwd.triggers + 1)  # noqa: E731
+    out, _, _ = talk(tmp_path, b"EHLO c\r\nETRN relay.test\r\nQUIT\r\n", trigger=trigger)
     assert "250-ETRN\r\n" in out and "250 2.0.0 OK" in out and fwd.triggers == 1
 
 
@@ -415,8 +415,8 @@ def test_storage_failure_gives_452_and_no_traceback(tmp_path):
 def test_immediate_forwarding_refusal_is_passed_back(tmp_path):
     handle = types.SimpleNamespace(forward=lambda msg_id: "550 mailbox unavailable",
                                    close=lambda: None)
-    fwd = types.SimpleNamespace(trigger=lambda: None, immediate_session=lambda: handle)
-    out, _, _ = talk(tmp_path, ENVELOPE + b"x\r\n.\r\nQUIT\r\n", forwarder=fwd, immediate=True)
+    out, _, _ = talk(tmp_path, ENVELOPE + b"x\r\n.\r\nQUIT\r\n", trigger=lambda: None,
+                     immediate=lambda: handle)
     assert "\r\n550 mailbox unavailable\r\n" in out
 
 
