@@ -9,8 +9,9 @@ MAX_DELAY, and logged as a warning that fail2ban can match:
 
     emailrelay: warning: too many authentication failures from 192.0.2.1 (smtp): 6 in 600s: reply delayed 1s
 
-The delay holds up only the failing session (a POP thread waits; an SMTP
-conversation sleeps in the session loop without a thread); with the
+`record()` gives the delay owed; the session waits it out (a "sleep"
+request of its conversation, which holds up only that session and, in the
+session loop, no thread); with the
 per-address connection limit it caps the guessing rate of one address.
 Successful logins do not reset the count (an attacker with one account
 could otherwise reset it at will). The count for an address is forgotten
@@ -33,30 +34,17 @@ class FailureBudget:
     """Counts authentication failures per address; see the module docstring."""
 
     def __init__(self, allowed=ALLOWED, window=WINDOW, max_delay=MAX_DELAY,
-                 clock=time.monotonic, sleep=time.sleep):
+                 clock=time.monotonic):
         self.allowed = allowed
         self.window = window
         self.max_delay = max_delay
         self._clock = clock
-        self._sleep = sleep
         self._lock = threading.Lock()
         self._failures = {}  # ip -> [first failure time, count]
 
-    def failed(self, ip, service):
-        """Records a failure by `ip` on `service` ('smtp', 'pop'); waits if over budget.
-
-        Returns the seconds waited (0 within the budget).
-        """
-        delay = self.record(ip, service)
-        if delay:
-            self._sleep(delay)
-        return delay
-
     def record(self, ip, service):
-        """Records a failure as `failed` does, but returns the delay owed instead of waiting.
-
-        For a caller that waits its own way (the SMTP session loop).
-        """
+        """Records a failure by `ip` on `service` ('smtp', 'pop'); returns the
+        seconds the reply should be delayed (0 within the budget)."""
         now = self._clock()
         with self._lock:
             entry = self._failures.get(ip)
