@@ -28,21 +28,16 @@ from . import parts
 from . import session_core
 
 PROMPT = b"E-MailRelay> "
-# Seconds an admin session may sit idle unless --idle-timeout is given.
 ADMIN_IDLE_TIMEOUT = 600
 READY = "READY"
 
 
 class AdminServices(parts.Parts):
-    """What an admin session uses.
-
-    `cfg`, `spool`, `stats` (a stats.Stats), `flush` (runs a forwarding
-    pass and waits: returns (ok, text); None without --forward-to),
-    `trigger` (starts a pass; None without --forward-to), `events`
-    (forwarder.Events or None), `listeners` (returns (listening addresses
-    as (kind, address) pairs, live sessions, connection counters); None
-    when not serving) and `stop_event` (set by terminate).
-    """
+    """What an admin session uses: `cfg`, `spool`, `stats`, `flush` (a pass,
+    waited for: (ok, text)) and `trigger` (a pass, not waited for), both
+    None without --forward-to, `events` (or None), `listeners` (gives
+    ((kind, address) pairs, live sessions, counters); None when not serving)
+    and `stop_event` (set by terminate)."""
 
     __slots__ = ("cfg", "spool", "stats", "flush", "trigger", "events", "listeners",
                  "stop_event")
@@ -53,6 +48,7 @@ class AdminSession(session_core.LineSession):
 
     PROTOCOL = "admin"
     COMMAND_LIMIT = 1000
+    IDLE_TIMEOUT = ADMIN_IDLE_TIMEOUT
     TOO_LONG = "error: line too long"
 
     def __init__(self, conn, services):
@@ -60,16 +56,10 @@ class AdminSession(session_core.LineSession):
         # The notify thread writes between the session's answers.
         self._write_lock = threading.Lock()
         self._events = None
-        self._notifier = None
         self._typed = ""
 
     # The core's hooks: every answer ends with the prompt, and the notify
     # thread may write at any time.
-
-    def idle_timeout(self):
-        if self.cfg.given("idle-timeout"):
-            return self.cfg.idle_timeout or None  # 0: no timeout
-        return ADMIN_IDLE_TIMEOUT
 
     def on_timeout(self):
         log.info("admin: idle timeout", peer=self.peer)
@@ -85,17 +75,12 @@ class AdminSession(session_core.LineSession):
             self._events = None
 
     def parse(self, line):
-        words = line.split(None, 1)
-        if not words:
-            return "", ""
-        self._typed = words[0]
-        return words[0].upper(), words[1] if len(words) > 1 else ""
+        self._typed, _, arg = line.strip().partition(" ")
+        return self._typed.upper(), arg
 
     def unknown(self, verb):
-        if verb:
-            self.reply("error: unrecognised command %r: try help" % log.sanitise(self._typed))
-        else:
-            self.reply("")
+        # An empty line gets the prompt alone (an empty answer).
+        self.reply(verb and "error: unrecognised command %r: try help" % log.sanitise(self._typed))
 
     def encode(self, texts):
         # An empty answer (to an empty line) is the prompt alone.
@@ -124,14 +109,10 @@ class AdminSession(session_core.LineSession):
         self._answer(["%-11s %s" % (row.verb.lower(), row.help) for row in COMMANDS.values()])
 
     def do_flush(self, arg):
-        flush = self.services.flush
-        if flush is None:
+        if self.services.flush is None:
             self._answer("error: no --forward-to address")
-            return None
-        return self._flush(flush)
-
-    def _flush(self, flush):
-        ok, text = yield ("call", flush, ())
+            return
+        ok, text = yield ("call", self.services.flush, ())
         self._answer(text)
 
     def do_forward(self, arg):
@@ -175,16 +156,14 @@ class AdminSession(session_core.LineSession):
             self._events = events.subscribe()
             # A watcher waits for events, not for its own input.
             self.conn.settimeout(None)
-            self._notifier = threading.Thread(target=self._notify_loop, name="admin notify",
-                                              daemon=True)
-            self._notifier.start()
+            threading.Thread(target=self._notify_loop, name="admin notify", daemon=True).start()
         self._answer("OK")
 
     def do_pid(self, arg):
         self._answer(str(os.getpid()))
 
     def do_quit(self, arg):
-        pass
+        """Ends the session (the table's next state), answering nothing."""
 
     def do_terminate(self, arg):
         if not self.cfg.admin_terminate:

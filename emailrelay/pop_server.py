@@ -71,6 +71,7 @@ class PopSession(session_core.LineSession):
 
     PROTOCOL = "pop"
     COMMAND_LIMIT = COMMAND_LIMIT
+    IDLE_TIMEOUT = RFC_IDLE_TIMEOUT
     TOO_LONG = "-ERR line too long"
 
     def __init__(self, conn, services):
@@ -86,11 +87,6 @@ class PopSession(session_core.LineSession):
         self.maildrop = None
 
     # The core's hooks.
-
-    def idle_timeout(self):
-        if self.cfg.given("idle-timeout"):
-            return self.cfg.idle_timeout or None  # 0: no timeout
-        return RFC_IDLE_TIMEOUT
 
     def opening(self):
         self.reply("+OK %s POP3 server ready %s" % (self.domain, self.banner))

@@ -67,7 +67,8 @@ class LineSession:
 
     A subclass sets `COMMANDS` (a `table()`), `PROTOCOL` (the log prefix),
     `COMMAND_LIMIT` and `TOO_LONG` (the reply to an over-long line), and
-    may override the hooks below. After the conversation, `error_replies`
+    `NOT_UTF8` and `IDLE_TIMEOUT` if it needs them, and may override the
+    hooks below. After the conversation, `error_replies`
     is the number of error replies sent.
     """
 
@@ -78,6 +79,9 @@ class LineSession:
     # None: command lines are decoded with surrogateescape; else the reply
     # (a bad command) to a line that is not UTF-8.
     NOT_UTF8 = None
+    # Seconds a client may be idle unless --idle-timeout is given (None:
+    # the option's value, given or not).
+    IDLE_TIMEOUT = None
 
     def __init__(self, conn, services, state, bad_budget):
         self.conn = conn
@@ -97,8 +101,10 @@ class LineSession:
     # ----- hooks a protocol may override ------------------------------
 
     def idle_timeout(self):
-        """Seconds the client may be idle (None: no limit)."""
-        return self.cfg.idle_timeout or None
+        """Seconds the client may be idle (None: no limit); see IDLE_TIMEOUT."""
+        if self.IDLE_TIMEOUT is None or self.cfg.given("idle-timeout"):
+            return self.cfg.idle_timeout or None  # 0: no timeout
+        return self.IDLE_TIMEOUT
 
     def opening(self):
         """Queues the greeting (a generator, so it may wait; may raise Drop)."""

@@ -57,7 +57,9 @@ def test_commands_without_forwarding(tmp_path):
             status = a.cmd("status")
             assert "listening: smtp 127.0.0.1:%d" % r.port in status
             assert "listening: admin 127.0.0.1:%d" % r.admin_port in status
-            assert a.cmd("bogus").startswith("error: unrecognised command")
+            assert a.cmd("bogus").startswith("error: unrecognised command 'bogus'")
+            assert a.cmd("") == ""  # the prompt alone
+            assert a.cmd("  PID ").strip() == str(r.proc.pid)
             assert "terminate is disabled" in a.cmd("terminate")
             assert r.proc.poll() is None
             a.sock.sendall(b"quit\r\n")
