@@ -68,8 +68,8 @@ class LineSession:
     A subclass sets `COMMANDS` (a `table()`), `PROTOCOL` (the log prefix),
     `COMMAND_LIMIT` and `TOO_LONG` (the reply to an over-long line), and
     `NOT_UTF8` and `IDLE_TIMEOUT` if it needs them, and may override the
-    hooks below. After the conversation, `error_replies`
-    is the number of error replies sent.
+    hooks below. After the conversation, `error_replies` is the number of
+    error replies sent.
     """
 
     COMMANDS = {}

@@ -106,7 +106,7 @@ class Settings:
     """What every SMTP session takes from the configuration, parsed once.
 
     `features` (--server-smtp-config), `enhanced`, `anonymous` (scopes),
-    `tarpit` ((base, step, ceiling) or None) and `counts_errors`: True for
+    `tarpit` ((initial, exponent, limit) or None) and `emailrelay_limit`: True for
     E-MailRelay's limit of PROTOCOL_ERROR_LIMIT errors, False when
     --max-bad-commands was given.
     """
@@ -118,7 +118,7 @@ class Settings:
         self.anonymous = options.anonymous_scopes(cfg.anonymous)
         self.tarpit = smtp_controls.parse_tarpit(cfg.tarpit) if cfg.tarpit else None
         given = getattr(cfg, "given", None)
-        self.counts_errors = not (given is None or given("max-bad-commands"))
+        self.emailrelay_limit = not (given is None or given("max-bad-commands"))
 
 
 class SmtpSession(session_core.LineSession):
@@ -140,7 +140,7 @@ class SmtpSession(session_core.LineSession):
         cfg = services.cfg
         settings = services.settings
         self.domain = cfg.domain or "localhost"
-        if settings.counts_errors:
+        if settings.emailrelay_limit:
             # E-MailRelay drops the client at its 8th error, after the reply.
             budget = session_core.BadBudget(
                 PROTOCOL_ERROR_LIMIT, None,
