@@ -10,8 +10,8 @@ whatever the line length.
 - `normalise_lines(blocks)` / `file_blocks(f)` yield one line at a time
   (a line longer than MAX_PIECE in parts) and leave the `.` line to the
   caller, for a writer that counts lines.
-- `write_text(f, write, body_lines)` writes a stored message with either:
-  POP RETR (by blocks) and TOP (by lines, since it counts body lines).
+- `write_text(f, write, body_lines)` writes a stored message for POP: by
+  blocks for RETR, by lines for TOP (which counts body lines).
 
 Why NUL is dropped: RFC 5321 does not allow it in text, and a receiver that
 strips NUL itself would read `CRLF NUL . CRLF` as the end of the data;
