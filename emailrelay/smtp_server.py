@@ -106,8 +106,8 @@ class Settings:
     """What every SMTP session takes from the configuration, parsed once.
 
     `features` (--server-smtp-config), `enhanced`, `anonymous` (scopes),
-    `tarpit` ((initial, exponent, limit) or None) and `emailrelay_limit`: True for
-    E-MailRelay's limit of PROTOCOL_ERROR_LIMIT errors, False when
+    `tarpit` ((initial, exponent, limit) or None) and `emailrelay_limit`:
+    True for E-MailRelay's limit of PROTOCOL_ERROR_LIMIT errors, False when
     --max-bad-commands was given.
     """
 
