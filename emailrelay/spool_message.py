@@ -95,7 +95,8 @@ class NewMessage:
         a `.envelope.local` copy is made too, and with no remote recipients
         the `.local` file is the only envelope. Files a filter changed are
         fsync'd again; the directory is fsync'd last. Raises SpoolError if a
-        filter removed the files, OSError on I/O failure.
+        filter removed the files, OSError on I/O failure; after an OSError
+        no envelope is left for the forwarder, and abandon() removes the rest.
         """
         self.commit_content()
         if self._envelope_fd is None:
@@ -103,23 +104,42 @@ class NewMessage:
         if self._synced is not None:
             for path in (self.content_path, self.new_envelope_path):
                 self._resync_if_changed(path)
+        local, ready = self.spool.path(self.id, LOCAL), self.spool.path(self.id, READY)
         if env.to_local and env.to_remote:
             with open(self.new_envelope_path, "rb") as f:
                 data = f.read()
             tmp = self.spool.path(self.id, LOCAL + ".tmp")
             write_file_durably(tmp, data)
-            os.rename(tmp, self.spool.path(self.id, LOCAL))
-            os.rename(self.new_envelope_path, self.spool.path(self.id, READY))
-        elif env.to_local:
-            os.rename(self.new_envelope_path, self.spool.path(self.id, LOCAL))
+            os.rename(tmp, local)
+            renamed, copy = ready, local
         else:
-            os.rename(self.new_envelope_path, self.spool.path(self.id, READY))
-        fsync_directory(self.spool.directory)
+            renamed, copy = (local if env.to_local else ready), None
+        try:
+            os.rename(self.new_envelope_path, renamed)
+            fsync_directory(self.spool.directory)
+        except BaseException:
+            self._uncommit(renamed, copy)
+            raise
         self._release_envelope()
         self._done = True
         debug(self.id, "committed (%d octets)%s" % (self.size, " with a .local copy"
                                                       if env.to_local else ""))
         return self.id
+
+    def _uncommit(self, renamed, copy):
+        # The caller replies 4xx and the client sends the message again, so a
+        # commit that may not be durable must not leave an envelope behind
+        # for the forwarder: back to `.new`, which abandon() removes.
+        if copy is not None:
+            unlink_quietly(copy)
+        try:
+            os.rename(renamed, self.new_envelope_path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            from . import log
+            log.warning("spool: %s: cannot take back %s after a failed commit, it may be "
+                        "sent twice: %s" % (self.id, os.path.basename(renamed), e))
 
     def _resync_if_changed(self, path):
         try:

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from emailrelay import envelope, net, smtp_server, smtp_syntax, spool
+from emailrelay import envelope, net, smtp_server, smtp_syntax, spool, spool_message
 from emailrelay.stats import Stats
 
 
@@ -410,6 +410,30 @@ def test_storage_failure_gives_452_and_no_traceback(tmp_path):
     assert "452 4.3.1 insufficient system storage" in out
     assert "Traceback" not in out
     assert codes(out) == ["220", "250", "250", "250", "354", "452", "221"]
+
+
+@pytest.mark.parametrize("rcpts, committed", [
+    ([b"rem@y.test"], ["content", "envelope"]),
+    ([b"loc@y.test", b"rem@y.test"], ["content", "envelope", "envelope.local"]),
+    ([b"loc@y.test"], ["content", "envelope.local"])])
+def test_failed_directory_sync_at_commit_leaves_no_envelope(tmp_path, monkeypatch, rcpts, committed):
+    # The rename to .envelope happened but may not be durable: the client is
+    # told 452 and sends again, so the forwarder must not find a copy too.
+    def failing_sync(directory):
+        raise OSError(5, "Input/output error")
+    dialogue = (b"EHLO c\r\nMAIL FROM:<a@x.test>\r\n" +
+                b"".join(b"RCPT TO:<" + r + b">\r\n" for r in rcpts) +
+                b"DATA\r\nx\r\n.\r\nQUIT\r\n")
+    verifier = FakeVerifier({"loc@y.test": ("local", "postmaster")})
+
+    def files():
+        return sorted(n.split(".", 4)[-1] for n in os.listdir(str(tmp_path)) if n.startswith("emailrelay."))
+    monkeypatch.setattr(spool_message, "fsync_directory", failing_sync)
+    out, _, _ = talk(tmp_path, dialogue, verifier=verifier)
+    assert codes(out)[-2:] == ["452", "221"] and files() == []
+    monkeypatch.undo()
+    out, _, _ = talk(tmp_path, dialogue, verifier=verifier)
+    assert codes(out)[-2:] == ["250", "221"] and files() == committed
 
 
 def test_immediate_forwarding_refusal_is_passed_back(tmp_path):
