@@ -9,7 +9,10 @@ block it yields a request instead:
                             net.LineTooLong thrown in
     ("read", n)          -> at most n octets (b'' at end of input)
     ("call", fn, args)   -> fn(*args)'s result, or its exception thrown in
-    ("work", fn, args)   -> the same, for work that is often quick (see below)
+    ("work", fn, args, waited)
+                         -> the same, for work that often waits little for its
+                            device: waited() is the seconds the calling
+                            thread has waited so far (see below)
     ("sleep", seconds)   -> None after that long (sooner at shutdown)
     ("starttls", ctx)    -> None once TLS is up, or the handshake's error
 
@@ -23,11 +26,14 @@ a blocking connection: a session thread, --inetd, --bsmtp and the tests.
 half-sync/half-async pattern: a session waiting for its client costs no
 thread, and the listening sockets are accepted from in the same thread (a
 few connections per turn, so that a flood to refuse cannot starve the
-sessions). "work" that has lately been quick (a commit on tmpfs or a fast
-disk) is done in the loop thread itself; "call"s (filter and verifier
-programs, DNS block lists, anything that may wait for the network) and slow
-"work" (fsync on a slow disk) go to a small pool whose threads are started
-only as slow calls overlap. A session that starts TLS
+sessions). "work" that has lately waited little (a commit on tmpfs or a
+disk with a fast cache) is done in the loop thread itself; "call"s (filter
+and verifier programs, DNS block lists, anything that may wait for the
+network) and "work" that waits (fsync on a slow disk) go to a small pool
+whose threads are started only as slow calls overlap. What decides is the
+time the work waited, not the time it took: its CPU time has to be spent
+with the GIL wherever it runs, and a tracer or a busy CPU would make
+quick work look slow. A session that starts TLS
 moves to a thread of its own (non-blocking TLS is not worth its complexity
 for the few sessions that use it). With one thread doing the protocol work
 for every connection, the GIL changes hands only when work goes to or
@@ -52,7 +58,7 @@ from . import net
 POOL_SIZE = 16
 # Seconds every worker must have been busy with one call before another starts.
 GROW_AFTER = 0.001
-# "work" that has lately taken less than this many seconds is done in the
+# "work" that has lately waited less than this many seconds is done in the
 # loop thread itself: handing it to the pool and back costs more.
 QUICK = 0.0005
 # Times slow "work" goes to the pool between two tries in the loop thread.
@@ -245,7 +251,7 @@ class SessionLoop:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._inbox = collections.deque()   # (entry, value, exc) from other threads
-        self._cost = {}                      # call -> running mean of its seconds here
+        self._cost = {}                      # call -> running mean of its waits here
         self._skipped = {}                   # call -> pool calls since it was last tried here
         self._timers = []                    # heap of (deadline, seq, entry, token): sleeps
         self._seq = 0
@@ -302,9 +308,9 @@ class SessionLoop:
     def _here(self, key):
         """True when "work" `key` should be done in the loop thread (see QUICK).
 
-        Work never seen is tried here once; work found slow goes to the
+        Work never seen is tried here once; work found to wait goes to the
         pool, and is tried here again every PROBE_EVERY times in case it
-        has become quick (the disk is idle again, say). Times are taken
+        has become quick (the disk is idle again, say). Waits are measured
         only here: in the pool they would include waits for the GIL.
         """
         cost = self._cost.get(key)
@@ -315,7 +321,7 @@ class SessionLoop:
         return n >= PROBE_EVERY
 
     def _learn(self, key, seconds):
-        """Keeps a running mean of what calls to `key` take here."""
+        """Keeps a running mean of how long calls to `key` wait here."""
         old = self._cost.get(key)
         self._cost[key] = seconds if old is None else old + (seconds - old) / 4
 
@@ -465,12 +471,13 @@ class SessionLoop:
                 fn = request[1]
                 key = getattr(fn, "__func__", fn)
                 if kind == "work" and self._here(key):
-                    start = time.monotonic()
+                    waited = request[3]
+                    before = waited()
                     try:
                         value = fn(*request[2])
                     except Exception as e:
                         exc = e
-                    self._learn(key, time.monotonic() - start)
+                    self._learn(key, waited() - before)
                     continue
                 # The socket stays registered: input that arrives meanwhile
                 # is buffered (up to WRITE_HIGH_WATER, see _pump).

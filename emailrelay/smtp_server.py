@@ -699,24 +699,36 @@ class SmtpSession(session_core.LineSession):
             self.reply(NO_STORAGE)
             return
         yield from self.send()
-        # Storing alone is "work", often quick enough for the session loop's
-        # own thread; filter programs and --immediate wait on others.
-        quick = not self.services.filters and not self.cfg.immediate
-        self.reply((yield ("work" if quick else "call", self._store, ())))
-
-    def _store(self):
-        """The blocking part of `_commit`: returns the reply to the message."""
+        if self.services.filters or self.cfg.immediate:
+            # Filter programs and --immediate wait on others.
+            self.reply((yield ("call", self._store, ())))
+            return
+        # With no filter the files are written here; only their syncs and
+        # renames are "work", which the session loop's own thread does too
+        # while the syncs wait little (see session_loop).
         msg = self.message
         try:
             env = self._envelope()
-            refusal = None
+            msg.prepare(env)
+            log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
+                        peer=self.peer)
+            msg_id = yield ("work", msg.finish, (env,), spool.waited)
+        except (OSError, envelope.EnvelopeError) as e:
+            self.reply(self._not_stored(e))
+            return
+        self.reply(self._stored(msg_id))
+
+    def _store(self):
+        """The blocking part of `_commit` with filters: returns the reply to the message."""
+        msg = self.message
+        try:
+            env = self._envelope()
             self._rescan = False
-            if self.services.filters:
-                msg.commit_content()
-                msg.write_envelope(env)
-                log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
-                            peer=self.peer)
-                refusal = self._run_filters(msg)
+            msg.commit_content()
+            msg.write_envelope(env)
+            log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
+                        peer=self.peer)
+            refusal = self._run_filters(msg)
             if refusal == "cancelled":
                 # Exit 100: the filter owns the files now; say nothing more.
                 msg.disown()
@@ -727,9 +739,6 @@ class SmtpSession(session_core.LineSession):
                 self._count("messages-rejected")
                 self._reset_transaction()
                 return refusal
-            if not self.services.filters:
-                log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
-                            peer=self.peer)
             msg_id = msg.finish(env)
         except spool.SpoolError as e:
             # A filter removed the files without exiting 100.
@@ -737,9 +746,17 @@ class SmtpSession(session_core.LineSession):
             self._reset_transaction()
             return "452 4.3.0 rejected"
         except (OSError, envelope.EnvelopeError) as e:
-            log.error("smtp: cannot store message: %s" % e, peer=self.peer)
-            self._reset_transaction()
-            return _storage_reply(e)
+            return self._not_stored(e)
+        return self._stored(msg_id)
+
+    def _not_stored(self, e):
+        """The reply, once the spool failed to take the message."""
+        log.error("smtp: cannot store message: %s" % e, peer=self.peer)
+        self._reset_transaction()
+        return _storage_reply(e)
+
+    def _stored(self, msg_id):
+        """The reply, once message `msg_id` is committed (--immediate forwards it first)."""
         self.message = None
         count = len(self.to_local) + len(self.to_remote)
         log.info("smtp: stored %s from <%s> to %d recipient%s" % (

@@ -49,12 +49,12 @@ from .envelope import SIZE_LIMIT, Envelope, EnvelopeError
 from .spool_claim import Claim
 from .spool_files import (BAD, BUSY, CONTENT, CONTENT_ORPHAN, NEW, ORPHAN, READY, STATES,
                           WRITE_BLOCK, ContentError, SpoolError, content_shared, create_file,
-                          debug, fsync_directory, unlink_quietly, write_file_durably)
+                          debug, fsync_directory, unlink_quietly, waited, write_file_durably)
 from .spool_message import NewMessage
 
 # What other modules take from here, besides Spool.
 __all__ = ["Spool", "Committed", "SpoolError", "ContentError", "NEW", "READY", "BUSY", "BAD",
-           "CONTENT", "WRITE_BLOCK", "fsync_directory", "write_file_durably"]
+           "CONTENT", "WRITE_BLOCK", "fsync_directory", "waited", "write_file_durably"]
 
 # Seconds since a content file without an envelope was last written before
 # recover() treats it as abandoned: a live session writes at least once per

@@ -2,13 +2,16 @@
 
 What every part of the store shares: the suffixes of a message's files and
 their states, the errors, creating files with mode 0660 whatever the umask,
-writing them whole, syncing files and directories, and whether a content
-file is still referred to by an envelope. `spool` (the directory),
+writing them whole, syncing files and directories (and how long the
+calling thread has waited in those syncs), and whether a content file is
+still referred to by an envelope. `spool` (the directory),
 `spool_message` (storing a new message) and `spool_claim` (a claimed
 message) are built on it; other modules use them through `spool`.
 """
 
 import os
+import threading
+import time
 
 from . import process
 
@@ -47,18 +50,49 @@ def debug(message_id, change):
         log.debug("spool: %s: %s" % (message_id, change))
 
 
-def fsync_directory(directory):
-    """Makes renames and creations in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+_waits = threading.local()
+
+
+def waited():
+    """Seconds the calling thread has spent in this module's syncs so far.
+
+    Only ever grows. The difference across a piece of work is how long it
+    waited for the device, whatever the CPU or a tracer cost meanwhile
+    (the session loop decides with it where storing a message belongs).
+    """
+    return getattr(_waits, "seconds", 0.0)
+
+
+def _timed(sync, fd):
+    start = time.monotonic()
     try:
-        os.fsync(fd)
+        sync(fd)
     finally:
-        os.close(fd)
+        _waits.seconds = waited() + time.monotonic() - start
+
+
+def fsync(fd):
+    """fsync(2), timed for waited()."""
+    _timed(os.fsync, fd)
 
 
 # fdatasync() also writes the metadata needed to read the data back (the
 # size of a new file), which is all a spool file needs; it skips timestamps.
-datasync = getattr(os, "fdatasync", os.fsync)
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+def datasync(fd):
+    """fdatasync(2) where there is one, else fsync(2); timed for waited()."""
+    _timed(_datasync, fd)
+
+
+def fsync_directory(directory):
+    """Makes renames and creations in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def create_file(path, flags=os.O_WRONLY | os.O_CREAT | os.O_EXCL):
@@ -84,7 +118,7 @@ def write_file_durably(path, data, flags=os.O_WRONLY | os.O_CREAT | os.O_TRUNC):
     fd = create_file(path, flags)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 

@@ -9,7 +9,7 @@ import os
 
 from . import process
 from .spool_files import (LOCAL, NEW, READY, WRITE_BLOCK, SpoolError, create_file, datasync,
-                          debug, fsync_directory, identity, unlink_quietly, write_all,
+                          debug, fsync, fsync_directory, identity, unlink_quietly, write_all,
                           write_file_durably)
 
 
@@ -21,7 +21,9 @@ class NewMessage:
     filters see), then `finish(env)`; or `abandon()` at any point. After
     `finish()` returns, the message is on disk for good. When no filter has
     to see the message, `finish(env)` may follow the writes directly: it
-    commits the content and writes the envelope itself.
+    commits the content and writes the envelope itself; or `prepare(env)`
+    writes both files first, so that `finish(env)` is left only the syncs
+    and renames (the part that waits for the device).
     """
 
     def __init__(self, spool):
@@ -31,6 +33,7 @@ class NewMessage:
         self.size = 0
         self._buf = bytearray()
         self._envelope_fd = None
+        self._envelope_unsynced = False
         # Identities of the files as we synced them, recorded once they are
         # exposed to filters (write_envelope() before finish()).
         self._synced = None
@@ -76,7 +79,18 @@ class NewMessage:
         self._synced = {self.content_path: identity(os.stat(self.content_path)),
                         self.new_envelope_path: identity(os.fstat(self._envelope_fd))}
 
-    def _write_envelope(self, env):
+    @process.spool_privileged
+    def prepare(self, env):
+        """Writes out the content and the `.envelope.new` file, without syncing either.
+
+        For a message no filter sees: `finish(env)`, with the same `env`,
+        then syncs and commits them.
+        """
+        if self._fd is not None:
+            self._flush()
+        self._write_envelope(env, sync=False)
+
+    def _write_envelope(self, env, sync=True):
         if self._envelope_fd is None:
             self._envelope_fd = create_file(self.new_envelope_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             fcntl.flock(self._envelope_fd, fcntl.LOCK_EX)
@@ -85,7 +99,9 @@ class NewMessage:
             os.lseek(self._envelope_fd, 0, os.SEEK_SET)
         fd = self._envelope_fd
         write_all(fd, env.to_bytes())
-        datasync(fd)
+        self._envelope_unsynced = not sync
+        if sync:
+            datasync(fd)
 
     @process.spool_privileged
     def finish(self, env):
@@ -101,6 +117,9 @@ class NewMessage:
         self.commit_content()
         if self._envelope_fd is None:
             self._write_envelope(env)
+        elif self._envelope_unsynced:
+            datasync(self._envelope_fd)
+            self._envelope_unsynced = False
         if self._synced is not None:
             for path in (self.content_path, self.new_envelope_path):
                 self._resync_if_changed(path)
@@ -149,7 +168,7 @@ class NewMessage:
         if identity(st) != self._synced.get(path):
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             try:
-                os.fsync(fd)
+                fsync(fd)
             finally:
                 os.close(fd)
 

@@ -3,6 +3,8 @@
 import os
 import smtplib
 import socket
+import threading
+import time
 
 import pytest
 
@@ -157,3 +159,51 @@ def test_a_client_gone_during_a_slow_filter_costs_no_cpu_meanwhile(tmp_path):
             after = sum(int(x) for x in stat.read().rsplit(")", 1)[1].split()[11:13])
     ticks = os.sysconf("SC_CLK_TCK")
     assert (after - before) / ticks < 0.5, "the server used %.2fs of CPU" % ((after - before) / ticks)
+
+
+_waits = threading.local()
+
+
+def _waited():
+    return getattr(_waits, "seconds", 0.0)
+
+
+class _Jobs:
+    """A toy conversation of "work" requests; records the thread each ran in."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.threads = []
+
+    def quick_but_busy(self):
+        # Wall time spent on the CPU (as under a tracer, or on a busy
+        # machine), but no wait for a device.
+        end = time.monotonic() + 2 * session_loop.QUICK
+        while time.monotonic() < end:
+            pass
+        self.threads.append(threading.current_thread().name)
+
+    def waiting(self):
+        _waits.seconds = _waited() + 2 * session_loop.QUICK
+        self.threads.append(threading.current_thread().name)
+
+    def conversation(self):
+        for _ in range(3):
+            yield ("work", self.quick_but_busy, (), _waited)
+        for _ in range(3):
+            yield ("work", self.waiting, (), _waited)
+
+
+def test_work_stays_in_the_loop_thread_unless_it_waits():
+    pair = _Pair()
+    loop = session_loop.SessionLoop(name="toy")
+    done = threading.Event()
+    try:
+        jobs = _Jobs(pair.conn)
+        loop.add(jobs, pair.conn, done.set)
+        assert done.wait(10)
+    finally:
+        loop.stop()
+        pair.close()
+    # Work is tried in the loop once; what waited then goes to the pool.
+    assert jobs.threads == ["toy loop"] * 4 + ["toy work"] * 2
