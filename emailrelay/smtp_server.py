@@ -719,7 +719,7 @@ class SmtpSession(session_core.LineSession):
         self.reply(self._stored(msg_id))
 
     def _store(self):
-        """The blocking part of `_commit` with filters: returns the reply to the message."""
+        """The blocking part of `_commit` with filters or --immediate: returns the reply."""
         msg = self.message
         try:
             env = self._envelope()

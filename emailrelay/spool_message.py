@@ -9,8 +9,8 @@ import os
 
 from . import process
 from .spool_files import (LOCAL, NEW, READY, WRITE_BLOCK, SpoolError, create_file, datasync,
-                          debug, fsync, fsync_directory, identity, unlink_quietly, write_all,
-                          write_file_durably)
+                          debug, fsync, fsync_directory, identity, log_event, unlink_quietly,
+                          write_all, write_file_durably)
 
 
 class NewMessage:
@@ -156,9 +156,8 @@ class NewMessage:
         except FileNotFoundError:
             pass
         except OSError as e:
-            from . import log
-            log.warning("spool: %s: cannot take back %s after a failed commit, it may be "
-                        "sent twice: %s" % (self.id, os.path.basename(renamed), e))
+            log_event("warning", "spool: %s: cannot take back %s after a failed commit, it may "
+                      "be sent twice: %s" % (self.id, os.path.basename(renamed), e))
 
     def _resync_if_changed(self, path):
         try:
