@@ -96,7 +96,7 @@ zipapp:
 	rm -rf $(ZIPAPP).build
 
 man:
-	$(PYTHON) -c 'import sys; from emailrelay import usage; sys.stdout.write(usage.man_page())' > man/emailrelay.1.tmp
+	$(PYTHON) -c 'import sys; from emailrelay.config import usage; sys.stdout.write(usage.man_page())' > man/emailrelay.1.tmp
 	mv man/emailrelay.1.tmp man/emailrelay.1
 
 clean:

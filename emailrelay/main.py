@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from . import parts
+from .util import parts
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -37,11 +37,11 @@ class Services(parts.Parts):
     `server_auth` (sasl.ServerAuth or None), `server_secrets`,
     `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
     `forwarder` (or None), `stats` (a stats.Stats), `events`
-    (forwarder.Events or None), `server` (net.Server), `stop_event`,
+    (forwarder.Events or None), `server` (listeners.Server), `stop_event`,
     `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None),
     `dnsbl` (dnsbl.Dnsbl or None), `load_guard` (smtp_policy.LoadGuard or
     None, --max-load), `help_text` (lines for HELP, --help-text),
-    `worker_listeners` (with --workers above 1, the net.Server that holds the
+    `worker_listeners` (with --workers above 1, the listeners.Server that holds the
     SMTP and POP sockets the workers serve, never served itself; else None).
     """
 
@@ -53,7 +53,7 @@ class Services(parts.Parts):
 
     def smtp(self):
         """What an SMTP session may use (smtp_server.SmtpServices)."""
-        from . import smtp_server
+        from .server import smtp_server
         fwd = self.forwarder
         return smtp_server.SmtpServices(
             cfg=self.cfg, spool=self.spool, filters=self.filters, verifier=self.verifier,
@@ -66,14 +66,14 @@ class Services(parts.Parts):
 
     def pop(self):
         """What a POP session may use (pop_server.PopServices)."""
-        from . import pop_server
+        from .server import pop_server
         return pop_server.PopServices(cfg=self.cfg, spool=self.spool, pop_auth=self.pop_auth,
                                       tls_context=self.tls_context,
                                       auth_budget=self.auth_budget, stop_event=self.stop_event)
 
     def admin(self, server):
         """What an admin session may use (admin.AdminServices); `server` has the listeners."""
-        from . import admin
+        from .server import admin
         fwd = self.forwarder
         return admin.AdminServices(
             cfg=self.cfg, spool=self.spool, stats=self.stats, events=self.events,
@@ -85,7 +85,7 @@ class Services(parts.Parts):
 
 def run(argv=None):
     """Runs the program with `argv` (default sys.argv[1:]); returns the exit status."""
-    from . import options, usage
+    from .config import options, usage
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = options.parse(argv)
@@ -99,7 +99,7 @@ def run(argv=None):
     if cfg.version:
         sys.stdout.write(usage.version_text(cfg.verbose))
         return EXIT_OK
-    from . import log
+    from .runtime import log
     try:
         log.configure(cfg)
     except OSError as e:
@@ -137,9 +137,9 @@ def entry(function=None):
 
 
 def _load_secrets(path, what):
-    from . import secrets
+    from .auth import secrets
     if path == secrets.PAM_PATH:
-        from . import pam
+        from .auth import pam
         if not pam.available():
             raise StartupError("%s: PAM is not available on this system" % what)
         return path
@@ -150,7 +150,7 @@ def _load_secrets(path, what):
 
 
 def _server_auth(holder, cfg, what):
-    from . import sasl
+    from .auth import sasl
     try:
         # With --server-tls, PLAIN and LOGIN wait for STARTTLS/STLS (sasl.py).
         return sasl.ServerAuth(holder, cfg.server_auth_config, domain=cfg.domain,
@@ -161,9 +161,9 @@ def _server_auth(holder, cfg, what):
 
 def _build(cfg):
     """Checks the configuration and builds every part; raises StartupError."""
-    from . import spool as spool_mod
+    from .store import spool as spool_mod
     services = Services(cfg=cfg, stop_event=threading.Event())
-    from .stats import Stats
+    from .util.stats import Stats
     services.stats = Stats(STATS)
 
     if not os.path.isdir(cfg.spool_dir):
@@ -171,7 +171,7 @@ def _build(cfg):
     services.spool = spool_mod.Spool(cfg.spool_dir)
 
     if cfg.filter or cfg.client_filter or cfg.address_verifier:
-        from . import filters, verifier
+        from .policy import filters, verifier
         _resolve_programs(cfg)
         try:
             services.filters = [filters.make(s, cfg.filter_timeout)
@@ -186,7 +186,7 @@ def _build(cfg):
         client_filters = []
 
     if cfg.dnsbl:
-        from . import dnsbl
+        from .policy import dnsbl
         try:
             services.dnsbl = dnsbl.Dnsbl.parse(
                 cfg.dnsbl, check_local=os.environ.get("EMAILRELAY_DNSBL_CHECK_LOCAL") == "1")
@@ -198,7 +198,7 @@ def _build(cfg):
         services.server_auth = _server_auth(services.server_secrets, cfg, "--server-auth")
         _check_server_secrets(services.server_secrets, "--server-auth")
     if cfg.server_auth_program:
-        from . import auth_program
+        from .policy import auth_program
         if not os.access(cfg.server_auth_program, os.X_OK):
             raise StartupError("--server-auth-program: cannot execute %s" % cfg.server_auth_program)
         services.server_auth = _server_auth(
@@ -209,7 +209,7 @@ def _build(cfg):
         services.pop_secrets = _load_secrets(cfg.pop_auth, "--pop-auth")
         services.pop_auth = _server_auth(services.pop_secrets, cfg, "--pop-auth")
     if cfg.server_auth or cfg.pop_auth:
-        from . import auth_budget
+        from .auth import auth_budget
         services.auth_budget = auth_budget.FailureBudget()
     client_secret = None
     if cfg.client_auth:
@@ -222,7 +222,7 @@ def _build(cfg):
     server_tls = cfg.server_tls or cfg.server_tls_connection
     client_tls_wanted = cfg.client_tls or cfg.client_tls_connection or cfg.client_tls_required
     if server_tls or client_tls_wanted:
-        from . import tls
+        from .net import tls
         try:
             if server_tls:
                 services.tls_context = tls.server_context(cfg)
@@ -232,7 +232,7 @@ def _build(cfg):
             raise StartupError("tls: %s" % _tls_error_text(e)) from None
 
     if cfg.forward_to:
-        from . import forwarder
+        from .forward import forwarder
         try:
             services.events = forwarder.Events()
             services.forwarder = forwarder.Forwarder(
@@ -250,7 +250,8 @@ def _build(cfg):
 
 def _build_controls(cfg, services):
     """The SMTP server controls that need more than the option value (ZMailer's)."""
-    from . import smtp_controls, smtp_policy
+    from .util import smtp_controls
+    from .policy import smtp_policy
     if cfg.max_load is not None:
         services.load_guard = smtp_policy.LoadGuard(smtp_controls.parse_max_load(cfg.max_load))
     if cfg.help_text:
@@ -262,12 +263,12 @@ def _build_controls(cfg, services):
 
 def _listen(cfg, services):
     """Binds every listener; with --workers above 1, SMTP and POP go to worker_listeners."""
-    from . import net
+    from .net import listeners
     try:
-        interfaces = net.parse_interfaces(cfg.interface)
+        interfaces = listeners.parse_interfaces(cfg.interface)
     except ValueError as e:
         raise StartupError("--interface: %s" % e) from None
-    for kind, items in net.systemd_sockets().items():
+    for kind, items in listeners.systemd_sockets().items():
         interfaces.setdefault(kind, []).extend(items)
     server = _new_server(cfg)
     # Workers serve SMTP and POP; with neither there is nothing for them.
@@ -276,7 +277,7 @@ def _listen(cfg, services):
     try:
         _add_sessions(shared, cfg, services, interfaces)
         if cfg.admin:
-            from . import admin
+            from .server import admin
             admin_services = services.admin(server)
             server.add("admin", interfaces, cfg.admin,
                        lambda conn: admin.AdminSession(conn, admin_services).run(),
@@ -293,8 +294,8 @@ def _listen(cfg, services):
 
 
 def _new_server(cfg):
-    from . import net
-    return net.Server(remote_clients=cfg.remote_clients,
+    from .net import listeners
+    return listeners.Server(remote_clients=cfg.remote_clients,
                       max_connections=cfg.max_connections,
                       max_per_address=cfg.max_connections_per_address,
                       backlog=cfg.listen_backlog)
@@ -303,7 +304,7 @@ def _new_server(cfg):
 def _add_sessions(server, cfg, services, interfaces):
     """Adds the SMTP and POP listeners (what workers serve) to `server`."""
     if not cfg.no_smtp:
-        from . import smtp_server
+        from .server import smtp_server
         smtp = services.smtp()
         implicit = services.tls_context if cfg.server_tls_connection else None
         server.add("smtp", interfaces, cfg.port,
@@ -315,7 +316,7 @@ def _add_sessions(server, cfg, services, interfaces):
                    address_busy_reply=smtp_server.reply_bytes(
                        cfg, "450 4.7.0 too many connections from your address"))
     if cfg.pop:
-        from . import pop_server
+        from .server import pop_server
         pop = services.pop()
         server.add("pop", interfaces, cfg.pop_port,
                    lambda conn: pop_server.PopSession(conn, pop).run(),
@@ -361,7 +362,7 @@ def _resolve_program(spec, option):
     if not os.path.isabs(program):
         if "/" not in program and not os.path.exists(program):
             import shutil
-            from .filters import FILTER_ENV_PATH
+            from .policy.filters import FILTER_ENV_PATH
             found = shutil.which(program, path=FILTER_ENV_PATH)
             if found is None:
                 raise StartupError("%s %s: no such program" % (option, spec))
@@ -417,7 +418,7 @@ def _check_forward_to(value):
     """Refuses a --forward-to host that is neither an address nor a host name."""
     import ipaddress
     import re
-    from . import addresses
+    from .util import addresses
     host = addresses.parse_forward_to(value)[0]
     if ":" in host:
         try:
@@ -430,7 +431,7 @@ def _check_forward_to(value):
 
 def _run(cfg, services):
     """Daemonises, drops privileges, starts forwarding and serves until stopped."""
-    from . import log, process
+    from .runtime import log, process
     try:
         entry = process.user_entry(cfg.user)
     except process.ProcessError as e:
@@ -467,7 +468,7 @@ def _run(cfg, services):
             log.close_stderr()
         supervisor = None
         if shared is not None:
-            from . import workers
+            from .runtime import workers
             # Forked before the forwarder's thread starts (and after the
             # switch to --user, which each worker keeps).
             supervisor = workers.Supervisor(
@@ -518,8 +519,8 @@ def _run_worker(cfg, services, channel):
     may hold a lock that a thread of the main process took before the
     fork), and a workers.ForwarderLink in place of the forwarder.
     """
-    from . import log, process, workers
-    from .stats import Stats
+    from .runtime import log, process, workers
+    from .util.stats import Stats
     process.forked_child()
     for lst in services.server.listeners:
         lst.sock.close()
@@ -531,7 +532,7 @@ def _run_worker(cfg, services, channel):
     if services.forwarder is not None:
         own.forwarder = workers.ForwarderLink(channel)
     if services.auth_budget is not None:
-        from . import auth_budget
+        from .auth import auth_budget
         own.auth_budget = auth_budget.FailureBudget()
     own.server = _new_server(cfg)
     inherited = services.worker_listeners.listeners
@@ -553,7 +554,8 @@ def _run_stdio(cfg, services):
     The spool is not recovered here: a daemon or forwarder may be working
     on it at the same time, and each inetd session is only one client.
     """
-    from . import process, stdio_server
+    from .runtime import process
+    from .server import stdio_server
     process.set_umask()
     if not _drop_privileges(cfg):
         return EXIT_FAILURE
@@ -562,7 +564,7 @@ def _run_stdio(cfg, services):
 
 def _drop_privileges(cfg):
     """Switches the effective ids to --user; False (logged) on failure."""
-    from . import log, process
+    from .runtime import log, process
     try:
         entry = process.drop_privileges(cfg.user)
     except process.ProcessError as e:
@@ -581,7 +583,7 @@ def _recover(cfg, services):
     CAP_DAC_OVERRIDE (the systemd unit), root can reach a spool owned by
     --user only through the user's group.
     """
-    from . import log
+    from .runtime import log
     try:
         services.spool.recover()
     except OSError as e:
@@ -598,7 +600,7 @@ def _preflight(cfg, entry):
     will run are executable by the user and that logging works; the error
     text is the real cause of a failure.
     """
-    from . import log, process
+    from .runtime import log, process
     if entry is None:
         if not os.access(cfg.spool_dir, os.W_OK | os.X_OK):
             return "spool directory %s is not writable" % cfg.spool_dir
@@ -638,8 +640,8 @@ def _preload(cfg, entry):
     import importlib
     import pkgutil
     package = os.path.dirname(os.path.abspath(__file__))
-    names = ["emailrelay." + m.name for m in pkgutil.iter_modules([package])
-             if m.name not in ("__main__",)]
+    names = [m.name for m in pkgutil.walk_packages([package], "emailrelay.")
+             if m.name != "emailrelay.__main__"]
     names += _LAZY_STDLIB
     for name in names:
         try:
@@ -663,7 +665,7 @@ def _run_client(cfg, services):
     SIGTERM and SIGINT stop it as they stop the daemon: the message in hand
     is finished, the others stay queued (no `.busy` file is left).
     """
-    from . import log, process
+    from .runtime import log, process
     if services.forwarder is None:
         return EXIT_OK
     if not _drop_privileges(cfg) or not _recover(cfg, services):
@@ -695,7 +697,7 @@ def _reload(services):
     Both happen in a root window, so that root-only (0600) secrets files and
     log files in root's directories still work after --user.
     """
-    from . import log, process
+    from .runtime import log, process
     log.reopen()
     for holder in (services.server_secrets, services.pop_secrets):
         if holder is None or isinstance(holder, str):

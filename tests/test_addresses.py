@@ -2,7 +2,7 @@
 
 import pytest
 
-from emailrelay import addresses
+from emailrelay.util import addresses
 
 
 @pytest.mark.parametrize("ip", ["127.0.0.1", "127.9.9.9", "10.1.2.3", "172.16.0.1", "172.31.255.254",

@@ -24,7 +24,7 @@ import pytest
 
 import helpers
 from certs import certs  # noqa: F401  (a pytest fixture)
-from emailrelay import envelope
+from emailrelay.store import envelope
 from helpers import Relay, run_emailrelay, wait_for
 from test_client import put_message
 

@@ -14,8 +14,10 @@ import threading
 import pytest
 
 import helpers
-from emailrelay import options, smtp_client, spool as spool_mod
-from emailrelay.envelope import Envelope
+from emailrelay.config import options
+from emailrelay.forward import smtp_client
+from emailrelay.store import spool as spool_mod
+from emailrelay.store.envelope import Envelope
 
 
 # -- a next hop that records the raw dialogue ---------------------------------

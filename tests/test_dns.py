@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from emailrelay import dns
+from emailrelay.util import dns
 
 
 def test_query_wire_format():

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from emailrelay import dns, dnsbl
+from emailrelay.util import dns
+from emailrelay.policy import dnsbl
 from helpers import Relay, free_port, run_emailrelay, wait_for
 
 

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from emailrelay import dotstuff
+from emailrelay.util import dotstuff
 
 
 def encode(content, block_size=dotstuff.BLOCK_SIZE):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from emailrelay.envelope import Envelope, EnvelopeError, reason_lines
+from emailrelay.store.envelope import Envelope, EnvelopeError, reason_lines
 
 CERT = ("-----BEGIN CERTIFICATE-----\n"
         "MIIBszCCAVmgAwIBAgIUX\n"

@@ -4,8 +4,8 @@ import os
 import subprocess
 
 import helpers
-from emailrelay.envelope import Envelope
-from emailrelay.spool import Spool
+from emailrelay.store.envelope import Envelope
+from emailrelay.store.spool import Spool
 
 FILTER_COPY = os.path.join(helpers.BIN, "emailrelay-filter-copy")
 

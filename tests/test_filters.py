@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from emailrelay import filters
+from emailrelay.policy import filters
 from helpers import wait_for
 
 

@@ -18,9 +18,10 @@ import stat
 import pytest
 
 import helpers
-from emailrelay import forwarder as forwarder_mod
-from emailrelay import process, smtp_client
-from emailrelay import spool as spool_mod
+from emailrelay.forward import forwarder as forwarder_mod
+from emailrelay.runtime import process
+from emailrelay.forward import smtp_client
+from emailrelay.store import spool as spool_mod
 from test_client import ScriptedServer, make_cfg, put_message
 from test_forward_faults import bad_reason
 

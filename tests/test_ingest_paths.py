@@ -4,10 +4,10 @@ import os
 import socket
 import threading
 
-from emailrelay import net
-from emailrelay import spool as spool_mod
-from emailrelay.envelope import Envelope
-from emailrelay.spool import Spool
+from emailrelay.net import listeners
+from emailrelay.store import spool as spool_mod
+from emailrelay.store.envelope import Envelope
+from emailrelay.store.spool import Spool
 
 from helpers import wait_for
 
@@ -25,7 +25,7 @@ def test_finish_without_write_envelope_stores_the_message(tmp_path):
 
 def test_session_threads_are_reused(tmp_path):
     stop = threading.Event()
-    server = net.Server(max_connections=5, max_per_address=5)
+    server = listeners.Server(max_connections=5, max_per_address=5)
     seen = []
 
     def handler(conn):

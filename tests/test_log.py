@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from emailrelay import log, options
+from emailrelay.runtime import log
+from emailrelay.config import options
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from emailrelay import md5state
+from emailrelay.auth import md5state
 
 # E-MailRelay's own examples: the reference's secrets file (':'-prefixed form)
 # and the emailrelay-passwd vector.

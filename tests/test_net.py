@@ -5,11 +5,11 @@ import threading
 
 import pytest
 
-from emailrelay import connection, net
+from emailrelay.net import connection, listeners
 
 
 def test_readline_splits_chunks_and_keeps_endings():
-    c = net.MemoryConnection([b"HELO a", b"\r\nNOOP\r\nQU", b"IT\r\n"])
+    c = connection.MemoryConnection([b"HELO a", b"\r\nNOOP\r\nQU", b"IT\r\n"])
     assert c.readline() == b"HELO a\r\n"
     assert c.pending()
     assert c.readline() == b"NOOP\r\n"
@@ -18,22 +18,22 @@ def test_readline_splits_chunks_and_keeps_endings():
 
 
 def test_overlong_line_is_consumed_and_reported_then_reading_goes_on():
-    c = net.MemoryConnection([b"X" * 300, b"Y" * 300, b"Z" * 300 + b"\r\nNOOP\r\n"])
-    with pytest.raises(net.LineTooLong):
+    c = connection.MemoryConnection([b"X" * 300, b"Y" * 300, b"Z" * 300 + b"\r\nNOOP\r\n"])
+    with pytest.raises(connection.LineTooLong):
         c.readline(limit=512)
     assert c.readline(limit=512) == b"NOOP\r\n"
 
 
 def test_overlong_line_buffering_is_bounded():
     big = [b"A" * 65536] * 64  # 4 MiB without a newline
-    c = net.MemoryConnection(big + [b"\r\n"])
-    with pytest.raises(net.LineTooLong):
+    c = connection.MemoryConnection(big + [b"\r\n"])
+    with pytest.raises(connection.LineTooLong):
         c.readline(limit=1000)
     assert len(c._buf) == 0
 
 
 def test_read_and_unread():
-    c = net.MemoryConnection(b"0123456789")
+    c = connection.MemoryConnection(b"0123456789")
     assert c.read(4) == b"0123"
     c.unread(b"xy")
     assert c.read(100) == b"xy456789"
@@ -41,16 +41,16 @@ def test_read_and_unread():
 
 
 def test_parse_interfaces():
-    got = net.parse_interfaces(["127.0.0.1,smtp=::1", "pop=127.0.0.2", "admin=fd#3"])
+    got = listeners.parse_interfaces(["127.0.0.1,smtp=::1", "pop=127.0.0.2", "admin=fd#3"])
     assert got == {None: ["127.0.0.1"], "smtp": ["::1"], "pop": ["127.0.0.2"], "admin": ["fd#3"]}
     for bad in (["nosuchif9"], ["imap=127.0.0.1"], ["fd#x"]):
         with pytest.raises(ValueError):
-            net.parse_interfaces(bad)
+            listeners.parse_interfaces(bad)
 
 
 def test_socket_connection_writes_are_buffered_until_flush():
     a, b = socket.socketpair()
-    conn = net.Connection.__new__(net.Connection)
+    conn = connection.Connection.__new__(connection.Connection)
     connection._Buffered.__init__(conn)
     conn.sock, conn.peer, conn.local = a, ("127.0.0.1", 1), ("127.0.0.1", 2)
     conn.write(b"250 one\r\n")
@@ -62,7 +62,7 @@ def test_socket_connection_writes_are_buffered_until_flush():
     b.settimeout(5)
     assert b.recv(100) == b"250 one\r\n250 two\r\n"
     conn.settimeout(0.05)
-    with pytest.raises(net.Timeout):
+    with pytest.raises(connection.Timeout):
         conn.readline()
     a.close()
     b.close()
@@ -70,7 +70,7 @@ def test_socket_connection_writes_are_buffered_until_flush():
 
 def test_server_refuses_over_the_connection_cap():
     stop = threading.Event()
-    server = net.Server(max_connections=1, max_per_address=5)
+    server = listeners.Server(max_connections=1, max_per_address=5)
     release = threading.Event()
 
     def handler(conn):

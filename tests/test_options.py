@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from emailrelay import options, usage
-from emailrelay.options import UsageError, parse
+from emailrelay.config import options, usage
+from emailrelay.config.options import UsageError, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

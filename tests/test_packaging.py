@@ -91,7 +91,7 @@ def imports_at(args):
     for line in result.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
             names.add(line.rsplit("|", 1)[1].strip())
-    assert "emailrelay.options" in names
+    assert "emailrelay.config.options" in names
     return names
 
 
@@ -101,8 +101,9 @@ def test_start_up_imports_nothing_heavy(args):
     heavy = sorted(n for n in names if n.split(".")[0] in HEAVY)
     assert heavy == []
     assert not any(n.startswith("emailrelay.") and n not in (
-        "emailrelay.main", "emailrelay.options", "emailrelay.usage", "emailrelay.__main__",
-            "emailrelay.parts")
+        "emailrelay.main", "emailrelay.__main__", "emailrelay.config", "emailrelay.config.options",
+        "emailrelay.config.usage", "emailrelay.util", "emailrelay.util.parts",
+        "emailrelay.util.addresses", "emailrelay.util.smtp_controls")
         for n in names), names
 
 

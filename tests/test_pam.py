@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from emailrelay import pam, sasl, secrets
+from emailrelay.auth import pam, sasl, secrets
 
 PASSWORD = "S3cret pw+=#"
 

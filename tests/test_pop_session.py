@@ -10,7 +10,11 @@ import sys
 
 import pytest
 
-from emailrelay import net, options, pop_maildrop, pop_server, sasl, secrets, spool
+from emailrelay.net import connection
+from emailrelay.config import options
+from emailrelay.server import pop_maildrop, pop_server
+from emailrelay.auth import sasl, secrets
+from emailrelay.store import spool
 
 ENVELOPE = (
     "X-MailRelay-Format: #2821.8\r\n"
@@ -73,7 +77,7 @@ def make_services(box, *extra, tls_context=None):
 def session(services, *lines, peer=("127.0.0.1", 40000)):
     """Runs a whole session over the given command lines; returns the reply text."""
     data = b"".join(line if isinstance(line, bytes) else (line + "\r\n").encode() for line in lines)
-    conn = net.MemoryConnection(data, peer=peer)
+    conn = connection.MemoryConnection(data, peer=peer)
     pop_server.PopSession(conn, services).run()
     assert conn.closed
     return conn.output.decode("utf-8", "replace"), conn
@@ -215,7 +219,7 @@ def test_too_many_bad_commands_close_the_session(box):
 
 def test_apop_with_plain_secret(box):
     s = make_services(box)
-    conn = net.MemoryConnection(b"")
+    conn = connection.MemoryConnection(b"")
     sess = pop_server.PopSession(conn, s)
     digest = hashlib.md5((sess.banner + "secret").encode()).hexdigest()
     conn._chunks = [("APOP alice %s\r\nAPOP alice \u00e9\r\nAPOP alice %s\r\nSTAT\r\nQUIT\r\n"
@@ -243,7 +247,7 @@ def test_auth_plain_login_and_cram_md5(box):
     assert r[1].startswith("+ ") and r[2].startswith("+ ")
     assert r[3].startswith("+OK maildrop has 2")
 
-    class Responder(net.MemoryConnection):
+    class Responder(connection.MemoryConnection):
         def _recv(self):
             m = re.search(rb"\+ (\S+)\r\n", self.output)
             if m and not self.answered:
@@ -285,7 +289,7 @@ class FakeTls:
     """Stands in for an ssl.SSLContext: only passed through to starttls()."""
 
 
-class TlsMemoryConnection(net.MemoryConnection):
+class TlsMemoryConnection(connection.MemoryConnection):
     """A memory connection whose STLS succeeds, discarding pipelined input."""
 
     def starttls(self, context):
@@ -321,11 +325,11 @@ def test_idle_timeout_default_is_rfc_minimum_and_explicit_wins(box):
     assert conn.timeout == 5
 
 
-class TimeoutConnection(net.MemoryConnection):
+class TimeoutConnection(connection.MemoryConnection):
     def _recv(self):
         if self._chunks:
             return super()._recv()
-        raise net.Timeout()
+        raise connection.Timeout()
 
 
 def test_idle_timeout_closes_without_update(box):

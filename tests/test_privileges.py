@@ -298,7 +298,7 @@ def test_runs_with_the_systemd_units_capabilities_and_no_new_privileges(tmp_path
 WINDOW_SCRIPT = r"""
 import os, sys, threading
 sys.path.insert(0, sys.argv[1])
-from emailrelay import process
+from emailrelay.runtime import process
 process.drop_privileges("daemon")
 inside = threading.Event()
 seen = {}

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import ROOT, env, free_port, wait_for
 
-from emailrelay import process
+from emailrelay.runtime import process
 
 
 def base_args(tmp_path, port):

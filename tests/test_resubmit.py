@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import helpers
-from emailrelay.envelope import Envelope
-from emailrelay.spool import Spool
+from emailrelay.store.envelope import Envelope
+from emailrelay.store.spool import Spool
 
 RESUBMIT = os.path.join(helpers.BIN, "emailrelay-resubmit")
 

@@ -13,7 +13,7 @@ import smtplib
 import helpers
 from test_admin import Admin
 from test_client import ScriptedServer, put_message
-from emailrelay.envelope import Envelope
+from emailrelay.store.envelope import Envelope
 
 BUSY = b"452 4.3.1 insufficient system storage"
 

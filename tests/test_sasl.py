@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from emailrelay import md5state, sasl, secrets
+from emailrelay.auth import md5state, sasl, secrets
 
 SECRETS = secrets.Secrets.parse(
     "server plain alice e+3Dmc2\n"

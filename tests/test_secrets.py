@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from emailrelay import md5state, secrets
+from emailrelay.auth import md5state, secrets
 
 REFERENCE = """\
 #

@@ -11,7 +11,8 @@ import base64
 import threading
 import types
 
-from emailrelay import auth_budget, pop_server, sasl, secrets, session_core
+from emailrelay.auth import auth_budget, sasl, secrets
+from emailrelay.server import pop_server, session_core
 
 from test_pop_session import box, make_services as pop_services, session as pop_session  # noqa: F401
 from test_smtp_session import CountingConnection, talk

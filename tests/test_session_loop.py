@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from emailrelay import net, session_loop
+from emailrelay.net import connection, session_loop
 from helpers import Relay, wait_for
 
 
@@ -84,7 +84,7 @@ def test_loop_connection_lines_and_overlong_lines_as_readline_gives_them():
         pair.feed(b"y" * 20)
         assert pair.conn.take_line(10) is None
         pair.feed(b"yyy\r\nQUIT\r\n")
-        with pytest.raises(net.LineTooLong):
+        with pytest.raises(connection.LineTooLong):
             pair.conn.take_line(10)
         assert pair.conn.take_line(10) == b"QUIT\r\n"
         pair.theirs.shutdown(socket.SHUT_WR)

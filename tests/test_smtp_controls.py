@@ -342,7 +342,7 @@ def test_per_address_limit_450_then_silence_under_a_flood(tmp_path):
 # -- the pure parts -----------------------------------------------------------------------
 
 def test_tarpit_sequence_and_parsing():
-    from emailrelay import smtp_controls
+    from emailrelay.util import smtp_controls
     pit = smtp_controls.Tarpit(*smtp_controls.parse_tarpit("20,2,300"))
     assert [pit.next_delay() for _ in range(5)] == [20, 60, 180, 300, 300]
     pit = smtp_controls.Tarpit(0, 5, 10)
@@ -350,14 +350,14 @@ def test_tarpit_sequence_and_parsing():
 
 
 def test_test_address_literals():
-    from emailrelay import smtp_controls
+    from emailrelay.util import smtp_controls
     assert smtp_controls.parse_test_address("[1.2.3.4]") == "1.2.3.4"
     assert smtp_controls.parse_test_address("[IPv6:2001:DB8::1]") == "2001:db8::1"
     assert smtp_controls.parse_test_address("[ipv6.::ffff:1.2.3.4]") == "::ffff:102:304"
 
 
 def test_helo_syntax():
-    from emailrelay import smtp_controls
+    from emailrelay.util import smtp_controls
     good = ["a.example", "localhost", "[10.0.0.1]", "[IPv6:fe80::1]", "b\u00fccher.example",
             "x" * 63 + ".example"]
     bad = ["", "a_b.example", "a..example", ".example", "a-.example", "10.0.0.1",

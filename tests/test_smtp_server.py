@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from helpers import Relay, spool_files, wait_for
-from emailrelay import envelope
+from emailrelay.store import envelope
 
 
 def committed(spool):

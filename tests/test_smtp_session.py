@@ -9,8 +9,11 @@ import types
 
 import pytest
 
-from emailrelay import envelope, net, smtp_server, smtp_syntax, spool, spool_message
-from emailrelay.stats import Stats
+from emailrelay.store import envelope, spool, spool_message
+from emailrelay.net import connection
+from emailrelay.server import smtp_server
+from emailrelay.util import smtp_syntax
+from emailrelay.util.stats import Stats
 
 
 def make_cfg(tmp_path, **kw):
@@ -36,7 +39,7 @@ def make_services(tmp_path, **kw):
                                     spool=spool.Spool(str(tmp_path)), **parts)
 
 
-class CountingConnection(net.MemoryConnection):
+class CountingConnection(connection.MemoryConnection):
     """Counts flushes that sent something, to see replies being batched."""
 
     def __init__(self, data, **kw):
@@ -306,7 +309,7 @@ class TimeoutConnection(CountingConnection):
     def _recv(self):
         data = super()._recv()
         if not data:
-            raise net.Timeout()
+            raise connection.Timeout()
         return data
 
 
@@ -466,7 +469,7 @@ def test_rfc5322_date_is_english():
 
 
 def server_auth(text="server plain alice secret\n", config=None):
-    from emailrelay import sasl, secrets
+    from emailrelay.auth import sasl, secrets
     return sasl.ServerAuth(secrets.Secrets.parse(text), config, domain="relay.test")
 
 

@@ -11,7 +11,9 @@ import subprocess
 import pytest
 
 import helpers
-from emailrelay import options, smtp_client, socks
+from emailrelay.config import options
+from emailrelay.forward import smtp_client
+from emailrelay.net import socks
 from test_client import ScriptedServer, claim_one, put_message
 
 

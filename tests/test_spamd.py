@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from emailrelay import spamc
+from emailrelay.policy import spamc
 from helpers import Relay, free_port, wait_port
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -171,7 +171,7 @@ def test_answer_cut_short_leaves_the_old_content(tmp_path):
                          b"Content-length: 5000\r\n\r\nX-Spam-Status: No\r\n")
     t = threading.Thread(target=serve)
     t.start()
-    from emailrelay import requestclient
+    from emailrelay.policy import requestclient
     location = requestclient.Location.parse("127.0.0.1:%d" % listener.getsockname()[1])
     with pytest.raises(spamc.SpamError, match="closed the connection early"):
         spamc.check(location, str(content), 10, edit=True)

@@ -9,10 +9,10 @@ import textwrap
 import pytest
 
 import helpers
-from emailrelay import spool as spool_mod
-from emailrelay import spool_files
-from emailrelay.envelope import Envelope
-from emailrelay.spool import Spool, SpoolError
+from emailrelay.store import spool as spool_mod
+from emailrelay.store import spool_files
+from emailrelay.store.envelope import Envelope
+from emailrelay.store.spool import Spool, SpoolError
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def child(code, *args):
 
 CLAIM_AND_WAIT = """
     import sys
-    from emailrelay.spool import Spool
+    from emailrelay.store.spool import Spool
     c = Spool(sys.argv[1]).claim(sys.argv[2])
     print("claimed" if c else "lost", flush=True)
     sys.stdin.read()
@@ -146,7 +146,7 @@ def test_ids_skip_a_taken_name(tmp_path, monkeypatch):
 def test_ids_unique_across_processes(tmp_path):
     code = """
         import sys
-        from emailrelay.spool import Spool
+        from emailrelay.store.spool import Spool
         s = Spool(sys.argv[1])
         for _ in range(200):
             m = s.new_message()
@@ -241,7 +241,7 @@ def test_two_processes_claim_each_message_exactly_once(tmp_path):
     go = tmp_path / "go"
     code = """
         import os, sys, time
-        from emailrelay.spool import Spool
+        from emailrelay.store.spool import Spool
         s = Spool(sys.argv[1])
         while not os.path.exists(sys.argv[2]):
             time.sleep(0.001)
@@ -338,8 +338,8 @@ def test_committed_in_the_main_directory(tmp_path):
 def test_streaming_a_50mb_message_keeps_memory_bounded(tmp_path):
     code = """
         import resource, sys
-        from emailrelay.spool import Spool
-        from emailrelay.envelope import Envelope
+        from emailrelay.store.spool import Spool
+        from emailrelay.store.envelope import Envelope
         s = Spool(sys.argv[1])
         m = s.new_message()
         block = (b"x" * 998 + b"\\r\\n") * 64

@@ -4,7 +4,7 @@ import smtplib
 import subprocess
 import threading
 
-from emailrelay.stats import Stats
+from emailrelay.util.stats import Stats
 from helpers import Relay, free_port, stop_process, wait_for, wait_port
 from test_admin import Admin
 

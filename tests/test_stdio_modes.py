@@ -17,7 +17,7 @@ import subprocess
 
 from helpers import PYTHON, ROOT, env, free_port, spool_files, stop_process, wait_for
 
-from emailrelay import envelope
+from emailrelay.store import envelope
 from certs import certs  # noqa: F401  (a pytest fixture)
 
 BASE = ["--no-syslog", "--domain", "relay.test", "--user", "root"]

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import helpers
-from emailrelay.envelope import Envelope
-from emailrelay.spool import Spool
+from emailrelay.store.envelope import Envelope
+from emailrelay.store.spool import Spool
 from emailrelay.tools.submit import CHUNK
 
 SUBMIT = os.path.join(helpers.BIN, "emailrelay-submit")

@@ -12,7 +12,9 @@ import types
 
 import pytest
 
-from emailrelay import options, smtp_client, tls
+from emailrelay.config import options
+from emailrelay.forward import smtp_client
+from emailrelay.net import tls
 from test_client import ScriptedServer, claim_one, put_message
 
 

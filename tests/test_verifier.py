@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from emailrelay import verifier
+from emailrelay.policy import verifier
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import pytest
 
-from emailrelay import xtext
+from emailrelay.util import xtext
 
 
 @pytest.mark.parametrize("plain, encoded", [

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from .. import spool
+from ..store import spool
 
 USAGE_EPILOG = """\
 exit status: 100 when the main envelope was copied and removed, 0 with

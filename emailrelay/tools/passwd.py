@@ -62,7 +62,8 @@ def _read_password():
 
 def run(argv=None):
     """Runs the tool with `argv` (default sys.argv[1:]); returns the exit status."""
-    from .. import md5state, xtext
+    from ..auth import md5state
+    from ..util import xtext
     try:
         opts = _parse(sys.argv[1:] if argv is None else argv)
     except _Usage as e:

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .. import spool
+from ..store import spool
 
 DEFAULT_SPOOL_DIR = "/var/spool/emailrelay"
 DEFAULT_RETRIES = 5

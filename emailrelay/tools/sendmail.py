@@ -22,7 +22,7 @@ spool; the default is /var/spool/emailrelay. Exit statuses are sendmail's:
 import os
 import sys
 
-from .. import envelope, spool
+from ..store import envelope, spool
 from . import submit
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_CANTCREAT = 0, 64, 65, 73

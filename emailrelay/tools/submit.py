@@ -21,7 +21,8 @@ import re
 import socket
 import sys
 
-from .. import envelope, spool, xtext
+from ..store import envelope, spool
+from ..util import xtext
 from . import filter_copy
 
 DEFAULT_SPOOL_DIR = "/var/spool/emailrelay"

@@ -1,0 +1,735 @@
+"""The forwarding thread: sends the spool to the --forward-to server.
+
+One `Forwarder` per process, and its thread is the only one that claims
+spool files for forwarding. It runs forwarding passes when triggered: at
+start-up (--forward), on the --poll timer, when a message's retry time comes,
+and whenever `trigger()` is called (end of an SMTP session with
+--forward-on-disconnect, ETRN, the admin `forward` command, a filter's exit
+103 through `rescan()`). Only one pass runs at a time; triggers that arrive
+during a pass make exactly one more pass afterwards, so none is lost.
+`flush()` asks for a pass and waits for its result; `run_once()` is the
+whole of --as-client (one pass in the caller's thread). --immediate goes
+through the thread too: `immediate_session()` gives an SMTP session a
+handle whose `forward(id)` hands the message to the thread and waits for
+the outcome, on one connection to the next hop kept for that session.
+
+A pass claims each ready message (so processes sharing a spool never send
+one twice), runs the --client-filter programs, and hands the message to one
+`smtp_client.Client` connection kept for the whole pass. An accepted message
+leaves the queue as soon as its `250` is in, before anything else is sent,
+so a crash sends again at most the message in flight; after --user the
+spool work between two messages takes one root window. Permanent refusals (5xx,
+a certificate that fails verification, AUTH refused or impossible, a client
+filter's refusal, no remote recipients, unreadable content or an address
+that cannot be sent) make the message `.bad` with the reason.
+
+Temporary failures (a 4xx, or a next hop that cannot be reached) are
+retried automatically (ours: E-MailRelay leaves that to a cron job running
+emailrelay-resubmit): the message stays queued with its retry state in the
+envelope trailer (`envelope.Retry`), tried again after --retry-interval,
+twice that, four times that ... up to --retry-max-interval, until it has
+been failing for --retry-lifetime, when it becomes `.bad`. Passes other than
+`flush()` and --as-client skip messages whose time has not come; the thread
+wakes for the earliest one by itself, without --poll. `--retry-interval 0`
+keeps E-MailRelay's behaviour: a 4xx fails the message at once, and an
+unreachable next hop leaves it queued for the next trigger.
+
+`Events` is the small publish/subscribe channel behind the admin `notify`
+command; the forwarder and the SMTP server publish one-line events to it.
+"""
+
+import collections
+import math
+import queue
+import threading
+import time
+
+from ..util import addresses
+from ..store import envelope as envelope_mod
+from ..runtime import log
+from ..runtime import process
+from ..util.stats import Stats
+
+
+class Events:
+    """Fan-out of one-line event texts to any number of subscribers.
+
+    `subscribe()` returns a queue that receives every text published from
+    then on; `unsubscribe(q)` stops that. `publish(text)` never blocks.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._subscribers = []
+
+    def subscribe(self):
+        q = queue.Queue()
+        with self._lock:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q):
+        with self._lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+
+    def publish(self, text):
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for q in subscribers:
+            q.put(text)
+
+
+class PassResult:
+    """The result of one pass: counts and the first problem, if any."""
+
+    def __init__(self):
+        self.sent = 0
+        self.failed = 0
+        self.deferred = 0
+        self.skipped = 0
+        self.processed = 0
+        self.error = None
+        self.stopped = False
+        # The reason the last message failed (for an --immediate reply).
+        self.reason = None
+
+    @property
+    def ok(self):
+        """True when every message went (none failed or waits for a retry)."""
+        return self.failed == 0 and self.deferred == 0 and self.error is None
+
+    def text(self):
+        """`OK`, or what went wrong, for the admin `flush` command."""
+        if self.error is not None:
+            return "error: %s" % self.error
+        if self.failed or self.deferred:
+            return "error: %d message(s) failed%s" % (
+                self.failed + self.deferred,
+                ", %d will be retried" % self.deferred if self.deferred else "")
+        return "OK"
+
+
+class ImmediateSession:
+    """--immediate for one SMTP session (from `Forwarder.immediate_session()`).
+
+    `forward(id)` hands a just-committed message to the forwarding thread
+    and waits: it returns None when the message went, or stays queued for
+    a retry or another forwarder (the submitter may be told `250`), else a
+    refusal reply (`5xx text`: the message is `.bad`, and the next hop's
+    own words go back to the submitter). The connection to the next hop is
+    kept between messages; `close()` ends it (call it when the SMTP session
+    ends).
+    """
+
+    def __init__(self, forwarder):
+        self._forwarder = forwarder
+        # Used only in the forwarding thread.
+        self.client = None
+
+    def forward(self, message_id):
+        return self._forwarder._submit(lambda: self._forwarder._forward_immediate(self, message_id))
+
+    def close(self):
+        self._forwarder._submit(self._quit, wait=False)
+
+    def _quit(self):
+        if self.client is not None:
+            self.client.quit()
+            self.client = None
+
+
+class _Job:
+    """Work for the forwarding thread, and its answer for the waiting caller."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.result = None
+        self.done = threading.Event()
+
+
+class Forwarder:
+    """Forwards the spool to the next hop; see the module docstring.
+
+    `client_filters` are `filters.Filter` objects run before each message;
+    `client_secret` is the --client-auth secret (or None); `tls_context`
+    the client TLS context (or None); `events` an `Events` (or None);
+    `stats` a `stats.Stats` whose `messages-forwarded`/`messages-failed`
+    counters are incremented. Raises ValueError for a bad --forward-to address.
+    """
+
+    def __init__(self, cfg, spool, client_filters=(), client_secret=None, tls_context=None,
+                 events=None, stats=None):
+        addresses.parse_forward_to(cfg.forward_to)
+        self.cfg = cfg
+        self.spool = spool
+        self.client_filters = list(client_filters)
+        self.client_secret = client_secret
+        self.tls_context = tls_context
+        self.events = events
+        self.stats = stats if stats is not None else Stats()
+        self.retry_interval = cfg.retry_interval or 0
+        self.retry_max_interval = max(cfg.retry_max_interval or 0, self.retry_interval)
+        self.retry_lifetime = cfg.retry_lifetime or 0
+        self._cond = threading.Condition()
+        self._pending = False
+        self._force = False
+        self._requested = 0
+        self._completed = 0
+        self._last = None
+        self._stopping = False
+        self._thread = None
+        self._jobs = collections.deque()
+        # Message id -> time of its next attempt (messages waiting for a retry).
+        self._schedule = {}
+
+    # -- triggers ------------------------------------------------------
+
+    def start(self, initial=False):
+        """Starts the forwarding thread; with `initial`, a pass runs at once."""
+        if initial:
+            self.trigger()
+        self._thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
+        self._thread.start()
+
+    def trigger(self):
+        """Asks for a pass (asynchronous). Returns at once."""
+        with self._cond:
+            self._pending = True
+            self._requested += 1
+            self._cond.notify_all()
+        return True
+
+    def rescan(self):
+        """A --filter exited 103 after its message was committed: a pass, logged."""
+        log.info("forwarding: [rescan]")
+        self.trigger()
+
+    def flush(self):
+        """Runs a pass now (after any running one), retry times or not, and waits.
+
+        Returns (ok, text): `OK`, `error: no messages to send`, or
+        `error: <what went wrong>`, as the admin `flush` command answers.
+        """
+        # A message a running pass holds (.busy) is still a message to send.
+        if not any(state in ("ready", "busy") for _, state in self.spool.list_messages()):
+            return False, "error: no messages to send"
+        with self._cond:
+            self._pending = True
+            self._force = True
+            self._requested += 1
+            wanted = self._requested
+            self._cond.notify_all()
+            while self._completed < wanted and not self._stopping:
+                self._cond.wait(1.0)
+            if self._completed < wanted:
+                return False, "error: forwarding is stopping"
+            result = self._last
+        return result.ok, result.text()
+
+    def stop(self):
+        """Stops after the message in hand (thread or run_once); waits for the thread briefly."""
+        with self._cond:
+            self._stopping = True
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            self._cond.notify_all()
+        for job in jobs:
+            job.done.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def immediate_session(self):
+        """A handle for one SMTP session's --immediate messages (see ImmediateSession)."""
+        return ImmediateSession(self)
+
+    def _submit(self, fn, wait=True):
+        """Runs `fn` in the forwarding thread; with `wait`, returns its result.
+
+        Returns None at once when the forwarder is stopping (the message
+        stays in the spool for the next start).
+        """
+        job = _Job(fn)
+        with self._cond:
+            if self._stopping or self._thread is None:
+                return None
+            self._jobs.append(job)
+            self._cond.notify_all()
+        if wait:
+            job.done.wait()
+        return job.result
+
+    def _run_jobs(self):
+        while True:
+            with self._cond:
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            try:
+                job.result = job.fn()
+            except Exception as e:  # the thread must survive anything a job meets
+                log.error("forwarding: unexpected error: %s: %s" % (type(e).__name__, e))
+            finally:
+                job.done.set()
+
+    def _next_wake(self, next_poll):
+        """The monotonic time the thread must wake by itself, or None."""
+        times = [next_poll] if next_poll is not None else []
+        if self._schedule:
+            due = min(self._schedule.values())
+            times.append(time.monotonic() + max(0.0, due - time.time()))
+        return min(times) if times else None
+
+    def _loop(self):
+        poll = self.cfg.poll if self.cfg.poll and self.cfg.poll > 0 else None
+        next_poll = time.monotonic() + poll if poll else None
+        while True:
+            with self._cond:
+                while not self._pending and not self._jobs and not self._stopping:
+                    wake = self._next_wake(next_poll)
+                    if wake is None:
+                        self._cond.wait()
+                        continue
+                    remaining = wake - time.monotonic()
+                    if remaining <= 0:
+                        self._pending = True
+                        break
+                    self._cond.wait(remaining)
+                if self._stopping:
+                    break
+                if self._jobs:
+                    run_pass = False
+                else:
+                    run_pass = True
+                    self._pending = False
+                    force, self._force = self._force, False
+                    generation = self._requested
+            if not run_pass:
+                self._run_jobs()
+                continue
+            if poll:
+                next_poll = time.monotonic() + poll
+            try:
+                result = self.run_pass(force)
+            except Exception as e:  # the thread must survive anything a pass meets
+                log.error("forwarding: unexpected error: %s: %s" % (type(e).__name__, e))
+                result = PassResult()
+                result.error = str(e)
+            with self._cond:
+                self._completed = max(self._completed, generation)
+                self._last = result
+                self._cond.notify_all()
+
+    def run_once(self):
+        """Forwards everything now, in this thread (--as-client, --dont-serve).
+
+        One pass that tries every queued message, retry time or not. True
+        only when every message went (none failed or waits for a retry).
+        """
+        return self.run_pass(force=True).ok
+
+    # -- passes --------------------------------------------------------
+
+    def _new_client(self):
+        from . import smtp_client
+        auth = None
+        if self.client_secret is not None:
+            from ..auth import sasl
+            auth = sasl.ClientAuth(self.client_secret, self.cfg.client_auth_config)
+        return smtp_client.Client(self.cfg, auth, self.tls_context)
+
+    def run_pass(self, force=False):
+        """One pass over the spool with one connection; returns a PassResult.
+
+        With `force`, messages waiting for their retry time are tried too.
+        Between two messages the spool work is done in one root window
+        (after --user): removing the names of the message just sent (its
+        `250` is in), claiming the next one and, without client filters,
+        the one after it (whose commands go out with the next content) and
+        opening their content. The rest of each deletion is left to a
+        helper thread (see _Deletions).
+        """
+        from . import smtp_client
+        result = PassResult()
+        self._publish("forwarding: start")
+        client = None
+        settler = _Deletions(self._sent)
+        claims = self._claims(force, result)
+        # Without client filters the message after the current one is known
+        # before the current one is sent, so its commands can be pipelined
+        # with the current content.
+        ahead = not self.client_filters
+        claim = following = None
+        try:
+            while not self._stopping:
+                with process.privileged(group=False):
+                    settler.flush()
+                    claim, following = following, None
+                    if claim is None:
+                        claim = next(claims, None)
+                    if ahead and claim is not None:
+                        following = next(claims, None)
+                        # (Client filters may replace the content: then it
+                        # is opened after them, in _prepare().)
+                        for c in (claim, following):
+                            _open_content_quietly(c)
+                settler.hand_over()
+                if claim is None:
+                    break
+                result.processed += 1
+                if client is None:
+                    client = self._new_client()
+                try:
+                    self._forward(claim, client, result, settler, following)
+                except smtp_client.ConnectionFailure as e:
+                    result.error = str(e)
+                    self._connection_failed(claim, e, result)
+                    claim = None
+                    break
+                claim = None
+                if result.stopped:
+                    break
+                self._run_jobs()
+        finally:
+            if client is not None:
+                client.quit()
+            for unsent in (claim, following):
+                if unsent is not None:
+                    _release(unsent)
+            settler.close()
+        self._publish("forwarding: done: %d sent, %d failed" % (result.sent, result.failed))
+        if result.processed:
+            log.info("forwarding: %d message(s) sent, %d failed%s%s" % (
+                result.sent, result.failed,
+                ", %d to be retried" % result.deferred if result.deferred else "",
+                ", %d skipped" % result.skipped if result.skipped else ""))
+        return result
+
+    def _connection_failed(self, claim, e, result):
+        """The session broke while `claim` was in hand: fail or defer it."""
+        if e.permanent:
+            log.error("forwarding: %s" % e)
+            self._failed(claim, str(e), 0, result)
+            return
+        self._publish("forwarding: failed: %s" % e)
+        if self.retry_interval:
+            log.error("forwarding: %s" % e)
+            self._temporary(claim, str(e), 0, result)
+        else:
+            log.error("forwarding: %s: messages stay queued until the next attempt" % e)
+            _release(claim)
+
+    def _claims(self, force, result):
+        """Claims the messages due for an attempt one at a time, oldest first.
+
+        A message whose envelope cannot be read is failed by the spool and
+        counted in `result`.
+        """
+        def unreadable(reason):
+            result.failed += 1
+            result.reason = reason
+            self._count("messages-failed")
+        ids = self.spool.ids()
+        present = set(ids)
+        for gone in [i for i in self._schedule if i not in present]:
+            del self._schedule[gone]
+        for message_id in ids:
+            now = time.time()
+            due = self._schedule.get(message_id)
+            if not force and due is not None and due > now:
+                continue
+            claim = self.spool.claim(message_id, failed=unreadable)
+            if claim is None:
+                self._schedule.pop(message_id, None)
+                continue
+            state = claim.envelope.retry() if self.retry_interval else None
+            if not force and state is not None and state.next_time > now:
+                # Deferred by another process, or by us before a restart.
+                self._schedule[message_id] = state.next_time
+                _release(claim)
+                continue
+            self._schedule.pop(message_id, None)
+            yield claim
+
+    def _run_client_filters(self, claim, result):
+        """Runs --client-filter programs on a claimed message.
+
+        Returns None to go on, `'skip'` when a filter said ignore the message
+        (exit 100), `'retry'` when a filter could not decide (timeout, crash,
+        filter daemon down), or `(reason, code)` when a filter failed it. A
+        request to stop scanning after this message is noted in `result`.
+        """
+        for f in self.client_filters:
+            r = f.run(claim.content_path, claim.envelope_path)
+            if r.stop:
+                result.stopped = True
+            if r.cancel:
+                return "skip"
+            if not r.ok and r.temporary:
+                return "retry"
+            if not r.ok:
+                return (r.reason or "client filter failed", r.code if r.code is not None else 0)
+        return None
+
+    def _prepare(self, claim, result):
+        """Client filters and checks before sending; False when `claim` is settled."""
+        from ..store import spool
+        if self.client_filters:
+            verdict = self._run_client_filters(claim, result)
+            if verdict == "skip":
+                log.info("forwarding: %s: client filter says ignore this message" % claim.id)
+                _release(claim)
+                result.skipped += 1
+                return False
+            if verdict == "retry":
+                self._temporary(claim, "client filter failed", 0, result)
+                return False
+            if verdict is not None:
+                self._failed(claim, verdict[0], verdict[1], result)
+                return False
+            # A filter may have edited the envelope.
+            try:
+                claim.reread()
+            except (OSError, envelope_mod.EnvelopeError) as e:
+                self._failed(claim, "invalid envelope file after the client filter: %s" % e, 0, result)
+                return False
+        if not claim.envelope.to_remote:
+            self._failed(claim, "no remote recipients", 0, result)
+            return False
+        try:
+            claim.open_content()
+        except spool.ContentError as e:
+            self._failed(claim, str(e), 0, result)
+            return False
+        return True
+
+    def _forward(self, claim, client, result, settler, following=None):
+        """Filters and sends one claimed message and settles its files."""
+        if not self._prepare(claim, result):
+            return
+        if following is not None and not following.envelope.to_remote:
+            following = None
+        outcome = client.send(claim, following)
+        self._settle(claim, outcome, result, settler)
+
+    def _settle(self, claim, outcome, result, settler=None):
+        """Deletes, fails or defers `claim` after `outcome`."""
+        from . import smtp_client
+        if not outcome.ok:
+            if outcome.temporary:
+                self._temporary(claim, outcome.reason, outcome.code, result)
+            else:
+                self._failed(claim, outcome.reason, outcome.code, result)
+            return
+        if outcome.rejected:
+            # --forward-to-some: the message went to the others; keep a copy
+            # addressed to the refused recipients only, for a retry.
+            env = claim.envelope
+            env.to_remote = [r for r, _ in outcome.rejected]
+            claim.rewrite(env)
+            reason = smtp_client.rejection_reason("one or more", outcome.rejected)
+            code = max(int(text[:3]) for _, text in outcome.rejected)
+            self._sent(claim.id, result)
+            if 400 <= code < 500:
+                self._temporary(claim, reason, code, result)
+            else:
+                self._failed(claim, reason, code, result)
+            return
+        result.sent += 1
+        if settler is None:
+            claim.delete()
+            self._sent(claim.id)
+        else:
+            settler.add(claim)
+
+    def _temporary(self, claim, reason, code, result):
+        """A temporary failure: defer `claim` for a retry, or fail it (see the module docstring)."""
+        if not self.retry_interval:
+            if code:
+                self._failed(claim, reason, code, result)
+            else:
+                _release(claim)
+            return
+        now = time.time()
+        state = claim.envelope.retry()
+        count = state.count + 1 if state is not None else 1
+        first = state.first_time if state is not None else int(now)
+        if now - first >= self.retry_lifetime:
+            self._failed(claim, "%s (gave up after %d attempts in %ds)" % (reason, count, now - first),
+                         code, result)
+            return
+        delay = min(self.retry_interval * 2 ** (count - 1), self.retry_max_interval)
+        # Whole seconds, as the envelope keeps them.
+        next_time = int(math.ceil(now + delay))
+        claim.defer(envelope_mod.Retry(count, next_time, first, reason))
+        self._schedule[claim.id] = next_time
+        result.deferred += 1
+        log.warning("forwarding: %s: temporary failure %d: %s: next attempt in %ss"
+                    % (claim.id, count, reason, _seconds(delay)))
+        self._publish("deferred %s: %s" % (claim.id, reason))
+
+    def _sent(self, message_id, result=None):
+        if result is not None:
+            result.sent += 1
+        self._count("messages-forwarded")
+        log.verbose("forwarding: %s: sent" % message_id)
+        self._publish("forwarded %s" % message_id)
+
+    def _failed(self, claim, reason, code, result):
+        claim.fail(reason, code)
+        result.failed += 1
+        result.reason = reason
+        self._count("messages-failed")
+        log.warning("forwarding: %s: failed: %s" % (claim.id, reason))
+        self._publish("failed %s: %s" % (claim.id, reason))
+
+    def _count(self, key):
+        self.stats.increment(key)
+
+    def _publish(self, text):
+        if self.events is not None:
+            self.events.publish(text)
+
+    # -- --immediate (runs in the forwarding thread) --------------------
+
+    def _forward_immediate(self, session, message_id):
+        """Sends one message on the session's connection; see ImmediateSession.forward()."""
+        from . import smtp_client
+        result = PassResult()
+        claim = self.spool.claim(message_id)
+        if claim is None:
+            return None
+        try:
+            if not self._prepare(claim, result):
+                claim = None
+                return _refusal(result, "554", "5.7.1")
+            if session.client is None:
+                session.client = self._new_client()
+            try:
+                outcome = session.client.send(claim)
+            except smtp_client.ConnectionFailure as e:
+                self._connection_failed(claim, e, result)
+                claim = None
+                return "554 5.0.0 %s" % e if e.permanent else None
+            settling, claim = claim, None
+            self._settle(settling, outcome, result)
+        finally:
+            if claim is not None:
+                _release(claim)
+        if outcome.ok or outcome.temporary:
+            return None
+        reason = outcome.reason
+        return reason if reason[:3].isdigit() else "%d %s" % (outcome.code or 554, reason)
+
+
+def _refusal(result, code, status):
+    """The reply for a message that _prepare() settled: None unless it failed."""
+    if not result.failed:
+        return None
+    return "%s %s %s" % (code, status, result.reason)
+
+
+def _seconds(value):
+    return ("%d" % value) if value == int(value) else ("%.1f" % value)
+
+
+class _Deletions:
+    """Removes sent messages from the spool, bounding what a crash sends twice.
+
+    `add(claim)` notes a message the next hop accepted; `flush()` (called
+    by run_pass() in its root window as soon as send() has returned, before
+    anything else is sent, and by `close()`) removes the envelope names of
+    those noted, so at most the message in flight is sent again after a
+    crash. The rest of each deletion is done by a helper thread while the
+    session goes on: `hand_over()` (outside the window) gives it the claims
+    BATCH at a time; it removes their content names in one short root
+    window a batch, then closes their files without root (freeing them is
+    the slow part: on a journalling file system it costs more than the
+    whole SMTP transaction). hand_over() waits while BACKLOG batches are
+    pending, so open files stay bounded. `sent(id)` is called for each
+    removed envelope.
+    """
+
+    # Where windows are process-wide (see process), each costs a switch of
+    # every thread's ids, so the helper takes one per batch, not per message.
+    BATCH = 16
+    BACKLOG = 4
+
+    def __init__(self, sent):
+        self._sent = sent
+        self._claims = []
+        self._removed = []
+        self._queue = queue.Queue(self.BACKLOG)
+        self._thread = None
+
+    def add(self, claim):
+        self._claims.append(claim)
+
+    def flush(self):
+        claims, self._claims = self._claims, []
+        if not claims:
+            return
+        with process.privileged(group=False):
+            for claim in claims:
+                try:
+                    claim.remove_envelope()
+                except OSError as e:
+                    # (The claim keeps its lock: no one else sends it while we run.)
+                    log.error("forwarding: %s: cannot remove the envelope: %s" % (claim.id, e))
+                    continue
+                self._sent(claim.id)
+                self._removed.append(claim)
+
+    def hand_over(self, everything=False):
+        """Queues a full batch of removed claims (with `everything`, what there is)."""
+        if len(self._removed) < self.BATCH and not (everything and self._removed):
+            return
+        removed, self._removed = self._removed, []
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="forwarder clean-up",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put(removed)
+
+    def _run(self):
+        while True:
+            claims = self._queue.get()
+            if claims is None:
+                return
+            with process.privileged(group=False):
+                for claim in claims:
+                    try:
+                        claim.remove_content(close=False)
+                    except OSError as e:  # one message's clean-up must not stop the rest
+                        log.error("forwarding: %s: cannot remove the content: %s" % (claim.id, e))
+            for claim in claims:
+                try:
+                    claim.close()
+                except OSError as e:
+                    log.error("forwarding: %s: cannot close the files: %s" % (claim.id, e))
+
+    def close(self):
+        self.flush()
+        self.hand_over(everything=True)
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+
+
+def _open_content_quietly(claim):
+    """Opens a claim's content ahead of its turn; a failure shows in its turn."""
+    from ..store import spool
+    if claim is None:
+        return
+    try:
+        claim.open_content()
+    except spool.ContentError:
+        pass
+
+
+def _release(claim):
+    try:
+        claim.release()
+    except OSError as e:
+        # A client filter that exits 100 may have moved or removed the files.
+        log.verbose("forwarding: %s: not released: %s" % (getattr(claim, "id", "?"), e))

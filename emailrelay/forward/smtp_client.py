@@ -1,0 +1,690 @@
+"""The SMTP client that forwards spooled messages to the next hop.
+
+`Client(cfg, client_auth, tls_context)` keeps one connection for a batch:
+`connect()` opens it (through SOCKS 4a when --forward-to names a proxy,
+implicit TLS with --client-tls-connection, STARTTLS with --client-tls, AUTH
+with --client-auth); `send(claim)` sends one claimed message and returns an
+`Outcome`; `quit()` ends the session. Connection-level problems raise
+`ConnectionFailure`: unreachable, refused, timeouts, a 421 are temporary
+(the message stays queued for a retry); a next hop whose certificate fails
+verification, or AUTH refused or impossible, is `permanent` (the message in
+hand fails). A refusal of the message itself is an `Outcome` with `ok`
+False and the server's reply; so is a message that cannot be sent as it is
+(an address that is not valid UTF-8 or holds CR, LF, NUL or angle brackets,
+or content needing an extension the next hop lacks).
+
+The protocol is written here rather than on smtplib: MAIL, RCPT and DATA go
+out together when the server offers PIPELINING, and the next message's
+commands with the end of this one's content (smtplib does neither); the
+connection may come from the SOCKS shim or skip a late greeting
+(--prompt-timeout), which smtplib has no public way to accept; and the
+dialogue is logged at --debug in E-MailRelay's form (`tx>>: "EHLO name"`,
+`rx<<: "250 ..."`, AUTH secrets and content not shown). The content is
+streamed from the content file by `dotstuff` (CRLF line endings, dot
+stuffing, NUL dropped); BINARYMIME goes by BDAT with its exact bytes.
+"""
+
+import os
+import select
+import socket
+
+from ..util import addresses
+from ..util import dotstuff
+from ..runtime import log
+from ..config import options
+from ..util import xtext
+from ..store.spool import ContentError
+
+BLOCK_SIZE = dotstuff.BLOCK_SIZE
+# Bounds on a reply from the next hop (RFC 5321 4.5.3.1.5 says 512 octets
+# a line; servers send longer ones, never this long).
+REPLY_LINE_LIMIT = 4096
+REPLY_LINES_LIMIT = 200
+QUIT_TIMEOUT = 2
+_BAD_ADDRESS_CHARACTERS = set("\r\n\0<>") | {chr(c) for c in range(0x20)} | {"\x7f"}
+
+
+class ConnectionFailure(Exception):
+    """The session with the next hop failed (see the module docstring).
+
+    `permanent`: retrying cannot help until the configuration or the next
+    hop changes, so the message in hand fails; otherwise it stays queued.
+    """
+
+    def __init__(self, text, permanent=False):
+        super().__init__(text)
+        self.permanent = permanent
+
+
+class Outcome:
+    """What happened to one message.
+
+    `ok`: the next hop accepted it (for at least one recipient with
+    --forward-to-some). `code`: the deciding reply code (0 when the failure
+    is ours, such as a missing extension), so 400-499 is a temporary
+    failure. `reason`: reply text or failure reason. `rejected`:
+    [(recipient, reply text)] refused recipients.
+    """
+
+    def __init__(self, ok, code, reason, rejected=()):
+        self.ok = ok
+        self.code = code
+        self.reason = reason
+        self.rejected = list(rejected)
+
+    @property
+    def temporary(self):
+        """True for a 4xx refusal: the message may go later."""
+        return 400 <= self.code < 500
+
+    def __repr__(self):
+        return "Outcome(ok=%r, code=%r, reason=%r, rejected=%r)" % (
+            self.ok, self.code, self.reason, self.rejected)
+
+
+class _Unsendable(Exception):
+    """The message cannot be sent as it is; the text says why."""
+
+
+def address_problem(address):
+    """Why `address` cannot go in MAIL or RCPT (a text), or None when it can."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return "address is not valid UTF-8: <%s>" % log.sanitise(
+            address.encode("utf-8", "surrogateescape"))
+    if _BAD_ADDRESS_CHARACTERS.intersection(address):
+        return "address holds a control character or angle bracket: <%s>" % log.sanitise(address)
+    return None
+
+
+def _reply_text(code, msg):
+    text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
+    return ("%d %s" % (code, " ".join(text.split("\n")))).strip()
+
+
+def dns_error(host, e):
+    """E-MailRelay's text for a name that does not resolve."""
+    return 'dns error: no such host: "%s" (%s)' % (host, getattr(e, "strerror", None) or e)
+
+
+class Client:
+    """An SMTP client session with the --forward-to server for a batch.
+
+    `client_auth` is a `sasl.ClientAuth` or None; `tls_context` a client
+    `ssl.SSLContext` (from `tls.client_context`) or None. `send()` connects
+    first if needed, so a batch may start with it. Not thread-safe: one
+    thread uses one Client. `has_extn()`, `esmtp_features` and `docmd()`
+    are what `sasl.ClientAuth.authenticate()` uses.
+    """
+
+    def __init__(self, cfg, client_auth=None, tls_context=None):
+        self.cfg = cfg
+        self.client_auth = client_auth
+        self.tls_context = tls_context
+        self.host, self.port, self.socks_host, self.socks_port = \
+            addresses.parse_forward_to(cfg.forward_to)
+        self.target = addresses.format_address(self.host, self.port)
+        self.domain = cfg.domain or socket.getfqdn()
+        self.sock = None
+        self._rfile = None
+        self.esmtp_features = {}
+        self.ehlo_name = None
+        self.tls = False
+        self.authenticated_as = None
+        self._skip_greeting = False
+        # Inside an AUTH exchange: what we send is not logged.
+        self._in_auth = False
+        self._last_code = 0
+        # (claim, commands) sent ahead with the previous message's content.
+        self._present = None
+        self.features = options.smtp_config(getattr(cfg, "client_smtp_config", None),
+                                            options.CLIENT_SMTP_KEYWORDS)
+
+    # -- the wire ------------------------------------------------------
+
+    def has_extn(self, name):
+        """True when the server's EHLO reply has the keyword `name`."""
+        return name.lower() in self.esmtp_features
+
+    def docmd(self, cmd, args=""):
+        """Sends one command line and returns its reply as (code, bytes)."""
+        line = "%s %s" % (cmd, args) if args else cmd
+        if cmd.upper() == "AUTH":
+            mechanism, _, initial = args.partition(" ")
+            shown = "AUTH %s%s" % (mechanism, " [not logged]" if initial else "")
+            self._in_auth = True
+        elif self._in_auth:
+            shown = None
+        else:
+            shown = line
+        self._send_lines([line], [shown])
+        code, msg = self.reply()
+        if code != 334:
+            self._in_auth = False
+        return code, msg
+
+    def _send_lines(self, lines, shown=None):
+        """Writes command lines in one packet; logs them (or `shown`) at --debug."""
+        if log.debug_enabled():
+            for i, line in enumerate(lines):
+                text = line if shown is None else shown[i]
+                log.debug("smtp client: tx>>: %s" % (
+                    "[response not logged]" if text is None else '"%s"' % log.sanitise(text)))
+        self.sock.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
+
+    def reply(self):
+        """Reads one (possibly multi-line) reply: (code, text lines joined by LF)."""
+        lines = []
+        debug = log.debug_enabled()
+        while True:
+            raw = self._rfile.readline(REPLY_LINE_LIMIT + 1)
+            if not raw:
+                raise ConnectionFailure("connection closed by %s" % self.target)
+            if not raw.endswith(b"\n") and len(raw) > REPLY_LINE_LIMIT:
+                raise ConnectionFailure("reply line from %s longer than %d octets"
+                                        % (self.target, REPLY_LINE_LIMIT))
+            line = raw.rstrip(b"\r\n")
+            if debug:
+                log.debug('smtp client: rx<<: "%s"' % log.sanitise(line))
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                raise ConnectionFailure("invalid response from %s: %s"
+                                        % (self.target, log.sanitise(line[:80])))
+            lines.append(line)
+            if line[3:4] != b"-":
+                break
+            if len(lines) >= REPLY_LINES_LIMIT:
+                raise ConnectionFailure("reply from %s longer than %d lines"
+                                        % (self.target, REPLY_LINES_LIMIT))
+        code = int(lines[-1][:3])
+        if code == 220 and self._skip_greeting:
+            # The greeting came after --prompt-timeout and we went ahead:
+            # this is it, the reply to our command follows.
+            self._skip_greeting = False
+            return self.reply()
+        self._last_code = code
+        return code, b"\n".join(line[4:] for line in lines)
+
+    # -- connection ----------------------------------------------------
+
+    def _family_and_source(self):
+        """The address family and local bind address from --client-interface."""
+        iface = self.cfg.client_interface
+        if not iface:
+            return socket.AF_UNSPEC, None
+        family = socket.AF_INET6 if ":" in iface else socket.AF_INET
+        if iface in ("0.0.0.0", "::"):
+            # The wildcards only choose the family, as the reference says.
+            return family, None
+        return family, (iface, 0)
+
+    def _tcp_connect(self, host, port, timeout):
+        family, source = self._family_and_source()
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        if not infos:
+            raise OSError("no address for %s" % host)
+        error = None
+        for af, st, proto, _, sa in infos:
+            sock = socket.socket(af, st, proto)
+            try:
+                sock.settimeout(timeout)
+                if source is not None:
+                    sock.bind(source)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.connect(sa)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error
+
+    def _server_name(self):
+        if self.cfg.client_tls_server_name:
+            return self.cfg.client_tls_server_name
+        try:
+            addresses._ip(self.host)
+            return None
+        except ValueError:
+            return self.host
+
+    def _wrap(self, sock):
+        """The TLS session on `sock`; a certificate that fails verification is permanent."""
+        import ssl
+        try:
+            sslsock = self.tls_context.wrap_socket(sock, server_hostname=self._server_name())
+        except ssl.SSLCertVerificationError as e:
+            raise ConnectionFailure("tls error: certificate verification failed for %s: %s"
+                                    % (self.target, e.verify_message or e), permanent=True) from None
+        except ssl.SSLError as e:
+            raise ConnectionFailure("tls error with %s: %s" % (self.target, e.reason or e)) from None
+        if self.cfg.client_tls_verify_name:
+            from ..net import tls
+            try:
+                tls.check_name(sslsock, self.cfg.client_tls_verify_name)
+            except ValueError as e:
+                sslsock.close()
+                raise ConnectionFailure("tls error: certificate verification failed for %s: %s"
+                                        % (self.target, e), permanent=True) from None
+        self.tls = True
+        cipher = sslsock.cipher()
+        log.verbose("smtp client: tls protocol established with %s protocol %s cipher %s"
+                    % (self.target, sslsock.version(), cipher[0] if cipher else "none"))
+        return sslsock
+
+    def _attach(self, sock):
+        if self._rfile is not None:
+            self._rfile.close()
+        self.sock = sock
+        self._rfile = sock.makefile("rb")
+
+    def connect(self):
+        """Connects, reads the greeting, does EHLO, STARTTLS and AUTH.
+
+        Raises ConnectionFailure with a one-line reason.
+        """
+        self.close()
+        try:
+            self._connect()
+        except ConnectionFailure:
+            self.close()
+            raise
+        except socket.gaierror as e:
+            self.close()
+            raise ConnectionFailure(dns_error(self.socks_host or self.host, e)) from None
+        except (OSError, ValueError) as e:
+            self.close()
+            raise ConnectionFailure("cannot connect to %s: %s" % (self.target, _describe(e))) from None
+
+    def _connect(self):
+        cfg = self.cfg
+        timeout = cfg.connection_timeout if cfg.connection_timeout is not None else 40
+        if self.socks_host:
+            from ..net import socks
+            family, source = self._family_and_source()
+            sock = socks.connect(self.socks_host, self.socks_port, self.host, self.port,
+                                 timeout, source=source)
+        else:
+            sock = self._tcp_connect(self.host, self.port, timeout)
+        self.ehlo_name = self._ehlo_name(sock)
+        if cfg.client_tls_connection:
+            if self.tls_context is None:
+                sock.close()
+                raise ConnectionFailure("--client-tls-connection without a TLS context")
+            try:
+                sock = self._wrap(sock)
+            except BaseException:
+                sock.close()
+                raise
+        self._attach(sock)
+        response_timeout = cfg.response_timeout if cfg.response_timeout is not None else 60
+        self._await_greeting(sock, response_timeout)
+        sock.settimeout(response_timeout)
+        if not self._skip_greeting:
+            code, msg = self.reply()
+            if code != 220:
+                raise ConnectionFailure("%s refused the session: %s" % (self.target, _reply_text(code, msg)))
+        self._hello()
+        if self.tls_context is not None and not self.tls and (cfg.client_tls or cfg.client_tls_required):
+            if self.has_extn("starttls"):
+                self._starttls()
+            elif cfg.client_tls_required:
+                raise ConnectionFailure("%s does not offer STARTTLS (--client-tls-required)" % self.target)
+        if self.client_auth is not None:
+            self._authenticate()
+        log.verbose("smtp client: connected to %s%s%s" % (
+            self.target, " (tls)" if self.tls else "",
+            " as %s" % self.authenticated_as if self.authenticated_as else ""))
+
+    def _ehlo_name(self, sock):
+        """--domain, or our address literal when it has no dot (as E-MailRelay 2.6)."""
+        if "." in self.domain:
+            return self.domain
+        ip = sock.getsockname()[0]
+        return "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
+
+    def _await_greeting(self, sock, response_timeout):
+        """Waits --prompt-timeout for the greeting; without one, goes ahead."""
+        wait = self.cfg.prompt_timeout
+        if not wait or wait >= response_timeout:
+            return
+        if getattr(sock, "pending", None) and sock.pending():
+            return
+        ready, _, _ = select.select([sock], [], [], wait)
+        if not ready:
+            log.warning("smtp client: no greeting from %s within %ss: going ahead without it"
+                        % (self.target, wait))
+            self._skip_greeting = True
+
+    def _hello(self):
+        code, msg = self.docmd("EHLO", self.ehlo_name)
+        if code == 421:
+            raise ConnectionFailure("%s: %s" % (self.target, _reply_text(code, msg)))
+        self.esmtp_features = {}
+        if code == 250:
+            for line in msg.split(b"\n")[1:]:
+                word, _, params = line.decode("utf-8", "replace").strip().partition(" ")
+                if word:
+                    self.esmtp_features[word.lower()] = params.strip()
+            return
+        code, msg = self.docmd("HELO", self.ehlo_name)
+        if code != 250:
+            raise ConnectionFailure("%s refused HELO: %s" % (self.target, _reply_text(code, msg)))
+
+    def _starttls(self):
+        code, msg = self.docmd("STARTTLS")
+        if code != 220:
+            raise ConnectionFailure("%s refused STARTTLS: %s" % (self.target, _reply_text(code, msg)))
+        self._attach(self._wrap(self.sock))
+        self._hello()
+
+    def _authenticate(self):
+        from ..auth import sasl
+        if not self.has_extn("auth"):
+            raise ConnectionFailure("cannot do authentication: %s does not offer AUTH" % self.target,
+                                    permanent=True)
+        offered = self.esmtp_features["auth"].upper().split()
+        if self.client_auth.choose(offered, self.tls) is None:
+            raise ConnectionFailure("cannot do authentication: check for a compatible client secret "
+                                    "(%s offers %s)" % (self.target, " ".join(offered) or "nothing"),
+                                    permanent=True)
+        try:
+            mech = self.client_auth.authenticate(self, self.tls)
+        except sasl.ClientAuthError as e:
+            # A 4xx (454 temporary authentication failure) may pass.
+            raise ConnectionFailure("authentication failed: %s" % e,
+                                    permanent=not 400 <= self._last_code < 500) from None
+        finally:
+            self._in_auth = False
+        self.authenticated_as = self.client_auth.user
+        log.verbose("smtp client: authenticated with %s as %s using %s"
+                    % (self.target, self.client_auth.user, mech))
+
+    def close(self):
+        """Drops the connection without QUIT."""
+        if self._rfile is not None:
+            try:
+                self._rfile.close()
+            except OSError:
+                pass
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+        self._rfile = None
+        self.esmtp_features = {}
+        self.tls = False
+        self.authenticated_as = None
+        self._skip_greeting = False
+        self._in_auth = False
+        self._present = None
+
+    def quit(self):
+        """Ends the session politely; never raises.
+
+        If commands were sent ahead for a message that will not be sent
+        now, the connection is dropped instead: the server may be waiting
+        for its content, and dropping makes it discard the transaction.
+        """
+        if self._present is not None:
+            self.close()
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(QUIT_TIMEOUT)
+                self.docmd("QUIT")
+            except (OSError, ConnectionFailure):
+                pass
+        self.close()
+
+    # -- one message ---------------------------------------------------
+
+    def send(self, claim, following=None):
+        """Sends the claimed message; returns an Outcome.
+
+        `following` (optional) is the claim the caller will send next: when
+        the server pipelines, its MAIL, RCPT and DATA commands go out with
+        the end of this message's content, saving a round trip per message.
+        The caller must then pass that claim to the next send() call (or end
+        with quit(), which drops the connection so the server discards it).
+        Raises
+        ConnectionFailure when the session breaks (the message is then
+        still queued, the caller releases the claim), and what
+        `claim.open_content()` raises before anything about the message is
+        sent.
+        """
+        if self._present is not None and self._present[0] is not claim:
+            # Commands went ahead for another message: start afresh.
+            self.close()
+        if self._present is None:
+            claim.open_content()
+        if self.sock is None:
+            self.connect()
+        try:
+            return self._send(claim, following)
+        except ConnectionFailure:
+            self.close()
+            raise
+        except OSError as e:
+            self.close()
+            raise ConnectionFailure("connection to %s failed: %s" % (self.target, _describe(e))) from None
+
+    def _mail_params(self, env, size):
+        """The MAIL FROM parameters, or raises _Unsendable."""
+        params = []
+        if self.has_extn("size"):
+            params.append("SIZE=%d" % size)
+        # Without the extension the message fails only in a --client-smtp-config
+        # "strict" mode; otherwise it is sent as it is, as E-MailRelay does.
+        strict = self.features
+        if env.content == "8bit":
+            if self.has_extn("8bitmime"):
+                params.append("BODY=8BITMIME")
+            elif strict["eightbitstrict"]:
+                raise _Unsendable("the message has 8-bit content and %s does not offer "
+                                  "8BITMIME" % self.target)
+        elif env.content == "binarymime":
+            if self._bdat(env):
+                params.append("BODY=BINARYMIME")
+            elif strict["binarymimestrict"]:
+                raise _Unsendable("the message is binary and %s does not offer BINARYMIME "
+                                  "with CHUNKING" % self.target)
+        if env.utf8_mailbox_names:
+            if self.has_extn("smtputf8"):
+                params.append("SMTPUTF8")
+            elif strict["smtputf8strict"]:
+                raise _Unsendable("the message has UTF-8 mailbox names and %s does not offer "
+                                  "SMTPUTF8" % self.target)
+        auth = self._auth_param(env)
+        if auth is not None:
+            params.append("AUTH=" + auth)
+        return params
+
+    def _auth_param(self, env):
+        """The MAIL FROM AUTH= value per the MailFromAuthOut rules, or None.
+
+        Only when the next hop offers AUTH and not with --anonymous(=client).
+        Empty MailFromAuthOut: our session's name if we authenticated, else
+        `<>`; `+`: `<>` (no name); anything else is sent as it is (xtext).
+        """
+        if "client" in options.anonymous_scopes(self.cfg.anonymous) or not self.has_extn("auth"):
+            return None
+        value = (env.mail_from_auth_out or "").strip()
+        if not value:
+            return xtext.encode(self.authenticated_as) if self.authenticated_as else "<>"
+        if value == "+":
+            return "<>"
+        return value
+
+    def _commands(self, claim):
+        """MAIL, RCPT... (and DATA unless BDAT) for a message; raises _Unsendable."""
+        env = claim.envelope
+        for address in [env.from_] + env.to_remote:
+            problem = address_problem(address)
+            if problem is not None:
+                raise _Unsendable("invalid envelope: %s" % problem)
+        size = os.fstat(claim.open_content().fileno()).st_size
+        params = self._mail_params(env, size)
+        commands = ["MAIL FROM:<%s>%s" % (env.from_, "".join(" " + p for p in params))]
+        commands += ["RCPT TO:<%s>" % r for r in env.to_remote]
+        if not self._bdat(env):
+            commands.append("DATA")
+        return commands
+
+    def _bdat(self, env):
+        """True when the message goes with BDAT: binary content, and the server can take it."""
+        return (env.content == "binarymime" and self.has_extn("binarymime")
+                and self.has_extn("chunking"))
+
+    def _pipelining(self):
+        """True when commands go pipelined: the server offers it and --client-smtp-config allows it."""
+        return self.features["pipelining"] and self.has_extn("pipelining")
+
+    def _presend_commands(self, following):
+        """The commands to send ahead for `following`, or None when it cannot go ahead."""
+        if following is None or not following.envelope.to_remote \
+                or self._bdat(following.envelope) or not self._pipelining():
+            return None
+        try:
+            return self._commands(following)
+        except (_Unsendable, ContentError):
+            # (The problem shows when that message's turn comes.)
+            return None
+
+    def _send(self, claim, following):
+        env = claim.envelope
+        bdat = self._bdat(env)
+        if self._present is not None and self._present[0] is claim:
+            commands = self._present[1]
+            self._present = None
+            replies = [self.reply() for _ in commands]
+        else:
+            try:
+                commands = self._commands(claim)
+            except _Unsendable as e:
+                return Outcome(False, 0, str(e))
+            if self._pipelining():
+                self._send_lines(commands)
+                replies = [self.reply() for _ in commands]
+            else:
+                replies = []
+                for c in commands:
+                    self._send_lines([c])
+                    replies.append(self.reply())
+                    if replies[-1][0] >= 400 and c.startswith("MAIL"):
+                        break
+        for code, msg in replies:
+            if code == 421:
+                raise ConnectionFailure("%s: %s" % (self.target, _reply_text(code, msg)))
+        outcome = self._judge(env, replies, bdat)
+        data_started = not bdat and len(replies) == len(commands) and replies[-1][0] == 354
+        if outcome is not None:
+            if data_started:
+                # DATA was accepted but the message must not go: there is no
+                # way to cancel it but to drop the connection.
+                self.close()
+            else:
+                self._rset()
+            return outcome
+        rejected = [(r, _reply_text(c, m)) for r, (c, m) in zip(env.to_remote, replies[1:])
+                    if c >= 300]
+        content = claim.open_content()
+        content.seek(0)
+        if bdat:
+            code, msg = self._send_bdat(content)
+        else:
+            ahead = self._presend_commands(following)
+            code, msg = self._send_data(content, ahead)
+            if ahead:
+                self._present = (following, ahead)
+        if code == 421:
+            raise ConnectionFailure("%s: %s" % (self.target, _reply_text(code, msg)))
+        if code != 250:
+            return Outcome(False, code, _reply_text(code, msg))
+        return Outcome(True, code, _reply_text(code, msg), rejected)
+
+    def _judge(self, env, replies, bdat):
+        """An Outcome when MAIL/RCPT/DATA replies mean the message fails, else None.
+
+        Refused recipients fail the whole message with E-MailRelay's
+        reasons: `one or more recipients rejected` (or, with
+        --forward-to-some, `all recipients rejected` when none was
+        accepted), followed by each refused recipient and its reply. The
+        code is the highest refusal code, so one 5xx makes it permanent.
+        """
+        code, msg = replies[0]
+        if code >= 300:
+            return Outcome(False, code, _reply_text(code, msg))
+        rcpt_replies = replies[1:1 + len(env.to_remote)]
+        refused = [(r, c, m) for r, (c, m) in zip(env.to_remote, rcpt_replies) if c >= 300]
+        everyone = len(refused) == len(env.to_remote)
+        if refused and (everyone or not self.cfg.forward_to_some):
+            how_many = "all" if everyone and self.cfg.forward_to_some else "one or more"
+            rejected = [(r, _reply_text(c, m)) for r, c, m in refused]
+            return Outcome(False, max(c for _, c, _ in refused),
+                           rejection_reason(how_many, rejected), rejected)
+        if not bdat:
+            code, msg = replies[-1]
+            if code != 354:
+                return Outcome(False, code, _reply_text(code, msg))
+        return None
+
+    def _rset(self):
+        code, msg = self.docmd("RSET")
+        if code != 250:
+            raise ConnectionFailure("%s refused RSET: %s" % (self.target, _reply_text(code, msg)))
+
+    def _send_data(self, f, ahead=None):
+        """Streams the content as DATA, then the `ahead` commands in the same write; returns the reply."""
+        sock = self.sock
+        pending = []
+        pending_size = 0
+        lines = 0
+        debug = log.debug_enabled()
+        for block in dotstuff.blocks(f):
+            if debug:
+                lines += block.count(b"\n")
+            pending.append(block)
+            pending_size += len(block)
+            if pending_size >= BLOCK_SIZE:
+                sock.sendall(b"".join(pending))
+                pending, pending_size = [], 0
+        if debug:
+            log.debug("smtp client: tx>>: [%d line(s) of content]" % (lines - 1))
+            log.debug('smtp client: tx>>: "."')
+        if ahead:
+            if debug:
+                for c in ahead:
+                    log.debug('smtp client: tx>>: "%s"' % log.sanitise(c))
+            pending.append("".join(c + "\r\n" for c in ahead).encode("utf-8"))
+        sock.sendall(b"".join(pending))
+        return self.reply()
+
+    def _send_bdat(self, f):
+        """Sends the exact bytes in BDAT chunks, the last one marked LAST."""
+        sock = self.sock
+        block = f.read(BLOCK_SIZE)
+        while True:
+            following = f.read(BLOCK_SIZE) if block else b""
+            last = not following
+            command = "BDAT %d%s" % (len(block), " LAST" if last else "")
+            if log.debug_enabled():
+                log.debug('smtp client: tx>>: "%s" [%d byte(s)]' % (command, len(block)))
+            sock.sendall(command.encode("ascii") + b"\r\n" + block)
+            code, msg = self.reply()
+            if last or code != 250:
+                return code, msg
+            block = following
+
+
+def rejection_reason(how_many, rejected):
+    """`<how_many> recipients rejected: <r> reply; ...` for a `.bad` reason."""
+    return "%s recipients rejected: %s" % (
+        how_many, "; ".join("<%s> %s" % (r, text) for r, text in rejected))
+
+
+def _describe(e):
+    if isinstance(e, socket.timeout):
+        return "timed out"
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return text

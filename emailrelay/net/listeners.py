@@ -1,0 +1,607 @@
+"""Listening sockets, the accept loop and connection admission.
+
+`Server` owns every listening socket of the process and runs one accept
+loop in the main thread; an accepted connection runs its session in a
+thread of its own, or in the session loop (`session_loop`) for plain SMTP.
+The connection object sessions use is in `connection`; its names are
+offered here too, where the protocol modules have always found them.
+
+Why one selector loop rather than one `socketserver.ThreadingTCPServer` per
+listening address (the design card's suggestion): E-MailRelay listens on
+several addresses for several protocols at once, and one loop gives a single
+place for the connection caps, the open-relay guard and a prompt, signal-driven
+shutdown (the loop wakes on a socketpair), without a thread per listener.
+
+Connection budgets are per kind of service: SMTP, POP and admin each count
+their own sessions (total and per client address), so a flood on one port
+cannot make another answer "too many connections". The accept loop never
+waits for a slot: a connection over its budget is handed to one refuser
+thread, which gives ending sessions a moment to free a slot and otherwise
+sends the busy reply and closes.
+"""
+
+import collections
+import os
+import queue
+import selectors
+import socket
+import threading
+import time
+
+from ..util import addresses
+from .connection import (RECV_SIZE, WRITE_HIGH_WATER, Closed, Connection, FdConnection,
+                         LineTooLong, MemoryConnection, Timeout, address_pair)
+from . import interfaces
+from ..runtime import log
+
+
+# The connection API sessions take from here (see the module docstring).
+__all__ = ["Server", "Listener", "parse_interfaces", "listen_backlog", "systemd_sockets",
+           "RECV_SIZE", "WRITE_HIGH_WATER", "Closed", "Connection", "FdConnection",
+           "LineTooLong", "MemoryConnection", "Timeout"]
+
+# Seconds an over-the-limit connection waits (in the refuser thread, never in
+# the accept loop) for ending sessions to free a slot.
+OVER_LIMIT_GRACE = 0.25
+# Over-the-limit connections held for that grace at once; beyond this they
+# are refused at once.
+OVER_LIMIT_HELD = 64
+# Connections accepted from one listener per wake-up of the accept loop.
+ACCEPT_BATCH = 64
+# Connections from one address beyond this many times the per-address limit
+# are closed at once, with no reply (ZMailer's MaxSameIpSource).
+FLOOD_FACTOR = 4
+# Seconds an idle session thread waits for a new connection before it ends.
+WORKER_IDLE = 30.0
+
+
+def parse_interfaces(values):
+    """Splits --interface values into {kind: [address, ...]}.
+
+    Values may be comma lists and carry `smtp=`, `pop=` or `admin=` prefixes;
+    an unprefixed address applies to every kind (key None). `fd#N` names an
+    inherited listening socket. An interface name (`eth0`, `ppp0-ipv4`)
+    stands for its addresses now (see `interfaces`). Raises ValueError.
+    """
+    result = {}
+    for value in values or []:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            kind = None
+            if "=" in item:
+                kind, _, item = item.partition("=")
+                if kind not in ("smtp", "pop", "admin"):
+                    raise ValueError("invalid interface prefix %r" % (kind + "="))
+            if not item.startswith("fd#"):
+                try:
+                    addresses._ip(item)
+                except ValueError:
+                    name, family = interfaces.split_name(item)
+                    result.setdefault(kind, []).extend(interfaces.addresses(name, family))
+                    continue
+            elif not item[3:].isdigit():
+                raise ValueError("invalid interface %r" % item)
+            result.setdefault(kind, []).append(item)
+    return result
+
+
+def listen_backlog(wanted=0):
+    """The listen() backlog to use: `wanted`, or the system maximum when 0.
+
+    The maximum is /proc/sys/net/core/somaxconn where Linux has it (the
+    kernel silently caps any larger value there), else socket.SOMAXCONN.
+    """
+    if wanted:
+        return wanted
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(int(f.read().split()[0]), 1)
+    except (OSError, ValueError, IndexError):
+        return socket.SOMAXCONN
+
+
+SD_LISTEN_FDS_START = 3
+KINDS = ("smtp", "pop", "admin")
+
+
+def systemd_sockets(environ=None):
+    """Sockets passed by systemd socket activation (Accept=no), as interfaces.
+
+    Returns {kind: ["fd#N", ...]} for the descriptors that LISTEN_FDS and
+    LISTEN_PID give this process, each under the kind its LISTEN_FDNAMES
+    entry names (smtp, pop or admin; anything else is smtp), or {} when
+    there are none. The variables are removed, as sd_listen_fds() does, so
+    that no child takes the sockets for its own.
+    """
+    environ = os.environ if environ is None else environ
+    pid, count = environ.get("LISTEN_PID", ""), environ.get("LISTEN_FDS", "")
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+        return {}
+    result = {}
+    for i in range(int(count)):
+        name = names[i] if i < len(names) else ""
+        kind = name if name in KINDS else "smtp"
+        result.setdefault(kind, []).append("fd#%d" % (SD_LISTEN_FDS_START + i))
+    return result
+
+
+def _bind(host, port, backlog):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "::" means IPv6 only, as the reference says; 0.0.0.0 covers IPv4.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            info = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4]
+            sock.bind(info)
+        else:
+            sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    """One listening socket and what to do with its connections."""
+
+    def __init__(self, sock, kind, handler, tls_context, busy_reply, address_busy_reply=None,
+                 conversation=None):
+        self.sock = sock
+        self.kind = kind
+        self.handler = handler
+        # conn -> session with a conversation(): served by the session loop.
+        self.conversation = conversation if tls_context is None else None
+        self.tls_context = tls_context
+        self.busy_reply = busy_reply
+        self.address_busy_reply = busy_reply if address_busy_reply is None else address_busy_reply
+        local = address_pair(sock.getsockname())
+        self.address = addresses.format_address(*local)
+        # The local address of every accepted connection, unless the
+        # listener is bound to a wildcard address.
+        self.local = None if local[0] in ("0.0.0.0", "::") else local
+
+
+class Server:
+    """Every listening socket of the process, and the accept loop.
+
+    `add()` binds (raising OSError or ValueError before anything runs);
+    `serve(stop_event)` accepts until the event is set, then stops listening,
+    ends live sessions and waits briefly for them. Each session runs
+    `handler(conn)` in a daemon thread of its own; `on_close(kind)`
+    callbacks run after a session ends (used for --forward-on-disconnect).
+
+    `max_connections` and `max_per_address` are the budget of each kind of
+    service (smtp, pop, admin) on its own; `add()` may give a kind other
+    limits. `backlog` is the listen() backlog (0: the system maximum).
+
+    Over a limit a connection gets the listener's `busy_reply` (too many
+    connections) or `address_busy_reply` (too many from its address) and
+    is closed; that happens in the refuser thread, after a short grace for
+    ending sessions, so the accept loop only counts. Once one address holds
+    FLOOD_FACTOR times its per-address limit of a kind (sessions and
+    connections waiting to be refused), its further connections of that
+    kind are closed at once without a reply.
+
+    Session threads are reused: a thread whose session has ended waits a
+    while for the next connection, which saves creating a thread (and the
+    accept loop's wait for it to start) per connection.
+    """
+
+    def __init__(self, remote_clients=False, max_connections=200, max_per_address=20, backlog=0):
+        self.remote_clients = remote_clients
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.backlog = listen_backlog(backlog)
+        self.listeners = []
+        self.on_close = []
+        self._limits = {}        # kind -> (max_connections, max_per_address)
+        self._lock = threading.Condition()
+        self._live = {}          # raw socket -> its Connection once the session has one
+        self._per_kind = {}
+        self._per_address = {}   # (kind, ip) -> sessions
+        self._held = collections.deque()  # over-limit connections in their grace
+        self._refuser = None
+        self._stopping = False
+        self._loop = None        # the session loop, once a parked session needs it
+        self._freed = 0          # sessions ended so far (for the refuser thread)
+        self._stop_event = None
+        self._refusing = {}      # (kind, ip) -> held over-limit connections
+        self._sessions = 0       # sessions running, until their on_close callbacks end
+        self._idle = 0           # session threads waiting for work
+        self._work = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.counters = {"connections": 0, "refused": 0}
+
+    def wakeup_fd(self):
+        """An fd to give signal.set_wakeup_fd() so signals wake the loop."""
+        return self._wake_w.fileno()
+
+    def wake(self):
+        """Wakes the accept loop (from any thread) to look at its stop event."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b"",
+            max_connections=None, max_per_address=None, address_busy_reply=None,
+            conversation=None):
+        """Listens for `kind` on the given interfaces (all if empty) and port.
+
+        `max_connections` / `max_per_address` override the server's budget
+        for this kind of service. `address_busy_reply` (default
+        `busy_reply`) is sent over the per-address limit. With
+        `conversation(conn) -> session` (a `session_loop` conversation),
+        plain connections are served by the session loop instead of a
+        thread each; `handler` still serves implicit-TLS ones.
+        """
+        self._limits[kind] = (max_connections or self.max_connections,
+                              max_per_address or self.max_per_address)
+        items = list(interfaces.get(kind, [])) + list(interfaces.get(None, []))
+        if not items:
+            items = ["0.0.0.0"]
+            if socket.has_ipv6 and _ipv6_works():
+                items.append("::")
+        for item in items:
+            if item.startswith("fd#"):
+                sock = socket.socket(fileno=int(item[3:]))
+            else:
+                try:
+                    sock = _bind(item, port, self.backlog)
+                except OSError as e:
+                    raise OSError(e.errno, "cannot listen on %s: %s"
+                                  % (addresses.format_address(item, port), e.strerror)) from None
+            self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply,
+                                           address_busy_reply, conversation))
+
+    def addresses(self):
+        """(kind, address) for every listener, for logs and `status`."""
+        return [(lst.kind, lst.address) for lst in self.listeners]
+
+    def live_count(self):
+        """Sessions running now."""
+        with self._lock:
+            return len(self._live)
+
+    def serve(self, stop_event, on_wake=None):
+        """Accepts connections until `stop_event` is set.
+
+        `on_wake()` runs in this thread after every wake-up, so signal
+        flags (SIGHUP) are handled outside signal handlers.
+        """
+        self._stop_event = stop_event
+        sel = selectors.DefaultSelector()
+        for lst in self.listeners:
+            lst.sock.setblocking(False)
+            if lst.conversation is not None:
+                # Accepted in the session loop's thread, a few at a time so
+                # that a flood of connections to refuse does not starve the
+                # sessions it serves.
+                self._session_loop().watch(lst.sock, lambda lst=lst: self._accept_batch(lst, 8))
+            else:
+                sel.register(lst.sock, selectors.EVENT_READ, lst)
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        try:
+            while not stop_event.is_set():
+                for key, _ in sel.select():
+                    if key.data is None:
+                        try:
+                            while self._wake_r.recv(512):
+                                pass
+                        except OSError:
+                            pass
+                        continue
+                    self._accept_batch(key.data)
+                if on_wake is not None:
+                    on_wake()
+        finally:
+            sel.close()
+            self._shutdown()
+
+    def _accept_batch(self, lst, most=ACCEPT_BATCH):
+        # A burst fills the backlog faster than one accept per wake-up
+        # would empty it.
+        for _ in range(most):
+            if not self._accept(lst):
+                break
+
+    def _accept(self, lst):
+        """Accepts one connection; False when there was none waiting."""
+        try:
+            sock, addr = lst.sock.accept()
+        except OSError:
+            return False
+        ip = addr[0]
+        peer = addresses.format_address(ip, addr[1])
+        if not self.remote_clients and not addresses.is_local(ip):
+            log.warning("%s: connection refused from non-local address %s "
+                        "(see --remote-clients)" % (lst.kind, ip))
+            with self._lock:
+                self.counters["refused"] += 1
+            sock.close()
+            return True
+        if not self._admit(lst, sock, addr, peer):
+            self._hold(lst, sock, addr, peer)
+        return True
+
+    def _admit(self, lst, sock, addr, peer):
+        """Starts the session if its kind's budget allows; False if over it."""
+        ip = addr[0]
+        kind = lst.kind
+        with self._lock:
+            total, per_address = self._limits.get(kind, (self.max_connections,
+                                                         self.max_per_address))
+            if self._stopping or self._per_kind.get(kind, 0) >= total \
+                    or self._per_address.get((kind, ip), 0) >= per_address:
+                return False
+            self._per_kind[kind] = self._per_kind.get(kind, 0) + 1
+            self._per_address[(kind, ip)] = self._per_address.get((kind, ip), 0) + 1
+            self._live[sock] = sock
+            self._sessions += 1
+            parked = lst.conversation is not None
+            spawn = not parked and self._idle == 0
+            if not parked and not spawn:
+                self._idle -= 1
+        self.counters["connections"] += 1
+        log.info("%s connection from %s" % (kind, peer))
+        if parked:
+            self._park(lst, sock, addr, peer)
+            return True
+        self._work.put((lst, sock, addr, peer))
+        if spawn:
+            threading.Thread(target=self._worker, name="session", daemon=True).start()
+        return True
+
+    def _session_loop(self):
+        """The session loop, started on first use."""
+        from . import session_loop
+        with self._lock:
+            if self._loop is None:
+                self._loop = session_loop.SessionLoop(
+                    register=self._register, stop_event=self._stop_event, name="smtp")
+            return self._loop
+
+    def _park(self, lst, sock, addr, peer):
+        """Hands a connection to the session loop."""
+        from . import session_loop
+        loop = self._session_loop()
+
+        def done():
+            self._ended(lst, sock, addr, peer)
+            with self._lock:
+                self._sessions -= 1
+                self._lock.notify_all()
+        try:
+            conn = session_loop.LoopConnection(sock, addr, lst.local)
+            session = lst.conversation(conn)
+        except Exception as e:
+            log.error("%s: session with %s failed: %s: %s" % (lst.kind, peer, type(e).__name__, e))
+            done()
+            return
+        loop.add(session, conn, done)
+
+    def _register(self, sock, conn):
+        """A parked session started TLS: shutdown reaches it through its new connection."""
+        with self._lock:
+            self._live[sock] = conn
+
+    def _hold(self, lst, sock, addr, peer):
+        """Passes an over-limit connection to the refuser thread.
+
+        A client that reconnects as soon as it reads our 221 can beat its
+        old session's thread to the clean-up, so the refuser gives ending
+        sessions OVER_LIMIT_GRACE to free a slot before refusing. An address
+        already holding FLOOD_FACTOR times its limit is closed at once,
+        without a reply, so a flood from one host costs nothing more.
+        """
+        key = (lst.kind, addr[0])
+        with self._lock:
+            per_address = self._limits.get(lst.kind, (0, self.max_per_address))[1]
+            if self._per_address.get(key, 0) + self._refusing.get(key, 0) \
+                    >= FLOOD_FACTOR * per_address:
+                self.counters["refused"] += 1
+                sock.close()
+                return
+            if len(self._held) < OVER_LIMIT_HELD and not self._stopping:
+                self._held.append((time.monotonic() + OVER_LIMIT_GRACE, lst, sock, addr, peer))
+                self._refusing[key] = self._refusing.get(key, 0) + 1
+                if self._refuser is None:
+                    self._refuser = threading.Thread(target=self._refuse_loop,
+                                                     name="refuser", daemon=True)
+                    self._refuser.start()
+                self._lock.notify_all()
+                return
+        self._refuse(lst, sock, addr)
+
+    def _refuse_loop(self):
+        """The refuser thread: admits held connections as slots free, refuses the rest."""
+        seen = None
+        while True:
+            with self._lock:
+                while not self._held and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._held:
+                    self._refuser = None
+                    return
+                deadline = self._held[0][0]
+                now = time.monotonic()
+                # A session that ended while the last round was being tried
+                # notified nobody: look again at once rather than wait.
+                if now < deadline and not self._stopping and self._freed == seen:
+                    self._lock.wait(deadline - now)
+                seen = self._freed
+                held = list(self._held)
+                self._held.clear()
+            keep = []
+            now = time.monotonic()
+            for item in held:
+                deadline, lst, sock, addr, peer = item
+                admitted = self._admit(lst, sock, addr, peer)
+                if not admitted and now < deadline and not self._stopping:
+                    keep.append(item)
+                    continue
+                self._unhold(lst.kind, addr[0])
+                if not admitted:
+                    self._refuse(lst, sock, addr)
+            if keep:
+                with self._lock:
+                    self._held.extendleft(reversed(keep))
+
+    def _unhold(self, kind, ip):
+        with self._lock:
+            key = (kind, ip)
+            n = self._refusing.get(key, 0) - 1
+            if n > 0:
+                self._refusing[key] = n
+            else:
+                self._refusing.pop(key, None)
+
+    def _refuse(self, lst, sock, addr):
+        """Sends the busy reply (the per-address one when that is the limit hit) and closes."""
+        ip = addr[0]
+        with self._lock:
+            per_address = self._limits.get(lst.kind, (0, self.max_per_address))[1]
+            one_address = self._per_address.get((lst.kind, ip), 0) >= per_address
+            self.counters["refused"] += 1
+        log.warning("%s: too many connections%s: refused %s"
+                    % (lst.kind, " from one address" if one_address else "", ip))
+        try:
+            sock.setblocking(False)
+            sock.send(lst.address_busy_reply if one_address else lst.busy_reply)
+        except OSError:
+            pass
+        sock.close()
+
+    def _worker(self):
+        """Runs queued sessions; ends after WORKER_IDLE seconds without one."""
+        while True:
+            try:
+                job = self._work.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle == 0:
+                        # _accept has just handed this thread a connection.
+                        continue
+                    self._idle -= 1
+                    return
+            if job is None:
+                return
+            self._session(*job)
+            with self._lock:
+                self._sessions -= 1
+                self._idle += 1
+                self._lock.notify_all()
+
+    def _session(self, lst, sock, addr, peer):
+        try:
+            sock.setblocking(True)
+            conn = Connection(sock, addr, lst.local)
+            with self._lock:
+                # Shutdown wakes the session through its current socket,
+                # which is the TLS one once TLS has started.
+                self._live[sock] = conn
+            if lst.tls_context is not None:
+                conn.settimeout(60)
+                try:
+                    conn.accept_tls(lst.tls_context)
+                except (OSError, ValueError) as e:
+                    log.warning("tls error: %s (%s connection from %s)" % (e, lst.kind, peer))
+                    return
+            lst.handler(conn)
+        except Exception as e:  # a session must never take the server down
+            log.error("%s: session with %s failed: %s: %s" % (lst.kind, peer, type(e).__name__, e))
+        finally:
+            self._ended(lst, sock, addr, peer)
+
+    def _ended(self, lst, sock, addr, peer):
+        """A session is over: its socket is closed, its budget freed, on_close run."""
+        ip = addr[0]
+        try:
+            sock.close()
+        except OSError:
+            pass
+        log.info("%s connection closed" % lst.kind, peer=peer)
+        with self._lock:
+            self._live.pop(sock, None)
+            key = (lst.kind, ip)
+            n = self._per_address.get(key, 1) - 1
+            if n:
+                self._per_address[key] = n
+            else:
+                self._per_address.pop(key, None)
+            self._per_kind[lst.kind] = self._per_kind.get(lst.kind, 1) - 1
+            self._freed += 1
+            self._lock.notify_all()
+        for cb in self.on_close:
+            try:
+                cb(lst.kind)
+            except Exception as e:
+                log.error("%s: after-session action failed: %s" % (lst.kind, e))
+
+    def _shutdown(self, grace=5.0):
+        for lst in self.listeners:
+            if lst.conversation is not None and self._loop is not None:
+                self._loop.unwatch(lst.sock)
+            try:
+                lst.sock.close()
+            except OSError:
+                pass
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            live = list(self._live.values())
+        for item in live:
+            _shutdown_socket(getattr(item, "sock", item))
+        if self._loop is not None:
+            self._loop.stop()
+        deadline = time.monotonic() + grace
+        with self._lock:
+            while self._sessions and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
+            for _ in range(self._idle):
+                self._work.put(None)
+            self._idle = 0
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def _shutdown_socket(sock):
+    """Shuts a connection down from another thread, so its reader wakes up.
+
+    The shutdown goes to a duplicate of the descriptor: it acts on the
+    connection itself, and leaves the (TLS) socket object, which its own
+    thread is using, untouched.
+    """
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        dup.close()
+
+
+def _ipv6_works():
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.close()
+        return True
+    except OSError:
+        return False
+

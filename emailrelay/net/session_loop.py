@@ -1,0 +1,684 @@
+"""Driving protocol conversations: one selector thread for many parked sessions.
+
+A conversation is a generator (`SmtpSession.conversation()`) written as
+straight-line code. It writes replies through `session.conn` as before
+(`write`, `flush`, `pending`, `unread`, `tls`...), and wherever it would
+block it yields a request instead:
+
+    ("line", limit)      -> one input line (bytes, b'' at end of input), or
+                            connection.LineTooLong thrown in
+    ("read", n)          -> at most n octets (b'' at end of input)
+    ("call", fn, args)   -> fn(*args)'s result, or its exception thrown in
+    ("work", fn, args, waited)
+                         -> the same, for work that often waits little for its
+                            device: waited() is the seconds the calling
+                            thread has waited so far (see below)
+    ("sleep", seconds)   -> None after that long (sooner at shutdown)
+    ("starttls", ctx)    -> None once TLS is up, or the handshake's error
+
+An idle timeout (the connection's `settimeout`) throws connection.Timeout in at a
+"line" or "read" request.
+
+`drive(session, stop_event)` runs a conversation in the calling thread over
+a blocking connection: a session thread, --inetd, --bsmtp and the tests.
+
+`SessionLoop` runs every plain-TCP SMTP conversation in one thread, the
+half-sync/half-async pattern: a session waiting for its client costs no
+thread, and the listening sockets are accepted from in the same thread (a
+few connections per turn, so that a flood to refuse cannot starve the
+sessions). "work" that has lately waited little (a commit on tmpfs or a
+disk with a fast cache) is done in the loop thread itself; "call"s (filter
+and verifier programs, DNS block lists, anything that may wait for the
+network) and "work" that waits (fsync on a slow disk) go to a small pool
+whose threads are started only as slow calls overlap. What decides is the
+time the work waited, not the time it took: its CPU time has to be spent
+with the GIL wherever it runs, and a tracer or a busy CPU would make
+quick work look slow. A session that starts TLS
+moves to a thread of its own (non-blocking TLS is not worth its complexity
+for the few sessions that use it). With one thread doing the protocol work
+for every connection, the GIL changes hands only when work goes to or
+comes back from the pool, not on every system call of twenty session
+threads. Replies are sent before a session waits for more input, so
+pipelining works as in a session thread; the output owed to a client that
+does not read, and the input of one that sends during a call, are bounded
+(WRITE_HIGH_WATER).
+"""
+
+import collections
+import heapq
+import selectors
+import socket
+import threading
+import time
+
+from ..runtime import log
+from . import connection
+
+# Most worker threads for "call" requests.
+POOL_SIZE = 16
+# Seconds every worker must have been busy with one call before another starts.
+GROW_AFTER = 0.001
+# "work" that has lately waited less than this many seconds is done in the
+# loop thread itself: handing it to the pool and back costs more.
+QUICK = 0.0005
+# Times slow "work" goes to the pool between two tries in the loop thread.
+PROBE_EVERY = 256
+# Seconds between looks for conversations whose client has been idle too long.
+SWEEP_INTERVAL = 0.5
+
+
+def drive(session, stop_event=None):
+    """Runs `session.conversation()` to its end in this thread, then closes its connection.
+
+    Requests are served by blocking calls on `session.conn`; a "sleep" ends
+    early when `stop_event` is set.
+    """
+    _drive(session, session.conversation(), None, stop_event)
+
+
+def _drive(session, gen, request, stop_event):
+    value = exc = None
+    try:
+        while True:
+            if request is not None:
+                value = exc = None
+                try:
+                    value = _serve(session.conn, request, stop_event)
+                except Exception as e:
+                    exc = e
+            try:
+                request = gen.throw(exc) if exc is not None else gen.send(value)
+            except StopIteration:
+                return
+            value = exc = None
+    finally:
+        gen.close()
+        session.conn.close()
+
+
+def _serve(conn, request, stop_event):
+    kind = request[0]
+    if kind == "line":
+        return conn.readline(request[1])
+    if kind == "read":
+        return conn.read(request[1])
+    if kind == "call" or kind == "work":
+        return request[1](*request[2])
+    if kind == "sleep":
+        if stop_event is not None:
+            stop_event.wait(request[1])
+        else:
+            time.sleep(request[1])
+        return None
+    if kind == "starttls":
+        conn.starttls(request[1])
+        return None
+    raise ValueError("unknown conversation request %r" % (kind,))
+
+
+class LoopConnection(connection.Connection):
+    """A connection served by the loop: non-blocking, input taken only from its buffer.
+
+    The loop fills the buffer when the socket is readable and sends queued
+    output when it is writable; `flush` sends what the socket takes now.
+    """
+
+    def __init__(self, sock, peer, local):
+        super().__init__(sock, peer, local)
+        sock.setblocking(False)
+        self._timeout = self.timeout = None
+        self.eof = False
+        self.broken = False
+        self._overlong = False
+
+    def settimeout(self, seconds):
+        """Sets the idle timeout for the loop to apply (None: none)."""
+        self.timeout = seconds
+
+    def take_line(self, limit):
+        """A line from the buffer as `readline` gives it; None when more input is needed."""
+        buf = self._buf
+        i = buf.find(b"\n")
+        if i >= 0:
+            line = bytes(buf[:i + 1])
+            del buf[:i + 1]
+            if self._overlong or len(line) > limit:
+                self._overlong = False
+                raise connection.LineTooLong()
+            return line
+        if len(buf) > limit:
+            # Drop the overlong line as it arrives, as readline does.
+            self._overlong = True
+            buf.clear()
+        if self.eof:
+            if self._overlong:
+                self._overlong = False
+                raise connection.LineTooLong()
+            line = bytes(buf)
+            buf.clear()
+            return line
+        return None
+
+    def take(self, n):
+        """At most `n` buffered octets, b'' at end of input; None when more is needed."""
+        if self._buf:
+            data = bytes(self._buf[:n])
+            del self._buf[:n]
+            return data
+        return b"" if self.eof else None
+
+    def receive(self):
+        """Reads what the socket has into the buffer (end of input sets `eof`)."""
+        try:
+            data = self.sock.recv(connection.RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._buf += data
+        else:
+            self.eof = True
+
+    def write(self, data):
+        """Queues `data`; the loop sends it (see `flush`)."""
+        self._out += data
+
+    def flush(self):
+        """Sends as much queued output as the socket takes without waiting."""
+        out = self._out
+        while out and not self.broken:
+            try:
+                sent = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # The peer is gone: what it was owed is dropped, and its
+                # next read finds the end of input.
+                self.broken = True
+                self.eof = True
+                out.clear()
+                return
+            del out[:sent]
+        if self.broken:
+            out.clear()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class _Entry:
+    """One conversation in the loop, and what it waits for."""
+
+    __slots__ = ("session", "gen", "conn", "request", "mask", "token", "done", "handed_off",
+                 "since")
+
+    def __init__(self, session, gen, conn, done):
+        self.session = session
+        self.gen = gen
+        self.conn = conn
+        self.request = ("start",)
+        self.mask = 0
+        self.token = 0          # changes whenever a wait starts: stale timers are ignored
+        self.done = done
+        self.handed_off = False
+        self.since = 0.0        # when the client last did something (idle timeout)
+
+
+class SessionLoop:
+    """One thread serving many conversations; see the module docstring.
+
+    `add(session, conn, done)` starts a conversation (`session.conn` is the
+    LoopConnection `conn`); `done()` is called once it has ended and its
+    socket is closed, or once a thread it was handed to has ended it.
+    `register(sock, conn)` is told of the blocking connection a session
+    gets when it starts TLS, so that shutdown can reach it. `stop()` ends
+    waiting conversations as if their clients had gone, lets running calls
+    finish, and returns at once; `done` callbacks say when each has ended.
+    """
+
+    def __init__(self, register=None, stop_event=None, name="smtp"):
+        self._register = register
+        self._stop_event = stop_event
+        self._name = name
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._inbox = collections.deque()   # (entry, value, exc) from other threads
+        self._cost = {}                      # call -> running mean of its waits here
+        self._skipped = {}                   # call -> pool calls since it was last tried here
+        self._timers = []                    # heap of (deadline, seq, entry, token): sleeps
+        self._seq = 0
+        self._entries = set()
+        self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+        self._stopping = False
+        self._pool = _Pool(POOL_SIZE, "%s work" % name)
+        self._thread = threading.Thread(target=self._run, name="%s loop" % name, daemon=True)
+        self._thread.start()
+
+    # -- other threads ---------------------------------------------------
+
+    def add(self, session, conn, done):
+        """Starts `session.conversation()` in the loop (from any thread)."""
+        entry = _Entry(session, None, conn, done)
+        if threading.get_ident() == self._thread.ident:
+            self._start(entry)
+        else:
+            self._post(entry, None, None)
+
+    def watch(self, sock, on_ready):
+        """Calls on_ready() in the loop thread whenever listening socket `sock` is readable.
+
+        Accepting here saves handing each connection from one thread to
+        another, which is most of what a connection costs.
+        """
+        self._post(None, lambda: self._selector.register(sock, selectors.EVENT_READ, on_ready),
+                   None)
+
+    def unwatch(self, sock):
+        """Stops watching listening socket `sock` (from any thread), so it can be closed.
+
+        Waits (briefly) until the loop has let go of it: a socket closed
+        while registered could keep signalling through a copy another
+        process holds (--workers).
+        """
+        done = threading.Event()
+
+        def forget():
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            done.set()
+        self._post(None, forget, None)
+        done.wait(5)
+
+    def stop(self):
+        """Ends the conversations that wait for their clients (from any thread)."""
+        with self._lock:
+            self._stopping = True
+        self._wake()
+
+    def _here(self, key):
+        """True when "work" `key` should be done in the loop thread (see QUICK).
+
+        Work never seen is tried here once; work found to wait goes to the
+        pool, and is tried here again every PROBE_EVERY times in case it
+        has become quick (the disk is idle again, say). Waits are measured
+        only here: in the pool they would include waits for the GIL.
+        """
+        cost = self._cost.get(key)
+        if cost is None or cost < QUICK:
+            return True
+        n = self._skipped.get(key, 0) + 1
+        self._skipped[key] = 0 if n >= PROBE_EVERY else n
+        return n >= PROBE_EVERY
+
+    def _learn(self, key, seconds):
+        """Keeps a running mean of how long calls to `key` wait here."""
+        old = self._cost.get(key)
+        self._cost[key] = seconds if old is None else old + (seconds - old) / 4
+
+    def _post(self, entry, value, exc):
+        with self._lock:
+            idle = not self._inbox
+            self._inbox.append((entry, value, exc))
+        # A loop with an inbox already waiting to be read has been woken.
+        if idle:
+            self._wake()
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    # -- the loop thread -------------------------------------------------
+
+    def _run(self):
+        select = self._selector.select
+        while True:
+            now = time.monotonic()
+            timeout = self._next_sweep - now if self._entries else None
+            if self._timers:
+                wake = self._timers[0][0] - now
+                timeout = wake if timeout is None else min(timeout, wake)
+            events = select(None if timeout is None else max(timeout, 0))
+            now = time.monotonic()
+            for key, mask in events:
+                entry = key.data
+                if entry is None:
+                    self._drain_wake()
+                    continue
+                if type(entry) is not _Entry:
+                    try:
+                        entry()         # a listener (see watch)
+                    except Exception as e:
+                        log.error("%s: accepting failed: %s" % (self._name, e))
+                    continue
+                try:
+                    entry.since = now
+                    if mask & selectors.EVENT_READ:
+                        entry.conn.receive()
+                    self._pump(entry)
+                except Exception as e:  # a bug here must not stop every session
+                    self._fail(entry, e)
+            self._take_inbox()
+            now = time.monotonic()
+            if self._timers and self._timers[0][0] <= now:
+                self._fire_timers(now)
+            if now >= self._next_sweep:
+                self._next_sweep = now + SWEEP_INTERVAL
+                self._sweep(now)
+
+    def _drain_wake(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _take_inbox(self):
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+            stopping = self._stopping
+        for entry, value, exc in items:
+            if entry is None:
+                value()         # a registration from watch() or unwatch()
+                continue
+            try:
+                if entry.gen is None:
+                    self._start(entry)
+                else:
+                    self._step(entry, value, exc)
+            except Exception as e:
+                self._fail(entry, e)
+        if stopping:
+            for entry in list(self._entries):
+                try:
+                    self._end_input(entry)
+                except Exception as e:
+                    self._fail(entry, e)
+
+    def _end_input(self, entry):
+        """Shutdown: the client of a waiting conversation is treated as gone."""
+        conn = entry.conn
+        if entry.handed_off or conn.eof:
+            return
+        conn.eof = True
+        conn._buf.clear()
+        if entry.request is not None and entry.request[0] == "sleep":
+            entry.token += 1
+            self._step(entry, None, None)
+        elif entry.request is not None and entry.request[0] in ("line", "read"):
+            self._pump(entry)
+
+    def _start(self, entry):
+        self._entries.add(entry)
+        try:
+            entry.gen = entry.session.conversation()
+        except Exception as e:
+            self._fail(entry, e)
+            return
+        with self._lock:
+            stopping = self._stopping
+        if stopping:
+            entry.conn.eof = True
+        self._step(entry, None, None)
+
+    def _step(self, entry, value, exc):
+        """Resumes a conversation and serves its requests until it must wait."""
+        conn = entry.conn
+        gen = entry.gen
+        while True:
+            try:
+                request = gen.throw(exc) if exc is not None else gen.send(value)
+            except StopIteration:
+                entry.request = ("end",)
+                self._pump(entry)
+                return
+            except Exception as e:
+                self._fail(entry, e)
+                return
+            value = exc = None
+            kind = request[0]
+            entry.request = request
+            if kind == "line" or kind == "read":
+                if len(conn._out) >= connection.WRITE_HIGH_WATER:
+                    conn.flush()
+                    if len(conn._out) >= connection.WRITE_HIGH_WATER:
+                        self._wait(entry, selectors.EVENT_WRITE)
+                        return
+                try:
+                    got = conn.take_line(request[1]) if kind == "line" else conn.take(request[1])
+                except connection.LineTooLong as e:
+                    exc = e
+                    continue
+                if got is not None:
+                    value = got
+                    continue
+                self._pump(entry)
+                return
+            if kind == "call" or kind == "work":
+                conn.flush()
+                fn = request[1]
+                key = getattr(fn, "__func__", fn)
+                if kind == "work" and self._here(key):
+                    waited = request[3]
+                    before = waited()
+                    try:
+                        value = fn(*request[2])
+                    except Exception as e:
+                        exc = e
+                    self._learn(key, waited() - before)
+                    continue
+                # The socket stays registered: input that arrives meanwhile
+                # is buffered (up to WRITE_HIGH_WATER, see _pump).
+                entry.request = ("call",)
+                self._pool.submit(entry, fn, request[2], self._post)
+                return
+            if kind == "sleep":
+                self._pump(entry)
+                return
+            if kind == "starttls":
+                self._hand_off(entry, request)
+                return
+            exc = ValueError("unknown conversation request %r" % (kind,))
+
+    def _pump(self, entry):
+        """Moves a waiting conversation on: output first, then input, a timer or the end."""
+        conn = entry.conn
+        request = entry.request
+        if request is None or request[0] == "starttls":
+            return      # ended, or another thread has it
+        if request[0] == "call":
+            # Stop listening once there is enough to read, or the end of
+            # input (which would be reported again and again meanwhile).
+            if conn.eof or len(conn._buf) >= connection.WRITE_HIGH_WATER:
+                self._wait(entry, 0)
+            return
+        if conn._out:
+            conn.flush()
+            if conn._out:
+                # Replies go out before the session waits for more input.
+                self._wait(entry, selectors.EVENT_WRITE)
+                return
+        kind = request[0]
+        if kind == "line" or kind == "read":
+            try:
+                got = conn.take_line(request[1]) if kind == "line" else conn.take(request[1])
+            except connection.LineTooLong as e:
+                self._step(entry, None, e)
+                return
+            if got is not None:
+                self._step(entry, got, None)
+                return
+            self._wait(entry, selectors.EVENT_READ)
+        elif kind == "sleep":
+            self._wait(entry, 0)
+            self._seq += 1
+            heapq.heappush(self._timers, (time.monotonic() + request[1], self._seq, entry,
+                                          entry.token))
+        elif kind == "end":
+            self._finish(entry)
+
+    def _wait(self, entry, mask):
+        entry.token += 1
+        if mask == entry.mask:
+            return
+        if mask:
+            entry.since = time.monotonic()
+        sock = entry.conn.sock
+        if entry.mask == 0:
+            self._selector.register(sock, mask, entry)
+        elif mask == 0:
+            self._selector.unregister(sock)
+        else:
+            self._selector.modify(sock, mask, entry)
+        entry.mask = mask
+
+    def _fire_timers(self, now):
+        """Ends the sleeps that are due."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, entry, token = heapq.heappop(timers)
+            if token != entry.token or entry not in self._entries:
+                continue
+            try:
+                self._step(entry, None, None)
+            except Exception as e:
+                self._fail(entry, e)
+
+    def _sweep(self, now):
+        """Ends the waits of clients that have been idle (not sending, not reading) too long.
+
+        A conversation gets connection.Timeout at the request it is at; one that
+        has ended and still has output for a client that does not read is
+        closed.
+        """
+        for entry in list(self._entries):
+            timeout = entry.conn.timeout
+            if not (entry.mask and timeout and now - entry.since >= timeout) \
+                    or entry.request[0] == "call":
+                continue
+            try:
+                if entry.request[0] == "end":
+                    self._finish(entry)
+                else:
+                    self._wait(entry, 0)
+                    self._step(entry, None, connection.Timeout())
+            except Exception as e:
+                self._fail(entry, e)
+    def _hand_off(self, entry, request):
+        """STARTTLS: the conversation goes on in a thread of its own, over a blocking socket."""
+        self._wait(entry, 0)
+        self._entries.discard(entry)
+        entry.handed_off = True
+        old = entry.conn
+        sock = old.sock
+        try:
+            sock.setblocking(True)
+            conn = connection.Connection(sock, old.peer, old.local)
+            conn.settimeout(old.timeout)
+        except OSError as e:
+            self._fail(entry, e)
+            return
+        # What the loop could not send yet goes first, from the new thread
+        # (starttls flushes before the handshake).
+        conn._out += old._out
+        entry.session.conn = conn
+        if self._register is not None:
+            self._register(sock, conn)
+        threading.Thread(target=self._threaded, args=(entry, request),
+                         name="%s tls" % self._name, daemon=True).start()
+
+    def _threaded(self, entry, request):
+        try:
+            _drive(entry.session, entry.gen, request, self._stop_event)
+        except Exception as e:
+            log.error("%s: session failed: %s: %s" % (self._name, type(e).__name__, e))
+        finally:
+            entry.done()
+
+    def _fail(self, entry, e):
+        log.error("%s: session failed: %s: %s" % (self._name, type(e).__name__, e))
+        if entry.gen is not None:
+            try:
+                entry.gen.close()
+            except Exception:
+                pass
+        self._finish(entry)
+
+    def _finish(self, entry):
+        if entry.request is None:
+            return
+        entry.request = None
+        self._wait(entry, 0)
+        self._entries.discard(entry)
+        entry.conn.close()
+        try:
+            entry.done()
+        except Exception as e:
+            log.error("%s: after-session action failed: %s" % (self._name, e))
+
+
+
+class _Pool:
+    """Threads for "call" requests, as few as the work needs.
+
+    One thread serves calls in order while they are quick (a commit on
+    tmpfs or a fast disk, a cached verifier answer). When every thread has
+    been busy with its call for GROW_AFTER, the work is slow (fsync on a
+    disk, a filter program) and another thread is started, up to `size`,
+    so that slow calls overlap. Fewer threads than sessions is what keeps
+    the GIL from changing hands on every system call.
+    """
+
+    def __init__(self, size, name):
+        self._size = size
+        self._name = name
+        self._cond = threading.Condition(threading.Lock())
+        self._queue = collections.deque()   # (entry, fn, args, reply)
+        self._started = {}                  # worker number -> when its call began
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, entry, fn, args, reply):
+        """Runs fn(*args) in a pool thread, then reply(entry, result, exception)."""
+        with self._cond:
+            self._queue.append((entry, fn, args, reply))
+            if self._idle:
+                self._cond.notify()
+                return
+            if self._threads >= self._size or (
+                    self._threads and time.monotonic() - max(self._started.values())
+                    < GROW_AFTER):
+                return
+            self._threads += 1
+            number = self._threads
+            self._started[number] = time.monotonic()
+        threading.Thread(target=self._work, args=(number,), name=self._name,
+                         daemon=True).start()
+
+    def _work(self, number):
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._started[number] = float("inf")
+                    self._idle += 1
+                    self._cond.wait()
+                    self._idle -= 1
+                entry, fn, args, reply = self._queue.popleft()
+                self._started[number] = time.monotonic()
+            try:
+                result, exc = fn(*args), None
+            except Exception as e:
+                result, exc = None, e
+            reply(entry, result, exc)

@@ -1,0 +1,856 @@
+"""The SMTP server protocol: one `SmtpSession` per accepted connection.
+
+`SmtpSession(conn, services).run()` speaks SMTP over a `net.Connection` (or
+a `net.MemoryConnection` in tests) until the client quits or goes away, and
+stores each accepted message in the spool durably before replying `250`;
+`conversation()` is the same session for the session loop. `services` is
+an `SmtpServices`.
+
+The session is a `session_core.LineSession`: reading, the reply queue,
+dispatch, the budgets, SASL and STARTTLS are the core's. `COMMANDS` is the
+transition table, rows of (verb, allowed states, handler, next state, HELP
+syntax); a command outside its states gets `503`. States:
+
+    START    connected, no EHLO/HELO yet (also after STARTTLS)
+    GREETED  EHLO/HELO done, no transaction
+    MAIL     MAIL FROM accepted
+    RCPT     at least one recipient accepted
+    BDAT     BDAT chunks (not LAST yet) being received
+    DONE     QUIT received, or the session must end
+
+Replies are queued and sent only when the client has no more input
+pipelined, or before we would block reading (RFC 2920); this is what makes
+pipelined clients fast. Replies are written with RFC 3463 enhanced status
+codes; unless `--server-smtp-config +enhancedstatuscodes` is given they are
+taken out as they are queued, so that the default replies are E-MailRelay
+2.6's, word for word. Message text is read by `smtp_text` in large blocks
+and command syntax is parsed by `smtp_syntax`.
+"""
+
+import errno
+import os
+import re
+
+from ..store import envelope
+from ..runtime import log
+from ..config import options
+from ..util import parts
+from . import session_core
+from ..util import smtp_controls
+from . import smtp_text
+from ..util.smtp_syntax import parse_params, parse_path, rfc5322_date, to_alabels
+from ..store import spool
+
+START, GREETED, MAIL, RCPT, BDAT = "START", "GREETED", "MAIL", "RCPT", "BDAT"
+DONE = session_core.DONE
+
+COMMAND_LIMIT = 512     # RFC 5321 4.5.3.1.4, including CRLF
+AUTH_LINE_LIMIT = 12288  # RFC 4954 4: AUTH responses may be long
+# E-MailRelay drops a client at its 8th protocol error, without a reply.
+PROTOCOL_ERROR_LIMIT = 8
+# An enhanced code after the reply code, followed by text or by the end of
+# the line (an empty line of a multi-line reply).
+_ENHANCED_CODE = re.compile(r"^(\d{3}[ -])\d\.\d{1,3}\.\d{1,3}(?: |(?=\r|$))", re.M)
+OUT_OF_SEQUENCE = "503 5.5.1 command out of sequence -- use RSET to resynchronise"
+NO_STORAGE = "452 4.3.1 insufficient system storage"
+
+def plain_reply(text):
+    """`text` (one reply, perhaps multi-line) without its RFC 3463 enhanced codes.
+
+    The default replies are E-MailRelay's, which has none; replies sent
+    outside a session (the busy and refusal texts) use this too.
+    """
+    if text[5:6] != ".":
+        return text
+    if "\n" not in text and text[4:5].isdigit():
+        # The common case, one line: "250 2.1.5 text" -> "250 text".
+        i = text.find(" ", 5)
+        return text[:4] + (text[i + 1:] if i > 0 else "")
+    return _ENHANCED_CODE.sub(r"\1", text)
+
+
+def reply_bytes(cfg, text):
+    """A one-off reply line as sent on the wire, enhanced codes only if configured."""
+    if not options.smtp_config(getattr(cfg, "server_smtp_config", None),
+                               options.SERVER_SMTP_KEYWORDS)["enhancedstatuscodes"]:
+        text = plain_reply(text)
+    return (text + "\r\n").encode("ascii")
+
+
+class SmtpServices(parts.Parts):
+    """What an SMTP session uses.
+
+    `cfg`; `spool` (spool.Spool); `filters` (list) and `verifier` (or
+    None); `server_auth` (sasl.ServerAuth or None) and `auth_budget` (or
+    None); `tls_context` (server side, or None: no STARTTLS); `trigger`
+    (starts a forwarding pass, for ETRN; None without --forward-to);
+    `rescan` (the same after a --filter exited 103); `immediate` (returns a
+    handle whose `forward(msg_id)` forwards one message now and `close()`;
+    None unless --immediate); `stats` (stats.Stats or None); `dnsbl`,
+    `load_guard` (or None); `help_text` (lines for HELP); `stop_event`;
+    `settings` (`Settings`, worked out from `cfg` once when not given).
+    """
+
+    __slots__ = ("cfg", "spool", "filters", "verifier", "server_auth", "auth_budget",
+                 "tls_context", "trigger", "rescan", "immediate", "stats", "dnsbl",
+                 "load_guard", "help_text", "stop_event", "settings")
+    LISTS = ("filters", "help_text")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.settings is None and self.cfg is not None:
+            self.settings = Settings(self.cfg)
+
+
+class Settings:
+    """What every SMTP session takes from the configuration, parsed once.
+
+    `features` (--server-smtp-config), `enhanced`, `anonymous` (scopes),
+    `tarpit` ((initial, exponent, limit) or None) and `emailrelay_limit`:
+    True for E-MailRelay's limit of PROTOCOL_ERROR_LIMIT errors, False when
+    --max-bad-commands was given.
+    """
+
+    def __init__(self, cfg):
+        self.features = options.smtp_config(getattr(cfg, "server_smtp_config", None),
+                                            options.SERVER_SMTP_KEYWORDS)
+        self.enhanced = self.features["enhancedstatuscodes"]
+        self.anonymous = options.anonymous_scopes(cfg.anonymous)
+        self.tarpit = smtp_controls.parse_tarpit(cfg.tarpit) if cfg.tarpit else None
+        given = getattr(cfg, "given", None)
+        self.emailrelay_limit = not (given is None or given("max-bad-commands"))
+
+
+class SmtpSession(session_core.LineSession):
+    """One SMTP server conversation; `run()` handles it to the end.
+
+    Never raises for anything the peer does; storage failures are replied
+    to with 4xx codes and the message is abandoned, never half-stored.
+    After `run()`, `error_replies` is the number of 4xx/5xx replies sent
+    and `mail_from` is not None when input ended inside a transaction
+    (what --bsmtp's exit status is made of).
+    """
+
+    PROTOCOL = "smtp"
+    COMMAND_LIMIT = COMMAND_LIMIT
+    TOO_LONG = "500 5.5.2 line too long"
+    NOT_UTF8 = "500 5.5.2 invalid character in command"
+
+    def __init__(self, conn, services):
+        cfg = services.cfg
+        settings = services.settings
+        self.domain = cfg.domain or "localhost"
+        if settings.emailrelay_limit:
+            # E-MailRelay drops the client at its 8th error, after the reply.
+            budget = session_core.BadBudget(
+                PROTOCOL_ERROR_LIMIT, None,
+                "smtp: too many protocol errors from the client: dropping the connection")
+        else:
+            budget = session_core.BadBudget(
+                cfg.max_bad_commands, "421 4.7.0 %s too many errors, closing connection"
+                % self.domain, "smtp: too many bad commands from %s" % conn.peer[0])
+        super().__init__(conn, services, START, budget)
+        self.anonymous = settings.anonymous
+        self.features = settings.features
+        self.enhanced = settings.enhanced
+        self.size_limit = cfg.size or 0
+        self.helo = None
+        self.esmtp = False
+        self.auth_user = None
+        self.auth_mech = None
+        # --immediate: this session's handle on the forwarding thread.
+        self._immediate = None
+        # A --filter exited 103: rescan once the message is committed.
+        self._rescan = False
+        self.tarpit = smtp_controls.Tarpit(*settings.tarpit) if settings.tarpit else None
+        self._reset_transaction()
+
+    # ----- the core's hooks ----------------------------------------------
+
+    def opening(self):
+        refusal = self._connect_refusal()
+        dnsbl = self.services.dnsbl
+        if refusal is None and dnsbl is not None:
+            refusal = yield ("call", dnsbl.check, (self.peer_ip,))
+        if refusal:
+            self.reply(refusal)
+            raise session_core.Drop()
+        self.reply(self._greeting())
+
+    def on_timeout(self):
+        log.info("smtp: idle timeout", peer=self.peer)
+        self.reply("421 4.4.2 %s idle timeout" % self.domain)
+
+    def on_failure(self, e):
+        super().on_failure(e)
+        self.reply("421 4.3.0 %s internal error, closing connection" % self.domain)
+
+    def closing(self):
+        self._discard_message()
+        if self._immediate is not None:
+            self._immediate.close()
+
+    def is_error(self, text):
+        return text[:1] in "45"
+
+    def available(self, verb):
+        if verb == "STARTTLS":
+            return self.services.tls_context is not None and not self.conn.tls
+        if verb == "AUTH":
+            return self.services.server_auth is not None
+        if verb == "ETRN":
+            return self.services.trigger is not None
+        if verb == "BDAT":
+            return self.features["chunking"]
+        return True
+
+    def unknown(self, verb):
+        if verb == "AUTH":
+            self.reply("502 5.5.1 command not implemented")
+        else:
+            self.bad("500 5.5.1 command unrecognized")
+
+    def out_of_sequence(self, verb):
+        """Replies to a command given in the wrong state, as E-MailRelay does."""
+        if verb in ("DATA", "BDAT") and self.state == MAIL:
+            self.reply("554 5.5.1 no valid recipients")
+        else:
+            self.bad(OUT_OF_SEQUENCE)
+
+    def shown(self, verb, line):
+        # An AUTH initial response is a credential: only the mechanism is logged.
+        return "AUTH " + line[5:].strip(" ").split(" ")[0] if verb == "AUTH" else line
+
+    def trace_enabled(self):
+        return log.verbose_enabled()
+
+    def trace(self, text):
+        log.verbose(text, peer=self.peer)
+
+    def reset_after_tls(self):
+        # RFC 3207 4.2: forget everything learnt before the handshake.
+        self.state = START
+        self.helo = None
+        self.auth_user = None
+        self.auth_mech = None
+        self._reset_transaction()
+
+    def reply(self, text):
+        """Queues a reply; with --tarpit an error reply is queued behind its delay."""
+        if not self.enhanced:
+            text = plain_reply(text)
+        if self.tarpit is not None and text[:1] in "45":
+            seconds = self.tarpit.next_delay()
+            if seconds > 0:
+                log.verbose("smtp: tarpit: waiting %gs before an error reply" % seconds,
+                            peer=self.peer)
+                self.delay(seconds)
+        super().reply(text)
+
+    def _connect_refusal(self):
+        """The reply that ends the session before the greeting (--max-load), or None."""
+        guard = self.services.load_guard
+        if guard is not None and guard.over():
+            return "421 4.3.2 %s system overloaded, try again later" % self.domain
+        return None
+
+    def _helo_refusal(self, arg):
+        """The 501 reply for an EHLO/HELO argument that --helo-check refuses, or None."""
+        if self.cfg.helo_check and not smtp_controls.valid_helo(arg):
+            return "501 5.5.2 invalid domain name or address literal: %s" % log.sanitise(arg[:64])
+        return None
+
+    def _greeting(self):
+        if self.cfg.greeting:
+            from .. import __version__
+            lines = [smtp_controls.expand_greeting(text, self.domain, __version__, rfc5322_date())
+                     for text in self.cfg.greeting]
+            return "".join("220-%s\r\n" % x for x in lines[:-1]) + "220 " + lines[-1]
+        if "server" in self.anonymous:
+            return "220 %s -- Service ready" % self.domain
+        from .. import __version__
+        return "220 %s -- E-MailRelay V%s -- Service ready" % (self.domain, __version__)
+
+    # ----- transaction state --------------------------------------------
+
+    def _reset_transaction(self):
+        self._discard_message()
+        self.mail_from = None
+        self.body = "7bit"
+        self.smtputf8 = False
+        self.mail_auth = ""
+        self.to_local = []
+        self.to_remote = []
+        self.message = None
+        self.text = None
+        self._write = None
+        if self.state not in (START, DONE):
+            self.state = GREETED
+
+    def _discard_message(self):
+        msg = getattr(self, "message", None)
+        if msg is not None:
+            self.message = None
+            try:
+                msg.abandon()
+            except OSError as e:
+                log.error("smtp: cannot remove message files: %s" % e, peer=self.peer)
+
+    def _trusted(self):
+        """The trusted-address keyword from the server secrets, or None."""
+        auth = self.services.server_auth
+        return None if auth is None else auth.trusted(self.peer_ip)
+
+    # ----- commands ------------------------------------------------------
+
+    def _greet(self, arg, esmtp):
+        """EHLO and HELO: checks the argument, resets the session; False after a refusal."""
+        if not arg:
+            self.reply("501 5.5.4 parameter required")
+            return False
+        refusal = self._helo_refusal(arg)
+        if refusal is not None:
+            self.bad(refusal)
+            return False
+        self.helo = arg
+        self.esmtp = esmtp
+        self._reset_transaction()
+        return True
+
+    def smtp_EHLO(self, arg):
+        if not self._greet(arg, esmtp=True):
+            return
+        # E-MailRelay 2.6's keywords and order, then ours, 8BITMIME last.
+        features = self.features
+        lines = ["%s says hello" % self.domain if "server" not in self.anonymous else self.domain]
+        if self.size_limit:
+            lines.append("SIZE %d" % self.size_limit)
+        mechs = self._auth_mechanisms()
+        if mechs:
+            lines.append("AUTH " + " ".join(mechs))
+        if self.available("STARTTLS"):
+            lines.append("STARTTLS")
+        if "vrfy" not in self.anonymous:
+            lines.append("VRFY")
+        if features["chunking"]:
+            lines += ["CHUNKING", "BINARYMIME"]
+        if features["pipelining"]:
+            lines.append("PIPELINING")
+        if features["smtputf8"]:
+            lines.append("SMTPUTF8")
+        if self.enhanced:
+            lines.append("ENHANCEDSTATUSCODES")
+        if self.services.trigger is not None:
+            lines.append("ETRN")
+        lines.append("8BITMIME")
+        self.reply("\r\n".join("250-" + x for x in lines[:-1]) + "\r\n250 " + lines[-1])
+
+    def _auth_mechanisms(self):
+        """The AUTH mechanisms to offer now: none before TLS with --server-tls-required."""
+        auth = self.services.server_auth
+        if auth is None or (self.cfg.server_tls_required and not self.conn.tls):
+            return []
+        return auth.mechanisms(self.conn.tls)
+
+    def smtp_HELO(self, arg):
+        if self._greet(arg, esmtp=False):
+            self.reply("250 hello")
+
+    def smtp_NOOP(self, arg):
+        self.reply("250 2.0.0 noop")
+
+    def smtp_RSET(self, arg):
+        self._reset_transaction()
+        self.reply("250 2.0.0 state reset")
+
+    def smtp_QUIT(self, arg):
+        self._reset_transaction()
+        self.reply("221 2.0.0 OK")
+
+    def smtp_HELP(self, arg):
+        verbs = sorted(v for v in COMMANDS if self.available(v))
+        if arg:
+            verb = arg.upper()
+            if verb in verbs:
+                self.reply("214 2.0.0 Syntax: %s" % COMMANDS[verb].help)
+            else:
+                self.reply("504 5.5.1 no help for %s" % log.sanitise(arg[:40]))
+            return
+        # --help-text lines follow the command list in one multi-line reply.
+        lines = ["commands: %s" % " ".join(verbs)] + list(self.services.help_text)
+        self.reply("".join(("214-2.0.0 " + x).rstrip() + "\r\n" for x in lines[:-1])
+                    + ("214 2.0.0 " + lines[-1]).rstrip())
+
+    def smtp_MAIL(self, arg):
+        starttls = self.available("STARTTLS")
+        tls_missing = self.cfg.server_tls_required and not self.conn.tls
+        if (self.services.server_auth is not None and self.auth_user is None
+                and self._trusted() is None):
+            self.reply("530 5.7.0 authentication required"
+                        + (": use starttls" if tls_missing and starttls else ""))
+            return
+        if tls_missing:
+            self.reply("530 5.7.0 encryption required" + (": use starttls" if starttls else ""))
+            return
+        if arg[:5].upper() != "FROM:":
+            self.bad("553 5.5.2 mailbox name not allowed: invalid mail-from command")
+            return
+        try:
+            address, rest = parse_path(arg[5:], allow_empty=True,
+                                       strict=self.features["strictparsing"])
+        except ValueError as e:
+            self.bad("553 5.1.7 mailbox name not allowed: %s" % e)
+            return
+        params = parse_params(rest)
+        body = "7bit"
+        # Parameters nobody here understands (DSN's RET= and ENVID=, say)
+        # are ignored, as E-MailRelay ignores them.
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    self.bad("501 5.5.4 invalid argument")
+                    return
+                if self.size_limit and int(value) > self.size_limit:
+                    self.reply("552 5.3.4 message size exceeds fixed maximum message size")
+                    return
+            elif key == "BODY":
+                body = {"7BIT": "7bit", "8BITMIME": "8bit",
+                        "BINARYMIME": "binarymime"}.get((value or "").upper())
+                if body is None:
+                    self.bad("501 5.5.4 invalid argument")
+                    return
+        smtputf8 = "SMTPUTF8" in params
+        address = self._mailbox(address, smtputf8)
+        if address is None:
+            return
+        if not self._enough_space():
+            self.reply(NO_STORAGE)
+            return
+        self.mail_from = address
+        self.body = body
+        self.smtputf8 = smtputf8 or not address.isascii()
+        # MAIL FROM AUTH= is kept as given (xtext), and only for an
+        # authenticated client (RFC 4954 5).
+        self.mail_auth = (params.get("AUTH") or "") if self.auth_user is not None else ""
+        self.reply("250 2.1.0 sender <%s> OK" % address)
+
+    def _mailbox(self, address, smtputf8, rcpt=False):
+        """The address as stored (A-labels with alabels), or None after a refusal."""
+        if address.isascii():
+            return address
+        refusal = "550 5.6.7 " if rcpt else "553 5.6.7 mailbox name not allowed: "
+        if self.features["smtputf8strict"] and not smtputf8:
+            self.reply(refusal + "invalid character in mailbox name")
+            return None
+        if self.features["alabels"]:
+            try:
+                return to_alabels(address)
+            except ValueError as e:
+                self.reply(refusal + str(e))
+                return None
+        return address
+
+    def _enough_space(self):
+        need = self.cfg.min_free_space
+        if not need:
+            return True
+        free = self.services.spool.free_kbytes()
+        return free is None or free >= need
+
+    def smtp_RCPT(self, arg):
+        if arg[:3].upper() != "TO:":
+            self.bad("550 5.5.2 invalid rcpt-to command")
+            return
+        try:
+            address, _ = parse_path(arg[3:], allow_empty=False,
+                                    strict=self.features["strictparsing"])
+        except ValueError as e:
+            self.bad("550 5.1.3 %s" % e)
+            return
+        stored = self._mailbox(address, self.smtputf8, rcpt=True)
+        if stored is None:
+            return
+        count = len(self.to_local) + len(self.to_remote)
+        limit = self.cfg.max_recipients
+        if limit and count >= limit:
+            self.reply("452 4.5.3 too many recipients")
+            return
+        limit = self.cfg.max_bounce_recipients
+        if self.mail_from == "" and limit and count >= limit:
+            self.reply("452 4.5.3 too many recipients for a bounce message")
+            return
+        result = yield from self._verify(stored, self.mail_from)
+        if result is None or result.status == "remote":
+            self.to_remote.append(stored)
+        elif result.status == "local":
+            self.to_local.append(result.address)
+        else:
+            self._verify_refusal(result, address)
+            return
+        if not stored.isascii():
+            self.smtputf8 = True
+        local = result is not None and result.status == "local"
+        # E-MailRelay marks a local recipient with a second space.
+        self.reply("250 2.1.5 recipient <%s> %sOK" % (address, " " if local else ""))
+
+    def _verify(self, address, from_):
+        """Runs the address verifier (a generator); its result, or None when there is none."""
+        verifier = self.services.verifier
+        if verifier is None:
+            return None
+        if self.auth_user is not None:
+            mech, name = (self.auth_mech or "").lower(), self.auth_user
+        else:
+            keyword = self._trusted()
+            mech, name = ("none", keyword) if keyword is not None else ("", "")
+        # Send what we owe first so a pipelining client is not kept waiting
+        # on earlier replies while the verifier runs.
+        yield from self.send()
+        return (yield ("call", verifier.verify,
+                       (address, from_, self.peer_ip, self.domain, mech, name)))
+
+    def _verify_refusal(self, result, address):
+        reason = log.sanitise(result.reason or "")
+        if result.status == "reject":
+            self.reply("550 5.1.1 %s" % (reason or "invalid recipient <%s>" % address))
+        elif result.status == "tempfail":
+            self.reply("450 4.1.1 %s" % (reason or "recipient <%s> unavailable" % address))
+        else:
+            log.warning("smtp: address verifier aborted the connection from %s" % self.peer_ip,
+                        peer=self.peer)
+            raise session_core.Drop()
+
+    def smtp_VRFY(self, arg):
+        if "vrfy" in self.anonymous:
+            self.reply("252 2.1.5 cannot vrfy")
+            return
+        try:
+            address, _ = parse_path(arg, allow_empty=False)
+        except ValueError:
+            self.reply("550 5.1.3 invalid mailbox")
+            return
+        result = yield from self._verify(address, "")
+        if result is not None and result.status == "local":
+            name = log.sanitise(result.full_name or "")
+            self.reply("250 2.1.5 %s" % (name or "<%s>" % result.address))
+        elif result is None or result.status == "remote":
+            self.reply("252 2.1.5 cannot verify but will accept: %s" % address)
+        else:
+            self._verify_refusal(result, address)
+
+    def smtp_EXPN(self, arg):
+        self.reply("502 5.5.1 command not implemented")
+
+    def smtp_ETRN(self, arg):
+        self.services.trigger()
+        self.reply("250 2.0.0 OK, queue run started")
+
+    def smtp_STARTTLS(self, arg):
+        if arg:
+            self.reply("501 5.5.4 invalid argument")
+            return None
+        self.reply("220 2.0.0 ready to start tls")
+        return self.start_tls(self.services.tls_context)
+
+    def smtp_AUTH(self, arg):
+        from ..auth import sasl
+        if self.auth_user is not None:
+            self.bad(OUT_OF_SEQUENCE)
+            return
+        if self.tls_missing():
+            # Refused before anything after the mechanism name is looked at.
+            self.reply("530 5.7.0 encryption required: use starttls")
+            return
+        mech, _, initial = arg.partition(" ")
+        auth = self.services.server_auth
+        try:
+            exchange = auth.start(mech, initial.strip() or None, tls=self.conn.tls)
+        except sasl.MechanismError:
+            later = (self.available("STARTTLS") and mech.upper() in auth.mechanisms(True))
+            self.reply("504 5.5.4 unsupported authentication mechanism"
+                       + (": use starttls" if later else ""))
+            return
+        outcome = yield from self.sasl_exchange(exchange, "334 ", AUTH_LINE_LIMIT, self.TOO_LONG)
+        if outcome is None:
+            return
+        if outcome[0] == "ok":
+            self.auth_user = outcome[1]
+            self.auth_mech = exchange.mechanism
+            log.info("smtp: authenticated as %s using %s"
+                     % (log.sanitise(self.auth_user), exchange.mechanism), peer=self.peer)
+            self.reply("235 2.7.0 authentication successful")
+            return
+        if outcome[1] == sasl.CANCELLED:
+            self.reply("501 5.7.0 authentication cancelled")
+            return
+        # Always with the address, whatever --log-address says: fail2ban needs it.
+        log.warning('smtp authentication failed for user "%s" from %s'
+                    % (log.sanitise(exchange.user or ""), self.peer_ip))
+        yield from self.auth_failed("535 5.7.8 authentication failed",
+                                    "421 4.7.0 %s too many authentication failures" % self.domain)
+
+    def smtp_DATA(self, arg):
+        if self.body == "binarymime":
+            self.bad("503 5.5.1 invalid data command with binarymime -- use RSET to resynchronise")
+            return
+        write = self._start_message()
+        self.reply("354 start mail input -- end with <CRLF>.<CRLF>")
+        yield from self.send()
+        yield from smtp_text.read_data(self.conn, write, self.text)
+        if self.text.fault is None:
+            yield from self._commit()
+        else:
+            self._refuse_content()
+
+    def smtp_BDAT(self, arg):
+        parts = arg.split()
+        if not parts or len(parts) > 2 or not parts[0].isdigit() or (
+                len(parts) == 2 and parts[1].upper() != "LAST"):
+            self.bad("501 5.5.4 invalid argument")
+            return
+        size = int(parts[0])
+        last = len(parts) == 2
+        if self.state not in (RCPT, BDAT):
+            # The chunk is read and dropped so it is not taken for commands.
+            yield from smtp_text.read_chunk(size, None, None)
+            self.out_of_sequence("BDAT")
+            return
+        if self.state == RCPT:
+            self._write = self._start_message()
+            self.state = BDAT
+        yield from smtp_text.read_chunk(size, self._write, self.text)
+        if self.text.fault is not None:
+            self._refuse_content()
+        elif not last:
+            self.reply("250 2.0.0 %d bytes received" % size)
+        else:
+            yield from self._commit()
+
+    # ----- storing a message --------------------------------------------
+
+    def _start_message(self):
+        """Creates the spool files and writes the Received line; returns the writer.
+
+        When the spool cannot take the message the text is still read (and
+        dropped, `self.text.fault` says why), so that the reply comes at its
+        end and the session goes on.
+        """
+        self.text = smtp_text.Text(self.size_limit)
+        try:
+            self.message = self.services.spool.new_message()
+            if "content" not in self.anonymous:
+                self.message.write(self._received(self.message.id))
+        except OSError as e:
+            self._discard_message()
+            self.text.fault, self.text.error = "storage", e
+            return None
+        return self.message.write
+
+    def _received(self, msg_id):
+        """The RFC 5321 4.4 trace header for the message being received."""
+        helo = "".join(c for c in (self.helo or "") if 32 < ord(c) < 127 and c not in "()")
+        ip = self.peer_ip
+        literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
+        if ip == "unknown":
+            literal = "unknown"     # --inetd on a pipe: there is no address
+        tls = self.conn.tls_cipher if self.conn.tls else None
+        # The protocol and cipher as Postfix writes them.
+        tls_note = " (using %s with cipher %s (%d/%d bits))" % (tls[1], tls[0], tls[2], tls[2]) \
+            if tls else ""
+        protocol = "SMTP"
+        if self.esmtp:
+            protocol = "ESMTP" + ("S" if self.conn.tls else "") + (
+                "A" if self.auth_user is not None else "")
+        line = "Received: from %s (%s)%s by %s with %s id %s; %s\r\n" % (
+            helo or "unknown", literal, tls_note, self.domain, protocol, msg_id, rfc5322_date())
+        return line.encode("utf-8")
+
+    def _refuse_content(self):
+        """Replies to text that could not be kept; the session goes on."""
+        text = self.text
+        if text.fault == "storage":
+            log.error("smtp: cannot store message: %s" % text.error, peer=self.peer)
+            self.reply(_storage_reply(text.error))
+        else:
+            log.info("smtp: message refused: too big", peer=self.peer)
+            self.reply("552 5.3.4 message size exceeds fixed maximum message size")
+        self._reset_transaction()
+
+    def _envelope(self):
+        # 8-bit text sent without BODY=8BITMIME is recorded as 8bit, so
+        # that the forwarder asks the next hop for 8BITMIME.
+        body = "8bit" if self.body == "7bit" and self.text.eightbit else self.body
+        return envelope.Envelope(
+            content=body, from_=self.mail_from, to_local=self.to_local,
+            to_remote=self.to_remote, authentication=self.auth_user or "",
+            client=self.peer, client_certificate=self.conn.peer_certificate_pem or "",
+            mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
+
+    def _commit(self):
+        """Makes the message durable, runs the filters, and replies (a generator).
+
+        The replies owed go out first; the storing is a request of its own,
+        since it waits for the disk and for filter programs.
+        """
+        if not self._enough_space():
+            log.warning("smtp: message refused: less than --min-free-space left in the spool",
+                        peer=self.peer)
+            self._reset_transaction()
+            self.reply(NO_STORAGE)
+            return
+        yield from self.send()
+        if self.services.filters or self.cfg.immediate:
+            # Filter programs and --immediate wait on others.
+            self.reply((yield ("call", self._store, ())))
+            return
+        # With no filter the files are written here; only their syncs and
+        # renames are "work", which the session loop's own thread does too
+        # while the syncs wait little (see session_loop).
+        msg = self.message
+        try:
+            env = self._envelope()
+            msg.prepare(env)
+            log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
+                        peer=self.peer)
+            msg_id = yield ("work", msg.finish, (env,), spool.waited)
+        except (OSError, envelope.EnvelopeError) as e:
+            self.reply(self._not_stored(e))
+            return
+        self.reply(self._stored(msg_id))
+
+    def _store(self):
+        """The blocking part of `_commit` with filters or --immediate: returns the reply."""
+        msg = self.message
+        try:
+            env = self._envelope()
+            self._rescan = False
+            msg.commit_content()
+            msg.write_envelope(env)
+            log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
+                        peer=self.peer)
+            refusal = self._run_filters(msg)
+            if refusal == "cancelled":
+                # Exit 100: the filter owns the files now; say nothing more.
+                msg.disown()
+                self.message = None
+                self._reset_transaction()
+                return "250 2.0.0 message processed"
+            if refusal is not None:
+                self._count("messages-rejected")
+                self._reset_transaction()
+                return refusal
+            msg_id = msg.finish(env)
+        except spool.SpoolError as e:
+            # A filter removed the files without exiting 100.
+            log.info("rejected by filter: [%s]" % e, peer=self.peer)
+            self._reset_transaction()
+            return "452 4.3.0 rejected"
+        except (OSError, envelope.EnvelopeError) as e:
+            return self._not_stored(e)
+        return self._stored(msg_id)
+
+    def _not_stored(self, e):
+        """The reply, once the spool failed to take the message."""
+        log.error("smtp: cannot store message: %s" % e, peer=self.peer)
+        self._reset_transaction()
+        return _storage_reply(e)
+
+    def _stored(self, msg_id):
+        """The reply, once message `msg_id` is committed (--immediate forwards it first)."""
+        self.message = None
+        count = len(self.to_local) + len(self.to_remote)
+        log.info("smtp: stored %s from <%s> to %d recipient%s" % (
+            msg_id, log.sanitise(self.mail_from), count, "" if count == 1 else "s"),
+            peer=self.peer)
+        self._count("messages-stored")
+        self._reset_transaction()
+        if self._rescan and self.services.rescan is not None:
+            # Exit 103: now that the message is committed, the pass sees it.
+            self.services.rescan()
+        refusal = self._forward_now(msg_id)
+        return refusal or "250 2.0.0 message processed"
+
+    def _run_filters(self, msg):
+        """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply.
+
+        As E-MailRelay: a rejection (exit 1-99) is `452 <reason>`; a filter
+        that times out, crashes or cannot run is `452 error`.
+        """
+        for f in self.services.filters:
+            result = f.run(msg.content_path, msg.new_envelope_path)
+            if result.special == "cancel":
+                return "cancelled"
+            if result.special == "rescan":
+                self._rescan = True
+            if not result.ok:
+                reason = log.sanitise(result.reason or "")
+                msg.abandon()
+                self.message = None
+                if result.temporary:
+                    why = "timeout" if reason == "filter timed out" else reason
+                    log.warning("filter [%s]: [%s]: failed response=[error] reason=[%s]"
+                                % (log.sanitise(f.spec), msg.id, why), peer=self.peer)
+                    return "452 4.3.0 error"
+                log.info("rejected by filter: [%s]" % reason, peer=self.peer)
+                return "452 4.7.1 %s" % (reason or "rejected")
+            if result.special == "stop":
+                break
+        return None
+
+    def _forward_now(self, msg_id):
+        """--immediate: forwards the message now; a refusal reply or None."""
+        immediate = self.services.immediate
+        if immediate is None:
+            return None
+        if self._immediate is None:
+            self._immediate = immediate()
+        refusal = self._immediate.forward(msg_id)
+        if refusal is None:
+            return None
+        # The message is .bad: the next hop's own refusal goes back to the
+        # submitter.
+        text = log.sanitise(refusal)
+        return text if text[:3].isdigit() and text[0] == "5" else "554 5.0.0 %s" % text
+
+    def _count(self, name):
+        stats = self.services.stats
+        if stats is not None:
+            stats.increment(name)
+
+
+def _storage_reply(e):
+    """The reply when the spool cannot take a message (`e` an OSError or similar)."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return NO_STORAGE
+    return "452 4.3.0 cannot store the message"
+
+
+# The command table, E-MailRelay's states; HELP gives each row's syntax. A
+# command whose reply is not an error moves the session to the row's next
+# state (None: the handler decides, or the state stays). After a message
+# is stored or refused the transaction is reset to GREETED; STARTTLS and
+# its handshake go back to START (RFC 3207 4.2).
+_S = SmtpSession
+_ANY = None
+COMMANDS = session_core.table(
+    # verb, states, handler, next state, HELP syntax
+    ("EHLO", _ANY, _S.smtp_EHLO, GREETED, "EHLO <domain>"),
+    ("HELO", _ANY, _S.smtp_HELO, GREETED, "HELO <domain>"),
+    ("STARTTLS", (START, GREETED), _S.smtp_STARTTLS, START, "STARTTLS"),
+    ("AUTH", (GREETED,), _S.smtp_AUTH, None, "AUTH <mechanism> [<initial-response>]"),
+    ("MAIL", (GREETED,), _S.smtp_MAIL, MAIL,
+     "MAIL FROM:<address> [SIZE=<n>] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8] [AUTH=<xtext>]"),
+    ("RCPT", (MAIL, RCPT), _S.smtp_RCPT, RCPT, "RCPT TO:<address>"),
+    ("DATA", (RCPT,), _S.smtp_DATA, GREETED, "DATA"),
+    # BDAT: BDAT until a LAST chunk, then GREETED; out of sequence, the
+    # chunk is still read (the handler checks the state).
+    ("BDAT", _ANY, _S.smtp_BDAT, None, "BDAT <size> [LAST]"),
+    ("RSET", _ANY, _S.smtp_RSET, None, "RSET"),
+    ("NOOP", _ANY, _S.smtp_NOOP, None, "NOOP"),
+    ("VRFY", _ANY, _S.smtp_VRFY, None, "VRFY <address>"),
+    ("EXPN", _ANY, _S.smtp_EXPN, None, "EXPN <list>"),
+    ("ETRN", (GREETED,), _S.smtp_ETRN, None, "ETRN <domain>"),
+    ("HELP", _ANY, _S.smtp_HELP, None, "HELP [<command>]"),
+    ("QUIT", _ANY, _S.smtp_QUIT, DONE, "QUIT"),
+)
+SmtpSession.COMMANDS = COMMANDS

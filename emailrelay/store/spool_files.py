@@ -1,0 +1,168 @@
+"""The spool's file names, errors and durable file primitives.
+
+What every part of the store shares: the suffixes of a message's files and
+their states, the errors, creating files with mode 0660 whatever the umask,
+writing them whole, syncing files and directories (and how long the
+calling thread has waited in those syncs), and whether a content file is
+still referred to by an envelope. `spool` (the directory),
+`spool_message` (storing a new message) and `spool_claim` (a claimed
+message) are built on it; other modules use them through `spool`.
+"""
+
+import os
+import threading
+import time
+
+from ..runtime import process
+
+FILE_MODE = 0o660
+NEW, READY, BUSY, BAD, LOCAL = ".envelope.new", ".envelope", ".envelope.busy", ".envelope.bad", ".envelope.local"
+ORPHAN = ".envelope.new.orphan"
+CONTENT = ".content"
+# A content file with no envelope, left by a process that died while
+# receiving it, is renamed to this (never deleted).
+CONTENT_ORPHAN = ".content.orphan"
+# Longest first: a name is classified by the first suffix it ends with.
+STATES = ((ORPHAN, "orphan"), (NEW, "new"), (BUSY, "busy"), (BAD, "bad"), (LOCAL, "local"),
+          (READY, "ready"))
+# Write content in blocks of this size (a 4 KiB message is one write).
+WRITE_BLOCK = 65536
+
+
+class SpoolError(Exception):
+    """The spool cannot do what was asked (bad directory, vanished file, ...)."""
+
+
+class ContentError(SpoolError):
+    """A claimed message's content file cannot be read; the text says why."""
+
+
+def log_event(level, message):
+    """Logs `message` at `level` ('info', 'warning', 'error')."""
+    from ..runtime import log
+    getattr(log, level)(message)
+
+
+def debug(message_id, change):
+    """Logs a state change with --debug."""
+    from ..runtime import log
+    if log.debug_enabled():
+        log.debug("spool: %s: %s" % (message_id, change))
+
+
+_waits = threading.local()
+
+
+def waited():
+    """Seconds the calling thread has spent in this module's syncs so far.
+
+    Only ever grows. The difference across a piece of work is how long it
+    waited for the device, whatever the CPU or a tracer cost meanwhile
+    (the session loop decides with it where storing a message belongs).
+    """
+    return getattr(_waits, "seconds", 0.0)
+
+
+def _timed(sync, fd):
+    start = time.monotonic()
+    try:
+        sync(fd)
+    finally:
+        _waits.seconds = waited() + time.monotonic() - start
+
+
+def fsync(fd):
+    """fsync(2), timed for waited()."""
+    _timed(os.fsync, fd)
+
+
+# fdatasync() also writes the metadata needed to read the data back (the
+# size of a new file), which is all a spool file needs; it skips timestamps.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+def datasync(fd):
+    """fdatasync(2) where there is one, else fsync(2); timed for waited()."""
+    _timed(_datasync, fd)
+
+
+def fsync_directory(directory):
+    """Makes renames and creations in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_file(path, flags=os.O_WRONLY | os.O_CREAT | os.O_EXCL):
+    """Creates `path` with mode 0660 whatever the umask; returns the fd."""
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_file_durably(path, data, flags=os.O_WRONLY | os.O_CREAT | os.O_TRUNC):
+    """Writes `data` to a new file of mode 0660 and fsyncs it."""
+    fd = create_file(path, flags)
+    try:
+        write_all(fd, data)
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def identity(st):
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def subdirectories(directory):
+    """Immediate sub-directories of `directory` (not symbolic links)."""
+    try:
+        # A directory's link count is 2 + its sub-directories on most file
+        # systems: the common case (no sub-directories) needs no listing.
+        if os.stat(directory).st_nlink == 2:
+            return []
+        with os.scandir(directory) as it:
+            return [e.path for e in it if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+@process.spool_privileged
+def content_shared(content_path, except_path=None):
+    """True if an envelope other than `except_path` refers to this content file.
+
+    A content file is shared while any envelope (in any state) with the same
+    id exists in its directory or in one of that directory's immediate
+    sub-directories (`--pop-by-name` copies made by emailrelay-filter-copy).
+    """
+    directory, name = os.path.split(os.path.abspath(content_path))
+    if not name.endswith(CONTENT):
+        return False
+    stem = name[:-len(CONTENT)]
+    skip = os.path.abspath(except_path) if except_path else None
+    for d in [directory] + subdirectories(directory):
+        for suffix, _ in STATES:
+            p = os.path.join(d, stem + suffix)
+            if p != skip and os.path.lexists(p):
+                return True
+    return False
