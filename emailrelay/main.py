@@ -25,6 +25,13 @@ EXIT_USAGE = 2
 # The counters of `services.stats` (the admin `status` command shows them).
 STATS = ["messages-stored", "messages-rejected", "messages-forwarded", "messages-failed"]
 
+# File descriptors a session may hold at once (its connection, the content
+# file, the envelope), and what a serving process holds besides its
+# sessions (listeners, log, selectors, over-limit connections waiting for
+# their reply, the forwarder, filter pipes).
+DESCRIPTORS_PER_SESSION = 3
+DESCRIPTORS_BESIDES = 128
+
 
 class StartupError(Exception):
     """A configuration problem found before anything is started."""
@@ -448,6 +455,7 @@ def _run(cfg, services):
         return _run_stdio(cfg, services)
     server = services.server
     group = entry.pw_gid if entry is not None else None
+    _raise_descriptor_limit(cfg)
     process.set_umask()
     try:
         if not cfg.no_daemon:
@@ -493,6 +501,31 @@ def _run(cfg, services):
     finally:
         if cfg.pid_file:
             process.remove_pid_file(cfg.pid_file)
+
+
+def _raise_descriptor_limit(cfg):
+    """Raises the open-files limit to what --max-connections may need, or says it cannot.
+
+    Each served kind (SMTP, POP, admin) has a budget of --max-connections
+    sessions; with --workers each worker has its own, and its own limit.
+    """
+    from .runtime import descriptors, log
+    kinds = int(not cfg.no_smtp) + int(bool(cfg.pop)) + int(bool(cfg.admin))
+    needed = kinds * cfg.max_connections * DESCRIPTORS_PER_SESSION + DESCRIPTORS_BESIDES
+    try:
+        old, new, enough = descriptors.raise_limit(needed)
+    except (OSError, ValueError) as e:
+        log.warning("cannot raise the open-files limit for --max-connections %d: %s"
+                    % (cfg.max_connections, e))
+        return
+    if new != old:
+        log.verbose("open-files limit raised from %s to %s for --max-connections %d"
+                    % (old, descriptors.limit_text(new), cfg.max_connections))
+    if not enough:
+        log.warning("the open-files limit (%s) is below the %d descriptors --max-connections "
+                    "%d may need and the hard limit allows no more: clients beyond it wait, "
+                    "then get the busy reply (raise LimitNOFILE= or ulimit -Hn)"
+                    % (new, needed, cfg.max_connections))
 
 
 def _serve(server, stop, signals, on_hup):

@@ -80,12 +80,13 @@ class Relay:
     and admin ports when `pop=True` / `admin=True`), a spool directory (or
     `spool=`), and a log file; `start()` (also done by the context manager)
     runs it in the foreground with `--log --verbose` and waits for it to
-    listen. Attributes: `port`, `pop_port`, `admin_port`, `spool`,
-    `log_path`, `proc`.
+    listen. `preexec_fn` runs in the child before the program (to set
+    resource limits, say). Attributes: `port`, `pop_port`, `admin_port`,
+    `spool`, `log_path`, `proc`.
     """
 
     def __init__(self, tmp_path, args=(), spool=None, pop=False, admin=False, smtp=True,
-                 name="relay", start=True, user="root"):
+                 name="relay", start=True, user="root", preexec_fn=None):
         self.dir = os.path.join(str(tmp_path), name)
         os.makedirs(self.dir, exist_ok=True)
         self.spool = spool or os.path.join(self.dir, "spool")
@@ -109,6 +110,7 @@ class Relay:
             self.args += ["--no-smtp"]
         self.args += list(args)
         self.proc = None
+        self.preexec_fn = preexec_fn
         self._listeners = int(smtp) + int(pop) + int(admin)
         if start:
             self.start()
@@ -119,7 +121,8 @@ class Relay:
             os.rename(self.log_path, self.log_path + ".%d" % time.time_ns())
         self._stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen([PYTHON, "-m", "emailrelay"] + self.args, cwd=ROOT, env=env(),
-                                     stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr)
+                                     stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
+                                     preexec_fn=self.preexec_fn)
         if wait:
             self.wait_ready()
         return self

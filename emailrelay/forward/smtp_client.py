@@ -25,12 +25,11 @@ stuffing, NUL dropped); BINARYMIME goes by BDAT with its exact bytes.
 """
 
 import os
-import select
 import socket
 
 from ..util import addresses
 from ..util import dotstuff
-from ..runtime import log
+from ..runtime import descriptors, log
 from ..config import options
 from ..util import xtext
 from ..store.spool import ContentError
@@ -349,8 +348,7 @@ class Client:
             return
         if getattr(sock, "pending", None) and sock.pending():
             return
-        ready, _, _ = select.select([sock], [], [], wait)
-        if not ready:
+        if not descriptors.readable(sock, wait):
             log.warning("smtp client: no greeting from %s within %ss: going ahead without it"
                         % (self.target, wait))
             self._skip_greeting = True

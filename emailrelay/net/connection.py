@@ -11,6 +11,8 @@ import os
 import socket
 import struct
 
+from ..runtime import descriptors
+
 RECV_SIZE = 65536
 # Writes are buffered for pipelining; a large backlog is sent at once.
 WRITE_HIGH_WATER = 65536
@@ -199,7 +201,7 @@ class FdConnection(_Buffered):
     For --bsmtp and --inetd on a pipe: reads from `rfd` (a pipe, a file or
     a terminal), writes to `wfd`. `peer` is given by the caller, since a
     pipe has no address; there is no TLS. The idle timeout is kept with
-    select(), which a regular file always passes.
+    poll(), which a regular file always passes.
     """
 
     def __init__(self, rfd, wfd, peer, local=("unknown", 0)):
@@ -211,10 +213,8 @@ class FdConnection(_Buffered):
         self._timeout = None
 
     def _recv(self):
-        import select
         try:
-            ready, _, _ = select.select([self.rfd], [], [], self._timeout)
-            if not ready:
+            if not descriptors.readable(self.rfd, self._timeout):
                 raise Timeout()
             return os.read(self.rfd, RECV_SIZE)
         except OSError:

@@ -18,9 +18,20 @@ cannot make another answer "too many connections". The accept loop never
 waits for a slot: a connection over its budget is handed to one refuser
 thread, which gives ending sessions a moment to free a slot and otherwise
 sends the busy reply and closes.
+
+Running out of file descriptors (EMFILE, ENFILE) is the same condition
+seen from the kernel: the accept loop cannot take the connection, and the
+listening socket stays readable, so retrying at once would spin. The
+listener is paused instead (its connections wait in the kernel's queue
+while ending sessions free descriptors); if accepting still fails after
+the pause, the waiting connections are answered with the busy reply
+through a reserve descriptor kept for that, and the listener is paused
+again. One warning says so; one line says when connections are accepted
+again.
 """
 
 import collections
+import errno
 import os
 import queue
 import selectors
@@ -32,7 +43,7 @@ from ..util import addresses
 from .connection import (RECV_SIZE, WRITE_HIGH_WATER, Closed, Connection, FdConnection,
                          LineTooLong, MemoryConnection, Timeout, address_pair)
 from . import interfaces
-from ..runtime import log
+from ..runtime import descriptors, log
 
 
 # The connection API sessions take from here (see the module docstring).
@@ -53,6 +64,15 @@ ACCEPT_BATCH = 64
 FLOOD_FACTOR = 4
 # Seconds an idle session thread waits for a new connection before it ends.
 WORKER_IDLE = 30.0
+# accept() errors that mean the process or the system is out of descriptors
+# (or of the memory behind them): the connection stays queued.
+OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+# Seconds a listener that ran out of descriptors rests before it tries again.
+OUT_OF_DESCRIPTORS_PAUSE = 0.25
+# Connections answered with the busy reply per try while out of descriptors.
+OUT_OF_DESCRIPTORS_REFUSALS = 256
+# Seconds between two warnings about running out of descriptors.
+OUT_OF_DESCRIPTORS_WARNING = 60.0
 
 
 def parse_interfaces(values):
@@ -167,6 +187,9 @@ class Listener:
         # The local address of every accepted connection, unless the
         # listener is bound to a wildcard address.
         self.local = None if local[0] in ("0.0.0.0", "::") else local
+        # Connections refused for want of descriptors since accepting last
+        # worked (None: accepting works).
+        self.starved = None
 
 
 class Server:
@@ -221,6 +244,12 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.counters = {"connections": 0, "refused": 0}
+        self._selector = None
+        self._paused = {}        # listener -> monotonic time it accepts again
+        # A descriptor held back to answer connections when none is left.
+        self._reserve = None
+        self._reserve_lock = threading.Lock()
+        self._starved_warning = None   # monotonic time of the last warning
 
     def wakeup_fd(self):
         """An fd to give signal.set_wakeup_fd() so signals wake the loop."""
@@ -280,20 +309,15 @@ class Server:
         flags (SIGHUP) are handled outside signal handlers.
         """
         self._stop_event = stop_event
-        sel = selectors.DefaultSelector()
+        self._selector = sel = selectors.DefaultSelector()
+        self._open_reserve()
         for lst in self.listeners:
             lst.sock.setblocking(False)
-            if lst.conversation is not None:
-                # Accepted in the session loop's thread, a few at a time so
-                # that a flood of connections to refuse does not starve the
-                # sessions it serves.
-                self._session_loop().watch(lst.sock, lambda lst=lst: self._accept_batch(lst, 8))
-            else:
-                sel.register(lst.sock, selectors.EVENT_READ, lst)
+            self._watch(lst)
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         try:
             while not stop_event.is_set():
-                for key, _ in sel.select():
+                for key, _ in sel.select(self._resume_paused()):
                     if key.data is None:
                         try:
                             while self._wake_r.recv(512):
@@ -307,6 +331,34 @@ class Server:
         finally:
             sel.close()
             self._shutdown()
+            with self._reserve_lock:
+                if self._reserve is not None:
+                    os.close(self._reserve)
+                    self._reserve = None
+
+    def _watch(self, lst):
+        """Has the accept loop (or the session loop) accept on `lst`."""
+        if lst.conversation is not None:
+            # Accepted in the session loop's thread, a few at a time so
+            # that a flood of connections to refuse does not starve the
+            # sessions it serves.
+            self._session_loop().watch(lst.sock, lambda: self._accept_batch(lst, 8))
+        else:
+            self._selector.register(lst.sock, selectors.EVENT_READ, lst)
+
+    def _resume_paused(self):
+        """Watches again the listeners whose pause is over; seconds to the next, or None."""
+        with self._lock:
+            if not self._paused or self._stopping:
+                return None
+            now = time.monotonic()
+            due = [lst for lst, when in self._paused.items() if when <= now]
+            for lst in due:
+                del self._paused[lst]
+            rest = [when - now for when in self._paused.values()]
+        for lst in due:
+            self._watch(lst)
+        return min(rest) if rest else None
 
     def _accept_batch(self, lst, most=ACCEPT_BATCH):
         # A burst fills the backlog faster than one accept per wake-up
@@ -319,8 +371,14 @@ class Server:
         """Accepts one connection; False when there was none waiting."""
         try:
             sock, addr = lst.sock.accept()
-        except OSError:
+        except OSError as e:
+            if e.errno in OUT_OF_DESCRIPTORS:
+                self._out_of_descriptors(lst, e)
             return False
+        if lst.starved is not None:
+            log.info("%s: accepting connections again (%d refused while out of file descriptors)"
+                     % (lst.kind, lst.starved))
+            lst.starved = None
         ip = addr[0]
         peer = addresses.format_address(ip, addr[1])
         if not self.remote_clients and not addresses.is_local(ip):
@@ -333,6 +391,72 @@ class Server:
         if not self._admit(lst, sock, addr, peer):
             self._hold(lst, sock, addr, peer)
         return True
+
+    def _out_of_descriptors(self, lst, e):
+        """accept() found no descriptor for a connection: warn, refuse or wait, pause.
+
+        The first time, the connections wait in the kernel's queue for the
+        pause; when accepting fails again after it, those waiting are
+        answered with the busy reply (see the module docstring).
+        """
+        if lst.starved is None:
+            lst.starved = 0
+            now = time.monotonic()
+            if self._starved_warning is None \
+                    or now - self._starved_warning >= OUT_OF_DESCRIPTORS_WARNING:
+                self._starved_warning = now
+                log.warning("%s: cannot accept connections: %s (open-files limit %s): new "
+                            "connections wait, then get the busy reply, until sessions end "
+                            "(see --max-connections, LimitNOFILE)"
+                            % (lst.kind, e.strerror or e, descriptors.limit_text()))
+        else:
+            lst.starved += self._refuse_waiting(lst)
+        with self._lock:
+            if self._stopping:
+                return
+            self._paused[lst] = time.monotonic() + OUT_OF_DESCRIPTORS_PAUSE
+        if lst.conversation is not None:
+            self._loop.unwatch(lst.sock)
+        else:
+            self._selector.unregister(lst.sock)
+        # (From the session loop's thread: the accept loop must learn of the pause.)
+        self.wake()
+
+    def _open_reserve(self):
+        """Opens the reserve descriptor if it is not open; False when it cannot be."""
+        if self._reserve is None:
+            try:
+                self._reserve = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return False
+        return True
+
+    def _refuse_waiting(self, lst):
+        """Answers waiting connections with the busy reply, through the reserve descriptor.
+
+        Returns how many. Another thread may take the descriptor freed for
+        a connection first; then the rest wait for the next try.
+        """
+        refused = 0
+        with self._reserve_lock:
+            while refused < OUT_OF_DESCRIPTORS_REFUSALS and self._open_reserve():
+                os.close(self._reserve)
+                self._reserve = None
+                try:
+                    sock, _ = lst.sock.accept()
+                except OSError:
+                    break
+                try:
+                    sock.setblocking(False)
+                    sock.send(lst.busy_reply)
+                except OSError:
+                    pass
+                sock.close()
+                refused += 1
+            self._open_reserve()
+        with self._lock:
+            self.counters["refused"] += refused
+        return refused
 
     def _admit(self, lst, sock, addr, peer):
         """Starts the session if its kind's budget allows; False if over it."""

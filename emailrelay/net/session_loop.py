@@ -286,7 +286,8 @@ class SessionLoop:
 
         Waits (briefly) until the loop has let go of it: a socket closed
         while registered could keep signalling through a copy another
-        process holds (--workers).
+        process holds (--workers). From the loop thread itself (an accept
+        that pauses its listener) it lets go at once.
         """
         done = threading.Event()
 
@@ -296,6 +297,9 @@ class SessionLoop:
             except (KeyError, ValueError):
                 pass
             done.set()
+        if threading.get_ident() == self._thread.ident:
+            forget()
+            return
         self._post(None, forget, None)
         done.wait(5)
 

@@ -18,14 +18,13 @@ the main process shuts the socket down at shutdown.
 """
 
 import os
-import select
 import selectors
 import signal
 import socket
 import threading
 import time
 
-from . import log
+from . import descriptors, log
 
 TRIGGER = b"t"
 RESCAN = b"r"
@@ -74,7 +73,7 @@ def watch_main(channel, on_gone):
     """In a worker: calls `on_gone()` (in a thread) once the main process has gone or shut down."""
     def watch():
         while True:
-            select.select([channel], [], [])
+            descriptors.readable(channel)
             try:
                 if not channel.recv(64):
                     break
