@@ -137,6 +137,9 @@ class Client:
         self._last_code = 0
         # (claim, commands) sent ahead with the previous message's content.
         self._present = None
+        # The socket being connected or in use, for abort() from another thread.
+        self._live = None
+        self._aborted = False
         self.features = options.smtp_config(getattr(cfg, "client_smtp_config", None),
                                             options.CLIENT_SMTP_KEYWORDS)
 
@@ -225,6 +228,10 @@ class Client:
         error = None
         for af, st, proto, _, sa in infos:
             sock = socket.socket(af, st, proto)
+            self._live = sock
+            if self._aborted:
+                sock.close()
+                raise ConnectionFailure("stopping: no new connection to %s" % self.target)
             try:
                 sock.settimeout(timeout)
                 if source is not None:
@@ -282,6 +289,8 @@ class Client:
         Raises ConnectionFailure with a one-line reason.
         """
         self.close()
+        if self._aborted:
+            raise ConnectionFailure("stopping: no new connection to %s" % self.target)
         try:
             self._connect()
         except ConnectionFailure:
@@ -299,9 +308,12 @@ class Client:
         timeout = cfg.connection_timeout if cfg.connection_timeout is not None else 40
         if self.socks_host:
             from ..net import socks
-            family, source = self._family_and_source()
-            sock = socks.connect(self.socks_host, self.socks_port, self.host, self.port,
-                                 timeout, source=source)
+            sock = self._tcp_connect(self.socks_host, self.socks_port, timeout)
+            try:
+                socks.handshake(sock, self.socks_host, self.socks_port, self.host, self.port)
+            except BaseException:
+                sock.close()
+                raise
         else:
             sock = self._tcp_connect(self.host, self.port, timeout)
         self.ehlo_name = self._ehlo_name(sock)
@@ -397,6 +409,18 @@ class Client:
         log.verbose("smtp client: authenticated with %s as %s using %s"
                     % (self.target, self.client_auth.user, mech))
 
+    def abort(self):
+        """Ends the session at once, from another thread (shutdown).
+
+        The socket is shut down, which wakes the thread waiting on it
+        (connecting, reading a reply, writing content) with an error, so
+        send() raises ConnectionFailure; no new connection is made.
+        """
+        self._aborted = True
+        for sock in (self.sock, self._live):
+            if sock is not None:
+                _shutdown(sock)
+
     def close(self):
         """Drops the connection without QUIT."""
         if self._rfile is not None:
@@ -410,6 +434,7 @@ class Client:
             except OSError:
                 pass
         self.sock = None
+        self._live = None
         self._rfile = None
         self.esmtp_features = {}
         self.tls = False
@@ -679,6 +704,28 @@ def rejection_reason(how_many, rejected):
     """`<how_many> recipients rejected: <r> reply; ...` for a `.bad` reason."""
     return "%s recipients rejected: %s" % (
         how_many, "; ".join("<%s> %s" % (r, text) for r, text in rejected))
+
+
+def _shutdown(sock):
+    """Shuts a socket down from another thread, so the thread using it wakes up.
+
+    The shutdown goes to a duplicate of the descriptor: it acts on the
+    connection (and, on Linux, ends a connect() in progress) and leaves the
+    socket object, which the other thread is using, untouched.
+    """
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        dup.close()
 
 
 def _describe(e):
