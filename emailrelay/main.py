@@ -481,7 +481,7 @@ def _run(cfg, services):
             # switch to --user, which each worker keeps).
             supervisor = workers.Supervisor(
                 cfg.workers, lambda channel: _run_worker(cfg, services, channel),
-                forwarder=services.forwarder)
+                forwarder=services.forwarder, recover=services.spool.recover)
             supervisor.start()
         if services.forwarder is not None:
             services.forwarder.start(initial=cfg.forward)
