@@ -226,7 +226,9 @@ OPTIONS = [
     _O("max-connections", None, "<n>", "SMTP server",
        "Limits the number of connections served at once; above it a client gets 421 and "
        "is disconnected. The SMTP, POP and admin servers each have a budget of this size "
-       "of their own, so a flood on one cannot lock out another.",
+       "of their own, so a flood on one cannot lock out another. At start-up the soft "
+       "open-files limit is raised to the hard limit when the budgets may need more "
+       "(about 3 descriptors a session); a warning says when the hard limit is too small.",
        kind="int", default=200, minimum=1),
     _O("max-connections-per-address", None, "<n>", "SMTP server",
        "Limits the number of connections from one client address (to each of the SMTP, "

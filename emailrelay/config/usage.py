@@ -204,7 +204,9 @@ def man_page():
         ".SH SIGNALS",
         _roff("SIGTERM and SIGINT stop the program cleanly: it stops listening, ends the "
               "sessions, leaves no spool file claimed or half written, and exits with "
-              "status 0. SIGHUP reopens the log file (for logrotate) and re-reads the "
+              "status 0. The message being forwarded gets 5 seconds to finish; a next hop "
+              "that has not answered by then is abandoned, and the message stays queued "
+              "(logged as abandoned at shutdown). SIGHUP reopens the log file (for logrotate) and re-reads the "
               "secrets files; E-MailRelay does neither."),
         ".SH ENVIRONMENT",
         ".TP",
@@ -256,7 +258,12 @@ def man_page():
               "failure (the reason is appended as X-MailRelay-Reason), .envelope.local for "
               "local recipients. A .bad message stays until emailrelay-resubmit (say from "
               "cron) renames it back to .envelope, up to --retries times; the admin command "
-              "unfail-all does the same at once. Delete both files to discard a message."),
+              "unfail-all does the same at once. Delete both files to discard a message. "
+              "At start-up, and when a --workers worker dies, what a killed process left "
+              "is repaired: its .envelope.busy files go back to .envelope, its "
+              ".envelope.new files (never acknowledged) are removed with their content, and "
+              "content files that no envelope refers to (in the spool or a --pop-by-name "
+              "sub-directory) are removed once their writer is gone."),
         ".SH ADMIN COMMANDS",
         _roff("With --admin <port>, a telnet-style interface on that port (local clients "
               "only) takes: help; flush (forward now and report); forward (forward now, no "
