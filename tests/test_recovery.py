@@ -13,7 +13,7 @@ import smtplib
 import subprocess
 import sys
 
-from helpers import Relay, wait_for
+from helpers import Relay, env, free_port, smtp_sink, stop_process, wait_for
 
 
 def _dead_pid():
@@ -157,3 +157,42 @@ def test_a_killed_worker_leaves_nothing_behind(tmp_path):
         relay.stop()
     # The other worker's half message (if it had it) went with its session.
     assert relay.files(".envelope") == [] and relay.files(".envelope.new") == []
+
+
+STORE = """
+import sys
+from emailrelay.store.envelope import Envelope
+from emailrelay.store.spool import Spool
+spool = Spool(sys.argv[1])
+for n in range(int(sys.argv[2])):
+    message = spool.new_message()
+    message.write(b"Subject: %d\\r\\n\\r\\n" % n + b"x" * 2000 + b"\\r\\n")
+    message.finish(Envelope(from_="a@x.test", to_remote=["b@y.test"]))
+"""
+
+
+def test_kills_while_forwarding_leave_no_content_behind(tmp_path):
+    relay = Relay(tmp_path, start=False)
+    # Stored by a process that has gone, as the relay's own messages are
+    # after a kill.
+    subprocess.run([sys.executable, "-c", STORE, relay.spool, "600"], env=env(), check=True,
+                   timeout=60)
+    port = free_port()
+    sink = smtp_sink(port, count=1000)
+    relay.args += ["--forward-to", "127.0.0.1:%d" % port, "--forward"]
+    try:
+        left = 600
+        for _ in range(3):
+            relay.start()
+            wait_for(lambda: len(relay.files(".envelope")) < left - 50, 30,
+                     what="some messages to go")
+            relay.kill()
+            left = len(relay.files(".envelope")) + len(relay.files(".envelope.busy"))
+        relay.start()
+        wait_for(lambda: not relay.files(".envelope") and not relay.files(".envelope.busy"), 60,
+                 what="the rest to go")
+        relay.stop()
+    finally:
+        relay.stop()
+        stop_process(sink)
+    assert os.listdir(relay.spool) == []

@@ -33,8 +33,12 @@ def test_daemon_stops_promptly_and_releases_the_claim(tmp_path, silent_next_hop,
     relay = Relay(tmp_path, ["--forward-to", "127.0.0.1:%d" % silent_next_hop] + trigger)
     try:
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
-            client.sendmail("a@example.com", ["b@example.com"], b"Subject: stuck\r\n\r\nx\r\n")
-        busy = wait_for(lambda: relay.files(".envelope.busy"), what="the message to be claimed")
+            for n in range(2):
+                client.sendmail("a@example.com", ["b@example.com"],
+                                b"Subject: stuck %d\r\n\r\nx\r\n" % n)
+        # The message in hand, and the next one, claimed to go right after it.
+        busy = wait_for(lambda: len(relay.files(".envelope.busy")) == 2 and
+                        relay.files(".envelope.busy"), what="the messages to be claimed")
         started = time.monotonic()
         status = relay.stop(timeout=60)
         took = time.monotonic() - started
@@ -42,14 +46,15 @@ def test_daemon_stops_promptly_and_releases_the_claim(tmp_path, silent_next_hop,
         relay.stop()
     assert status == 0
     assert took < PROMPT, took
-    stem = busy[0][:-len(".envelope.busy")]
+    stems = [name[:-len(".envelope.busy")] for name in busy]
     assert relay.files(".envelope.busy") == []
-    assert relay.files(".envelope") == [stem + ".envelope"]
+    assert relay.files(".envelope") == [stem + ".envelope" for stem in stems]
     log = relay.log()
-    assert "forwarding: %s: abandoned at shutdown" % stem in log
+    assert any("forwarding: %s: abandoned at shutdown" % stem in log for stem in stems), log
     # Not counted as an attempt: no retry state was written.
-    with open(os.path.join(relay.spool, stem + ".envelope"), "rb") as f:
-        assert b"X-MailRelay-Retry" not in f.read()
+    for stem in stems:
+        with open(os.path.join(relay.spool, stem + ".envelope"), "rb") as f:
+            assert b"X-MailRelay-Retry" not in f.read()
 
 
 def test_as_client_stops_promptly_and_releases_the_claim(tmp_path, silent_next_hop):
