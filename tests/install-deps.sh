@@ -20,6 +20,8 @@ need curl curl
 need /usr/sbin/sshd openssh-server
 need /usr/sbin/spamd spamd
 need /usr/sbin/dnsmasq dnsmasq-base
+need haproxy haproxy
+need unshare util-linux
 need ip iproute2
 need /etc/pam.d/common-auth libpam-runtime
 for lib in /lib/*/security/pam_unix.so /usr/lib/*/security/pam_unix.so; do
