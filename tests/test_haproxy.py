@@ -39,9 +39,10 @@ def listening(port):
 
 class HAProxy:
     """haproxy in the foreground in front of `servers`: [(port, "send-proxy" or
-    "send-proxy-v2"), ...], round robin; `frontend` lines are added to the frontend."""
+    "send-proxy-v2" and any other server options), ...], round robin;
+    `frontend` and `backend` lines are added to those sections."""
 
-    def __init__(self, tmp_path, servers, frontend=()):
+    def __init__(self, tmp_path, servers, frontend=(), backend=()):
         self.port = free_port()
         self.cfg = os.path.join(str(tmp_path), "haproxy.cfg")
         lines = ["global", "    maxconn 500",
@@ -50,6 +51,7 @@ class HAProxy:
                  "frontend smtp", "    bind 127.0.0.1:%d" % self.port]
         lines += ["    " + line for line in frontend]
         lines += ["    default_backend relays", "backend relays", "    balance roundrobin"]
+        lines += ["    " + line for line in backend]
         lines += ["    server r%d 127.0.0.1:%d %s" % (i, port, how)
                   for i, (port, how) in enumerate(servers, 1)]
         with open(self.cfg, "w") as f:
@@ -75,8 +77,8 @@ class HAProxy:
 def balancer(tmp_path):
     started = []
 
-    def make(servers, frontend=()):
-        b = HAProxy(tmp_path, servers, frontend)
+    def make(servers, frontend=(), backend=()):
+        b = HAProxy(tmp_path, servers, frontend, backend)
         started.append(b)
         return b
     yield make
@@ -139,6 +141,21 @@ def test_real_client_address_through_send_proxy_and_send_proxy_v2(tmp_path, bala
         client, received = got["m%d" % i]
         assert client.split(":")[0] == source
         assert " ([%s]) by relay.test with ESMTP id " % source in received
+
+
+def test_smtp_health_checks_with_check_send_proxy(tmp_path, balancer):
+    # The README's configuration: HAProxy checks each relay with EHLO,
+    # sending a PROXY header (v2: LOCAL) first.
+    with Relay(tmp_path, ["--proxy-protocol", "127.0.0.1"], name="r1") as r1, \
+            Relay(tmp_path, ["--proxy-protocol", "127.0.0.1"], name="r2") as r2:
+        balancer([(r1.port, "send-proxy-v2 check check-send-proxy inter 200ms"),
+                  (r2.port, "send-proxy check check-send-proxy inter 200ms")],
+                 backend=["option smtpchk EHLO lb.test"])
+        for relay in (r1, r2):
+            relay.wait_log(r"smtp: PROXY v[12] header from 127\.0\.0\.1:\d+: ")
+            relay.wait_log(r"smtp: rx: EHLO lb\.test(.|\n)*smtp: tx: 221 ")
+        assert "no client address (LOCAL or UNKNOWN)" in r1.log()
+        assert "bad PROXY header" not in r1.log() + r2.log()
 
 
 def test_guard_refuses_a_non_local_client_seen_through_haproxy(tmp_path, balancer):

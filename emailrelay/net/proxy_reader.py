@@ -117,8 +117,9 @@ class HeaderReader:
                     self._selector.register(item.sock, selectors.EVENT_READ, item)
                     self._queue.append(item)
                 if stopping:
-                    for item in list(self._queue):
-                        self._end(item, None)
+                    for item in self._queue:
+                        if not item.over:   # (the others belong to their sessions now)
+                            self._end(item, None)
                     return
                 self._expire(time.monotonic())
         finally:
