@@ -269,3 +269,23 @@ def test_relay_stops_cleanly_with_headers_pending(tmp_path):
         s.sendall(b"PROXY TCP4 ")
         assert relay.stop() == 0
         assert s.recv(100) == b""
+
+
+def test_connections_waiting_for_their_header_are_limited(tmp_path):
+    args = ["--proxy-protocol", "127.0.0.1", "--max-connections", "2",
+            "--proxy-protocol-timeout", "60"]
+    with Relay(tmp_path, args) as relay:
+        waiting = [socket.create_connection(("127.0.0.1", relay.port), timeout=20)
+                   for _ in range(2)]
+        try:
+            for s in waiting:
+                s.sendall(b"PROXY TCP4 ")
+            assert raw(relay.port, v1(("192.168.1.5", 40000))) == b""
+            relay.wait_log(r"warning: smtp: too many connections waiting for a PROXY header: "
+                           r"refused 127\.0\.0\.1")
+            # Once a header is complete its connection is a session like any other.
+            waiting[0].sendall(b"192.168.1.6 127.0.0.1 1 25\r\n")
+            assert waiting[0].recv(100).startswith(b"220 ")
+        finally:
+            for s in waiting:
+                s.close()
