@@ -64,6 +64,7 @@ def version_text(verbose):
     text = "emailrelay %s\n" % __version__
     if not verbose:
         return text
+    # Imported here, not at the top: --help and --version must not load them.
     import ctypes.util
     try:
         import ssl
