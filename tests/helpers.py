@@ -68,6 +68,15 @@ def run_emailrelay(args, timeout=60, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def alive(pid):
+    """True if `pid` runs (a zombie left for a non-reaping init counts as dead)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def spool_files(directory, suffix):
     """Sorted names in `directory` ending with `suffix` (e.g. '.envelope')."""
     return sorted(n for n in os.listdir(directory) if n.endswith(suffix))
@@ -185,6 +194,51 @@ class Relay:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class SmtpChat:
+    """A raw SMTP client: `cmd(line)` sends one line and returns the reply text.
+
+    A reply of several lines comes back joined by CR LF; a connection closed
+    by the server ends the reply with "<EOF>".
+    """
+
+    def __init__(self, port, source=None, timeout=15):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=source)
+        self.f = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self):
+        lines = []
+        while True:
+            line = self.f.readline()
+            if not line:
+                lines.append("<EOF>")
+                break
+            lines.append(line.rstrip(b"\r\n").decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                break
+        return "\r\n".join(lines)
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def cmd(self, line):
+        self.send(line.encode("utf-8") + b"\r\n")
+        return self.reply()
+
+    def message(self, body=b"Subject: t\r\n\r\nhello\r\n", from_="a@x.test", to="b@y.test"):
+        """MAIL, RCPT, DATA and the text; the list of the four replies."""
+        out = [self.cmd("MAIL FROM:<%s>" % from_), self.cmd("RCPT TO:<%s>" % to)]
+        out.append(self.cmd("DATA"))
+        if out[-1].startswith("354"):
+            self.send(body + b".\r\n")
+            out.append(self.reply())
+        return out
+
+    def close(self):
+        self.sock.close()
 
 
 def stop_process(proc, timeout=5.0):
