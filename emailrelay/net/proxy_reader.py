@@ -108,7 +108,10 @@ class HeaderReader:
                     if key.data is None:
                         self._drain_wake()
                     else:
-                        self._read(key.data)
+                        try:
+                            self._read(key.data)
+                        except Exception as e:  # a bug must not stop every header
+                            self._end(key.data, "%s: %s" % (type(e).__name__, e))
                 with self._lock:
                     new, self._inbox = self._inbox, []
                     stopping = self._stopping
