@@ -224,8 +224,9 @@ OPTIONS = [
        "Limits the size of messages submitted over SMTP. 0 means no limit.",
        kind="int", default=0),
     _O("max-connections", None, "<n>", "SMTP server",
-       "Limits the number of connections served at once; above it a client gets 421 and "
-       "is disconnected. The SMTP, POP and admin servers each have a budget of this size "
+       "Limits the number of connections served at once; above it an SMTP client gets "
+       "450 Too many simultaneous connections (ZMailer's MaxParallelConnections reply) "
+       "and is disconnected. The SMTP, POP and admin servers each have a budget of this size "
        "of their own, so a flood on one cannot lock out another.",
        kind="int", default=200, minimum=1),
     _O("max-connections-per-address", None, "<n>", "SMTP server",
@@ -294,7 +295,8 @@ OPTIONS = [
        "address literal; anything else gets 501 (ZMailer -h)."),
     _O("greeting", None, "<text>", "SMTP server",
        "Sets the text of the 220 greeting after the code: %H is the --domain name, %V "
-       "the version, %T the local time and %% a percent sign. Start it with %H, as RFC "
+       "the version, %T the local time and %% a percent sign; ZMailer's %I (ident) and "
+       "%X (translation table) expand to nothing. Start it with %H, as RFC "
        "5321 asks. May be given more than once for a multi-line greeting (ZMailer "
        "PARAM hdr220).", multi=True),
     _O("help-text", None, "<file>", "SMTP server",
@@ -308,7 +310,13 @@ OPTIONS = [
        "strictparsing (on: angle brackets required in MAIL FROM and RCPT TO), alabels "
        "(on: UTF-8 domain names stored as A-labels, xn--...), enhancedstatuscodes (off: "
        "advertise ENHANCEDSTATUSCODES and put RFC 3463 codes in replies; an addition of "
-       "this version).", multi=True),
+       "this version), and ZMailer's switches (seed 004): dsn (on: advertise DSN and keep "
+       "RFC 3461 RET, ENVID, NOTIFY and ORCPT for the next hop), 8bitmime (on: advertise "
+       "8BITMIME; 8-bit text is taken either way), etrn (on: ETRN when forwarding is "
+       "configured), ehlo (on: off answers EHLO with 500, so clients use HELO), "
+       "force-rcpt-notify-never (off: record NOTIFY=NEVER for every recipient) and "
+       "auth-login-also-without-tls (off: offer --server-auth-program's AUTH PLAIN and "
+       "LOGIN, or PAM's PLAIN, without TLS).", multi=True),
     # POP server
     _O("pop", "B", None, "POP server",
        "Runs a POP3 server giving access to the spooled messages, on port 110 unless "
@@ -802,7 +810,11 @@ def _check_zmailer_options(v):
 # (E-MailRelay 2.6's, except client pipelining and our enhancedstatuscodes).
 SERVER_SMTP_KEYWORDS = {"pipelining": True, "chunking": False, "smtputf8": False,
                         "smtputf8strict": False, "strictparsing": True, "alabels": True,
-                        "enhancedstatuscodes": False}
+                        "enhancedstatuscodes": False,
+                        # ZMailer smtpserver's switches (seed 004).
+                        "dsn": True, "8bitmime": True, "etrn": True, "ehlo": True,
+                        "force-rcpt-notify-never": False,
+                        "auth-login-also-without-tls": False}
 CLIENT_SMTP_KEYWORDS = {"pipelining": True, "smtputf8strict": True, "eightbitstrict": False,
                         "binarymimestrict": True}
 _SWITCH_PREFIXES = (("+", True), ("with-", True), ("without-", False), ("-", False),

@@ -38,6 +38,7 @@ from ..util import parts
 from . import session_core
 from ..util import smtp_controls
 from . import smtp_text
+from ..util import smtp_syntax
 from ..util.smtp_syntax import parse_params, parse_path, rfc5322_date, to_alabels
 from ..store import spool
 
@@ -199,7 +200,9 @@ class SmtpSession(session_core.LineSession):
         if verb == "AUTH":
             return self.services.server_auth is not None
         if verb == "ETRN":
-            return self.services.trigger is not None
+            return self.services.trigger is not None and self.features["etrn"]
+        if verb == "EHLO":
+            return self.features["ehlo"]
         if verb == "BDAT":
             return self.features["chunking"]
         return True
@@ -281,6 +284,10 @@ class SmtpSession(session_core.LineSession):
         self.mail_auth = ""
         self.to_local = []
         self.to_remote = []
+        # RFC 3461: RET and ENVID from MAIL, NOTIFY and ORCPT per recipient.
+        self.dsn_ret = ""
+        self.dsn_envid = ""
+        self.dsn_recipients = {}
         self.message = None
         self.text = None
         self._write = None
@@ -340,9 +347,13 @@ class SmtpSession(session_core.LineSession):
             lines.append("SMTPUTF8")
         if self.enhanced:
             lines.append("ENHANCEDSTATUSCODES")
-        if self.services.trigger is not None:
+        if self.available("ETRN"):
             lines.append("ETRN")
-        lines.append("8BITMIME")
+        if features["dsn"]:
+            lines.append("DSN")
+        if features["8bitmime"]:
+            # ZMailer's No8BITMIME: only the keyword goes; 8-bit text is still taken.
+            lines.append("8BITMIME")
         self.reply("\r\n".join("250-" + x for x in lines[:-1]) + "\r\n250 " + lines[-1])
 
     def _auth_mechanisms(self):
@@ -403,8 +414,9 @@ class SmtpSession(session_core.LineSession):
             return
         params = parse_params(rest)
         body = "7bit"
-        # Parameters nobody here understands (DSN's RET= and ENVID=, say)
-        # are ignored, as E-MailRelay ignores them.
+        ret = envid = ""
+        # Parameters nobody here understands are ignored, as E-MailRelay
+        # ignores them (RET= and ENVID= too when DSN is switched off).
         for key, value in params.items():
             if key == "SIZE":
                 if value is None or not value.isdigit():
@@ -419,6 +431,15 @@ class SmtpSession(session_core.LineSession):
                 if body is None:
                     self.bad("501 5.5.4 invalid argument")
                     return
+            elif key in ("RET", "ENVID") and self.features["dsn"]:
+                try:
+                    if key == "RET":
+                        ret = smtp_syntax.dsn_ret(value)
+                    else:
+                        envid = smtp_syntax.dsn_envid(value)
+                except ValueError as e:
+                    self.bad("501 5.5.4 %s" % e)
+                    return
         smtputf8 = "SMTPUTF8" in params
         address = self._mailbox(address, smtputf8)
         if address is None:
@@ -428,6 +449,8 @@ class SmtpSession(session_core.LineSession):
             return
         self.mail_from = address
         self.body = body
+        self.dsn_ret = ret
+        self.dsn_envid = envid
         self.smtputf8 = smtputf8 or not address.isascii()
         # MAIL FROM AUTH= is kept as given (xtext), and only for an
         # authenticated client (RFC 4954 5).
@@ -462,10 +485,13 @@ class SmtpSession(session_core.LineSession):
             self.bad("550 5.5.2 invalid rcpt-to command")
             return
         try:
-            address, _ = parse_path(arg[3:], allow_empty=False,
-                                    strict=self.features["strictparsing"])
+            address, rest = parse_path(arg[3:], allow_empty=False,
+                                       strict=self.features["strictparsing"])
         except ValueError as e:
             self.bad("550 5.1.3 %s" % e)
+            return
+        dsn = self._rcpt_dsn(parse_params(rest))
+        if dsn is None:
             return
         stored = self._mailbox(address, self.smtputf8, rcpt=True)
         if stored is None:
@@ -482,8 +508,10 @@ class SmtpSession(session_core.LineSession):
         result = yield from self._verify(stored, self.mail_from)
         if result is None or result.status == "remote":
             self.to_remote.append(stored)
+            self._keep_dsn(stored, dsn)
         elif result.status == "local":
             self.to_local.append(result.address)
+            self._keep_dsn(result.address, dsn)
         else:
             self._verify_refusal(result, address)
             return
@@ -492,6 +520,28 @@ class SmtpSession(session_core.LineSession):
         local = result is not None and result.status == "local"
         # E-MailRelay marks a local recipient with a second space.
         self.reply("250 2.1.5 recipient <%s> %sOK" % (address, " " if local else ""))
+
+    def _rcpt_dsn(self, params):
+        """(notify, orcpt) from RCPT TO parameters; None after a 501 reply.
+
+        Without DSN both are '' (the parameters are ignored); with
+        force-rcpt-notify-never every recipient gets NOTIFY=NEVER.
+        """
+        if not self.features["dsn"]:
+            return ("", "")
+        try:
+            notify = smtp_syntax.dsn_notify(params["NOTIFY"]) if "NOTIFY" in params else ""
+            orcpt = smtp_syntax.dsn_orcpt(params["ORCPT"]) if "ORCPT" in params else ""
+        except ValueError as e:
+            self.bad("501 5.5.4 %s" % e)
+            return None
+        if self.features["force-rcpt-notify-never"]:
+            notify = "NEVER"
+        return (notify, orcpt)
+
+    def _keep_dsn(self, address, dsn):
+        if dsn[0] or dsn[1]:
+            self.dsn_recipients[address] = dsn
 
     def _verify(self, address, from_):
         """Runs the address verifier (a generator); its result, or None when there is none."""
@@ -539,7 +589,11 @@ class SmtpSession(session_core.LineSession):
             self._verify_refusal(result, address)
 
     def smtp_EXPN(self, arg):
-        self.reply("502 5.5.1 command not implemented")
+        # ZMailer answers a disabled EXPN with its site text (PARAM help),
+        # so the client learns whom to ask instead.
+        lines = ["command not implemented"] + list(self.services.help_text)
+        self.reply("".join(("502-5.5.1 " + x).rstrip() + "\r\n" for x in lines[:-1])
+                   + ("502 5.5.1 " + lines[-1]).rstrip())
 
     def smtp_ETRN(self, arg):
         self.services.trigger()
@@ -680,11 +734,14 @@ class SmtpSession(session_core.LineSession):
         # 8-bit text sent without BODY=8BITMIME is recorded as 8bit, so
         # that the forwarder asks the next hop for 8BITMIME.
         body = "8bit" if self.body == "7bit" and self.text.eightbit else self.body
-        return envelope.Envelope(
+        env = envelope.Envelope(
             content=body, from_=self.mail_from, to_local=self.to_local,
             to_remote=self.to_remote, authentication=self.auth_user or "",
             client=self.peer, client_certificate=self.conn.peer_certificate_pem or "",
             mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
+        if self.dsn_ret or self.dsn_envid or self.dsn_recipients:
+            env.set_dsn(envelope.Dsn(self.dsn_ret, self.dsn_envid, self.dsn_recipients))
+        return env
 
     def _commit(self):
         """Makes the message durable, runs the filters, and replies (a generator).
