@@ -187,7 +187,8 @@ OPTIONS = [
        "example zen.spamhaus.org,bl.spamcop.net,1,2s. E-MailRelay's older form "
        "dns-server,timeout,threshold,list[,list...] also works, for example "
        "127.0.0.1:53,1000,1,zen.spamhaus.org. Local addresses are not checked (see "
-       "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page)."),
+       "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page). A refused client gets 554 instead "
+       "of the greeting, or 550 at each RCPT with --server-smtp-config rcpt-dns-rbl."),
     _O("domain", "D", "<fqdn>", "SMTP server",
        "Sets the name used in EHLO, the greeting, Received lines and authentication "
        "challenges. The default is this host's fully qualified name, else its host name, "
@@ -314,7 +315,9 @@ OPTIONS = [
        "RFC 3461 RET, ENVID, NOTIFY and ORCPT for the next hop), 8bitmime (on: advertise "
        "8BITMIME; 8-bit text is taken either way), etrn (on: ETRN when forwarding is "
        "configured), ehlo (on: off answers EHLO with 500, so clients use HELO), "
-       "force-rcpt-notify-never (off: record NOTIFY=NEVER for every recipient) and "
+       "force-rcpt-notify-never (off: record NOTIFY=NEVER for every recipient), "
+       "rcpt-dns-rbl (off: a client that --dnsbl refuses is greeted and gets 550 at every "
+       "RCPT instead of 554 before the greeting) and "
        "auth-login-also-without-tls (off: offer --server-auth-program's AUTH PLAIN and "
        "LOGIN, or PAM's PLAIN, without TLS).", multi=True),
     # POP server
@@ -813,7 +816,7 @@ SERVER_SMTP_KEYWORDS = {"pipelining": True, "chunking": False, "smtputf8": False
                         "enhancedstatuscodes": False,
                         # ZMailer smtpserver's switches (seed 004).
                         "dsn": True, "8bitmime": True, "etrn": True, "ehlo": True,
-                        "force-rcpt-notify-never": False,
+                        "force-rcpt-notify-never": False, "rcpt-dns-rbl": False,
                         "auth-login-also-without-tls": False}
 CLIENT_SMTP_KEYWORDS = {"pipelining": True, "smtputf8strict": True, "eightbitstrict": False,
                         "binarymimestrict": True}

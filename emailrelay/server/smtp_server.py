@@ -164,6 +164,8 @@ class SmtpSession(session_core.LineSession):
         # A --filter exited 103: rescan once the message is committed.
         self._rescan = False
         self.tarpit = smtp_controls.Tarpit(*settings.tarpit) if settings.tarpit else None
+        # The block-list refusal that every RCPT gets (rcpt-dns-rbl), or None.
+        self._rcpt_refusal = None
         self._reset_transaction()
 
     # ----- the core's hooks ----------------------------------------------
@@ -173,6 +175,12 @@ class SmtpSession(session_core.LineSession):
         dnsbl = self.services.dnsbl
         if refusal is None and dnsbl is not None:
             refusal = yield ("call", dnsbl.check, (self.peer_ip,))
+            if refusal and self.features["rcpt-dns-rbl"]:
+                # ZMailer's delayed rejection: the client is told at each
+                # RCPT, which many clients log where they ignore a refused
+                # greeting.
+                self._rcpt_refusal = _rcpt_reply(refusal)
+                refusal = None
         if refusal:
             self.reply(refusal)
             raise session_core.Drop()
@@ -489,6 +497,9 @@ class SmtpSession(session_core.LineSession):
                                        strict=self.features["strictparsing"])
         except ValueError as e:
             self.bad("550 5.1.3 %s" % e)
+            return
+        if self._rcpt_refusal is not None:
+            self.reply(self._rcpt_refusal)
             return
         dsn = self._rcpt_dsn(parse_params(rest))
         if dsn is None:
@@ -873,6 +884,11 @@ class SmtpSession(session_core.LineSession):
         stats = self.services.stats
         if stats is not None:
             stats.increment(name)
+
+
+def _rcpt_reply(refusal):
+    """A connection refusal (554/421 from --dnsbl) as a reply to RCPT (550/450)."""
+    return ("550" if refusal[:1] == "5" else "450") + refusal[3:]
 
 
 def _storage_reply(e):
