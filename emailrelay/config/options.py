@@ -363,7 +363,8 @@ OPTIONS = [
        "with --server-auth.", kind="path"),
     _O("pop-auth", "F", "<file>", "Authentication",
        "Sets the secrets file with the POP accounts (server lines, as for --server-auth). "
-       "/pam uses PAM.", kind="path"),
+       "/pam uses PAM. Default with --pop: /etc/emailrelay.auth (E-MailRelay before 2.6; "
+       "2.6 requires this option).", kind="path"),
     # TLS
     _O("client-tls", "j", None, "TLS",
        "Uses STARTTLS on outgoing SMTP connections when the server offers it."),
@@ -587,6 +588,9 @@ def _convert(opt, text, where=""):
     raise AssertionError(kind)
 
 
+DEFAULT_POP_AUTH = "/etc/emailrelay.auth"
+
+
 class _Collector:
     """Accumulates option values in order, checking repetition."""
 
@@ -707,6 +711,10 @@ def parse(argv):
         return _make_config(values, out.given, config_file)
     _apply_implied(out)
     _check(values)
+    if values.get("pop") and "pop-auth" not in values:
+        # E-MailRelay before 2.6 read this file, and the user guide's
+        # "emailrelay --pop --no-smtp" relies on it; 2.6 refuses to start.
+        values["pop-auth"] = DEFAULT_POP_AUTH
     return _make_config(values, out.given, config_file)
 
 
@@ -738,7 +746,6 @@ def _check(v):
         raise UsageError("--client-tls and --client-tls-connection cannot be used together")
     need("pop-by-name", "pop")
     need("pop-no-delete", "pop")
-    need("pop", "pop-auth")
     need("admin-terminate", "admin")
     if v.get("immediate") and int(v.get("workers", 1)) > 1:
         raise UsageError("--immediate cannot be used with --workers more than 1 (a worker "
