@@ -23,7 +23,6 @@ import uuid
 import pytest
 
 import helpers
-from certs import certs  # noqa: F401  (a pytest fixture)
 from emailrelay.store import envelope
 from helpers import Relay, run_emailrelay, wait_for
 from test_client import put_message
@@ -283,7 +282,7 @@ def test_trusted_address_keyword_reaches_the_verifier(tmp_path):
         assert c.cmd(b"MAIL FROM:<t@x.test>").startswith(b"250")
         assert c.cmd(b"RCPT TO:<two@y.test>").startswith(b"250")
         assert c.cmd(b"DATA").startswith(b"354")
-        assert c.cmd(b"Subject: trusted\r\n\r\nhi\r\n.")== b"250 message processed\r\n"
+        assert c.cmd(b"Subject: trusted\r\n\r\nhi\r\n.") == b"250 message processed\r\n"
         c.close()
         [(_, env, _)] = stored(relay.spool)
     assert env.from_ == "t@x.test" and env.authentication == ""
@@ -485,7 +484,7 @@ def test_client_tls_and_auth_to_relay_b(tmp_path, certs):
     for content, env, raw in messages:
         assert env.authentication == "carol" and env.mail_from_auth_in == "carol"
         assert re.match(rb"Received: from a\.test \(\[127\.0\.0\.1\]\) \(using TLSv1\.\d with cipher \S+ "
-                    rb"\(\d+/\d+ bits\)\) by relay\.test with ESMTPSA id ", content)
+                        rb"\(\d+/\d+ bits\)\) by relay\.test with ESMTPSA id ", content)
 
 
 def test_client_without_a_common_mechanism_fails_the_message(tmp_path, certs):
@@ -616,4 +615,3 @@ def test_xoauth2_bearer_token(tmp_path):
     assert auth == [b"AUTH XOAUTH2 " + expected]
     assert any(c.startswith(b"MAIL FROM:<a@x.test>") for c in responder.commands)
     assert not helpers.spool_files(spool, ".envelope")
-

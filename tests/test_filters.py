@@ -51,8 +51,7 @@ def test_ok_and_content_then_envelope_path_are_the_arguments(script, content, tm
     assert out.read_text().splitlines() == [content, content.replace("content", "envelope.new")]
 
 
-def test_a_program_with_arguments_of_its_own_gets_the_content_path_only(script, content,
-                                                                       tmp_path):
+def test_a_program_with_arguments_gets_the_content_path_only(script, content, tmp_path):
     # The user guide's --filter="/usr/bin/spamassassin -e": one message file.
     out = tmp_path / "args"
     r = run(script('printf "%%s\\n" "$@" > %s\nexit 0\n' % out) + " -a one\\ arg", content)

@@ -5,7 +5,6 @@ Every test runs the real program. Client addresses other than 127.0.0.1
 127.0.0.0/8 to the loopback interface.
 """
 
-import os
 import signal
 import smtplib
 import socket
@@ -14,9 +13,6 @@ import subprocess
 import threading
 import time
 
-import pytest
-
-from certs import certs  # noqa: F401  (a pytest fixture)
 from helpers import Relay, wait_for
 
 

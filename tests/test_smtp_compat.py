@@ -19,7 +19,6 @@ import subprocess
 import pytest
 
 import helpers
-from certs import certs  # noqa: F401  (a pytest fixture)
 from emailrelay.store import envelope
 from helpers import Relay, run_emailrelay, wait_for
 from test_client import ScriptedServer, dumping_sink, sink_dumps
@@ -454,4 +453,3 @@ def test_min_free_space_is_checked_before_each_commit(tmp_path, small_disk):
     assert len(relay.files(".envelope")) == 1
     st = os.statvfs(small_disk)
     assert st.f_bavail * st.f_frsize // 1024 >= 1024
-

@@ -18,8 +18,7 @@ import sys
 import threading
 import time
 
-from helpers import PYTHON, Relay, spool_files, stop_process, wait_for
-from certs import certs  # noqa: F401  (a pytest fixture)
+from helpers import Relay, spool_files, stop_process, wait_for
 
 
 def write(path, text, mode=0o644):
