@@ -26,7 +26,7 @@ SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 def v1(source, destination=("127.0.0.1", 25)):
     family = "TCP6" if ":" in source[0] else "TCP4"
     return ("PROXY %s %s %s %d %d\r\n" % (family, source[0], destination[0], source[1],
-                                         destination[1])).encode()
+                                          destination[1])).encode()
 
 
 def v2(source, destination=("127.0.0.1", 25)):

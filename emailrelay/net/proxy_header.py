@@ -197,4 +197,3 @@ def _shown(text):
     """A field as a log line may show it: short, printable."""
     text = "".join(c if c.isprintable() else "?" for c in text)
     return repr(text[:40])
-
