@@ -6,7 +6,6 @@ acknowledged) goes with its content; a content file no envelope refers to
 goes once its writer is dead and its lock is free.
 """
 
-import fcntl
 import os
 import signal
 import smtplib

@@ -13,6 +13,9 @@ this version.
 """
 
 import os
+import socket
+
+from ..util import addresses, smtp_controls
 
 
 GROUPS = ("Basic", "SMTP client", "SMTP server", "POP server", "Admin server",
@@ -187,7 +190,8 @@ OPTIONS = [
        "example zen.spamhaus.org,bl.spamcop.net,1,2s. E-MailRelay's older form "
        "dns-server,timeout,threshold,list[,list...] also works, for example "
        "127.0.0.1:53,1000,1,zen.spamhaus.org. Local addresses are not checked (see "
-       "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page)."),
+       "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page). A refused client gets 554 instead "
+       "of the greeting, or 550 at each RCPT with --server-smtp-config rcpt-dns-rbl."),
     _O("domain", "D", "<fqdn>", "SMTP server",
        "Sets the name used in EHLO, the greeting, Received lines and authentication "
        "challenges. The default is this host's fully qualified name, else its host name, "
@@ -217,6 +221,21 @@ OPTIONS = [
        "socket activation (LISTEN_FDS, Accept=no) are used without this option: "
        "each for the server its FileDescriptorName= names (smtp, pop or admin), SMTP "
        "otherwise.", multi=True),
+    _O("proxy-protocol", None, "<address-list>", "SMTP server",
+       "Serves clients through load balancers such as HAProxy (send-proxy or "
+       "send-proxy-v2): every connection to the SMTP and POP servers must come from one "
+       "of these addresses and start with a PROXY protocol header, version 1 or 2, "
+       "which names the real client. That client's address is then the one the "
+       "open-relay guard (--remote-clients), --max-connections-per-address, --dnsbl, "
+       "trusted addresses, the authentication-failure budget, the Received line and the "
+       "envelope see. A comma-separated list of addresses, 192.168.0.* wildcards or "
+       "CIDR networks; prefix an item with smtp= or pop= for one server only, and the "
+       "option may be repeated. A connection from another address, or with a header "
+       "that is malformed or does not arrive within --proxy-protocol-timeout, is logged "
+       "and closed.", multi=True),
+    _O("proxy-protocol-timeout", None, "<time>", "SMTP server",
+       "Sets how long in seconds a connection from a --proxy-protocol load balancer "
+       "may take to send its PROXY header.", kind="time", default=5),
     _O("prompt-timeout", "w", "<time>", "SMTP server",
        "Sets the timeout in seconds for the next-hop server's greeting; after it the "
        "dialogue goes ahead without one.", kind="time", default=20),
@@ -224,8 +243,9 @@ OPTIONS = [
        "Limits the size of messages submitted over SMTP. 0 means no limit.",
        kind="int", default=0),
     _O("max-connections", None, "<n>", "SMTP server",
-       "Limits the number of connections served at once; above it a client gets 421 and "
-       "is disconnected. The SMTP, POP and admin servers each have a budget of this size "
+       "Limits the number of connections served at once; above it an SMTP client gets "
+       "450 Too many simultaneous connections (ZMailer's MaxParallelConnections reply) "
+       "and is disconnected. The SMTP, POP and admin servers each have a budget of this size "
        "of their own, so a flood on one cannot lock out another. At start-up the soft "
        "open-files limit is raised to the hard limit when the budgets may need more "
        "(about 3 descriptors a session); a warning says when the hard limit is too small.",
@@ -296,7 +316,8 @@ OPTIONS = [
        "address literal; anything else gets 501 (ZMailer -h)."),
     _O("greeting", None, "<text>", "SMTP server",
        "Sets the text of the 220 greeting after the code: %H is the --domain name, %V "
-       "the version, %T the local time and %% a percent sign. Start it with %H, as RFC "
+       "the version, %T the local time and %% a percent sign; ZMailer's %I (ident) and "
+       "%X (translation table) expand to nothing. Start it with %H, as RFC "
        "5321 asks. May be given more than once for a multi-line greeting (ZMailer "
        "PARAM hdr220).", multi=True),
     _O("help-text", None, "<file>", "SMTP server",
@@ -310,7 +331,15 @@ OPTIONS = [
        "strictparsing (on: angle brackets required in MAIL FROM and RCPT TO), alabels "
        "(on: UTF-8 domain names stored as A-labels, xn--...), enhancedstatuscodes (off: "
        "advertise ENHANCEDSTATUSCODES and put RFC 3463 codes in replies; an addition of "
-       "this version).", multi=True),
+       "this version), and ZMailer's switches (seed 004): dsn (on: advertise DSN and keep "
+       "RFC 3461 RET, ENVID, NOTIFY and ORCPT for the next hop), 8bitmime (on: advertise "
+       "8BITMIME; 8-bit text is taken either way), etrn (on: ETRN when forwarding is "
+       "configured), ehlo (on: off answers EHLO with 500, so clients use HELO), "
+       "force-rcpt-notify-never (off: record NOTIFY=NEVER for every recipient), "
+       "rcpt-dns-rbl (off: a client that --dnsbl refuses is greeted and gets 550 at every "
+       "RCPT instead of 554 before the greeting) and "
+       "auth-login-also-without-tls (off: offer --server-auth-program's AUTH PLAIN and "
+       "LOGIN, or PAM's PLAIN, without TLS).", multi=True),
     # POP server
     _O("pop", "B", None, "POP server",
        "Runs a POP3 server giving access to the spooled messages, on port 110 unless "
@@ -354,7 +383,8 @@ OPTIONS = [
        "with --server-auth.", kind="path"),
     _O("pop-auth", "F", "<file>", "Authentication",
        "Sets the secrets file with the POP accounts (server lines, as for --server-auth). "
-       "/pam uses PAM.", kind="path"),
+       "/pam uses PAM. Default with --pop: /etc/emailrelay.auth (E-MailRelay before 2.6; "
+       "2.6 requires this option).", kind="path"),
     # TLS
     _O("client-tls", "j", None, "TLS",
        "Uses STARTTLS on outgoing SMTP connections when the server offers it."),
@@ -461,7 +491,6 @@ def default_domain():
     interface that outgoing connections use (such as `[192.0.2.2]`), else
     `localhost`; `domain_is_localhost()` then says so.
     """
-    import socket
     for name in (socket.getfqdn(), socket.gethostname()):
         if name and not _is_localhost(name):
             return name
@@ -576,6 +605,9 @@ def _convert(opt, text, where=""):
             raise UsageError("%s%s: empty value" % (where, name))
         return text
     raise AssertionError(kind)
+
+
+DEFAULT_POP_AUTH = "/etc/emailrelay.auth"
 
 
 class _Collector:
@@ -698,6 +730,10 @@ def parse(argv):
         return _make_config(values, out.given, config_file)
     _apply_implied(out)
     _check(values)
+    if values.get("pop") and "pop-auth" not in values:
+        # E-MailRelay before 2.6 read this file, and the user guide's
+        # "emailrelay --pop --no-smtp" relies on it; 2.6 refuses to start.
+        values["pop-auth"] = DEFAULT_POP_AUTH
     return _make_config(values, out.given, config_file)
 
 
@@ -729,7 +765,6 @@ def _check(v):
         raise UsageError("--client-tls and --client-tls-connection cannot be used together")
     need("pop-by-name", "pop")
     need("pop-no-delete", "pop")
-    need("pop", "pop-auth")
     need("admin-terminate", "admin")
     if v.get("immediate") and int(v.get("workers", 1)) > 1:
         raise UsageError("--immediate cannot be used with --workers more than 1 (a worker "
@@ -741,7 +776,6 @@ def _check(v):
             raise UsageError("--%s: give it once (key and certificate in one file) or twice "
                              "(key file, then certificate file)" % name)
     if "forward-to" in v:
-        from ..util import addresses
         try:
             addresses.parse_forward_to(v["forward-to"])
         except ValueError as e:
@@ -757,6 +791,13 @@ def _check(v):
                              % (_one_line(v["syslog"]), ", ".join(SYSLOG_FACILITIES)))
     if "tls-config" in v:
         _check_tls_config(v["tls-config"])
+    if "proxy-protocol" in v:
+        if v.get("inetd") or v.get("bsmtp"):
+            raise UsageError("--proxy-protocol cannot be used with --inetd or --bsmtp")
+        try:
+            proxy_protocol(v["proxy-protocol"])
+        except ValueError as e:
+            raise UsageError("--proxy-protocol: %s" % e) from None
     for name in ("server-auth-config", "client-auth-config"):
         if name in v:
             _check_auth_config(name, v[name])
@@ -772,7 +813,6 @@ def _check(v):
 
 def _check_zmailer_options(v):
     """Checks the operating modes and controls that come from ZMailer's smtpserver."""
-    from ..util import smtp_controls
     if v.get("inetd") and v.get("bsmtp"):
         raise UsageError("--inetd and --bsmtp cannot be used together")
     for mode in ("inetd", "bsmtp"):
@@ -804,7 +844,11 @@ def _check_zmailer_options(v):
 # (E-MailRelay 2.6's, except client pipelining and our enhancedstatuscodes).
 SERVER_SMTP_KEYWORDS = {"pipelining": True, "chunking": False, "smtputf8": False,
                         "smtputf8strict": False, "strictparsing": True, "alabels": True,
-                        "enhancedstatuscodes": False}
+                        "enhancedstatuscodes": False,
+                        # ZMailer smtpserver's switches (seed 004).
+                        "dsn": True, "8bitmime": True, "etrn": True, "ehlo": True,
+                        "force-rcpt-notify-never": False, "rcpt-dns-rbl": False,
+                        "auth-login-also-without-tls": False}
 CLIENT_SMTP_KEYWORDS = {"pipelining": True, "smtputf8strict": True, "eightbitstrict": False,
                         "binarymimestrict": True}
 _SWITCH_PREFIXES = (("+", True), ("with-", True), ("without-", False), ("-", False),
@@ -835,6 +879,35 @@ def smtp_config(value, keywords):
                     raise ValueError("unknown keyword %s (expected %s)"
                                      % (_one_line(item.strip()), ", ".join(sorted(keywords))))
             result[word] = on
+    return result
+
+
+def proxy_protocol(values):
+    """{'smtp': [pattern, ...], 'pop': [...]} from --proxy-protocol values; raises ValueError.
+
+    An item without a prefix applies to both servers; a server with no
+    item is not in the result.
+    """
+    # Imported here as in _check: parsing the command line needs only os.
+    from ..util import addresses
+    result = {}
+    for value in values or ():
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            kinds = ("smtp", "pop")
+            if "=" in item:
+                prefix, _, item = item.partition("=")
+                if prefix not in kinds:
+                    raise ValueError("invalid prefix %s (expected smtp= or pop=)"
+                                     % _one_line(prefix + "="))
+                kinds = (prefix,)
+            addresses.check_pattern(item)
+            for kind in kinds:
+                result.setdefault(kind, []).append(item)
+    if values and not result:
+        raise ValueError("no addresses")
     return result
 
 

@@ -9,6 +9,7 @@ a line over its limit raises `LineTooLong` after it has been consumed.
 
 import os
 import socket
+import ssl
 import struct
 
 from ..runtime import descriptors
@@ -180,7 +181,6 @@ class Connection(_Buffered):
         self.tls_cipher = self.sock.cipher()
         der = self.sock.getpeercert(binary_form=True)
         if der:
-            import ssl
             self.peer_certificate_pem = ssl.DER_cert_to_PEM_cert(der)
 
     def close(self):

@@ -37,9 +37,8 @@ import re
 import socket
 import time
 
-from ..util import addresses
-from ..util import dns
 from ..runtime import descriptors, log
+from ..util import addresses, dns
 
 DEFAULT_THRESHOLD = 1
 DEFAULT_TIMEOUT_MS = 5000

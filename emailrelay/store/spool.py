@@ -45,11 +45,11 @@ import time
 
 from ..runtime import process
 from . import spool_files
-from .envelope import SIZE_LIMIT, Envelope, EnvelopeError
+from .envelope import Envelope, EnvelopeError, SIZE_LIMIT
 from .spool_claim import Claim
-from .spool_files import (BAD, BUSY, CONTENT, CONTENT_ORPHAN, NEW, READY, STATES,
-                          WRITE_BLOCK, ContentError, SpoolError, content_shared, create_file,
-                          debug, fsync_directory, unlink_quietly, waited, write_file_durably)
+from .spool_files import (BAD, BUSY, CONTENT, CONTENT_ORPHAN, ContentError, NEW, READY,
+                          STATES, SpoolError, WRITE_BLOCK, content_shared, create_file, debug,
+                          fsync_directory, unlink_quietly, waited, write_file_durably)
 from .spool_message import NewMessage
 
 # What other modules take from here, besides Spool.
@@ -444,5 +444,3 @@ def _read_fd(fd):
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
-
-
