@@ -188,8 +188,9 @@ class Listener:
         # listener is bound to a wildcard address.
         self.local = None if local[0] in ("0.0.0.0", "::") else local
         # Connections refused for want of descriptors since accepting last
-        # worked (None: accepting works).
+        # worked (None: accepting works), and whether that was warned of.
         self.starved = None
+        self.starved_warned = False
         # --proxy-protocol: the address patterns of the load balancers whose
         # connections start with a PROXY header (None: no header expected).
         self.proxy_from = proxy_from
@@ -390,9 +391,10 @@ class Server:
                 self._out_of_descriptors(lst, e)
             return False
         if lst.starved is not None:
-            log.info("%s: accepting connections again (%d refused while out of file descriptors)"
-                     % (lst.kind, lst.starved))
-            lst.starved = None
+            if lst.starved_warned:
+                log.info("%s: accepting connections again (%d refused while out of file "
+                         "descriptors)" % (lst.kind, lst.starved))
+            lst.starved, lst.starved_warned = None, False
         if lst.proxy_from is not None:
             self._expect_header(lst, sock, addr)
         else:
@@ -466,6 +468,7 @@ class Server:
             if self._starved_warning is None \
                     or now - self._starved_warning >= OUT_OF_DESCRIPTORS_WARNING:
                 self._starved_warning = now
+                lst.starved_warned = True
                 log.warning("%s: cannot accept connections: %s (open-files limit %s): new "
                             "connections wait, then get the busy reply, until sessions end "
                             "(see --max-connections, LimitNOFILE)"
