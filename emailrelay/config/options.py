@@ -162,7 +162,8 @@ OPTIONS = [
        kind="time", default=432000),
     _O("immediate", "m", None, "SMTP client",
        "Forwards each message as it is received, before the submitting client gets its "
-       "reply. Clients may time out while they wait."),
+       "reply. Each session forwards on a connection of its own, alongside the others; "
+       "clients may still time out while a slow next hop answers."),
     # SMTP server
     _O("port", "p", "<port>", "SMTP server",
        "Sets the port that the SMTP server listens on.", kind="port", default=25),
