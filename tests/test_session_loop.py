@@ -1,4 +1,4 @@
-"""The session loop: plain SMTP sessions parked in one thread, work in a small pool."""
+"""The session loop: plain SMTP sessions parked in one thread, work in a pool that grows as calls wait."""
 
 import os
 import smtplib
