@@ -22,45 +22,29 @@ import pytest
 
 from daemons import HANG, LineDaemon
 from emailrelay.util import dns
-from helpers import Relay, free_port, wait_for
+from helpers import Relay, SmtpChat, free_port, wait_for
 
 HOSTILE = 40
 # What an unrelated client may take for its greeting and whole transaction.
 PROMPT = 2.0
 
 
-def _connect(port, source="127.0.0.1"):
-    return socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
-
-
-def _reply(f):
-    """The last line of one (possibly multi-line) reply."""
-    while True:
-        line = f.readline()
-        if line[3:4] != b"-":
-            return line
-
-
 def _start_slow_message(port):
-    """A session that has sent a message containing SLOW, up to its final dot.
-
-    Returns (socket, file, final dot): the caller sends the dot.
-    """
-    s = _connect(port)
-    f = s.makefile("rb")
-    assert _reply(f).startswith(b"220 ")
-    for command in (b"EHLO hostile.test", b"AUTH PLAIN " + base64.b64encode(b"\0alice\0secret"),
-                    b"MAIL FROM:<a@x.test>", b"RCPT TO:<b@y.test>", b"DATA"):
-        s.sendall(command + b"\r\n")
-        assert _reply(f)[:1] in (b"2", b"3")
-    s.sendall(b"Subject: slow\r\n\r\nSLOW\r\n")
-    return s, f, b".\r\n"
+    """A session (SmtpChat) that has sent a message containing SLOW, all but its final dot."""
+    chat = SmtpChat(port, timeout=30)
+    assert chat.greeting.startswith("220 ")
+    for command in ("EHLO hostile.test",
+                    "AUTH PLAIN " + base64.b64encode(b"\0alice\0secret").decode(),
+                    "MAIL FROM:<a@x.test>", "RCPT TO:<b@y.test>", "DATA"):
+        assert chat.cmd(command)[:1] in "23"
+    chat.send(b"Subject: slow\r\n\r\nSLOW\r\n")
+    return chat
 
 
-def _unrelated_transaction(port, source="127.0.0.1"):
+def _unrelated_transaction(port):
     """A whole transaction with AUTH by a client whose policy answers at once; its seconds."""
     start = time.monotonic()
-    with smtplib.SMTP("127.0.0.1", port, timeout=60, source_address=(source, 0)) as c:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
         c.login("alice", "secret")
         c.sendmail("a@x.test", ["b@y.test"], b"Subject: unrelated\r\n\r\nquick\r\n")
     return time.monotonic() - start
@@ -112,7 +96,8 @@ def test_a_client_is_greeted_and_served_while_forty_wait_on_a_silent_block_list(
     with Relay(tmp_path, args) as relay:
         try:
             for _ in range(HOSTILE):
-                held.append(_connect(relay.port, source="127.0.0.2"))
+                held.append(socket.create_connection(("127.0.0.1", relay.port), timeout=30,
+                                                     source_address=("127.0.0.2", 0)))
             wait_for(lambda: relay.log().count("smtp connection from 127.0.0.2") == HOSTILE,
                      what="the hostile connections")
             took = _unrelated_transaction(relay.port)
@@ -132,11 +117,9 @@ def _slow_content(line):
 
 def _hold_slow_messages(port, started):
     """Forty sessions whose messages are with the slow filter; `started()` counts them."""
-    sessions = []
-    for _ in range(HOSTILE):
-        sessions.append(_start_slow_message(port))
-    for s, _, dot in sessions:
-        s.sendall(dot)
+    sessions = [_start_slow_message(port) for _ in range(HOSTILE)]
+    for chat in sessions:
+        chat.send(b".\r\n")
     wait_for(lambda: started() == HOSTILE, what="the filter to have every hostile message")
     return sessions
 
@@ -149,11 +132,10 @@ def test_a_client_is_served_while_forty_messages_wait_on_a_silent_net_filter(tmp
             sessions = _hold_slow_messages(relay.port, lambda: len(daemon.requests))
             try:
                 took = _unrelated_transaction(relay.port)
-                assert not select.select([s for s, _, _ in sessions], [], [], 0)[0]
+                assert not select.select([c.sock for c in sessions], [], [], 0)[0]
             finally:
-                for s, f, _ in sessions:
-                    f.close()
-                    s.close()
+                for chat in sessions:
+                    chat.close()
             assert len(relay.files(".envelope")) == 1
     assert took < PROMPT, "the unrelated transaction took %.1fs" % took
 
@@ -180,11 +162,10 @@ def test_a_client_is_served_while_forty_messages_wait_on_a_slow_filter_program(
             sessions = _hold_slow_messages(relay.port, lambda: len(os.listdir(str(marks))))
             try:
                 took = _unrelated_transaction(relay.port)
-                assert not select.select([s for s, _, _ in sessions], [], [], 0)[0]
+                assert not select.select([c.sock for c in sessions], [], [], 0)[0]
             finally:
-                for s, f, _ in sessions:
-                    f.close()
-                    s.close()
+                for chat in sessions:
+                    chat.close()
             assert len(relay.files(".envelope")) == 1
     finally:
         os.close(hold)
@@ -200,19 +181,18 @@ def test_the_filter_timeout_holds_for_each_of_forty_silent_net_filter_requests(
         with Relay(tmp_path, args) as relay:
             sessions = [_start_slow_message(relay.port) for _ in range(HOSTILE)]
             sent = {}
-            for s, _, dot in sessions:
-                s.sendall(dot)
-                sent[s] = time.monotonic()
+            for chat in sessions:
+                chat.send(b".\r\n")
+                sent[chat] = time.monotonic()
             took = {}
             try:
-                for s, f, _ in sessions:
-                    reply = f.readline()
-                    took[s] = time.monotonic() - sent[s]
-                    assert reply == b"452 error\r\n"
+                for chat in sessions:
+                    reply = chat.reply()
+                    took[chat] = time.monotonic() - sent[chat]
+                    assert reply == "452 error"
             finally:
-                for s, f, _ in sessions:
-                    f.close()
-                    s.close()
+                for chat in sessions:
+                    chat.close()
             assert len(daemon.requests) == HOSTILE
     slowest = max(took.values())
     # Every request had its full time, and none waited for another's.
