@@ -31,7 +31,7 @@ SBINDIR = $(PREFIX)/sbin
 MANDIR = $(PREFIX)/share/man/man1
 TOOLS = submit passwd resubmit filter-copy sendmail
 # What flake8 checks (pyflakes and pycodestyle; settings in setup.cfg).
-LINTED = emailrelay tests bin emailrelay.py setup.py bench/forward bench/ingest bench/filters
+LINTED = emailrelay tests bin emailrelay.py setup.py bench/forward bench/ingest bench/filters bench/c10k
 
 .PHONY: test install zipapp man clean
 
