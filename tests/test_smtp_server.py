@@ -218,6 +218,29 @@ esac
     assert not any("a\rb" in x for x in lines)
 
 
+def test_verifier_rewrites_the_remote_address_and_other_exits_reject(tmp_path):
+    """Seed 000: exit 1's second line is the address to use; any other
+    non-zero exit rejects with the output as the reason."""
+    v = write_script(tmp_path / "verifier", """
+if test "$1" = --emailrelay-version ; then echo 2.0 ; exit 0 ; fi
+case "$1" in
+alias*) echo "" ; echo "alice@here.test" ; exit 1 ;;
+list*) echo "no such list: $1" ; exit 5 ;;
+*) echo "" ; echo "$1" ; exit 1 ;;
+esac
+""")
+    with Relay(tmp_path, ["--address-verifier", v]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
+            s.ehlo("client.test")
+            s.mail("a@x.test")
+            assert s.rcpt("list@y.test") == (550, b"no such list: list@y.test")
+            assert s.rcpt("alias@y.test")[0] == 250
+            assert s.rcpt("bob@y.test")[0] == 250
+            assert s.data(b"Subject: hi\r\n\r\nbody\r\n")[0] == 250
+        [(_, env)] = committed(relay.spool).values()
+    assert env.to_remote == ["alice@here.test", "bob@y.test"]
+
+
 def test_crash_kills_lose_no_acknowledged_message(tmp_path):
     relay = Relay(tmp_path, ["--max-connections-per-address", "100"])
     acknowledged = set()

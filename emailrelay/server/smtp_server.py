@@ -480,8 +480,12 @@ class SmtpSession(session_core.LineSession):
             self.reply("452 4.5.3 too many recipients for a bounce message")
             return
         result = yield from self._verify(stored, self.mail_from)
-        if result is None or result.status == "remote":
+        if result is None:
             self.to_remote.append(stored)
+        elif result.status == "remote":
+            # The verifier may rewrite the address (its second line, or
+            # `1|address` from a net: verifier): that is what is forwarded.
+            self.to_remote.append(result.address)
         elif result.status == "local":
             self.to_local.append(result.address)
         else:
