@@ -687,7 +687,7 @@ class SmtpSession(session_core.LineSession):
         return envelope.Envelope(
             content=body, from_=self.mail_from, to_local=self.to_local,
             to_remote=self.to_remote, authentication=self.auth_user or "",
-            client=self.peer, client_certificate=self.conn.peer_certificate_pem or "",
+            client=self.peer_ip, client_certificate=self.conn.peer_certificate_pem or "",
             mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
 
     def _commit(self):
