@@ -503,16 +503,20 @@ class Client:
     def _auth_param(self, env):
         """The MAIL FROM AUTH= value per the MailFromAuthOut rules, or None.
 
-        Only when the next hop offers AUTH and not with --anonymous(=client).
-        Empty MailFromAuthOut: our session's name if we authenticated, else
-        `<>`; `+`: `<>` (no name); anything else is sent as it is (xtext).
+        As E-MailRelay 2.6: only in a session we authenticated (RFC 4954
+        5: the parameter is for an authenticated client), `<>` with
+        --anonymous(=client). Empty MailFromAuthOut: our session's name;
+        `+` or anything not xtext: `<>` (no name); otherwise it is sent as
+        it is.
         """
-        if "client" in options.anonymous_scopes(self.cfg.anonymous) or not self.has_extn("auth"):
+        if not self.authenticated_as:
             return None
+        if "client" in options.anonymous_scopes(self.cfg.anonymous):
+            return "<>"
         value = (env.mail_from_auth_out or "").strip()
         if not value:
-            return xtext.encode(self.authenticated_as) if self.authenticated_as else "<>"
-        if value == "+":
+            return xtext.encode(self.authenticated_as)
+        if not xtext.valid(value):
             return "<>"
         return value
 
