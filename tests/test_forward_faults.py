@@ -3,7 +3,7 @@
 One bad message (missing, directory or FIFO content, addresses that cannot
 be sent, no remote recipients, a huge envelope line) goes to `.bad` with a
 clear reason, and every other message is forwarded; --as-client neither
-hangs nor prints a traceback. Also: the dialogue at --debug, the EHLO name,
+hangs nor prints a traceback. Also: the dialogue at --verbose, the EHLO name,
 the rescan after a filter's exit 103.
 """
 
@@ -155,7 +155,8 @@ def test_nul_in_content_is_dropped_on_output(tmp_path):
 
 # -- the dialogue, EHLO, TLS ----------------------------------------------------
 
-def test_debug_log_shows_the_dialogue_without_secrets_or_content(tmp_path, certs):
+def test_verbose_log_shows_the_dialogue_without_secrets_or_content(tmp_path, certs):
+    """At --log --verbose, as E-MailRelay 2.6 (not only at --debug)."""
     secrets = os.path.join(str(tmp_path), "server.auth")
     with open(secrets, "w") as f:
         f.write("server plain carol s3cr3tpw\n")
@@ -165,7 +166,7 @@ def test_debug_log_shows_the_dialogue_without_secrets_or_content(tmp_path, certs
     b_args = ["--server-tls", "--server-tls-certificate", certs.server, "--server-auth", secrets,
               "--server-auth-config", "m:plain"]
     with relay_b(tmp_path, *b_args) as b, \
-            helpers.Relay(tmp_path, ["--debug", "--forward-on-disconnect", "--client-tls",
+            helpers.Relay(tmp_path, ["--forward-on-disconnect", "--client-tls",
                                      "--client-auth", client_secrets,
                                      "--forward-to", "127.0.0.1:%d" % b.port], name="a") as a:
         with smtplib.SMTP("127.0.0.1", a.port, timeout=10) as s:

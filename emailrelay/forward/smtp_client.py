@@ -18,7 +18,7 @@ out together when the server offers PIPELINING, and the next message's
 commands with the end of this one's content (smtplib does neither); the
 connection may come from the SOCKS shim or skip a late greeting
 (--prompt-timeout), which smtplib has no public way to accept; and the
-dialogue is logged at --debug in E-MailRelay's form (`tx>>: "EHLO name"`,
+dialogue is logged at --verbose in E-MailRelay 2.6's form (`tx>>: "EHLO name"`,
 `rx<<: "250 ..."`, AUTH secrets and content not shown). The content is
 streamed from the content file by `dotstuff` (CRLF line endings, dot
 stuffing, NUL dropped); BINARYMIME goes by BDAT with its exact bytes.
@@ -165,18 +165,18 @@ class Client:
         return code, msg
 
     def _send_lines(self, lines, shown=None):
-        """Writes command lines in one packet; logs them (or `shown`) at --debug."""
-        if log.debug_enabled():
+        """Writes command lines in one packet; logs them (or `shown`) at --verbose."""
+        if log.verbose_enabled():
             for i, line in enumerate(lines):
                 text = line if shown is None else shown[i]
-                log.debug("smtp client: tx>>: %s" % (
+                log.verbose("smtp client: tx>>: %s" % (
                     "[response not logged]" if text is None else '"%s"' % log.sanitise(text)))
         self.sock.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
 
     def reply(self):
         """Reads one (possibly multi-line) reply: (code, text lines joined by LF)."""
         lines = []
-        debug = log.debug_enabled()
+        verbose = log.verbose_enabled()
         while True:
             raw = self._rfile.readline(REPLY_LINE_LIMIT + 1)
             if not raw:
@@ -185,8 +185,8 @@ class Client:
                 raise ConnectionFailure("reply line from %s longer than %d octets"
                                         % (self.target, REPLY_LINE_LIMIT))
             line = raw.rstrip(b"\r\n")
-            if debug:
-                log.debug('smtp client: rx<<: "%s"' % log.sanitise(line))
+            if verbose:
+                log.verbose('smtp client: rx<<: "%s"' % log.sanitise(line))
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
                 raise ConnectionFailure("invalid response from %s: %s"
                                         % (self.target, log.sanitise(line[:80])))
@@ -644,22 +644,22 @@ class Client:
         pending = []
         pending_size = 0
         lines = 0
-        debug = log.debug_enabled()
+        verbose = log.verbose_enabled()
         for block in dotstuff.blocks(f):
-            if debug:
+            if verbose:
                 lines += block.count(b"\n")
             pending.append(block)
             pending_size += len(block)
             if pending_size >= BLOCK_SIZE:
                 sock.sendall(b"".join(pending))
                 pending, pending_size = [], 0
-        if debug:
-            log.debug("smtp client: tx>>: [%d line(s) of content]" % (lines - 1))
-            log.debug('smtp client: tx>>: "."')
+        if verbose:
+            log.verbose("smtp client: tx>>: [%d line(s) of content]" % (lines - 1))
+            log.verbose('smtp client: tx>>: "."')
         if ahead:
-            if debug:
+            if verbose:
                 for c in ahead:
-                    log.debug('smtp client: tx>>: "%s"' % log.sanitise(c))
+                    log.verbose('smtp client: tx>>: "%s"' % log.sanitise(c))
             pending.append("".join(c + "\r\n" for c in ahead).encode("utf-8"))
         sock.sendall(b"".join(pending))
         return self.reply()
@@ -672,8 +672,8 @@ class Client:
             following = f.read(BLOCK_SIZE) if block else b""
             last = not following
             command = "BDAT %d%s" % (len(block), " LAST" if last else "")
-            if log.debug_enabled():
-                log.debug('smtp client: tx>>: "%s" [%d byte(s)]' % (command, len(block)))
+            if log.verbose_enabled():
+                log.verbose('smtp client: tx>>: "%s" [%d byte(s)]' % (command, len(block)))
             sock.sendall(command.encode("ascii") + b"\r\n" + block)
             code, msg = self.reply()
             if last or code != 250:
