@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 import helpers
+from emailrelay.config import options
 from certs import certs  # noqa: F401  (a pytest fixture)
 from test_client import ScriptedServer, put_message
 from test_forward import relay_b, read
@@ -186,16 +187,25 @@ def test_verbose_log_shows_the_dialogue_without_secrets_or_content(tmp_path, cer
         assert "topsecretbody" not in log and "hush" not in log
 
 
-def test_ehlo_is_the_address_literal_when_the_domain_has_no_dot(tmp_path):
+@pytest.mark.parametrize("given", [True, False])
+def test_ehlo_name_is_domain_as_given_or_the_address_literal(tmp_path, given):
+    """An explicit --domain goes as it is, dot or not (as E-MailRelay 2.6);
+    a default domain without a dot becomes the RFC 5321 address literal."""
     server = ScriptedServer()
     try:
         spool = tmp_path / "spool"
         spool.mkdir()
         put_message(spool, b"x\r\n")
-        r = helpers.run_emailrelay(["--as-client", "127.0.0.1:%d" % server.port, "--spool-dir", str(spool),
-                                    "--domain", "nodot"])
+        args = ["--as-client", "127.0.0.1:%d" % server.port, "--spool-dir", str(spool)]
+        if given:
+            args += ["--domain", "nodot"]
+            expected = "nodot"
+        else:
+            default = options.parse(args).domain
+            expected = default if "." in default else "[127.0.0.1]"
+        r = helpers.run_emailrelay(args)
         assert r.returncode == 0, r.stderr
-        assert server.sessions[0]["commands"][0] == "EHLO [127.0.0.1]"
+        assert server.sessions[0]["commands"][0] == "EHLO " + expected
     finally:
         server.close()
 

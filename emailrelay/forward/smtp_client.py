@@ -336,8 +336,13 @@ class Client:
             " as %s" % self.authenticated_as if self.authenticated_as else ""))
 
     def _ehlo_name(self, sock):
-        """--domain, or our address literal when it has no dot (as E-MailRelay 2.6)."""
-        if "." in self.domain:
+        """--domain as given; a default domain without a dot becomes our address literal.
+
+        RFC 5321 4.1.4 asks for a fully qualified name or, failing one, an
+        address literal (`[127.0.0.1]`); E-MailRelay 2.6 sends the bare
+        address (`127.0.0.1`) there, which strict next hops refuse.
+        """
+        if "." in self.domain or self.cfg.given("domain"):
             return self.domain
         ip = sock.getsockname()[0]
         return "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
