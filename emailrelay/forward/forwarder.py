@@ -466,6 +466,8 @@ class Forwarder:
             if r.cancel:
                 return "skip"
             if not r.ok and r.temporary:
+                log.warning("forwarding: %s: client filter [%s]: failed response=[%s] reason=[%s]"
+                            % (claim.id, log.sanitise(f.spec), r.response, log.sanitise(r.reason)))
                 return "retry"
             if not r.ok:
                 return (r.reason or "client filter failed", r.code if r.code is not None else 0)

@@ -25,9 +25,10 @@ Specs:
 
 `--filter-timeout` bounds a program's run, and a daemon's connect and
 answer. A daemon that is down, refuses, times out or gives no complete line
-is a temporary failure (`temporary` is True), logged as a warning: the SMTP
-client gets 4xx and nothing is stored; a client-filtered message stays
-queued.
+is a temporary failure (`temporary` is True, `response` 'failed', the
+reason such as `response timeout: 127.0.0.1:10025`), which the caller logs
+as a warning: the SMTP client gets `452 failed` and nothing is stored; a
+client-filtered message stays queued.
 
 A program runs with an argument list (never a shell), the content file path
 and then the envelope file path as its last two arguments (E-MailRelay 2.1
@@ -78,15 +79,18 @@ class FilterResult:
     this message. `special` sums these up: 'cancel', 'rescan', 'stop' or None.
     `code` is the exit status (None on timeout, crash or start failure).
     `reason` is text for the SMTP client ('' when ok); `temporary` is True
-    for timeouts, crashes and start failures (reply 4xx, not 5xx).
+    for timeouts, crashes and start failures (reply 4xx, not 5xx), and then
+    `reason` is for the log and `response` the reply text (E-MailRelay's
+    `error` for a program, `failed` for a filter daemon).
     """
 
     def __init__(self, ok, code=None, reason="", temporary=False, cancel=False, rescan=False,
-                 stop=False):
+                 stop=False, response="error"):
         self.ok = ok
         self.code = code
         self.reason = reason
         self.temporary = temporary
+        self.response = response
         self.cancel = cancel
         self.rescan = rescan
         self.stop = stop
@@ -272,8 +276,7 @@ class NetFilter:
         try:
             answer = self.client.request(os.path.abspath(content_path))
         except requestclient.RequestError as e:
-            log.warning("filter %s: %s" % (self.spec, e))
-            return FilterResult(False, None, "filter failed: %s" % e, temporary=True)
+            return FilterResult(False, None, str(e), temporary=True, response="failed")
         if answer.startswith("ok"):
             return FilterResult(True, 0)
         response, tab, detail = answer.partition("\t")

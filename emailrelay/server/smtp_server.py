@@ -778,7 +778,8 @@ class SmtpSession(session_core.LineSession):
         """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply.
 
         As E-MailRelay: a rejection (exit 1-99) is `452 <reason>`; a filter
-        that times out, crashes or cannot run is `452 error`.
+        that times out, crashes or cannot run is `452 error`, a filter
+        daemon that cannot answer `452 failed`.
         """
         for f in self.services.filters:
             result = f.run(msg.content_path, msg.new_envelope_path)
@@ -792,9 +793,10 @@ class SmtpSession(session_core.LineSession):
                 self.message = None
                 if result.temporary:
                     why = "timeout" if reason == "filter timed out" else reason
-                    log.warning("filter [%s]: [%s]: failed response=[error] reason=[%s]"
-                                % (log.sanitise(f.spec), msg.id, why), peer=self.peer)
-                    return "452 4.3.0 error"
+                    log.warning("filter [%s]: [%s]: failed response=[%s] reason=[%s]"
+                                % (log.sanitise(f.spec), msg.id, result.response, why),
+                                peer=self.peer)
+                    return "452 4.3.0 %s" % result.response
                 log.info("rejected by filter: [%s]" % reason, peer=self.peer)
                 return "452 4.7.1 %s" % (reason or "rejected")
             if result.special == "stop":
