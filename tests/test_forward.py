@@ -16,7 +16,7 @@ import threading
 import pytest
 
 import helpers
-from test_client import dumping_sink, put_message, sink_dumps
+from test_client import ScriptedServer, dumping_sink, put_message, sink_dumps
 
 VERIFIER = """#!/bin/sh
 case "$1" in
@@ -207,6 +207,36 @@ def test_immediate_passes_the_refusal_back(tmp_path):
         [bad] = a.files(".bad")
         assert b"X-MailRelay-Reason: one or more recipients rejected: <bad@y.test> 550" \
             in read(os.path.join(a.spool, bad))
+
+
+def test_immediate_passes_a_temporary_refusal_back_word_for_word(tmp_path):
+    """A 4xx from the next hop reaches the submitter as it is (not 250), and
+    the message is not also kept for a retry of ours (it is .bad, as in 2.6)."""
+    server = ScriptedServer(data_reply=b"451 queue full, try again later")
+    try:
+        with helpers.Relay(tmp_path, ["--immediate", "--forward-to", "127.0.0.1:%d" % server.port],
+                           name="a") as a:
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                submit(a.port)
+            assert (e.value.smtp_code, e.value.smtp_error) == (451, b"queue full, try again later")
+            assert a.files(".envelope") == []
+            [bad] = a.files(".bad")
+            text = read(os.path.join(a.spool, bad))
+            assert b"X-MailRelay-Reason: 451 queue full, try again later\r\n" in text
+            assert b"X-MailRelay-ReasonCode: 451\r\n" in text
+    finally:
+        server.close()
+
+
+def test_immediate_client_filter_rejection_is_452_with_its_response(tmp_path):
+    client_filter = write_script(tmp_path, "client-filter", "#!/bin/sh\necho '<<not today>>'\nexit 1\n")
+    with relay_b(tmp_path) as b, \
+            helpers.Relay(tmp_path, ["--immediate", "--client-filter", client_filter,
+                                     "--forward-to", "127.0.0.1:%d" % b.port], name="a") as a:
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            submit(a.port)
+        assert (e.value.smtp_code, e.value.smtp_error) == (452, b"not today")
+        assert b.files(".envelope") == [] and len(a.files(".bad")) == 1
 
 
 def test_immediate_keeps_one_connection_for_the_submitting_session(tmp_path):

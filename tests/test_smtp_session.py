@@ -355,7 +355,7 @@ def test_verifier_results(tmp_path):
 class FakeFilter:
     def __init__(self, ok=True, special=None, reason="", temporary=False, action=None):
         self.result = types.SimpleNamespace(ok=ok, special=special, reason=reason,
-                                            temporary=temporary, code=None)
+                                            temporary=temporary, code=None, response="error")
         self.action = action
         self.spec = "fake"
         self.seen = []

@@ -816,7 +816,7 @@ class SmtpSession(session_core.LineSession):
         # The message is .bad: the next hop's own refusal goes back to the
         # submitter.
         text = log.sanitise(refusal)
-        return text if text[:3].isdigit() and text[0] == "5" else "554 5.0.0 %s" % text
+        return text if text[:3].isdigit() and text[0] in "45" else "554 5.0.0 %s" % text
 
     def _count(self, name):
         stats = self.services.stats
