@@ -138,7 +138,7 @@ def test_filter_refusal_at_the_next_hop(tmp_path):
         # (E-MailRelay's policy) the message fails at once.
         assert as_client(b.port, spool, "--retry-interval", "0").returncode != 0
         text = read(os.path.join(str(spool), mid + ".envelope.bad"))
-        assert b"X-MailRelay-ReasonCode: 452" in text
+        assert text.endswith(b"X-MailRelay-Reason: 452 rejected\r\nX-MailRelay-ReasonCode: 452\r\n")
 
 
 def test_forward_to_some_keeps_only_the_refused_recipients(tmp_path):

@@ -7,11 +7,12 @@ with --client-auth); `send(claim)` sends one claimed message and returns an
 `Outcome`; `quit()` ends the session. Connection-level problems raise
 `ConnectionFailure`: unreachable, refused, timeouts, a 421 are temporary
 (the message stays queued for a retry); a next hop whose certificate fails
-verification, or AUTH refused or impossible, is `permanent` (the message in
-hand fails). A refusal of the message itself is an `Outcome` with `ok`
-False and the server's reply; so is a message that cannot be sent as it is
-(an address that is not valid UTF-8 or holds CR, LF, NUL or angle brackets,
-or content needing an extension the next hop lacks).
+verification or that refuses ours, or AUTH refused or impossible, is
+`permanent` (the message in hand fails). A refusal of the message itself
+is an `Outcome` with `ok` False and the server's reply; so is a message
+that cannot be sent as it is (an address that is not valid UTF-8 or holds
+CR, LF, NUL or angle brackets, or content needing an extension the next
+hop lacks).
 
 The protocol is written here rather than on smtplib: MAIL, RCPT and DATA go
 out together when the server offers PIPELINING, and the next message's
@@ -41,6 +42,16 @@ BLOCK_SIZE = dotstuff.BLOCK_SIZE
 REPLY_LINE_LIMIT = 4096
 REPLY_LINES_LIMIT = 200
 QUIT_TIMEOUT = 2
+# Seconds to wait after a TLS 1.3 STARTTLS handshake for the server's
+# session tickets or its refusal of our certificate (see _await_verdict).
+TLS13_VERDICT_WAIT = 2
+# TLS alerts by which a server refuses the client certificate (OpenSSL's
+# reason names).
+CERTIFICATE_ALERTS = frozenset([
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "TLSV1_ALERT_UNKNOWN_CA"])
 _BAD_ADDRESS_CHARACTERS = set("\r\n\0<>") | {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
@@ -101,6 +112,14 @@ def address_problem(address):
 def _reply_text(code, msg):
     text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
     return ("%d %s" % (code, " ".join(text.split("\n")))).strip()
+
+
+def _certificate_refused(target, e):
+    """The failure for a next hop that refused our client certificate (an
+    ssl.SSLError with a CERTIFICATE_ALERTS reason): permanent, since
+    retrying cannot help until the certificate changes."""
+    return ConnectionFailure("tls error: %s rejected our client certificate: %s"
+                             % (target, e.reason.lower().replace("_", " ")), permanent=True)
 
 
 def dns_error(host, e):
@@ -256,6 +275,8 @@ class Client:
             raise ConnectionFailure("tls error: certificate verification failed for %s: %s"
                                     % (self.target, e.verify_message or e), permanent=True) from None
         except ssl.SSLError as e:
+            if e.reason in CERTIFICATE_ALERTS:
+                raise _certificate_refused(self.target, e) from None
             raise ConnectionFailure("tls error with %s: %s" % (self.target, e.reason or e)) from None
         if self.cfg.client_tls_verify_name:
             from ..net import tls
@@ -291,7 +312,17 @@ class Client:
         except socket.gaierror as e:
             self.close()
             raise ConnectionFailure(dns_error(self.socks_host or self.host, e)) from None
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            # (An ssl.SSLError carries the OpenSSL reason; ssl itself is
+            # imported only when TLS is used.)
+            if getattr(e, "reason", None) not in CERTIFICATE_ALERTS:
+                self.close()
+                raise ConnectionFailure("cannot connect to %s: %s" % (self.target, _describe(e))) from None
+            # With TLS 1.3 the alert arrives on the first read after the
+            # handshake.
+            self.close()
+            raise _certificate_refused(self.target, e) from None
+        except ValueError as e:
             self.close()
             raise ConnectionFailure("cannot connect to %s: %s" % (self.target, _describe(e))) from None
 
@@ -380,7 +411,40 @@ class Client:
         if code != 220:
             raise ConnectionFailure("%s refused STARTTLS: %s" % (self.target, _reply_text(code, msg)))
         self._attach(self._wrap(self.sock))
+        self._await_verdict()
         self._hello()
+
+    def _await_verdict(self):
+        """After a TLS 1.3 handshake, waits briefly for the server's verdict on our certificate.
+
+        A TLS 1.3 server checks the client's certificate after the client
+        has finished the handshake, then sends session tickets or an alert.
+        An EHLO sent before that alert arrives makes the server's close a
+        reset, which discards the alert: the refusal would look like a
+        broken connection (temporary) instead of a refused certificate
+        (permanent). Reading the tickets or the alert first keeps the
+        refusal visible. A server that sends neither costs the wait once
+        per connection.
+        """
+        import ssl
+        sock = self.sock
+        if sock.version() != "TLSv1.3":
+            return
+        timeout = sock.gettimeout()
+        ready, _, _ = select.select([sock], [], [], min(TLS13_VERDICT_WAIT, timeout or TLS13_VERDICT_WAIT))
+        if not ready:
+            return
+        sock.setblocking(False)
+        try:
+            data = sock.recv(1)
+        except ssl.SSLWantReadError:
+            # Only session tickets so far: the certificate was accepted.
+            return
+        finally:
+            sock.settimeout(timeout)
+        if data:
+            raise ConnectionFailure("%s sent data before EHLO after STARTTLS" % self.target)
+        raise ConnectionFailure("connection closed by %s after STARTTLS" % self.target)
 
     def _authenticate(self):
         from ..auth import sasl
