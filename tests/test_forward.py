@@ -184,6 +184,21 @@ def test_poll_with_client_filter_102_forwards_one_per_poll(tmp_path):
             assert sent[:3] == ["1", "1", "1"]
 
 
+def test_client_filter_105_sends_the_message_then_stops_the_pass(tmp_path):
+    """Seed 000: 105 stops scanning "after processing the current one"."""
+    with relay_b(tmp_path) as b:
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        first = put_message(spool, b"Subject: first\r\n\r\n")
+        put_message(spool, b"Subject: second\r\n\r\n")
+        as_client(b.port, spool, "--client-filter", "exit:105")
+        helpers.wait_for(lambda: b.files(".envelope"), what="the message at relay B")
+        assert b"Subject: first" in read(os.path.join(b.spool, b.files(".content")[0]))
+        left = helpers.spool_files(str(spool), ".envelope")
+        assert len(left) == 1 and not left[0].startswith(first)
+        assert helpers.spool_files(str(spool), ".bad") == []
+
+
 def test_forward_at_startup(tmp_path):
     with relay_b(tmp_path) as b:
         a = helpers.Relay(tmp_path, ["--forward", "--forward-to", "127.0.0.1:%d" % b.port], name="a",

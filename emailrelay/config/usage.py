@@ -248,7 +248,8 @@ def man_page():
               "cancels it and asks for a rescan of the spool; 103 accepts it and rescans, so "
               "it is forwarded at once. A --client-filter runs before each message is "
               "forwarded: 0 sends it, 1 to 99 fail it to .bad, 100 skips it, 102 sends it and "
-              "stops the pass, 103 sends it."),
+              "stops the pass, 103 sends it, 105 sends it and stops the pass (seed 000: \"stop "
+              "scanning for more spooled messages after processing the current one\")."),
         ".SH SPOOL FILES",
         _roff("Each message is a .content file and an envelope whose suffix is its state: "
               ".envelope.new while it is received and filtered, .envelope once committed and "

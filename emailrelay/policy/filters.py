@@ -50,7 +50,7 @@ Exit codes, as E-MailRelay gives them (100-115 are reserved):
 | 102    | cancel + rescan the spool      | ok + stop scanning                |
 | 103    | ok + rescan the spool          | ok                                |
 | 104    | reject + rescan the spool      | cancel + stop scanning            |
-| 105    | reject ("rejected")            | fail + stop scanning              |
+| 105    | reject ("rejected")            | ok + stop scanning                |
 | other  | reject ("rejected")            | fail                              |
 
 A cancelled message is not an error even if its files have gone.
@@ -227,7 +227,9 @@ def interpret(code, output, kind="server"):
         return FilterResult(False, code, reason, rescan=True) if server else \
             FilterResult(False, code, cancel=True, stop=True)
     if code == 105 and not server:
-        return FilterResult(False, code, reason, stop=True)
+        # Seed 000: "stop scanning for more spooled messages after
+        # processing the current one".
+        return FilterResult(True, code, stop=True)
     return FilterResult(False, code, reason)
 
 
