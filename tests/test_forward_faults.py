@@ -16,7 +16,6 @@ import pytest
 
 import helpers
 from emailrelay.config import options
-from certs import certs  # noqa: F401  (a pytest fixture)
 from test_client import ScriptedServer, put_message
 from test_forward import relay_b, read
 

@@ -28,13 +28,14 @@ stuffing, NUL dropped); BINARYMIME goes by BDAT with its exact bytes.
 import os
 import select
 import socket
+import ssl
 
-from ..util import addresses
-from ..util import dotstuff
-from ..runtime import log
+from ..auth import sasl
 from ..config import options
-from ..util import xtext
+from ..net import socks, tls
+from ..runtime import log
 from ..store.spool import ContentError
+from ..util import addresses, dotstuff, xtext
 
 BLOCK_SIZE = dotstuff.BLOCK_SIZE
 # Bounds on a reply from the next hop (RFC 5321 4.5.3.1.5 says 512 octets
@@ -268,7 +269,6 @@ class Client:
 
     def _wrap(self, sock):
         """The TLS session on `sock`; a certificate that fails verification is permanent."""
-        import ssl
         try:
             sslsock = self.tls_context.wrap_socket(sock, server_hostname=self._server_name())
         except ssl.SSLCertVerificationError as e:
@@ -279,7 +279,6 @@ class Client:
                 raise _certificate_refused(self.target, e) from None
             raise ConnectionFailure("tls error with %s: %s" % (self.target, e.reason or e)) from None
         if self.cfg.client_tls_verify_name:
-            from ..net import tls
             try:
                 tls.check_name(sslsock, self.cfg.client_tls_verify_name)
             except ValueError as e:
@@ -312,17 +311,14 @@ class Client:
         except socket.gaierror as e:
             self.close()
             raise ConnectionFailure(dns_error(self.socks_host or self.host, e)) from None
-        except OSError as e:
-            # (An ssl.SSLError carries the OpenSSL reason; ssl itself is
-            # imported only when TLS is used.)
-            if getattr(e, "reason", None) not in CERTIFICATE_ALERTS:
-                self.close()
-                raise ConnectionFailure("cannot connect to %s: %s" % (self.target, _describe(e))) from None
-            # With TLS 1.3 the alert arrives on the first read after the
-            # handshake.
+        except ssl.SSLError as e:
             self.close()
-            raise _certificate_refused(self.target, e) from None
-        except ValueError as e:
+            if e.reason in CERTIFICATE_ALERTS:
+                # With TLS 1.3 the alert arrives on the first read after
+                # the handshake.
+                raise _certificate_refused(self.target, e) from None
+            raise ConnectionFailure("cannot connect to %s: %s" % (self.target, _describe(e))) from None
+        except (OSError, ValueError) as e:
             self.close()
             raise ConnectionFailure("cannot connect to %s: %s" % (self.target, _describe(e))) from None
 
@@ -330,7 +326,6 @@ class Client:
         cfg = self.cfg
         timeout = cfg.connection_timeout if cfg.connection_timeout is not None else 40
         if self.socks_host:
-            from ..net import socks
             family, source = self._family_and_source()
             sock = socks.connect(self.socks_host, self.socks_port, self.host, self.port,
                                  timeout, source=source)
@@ -426,7 +421,6 @@ class Client:
         refusal visible. A server that sends neither costs the wait once
         per connection.
         """
-        import ssl
         sock = self.sock
         if sock.version() != "TLSv1.3":
             return
@@ -447,7 +441,6 @@ class Client:
         raise ConnectionFailure("connection closed by %s after STARTTLS" % self.target)
 
     def _authenticate(self):
-        from ..auth import sasl
         if not self.has_extn("auth"):
             raise ConnectionFailure("cannot do authentication: %s does not offer AUTH" % self.target,
                                     permanent=True)
