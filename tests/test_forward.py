@@ -18,7 +18,7 @@ import time
 import pytest
 
 import helpers
-from test_client import dumping_sink, put_message, sink_dumps
+from test_client import ScriptedServer, dumping_sink, put_message, sink_dumps
 
 VERIFIER = """#!/bin/sh
 case "$1" in
@@ -138,9 +138,13 @@ def test_filter_refusal_at_the_next_hop(tmp_path):
         mid = put_message(spool, b"Subject: f\r\n\r\n")
         # E-MailRelay's reply to a filter's exit 1-99 is 452; without retries
         # (E-MailRelay's policy) the message fails at once.
-        assert as_client(b.port, spool, "--retry-interval", "0").returncode != 0
+        r = as_client(b.port, spool, "--retry-interval", "0")
+        assert r.returncode == 1
+        # The summary is info, as E-MailRelay 2.6 logs nothing above info.
+        assert "info: forwarding: not every message was forwarded: exit status 1" in r.stderr
+        assert "error:" not in r.stderr
         text = read(os.path.join(str(spool), mid + ".envelope.bad"))
-        assert b"X-MailRelay-ReasonCode: 452" in text
+        assert text.endswith(b"X-MailRelay-Reason: 452 rejected\r\nX-MailRelay-ReasonCode: 452\r\n")
 
 
 def test_forward_to_some_keeps_only_the_refused_recipients(tmp_path):
@@ -186,6 +190,21 @@ def test_poll_with_client_filter_102_forwards_one_per_poll(tmp_path):
             assert sent[:3] == ["1", "1", "1"]
 
 
+def test_client_filter_105_sends_the_message_then_stops_the_pass(tmp_path):
+    """Seed 000: 105 stops scanning "after processing the current one"."""
+    with relay_b(tmp_path) as b:
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        first = put_message(spool, b"Subject: first\r\n\r\n")
+        put_message(spool, b"Subject: second\r\n\r\n")
+        as_client(b.port, spool, "--client-filter", "exit:105")
+        helpers.wait_for(lambda: b.files(".envelope"), what="the message at relay B")
+        assert b"Subject: first" in read(os.path.join(b.spool, b.files(".content")[0]))
+        left = helpers.spool_files(str(spool), ".envelope")
+        assert len(left) == 1 and not left[0].startswith(first)
+        assert helpers.spool_files(str(spool), ".bad") == []
+
+
 def test_forward_at_startup(tmp_path):
     with relay_b(tmp_path) as b:
         a = helpers.Relay(tmp_path, ["--forward", "--forward-to", "127.0.0.1:%d" % b.port], name="a",
@@ -209,6 +228,36 @@ def test_immediate_passes_the_refusal_back(tmp_path):
         [bad] = a.files(".bad")
         assert b"X-MailRelay-Reason: one or more recipients rejected: <bad@y.test> 550" \
             in read(os.path.join(a.spool, bad))
+
+
+def test_immediate_passes_a_temporary_refusal_back_word_for_word(tmp_path):
+    """A 4xx from the next hop reaches the submitter as it is (not 250), and
+    the message is not also kept for a retry of ours (it is .bad, as in 2.6)."""
+    server = ScriptedServer(data_reply=b"451 queue full, try again later")
+    try:
+        with helpers.Relay(tmp_path, ["--immediate", "--forward-to", "127.0.0.1:%d" % server.port],
+                           name="a") as a:
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                submit(a.port)
+            assert (e.value.smtp_code, e.value.smtp_error) == (451, b"queue full, try again later")
+            assert a.files(".envelope") == []
+            [bad] = a.files(".bad")
+            text = read(os.path.join(a.spool, bad))
+            assert b"X-MailRelay-Reason: 451 queue full, try again later\r\n" in text
+            assert b"X-MailRelay-ReasonCode: 451\r\n" in text
+    finally:
+        server.close()
+
+
+def test_immediate_client_filter_rejection_is_452_with_its_response(tmp_path):
+    client_filter = write_script(tmp_path, "client-filter", "#!/bin/sh\necho '<<not today>>'\nexit 1\n")
+    with relay_b(tmp_path) as b, \
+            helpers.Relay(tmp_path, ["--immediate", "--client-filter", client_filter,
+                                     "--forward-to", "127.0.0.1:%d" % b.port], name="a") as a:
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            submit(a.port)
+        assert (e.value.smtp_code, e.value.smtp_error) == (452, b"not today")
+        assert b.files(".envelope") == [] and len(a.files(".bad")) == 1
 
 
 def test_immediate_keeps_one_connection_for_the_submitting_session(tmp_path):

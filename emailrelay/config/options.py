@@ -197,7 +197,9 @@ OPTIONS = [
        "Sets the name used in EHLO, the greeting, Received lines and authentication "
        "challenges. The default is this host's fully qualified name, else its host name, "
        "else the address literal of the outgoing interface (a warning is logged when the "
-       "host is only called localhost)."),
+       "host is only called localhost). When that name has no dot, EHLO to the next hop "
+       "uses the address literal of the connection instead (such as [127.0.0.1]); a "
+       "given --domain is used as it is."),
     _O("filter", "z", "<program>", "SMTP server",
        "Runs the given filter program on each message as it is stored. Exit codes 1 to 99 "
        "reject the message. exit:<number> emulates a program that exits with that "

@@ -120,11 +120,13 @@ class ImmediateSession:
 
     `forward(id)` sends a just-committed message in the calling thread and
     returns None when the message went, or stays queued for a retry or
-    another forwarder (the submitter may be told `250`), else a refusal
-    reply (`5xx text`: the message is `.bad`, and the next hop's own words
-    go back to the submitter). The connection to the next hop is kept
-    between messages; `close()` ends it (call it when the SMTP session
-    ends: the forwarding thread sends the QUIT, so the caller never waits).
+    another forwarder (the next hop could not be reached: the submitter may
+    be told `250`), else a refusal reply (the message is `.bad`; a refusal
+    by the next hop, 4xx or 5xx, goes back to the submitter word for word,
+    a client filter's as `452 <response>`). The connection to the next hop
+    is kept between messages; `close()` ends it (call it when the SMTP
+    session ends: the forwarding thread sends the QUIT, so the caller never
+    waits).
     """
 
     def __init__(self, forwarder):
@@ -454,6 +456,8 @@ class Forwarder:
             if r.cancel:
                 return "skip"
             if not r.ok and r.temporary:
+                log.warning("forwarding: %s: client filter [%s]: failed response=[%s] reason=[%s]"
+                            % (claim.id, log.sanitise(f.spec), r.response, log.sanitise(r.reason)))
                 return "retry"
             if not r.ok:
                 return (r.reason or "client filter failed", r.code if r.code is not None else 0)
@@ -600,7 +604,9 @@ class Forwarder:
         try:
             if not self._prepare(claim, result):
                 claim = None
-                return _refusal(result, "554", "5.7.1")
+                # A client filter's rejection is `452 <response>`, as a
+                # --filter's is.
+                return _refusal(result, "452", "4.7.1")
             if session.client is None:
                 session.client = self._new_client()
             try:
@@ -610,12 +616,20 @@ class Forwarder:
                 claim = None
                 return "554 5.0.0 %s" % e if e.permanent else None
             settling, claim = claim, None
-            self._settle(settling, outcome, result)
+            if outcome.ok or not outcome.code:
+                self._settle(settling, outcome, result)
+            else:
+                # The next hop refused (4xx too): its reply goes back to the
+                # submitter, who owns the retry, so the message is not kept
+                # for one of ours (it fails, as in E-MailRelay 2.6).
+                self._failed(settling, outcome.reason, outcome.code, result)
         finally:
             if claim is not None:
                 _release(claim)
-        if outcome.ok or outcome.temporary:
+        if outcome.ok:
             return None
+        if outcome.rejected:
+            return outcome.rejected[0][1]
         reason = outcome.reason
         return reason if reason[:3].isdigit() else "%d %s" % (outcome.code or 554, reason)
 

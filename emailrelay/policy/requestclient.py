@@ -166,6 +166,9 @@ class RequestClient:
         except (_Gone, RequestError):
             sock.close()
             raise
+        except socket.timeout:
+            sock.close()
+            raise RequestError("response timeout: %s" % self.location.display) from None
         except OSError as e:
             sock.close()
             raise RequestError("%s: %s" % (self.location.display, describe(e))) from None
