@@ -153,7 +153,7 @@ def store(opts, stdin):
                                 if "from" in writer.seen else _default_sender())
         return envelope.Envelope(
             content="8bit" if writer.eight_bit else "7bit",
-            from_=sender, to_remote=recipients, client="127.0.0.1:0",
+            from_=sender, to_remote=recipients, client="127.0.0.1",
             utf8_mailbox_names=not all(a.isascii() for a in [sender] + recipients))
     return submit.store(opts.spool_dir, lambda message: _HeaderWriter(message, synthetic, drop),
                         lambda writer: submit._copy_input(stdin, writer, opts.dot_ends),
