@@ -86,3 +86,29 @@ def test_as_client_stops_promptly_and_releases_the_claim(tmp_path, silent_next_h
     assert spool_files(str(spool), ".busy") == []
     assert spool_files(str(spool), ".envelope") == [message_id + ".envelope"]
     assert "forwarding: %s: abandoned at shutdown" % message_id in log_file.read_text()
+
+
+def test_immediate_session_is_released_at_sigterm(tmp_path, silent_next_hop):
+    relay = Relay(tmp_path, ["--forward-to", "127.0.0.1:%d" % silent_next_hop, "--immediate"])
+    client = smtplib.SMTP("127.0.0.1", relay.port, timeout=60)
+    try:
+        client.ehlo()
+        client.mail("a@example.com")
+        client.rcpt("b@example.com")
+        assert client.docmd("DATA")[0] == 354
+        # The reply waits for the next hop, which never answers.
+        client.send(b"Subject: stuck\r\n\r\nx\r\n.\r\n")
+        busy = wait_for(lambda: relay.files(".envelope.busy"), what="the message to be claimed")
+        started = time.monotonic()
+        status = relay.stop(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        client.close()
+        relay.stop()
+    assert status == 0
+    # The sessions' 5 s at shutdown, then the forwarder's grace.
+    assert took < 3 * 10, took
+    stem = busy[0][:-len(".envelope.busy")]
+    assert relay.files(".envelope.busy") == []
+    assert relay.files(".envelope") == [stem + ".envelope"]
+    assert "forwarding: %s: abandoned at shutdown" % stem in relay.log()

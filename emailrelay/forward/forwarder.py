@@ -254,19 +254,26 @@ class Forwarder:
             self._stopping = True
             self._jobs.clear()
             self._cond.notify_all()
-        deadline = time.monotonic() + grace
-        with self._cond:
-            while self._sending and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
-            late = self._sending
-            clients = list(self._clients)
-        if late:
+        if not self._wait_sent(grace):
+            with self._cond:
+                clients = list(self._clients)
             log.warning("forwarding: stopping: the next hop has not finished within %ss: "
                         "abandoning the session" % _seconds(grace))
             for client in clients:
                 client.abort()
+            # Aborted, the senders release their claims at once (--immediate
+            # ones run in session threads, which the process does not wait for).
+            self._wait_sent(grace)
         if self._thread is not None:
             self._thread.join(30)
+
+    def _wait_sent(self, seconds):
+        """Waits until no pass or --immediate send runs; False if one still does after `seconds`."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while self._sending and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return not self._sending
 
     def _begin_sending(self):
         with self._cond:

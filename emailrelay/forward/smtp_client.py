@@ -435,8 +435,7 @@ class Client:
         if sock.version() != "TLSv1.3":
             return
         timeout = sock.gettimeout()
-        ready, _, _ = select.select([sock], [], [], min(TLS13_VERDICT_WAIT, timeout or TLS13_VERDICT_WAIT))
-        if not ready:
+        if not descriptors.readable(sock, min(TLS13_VERDICT_WAIT, timeout or TLS13_VERDICT_WAIT)):
             return
         sock.setblocking(False)
         try:
