@@ -21,6 +21,9 @@ need /usr/sbin/sshd openssh-server
 need /usr/sbin/spamd spamd
 need /usr/sbin/dnsmasq dnsmasq-base
 need ip iproute2
+need systemd-analyze systemd
+need unshare util-linux
+need setpriv util-linux
 need /etc/pam.d/common-auth libpam-runtime
 for lib in /lib/*/security/pam_unix.so /usr/lib/*/security/pam_unix.so; do
     [ -e "$lib" ] && pam_ok=1
