@@ -22,6 +22,7 @@ need /usr/sbin/spamd spamd
 need /usr/sbin/dnsmasq dnsmasq-base
 need ip iproute2
 need systemd-analyze systemd
+need systemd-socket-activate systemd
 need unshare util-linux
 need setpriv util-linux
 need /etc/pam.d/common-auth libpam-runtime

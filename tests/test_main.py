@@ -5,26 +5,12 @@ import pwd
 import shutil
 import smtplib
 import subprocess
-import tempfile
 
 import pytest
 
 from helpers import PYTHON, ROOT, Relay, env, free_port, spool_files, wait_for
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root (CI runs as root)")
-
-
-@pytest.fixture
-def daemon_spool():
-    """A spool directory the `daemon` user can write, outside root's private tmp."""
-    d = tempfile.mkdtemp(prefix="emailrelay-daemon-")
-    os.chmod(d, 0o755)
-    spool = os.path.join(d, "spool")
-    os.mkdir(spool)
-    daemon = pwd.getpwnam("daemon")
-    os.chown(spool, daemon.pw_uid, daemon.pw_gid)
-    yield spool
-    shutil.rmtree(d)
 
 
 def _uid_of(pid):

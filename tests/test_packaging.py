@@ -5,6 +5,7 @@ import ast
 import os
 import re
 import shutil
+import smtplib
 import subprocess
 import sys
 import sysconfig
@@ -13,6 +14,7 @@ import importlib.util
 import pytest
 
 import syslogd
+from helpers import free_port, spool_files, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("ssl", "smtplib", "email", "subprocess", "ctypes", "socketserver", "poplib")
@@ -350,6 +352,40 @@ def unit_directives(path):
                 key, _, value = line.partition("=")
                 directives[key] = value
     return directives
+
+
+@pytest.mark.skipif(not syslogd.usable(), reason="needs root and mount namespaces")
+@pytest.mark.parametrize("stranger", [False, True])
+def test_the_installed_session_unit_serves_local_clients_only(tmp_path, daemon_spool, stranger):
+    """emailrelay@.service's command line as installed, run per connection as systemd's
+    Accept=yes does (systemd-socket-activate --inetd): a local client's message is
+    stored; a client from elsewhere is refused."""
+    activate = shutil.which("systemd-socket-activate")
+    assert activate, "systemd-socket-activate is missing: run tests/install-deps.sh"
+    dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=", "SPOOLDIR=%s" % daemon_spool)
+    argv = unit_directives(str(dest / "usr/lib/systemd/system/emailrelay@.service"))["ExecStart"]
+    argv = argv.split()
+    if stranger:
+        argv += ["--test-address", "[192.0.2.1]"]
+    port = free_port()
+    errors = tmp_path / "activate.log"
+    with open(str(errors), "wb") as stderr, syslogd.SyslogReceiver(tmp_path / "ns") as ns:
+        proc = subprocess.Popen(ns.command([activate, "--listen=127.0.0.1:%d" % port, "--inetd",
+                                            "--accept"] + argv, dest, ["/usr/sbin", "/usr/lib"]),
+                                env=clean_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_for(lambda: "Listening on" in errors.read_text(), what="the socket")
+            if stranger:
+                with pytest.raises(smtplib.SMTPConnectError) as refused:
+                    smtplib.SMTP("127.0.0.1", port, timeout=30)
+                assert refused.value.smtp_code == 554
+            else:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                    client.sendmail("a@x.test", ["b@y.test"], b"Subject: hi\r\n\r\nhello\r\n")
+                assert len(spool_files(daemon_spool, ".envelope")) == 1
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 def test_the_socket_activated_pair_is_no_open_relay():
