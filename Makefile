@@ -61,6 +61,7 @@ test:
 	fi
 
 install:
+	@[ -n "$(LAUNCHER_PYTHON)" ] || { echo "make install: PYTHON=$(PYTHON): no such interpreter" >&2; exit 1; }
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR) \
 		$(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(SYSTEMDDIR)
 	rm -rf $(DESTDIR)$(LIBDIR)/emailrelay

@@ -230,6 +230,14 @@ def test_default_install_uses_system_python_and_the_daemons_directories(tmp_path
             assert "\nLogsDirectory=emailrelay\n" in f.read()
 
 
+def test_install_with_a_missing_python_stops_before_writing(tmp_path):
+    dest = tmp_path / "dest"
+    result = run(["make", "-s", "install", "DESTDIR=%s" % dest, "PYTHON=no-such-python3"])
+    assert result.returncode != 0
+    assert "make install: PYTHON=no-such-python3: no such interpreter" in result.stderr
+    assert not dest.exists()
+
+
 def test_programs_in_sbin_have_section_8_man_pages(tmp_path):
     dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=")
     programs = sorted(p.name for p in (dest / "usr/sbin").iterdir())
