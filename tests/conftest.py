@@ -11,6 +11,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Fixtures shared by several test files: pytest finds them here.
+from certs import certs  # noqa: E402,F401
+
 
 @pytest.fixture
 def daemon_spool():
