@@ -10,8 +10,10 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -219,6 +221,38 @@ def test_immediate_keeps_one_connection_for_the_submitting_session(tmp_path):
                 assert len(b.files(".envelope")) == i + 1
         assert a.files(".envelope") == []
         assert b.log().count("smtp connection from") == 1
+
+
+def test_immediate_submitters_are_answered_side_by_side_when_the_next_hop_is_silent(tmp_path):
+    # A next hop that takes connections and never greets: each submitter
+    # waits the response timeout once, not once per submitter ahead of it.
+    timeout = 4
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        args = ["--immediate", "--forward-to", "127.0.0.1:%d" % silent.getsockname()[1],
+                "--response-timeout", str(timeout), "--retry-interval", "1"]
+        with helpers.Relay(tmp_path, args) as relay:
+            took = []
+
+            def submitter(n):
+                start = time.monotonic()
+                with smtplib.SMTP("127.0.0.1", relay.port, timeout=120) as s:
+                    s.sendmail("a@x.test", ["b@y.test"], "Subject: %d\r\n\r\nbody\r\n" % n)
+                took.append(time.monotonic() - start)
+            threads = [threading.Thread(target=submitter, args=(n,)) for n in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            # Every message was kept (250) for a retry, and the forwarding
+            # thread comes back for them at their retry time (it may hold
+            # some already).
+            assert len(took) == 5
+            assert len(relay.files(".envelope") + relay.files(".envelope.busy")) == 5
+            relay.wait_log(r"temporary failure 2:", timeout=3 * timeout)
+    assert min(took) >= timeout * 0.9
+    assert max(took) < 2 * timeout, "the last submitter waited %.1fs" % max(took)
 
 
 def test_etrn_starts_forwarding(tmp_path):

@@ -3,6 +3,7 @@ written here, over TCP and a unix socket, through the real relay."""
 
 import os
 import smtplib
+import time
 
 import pytest
 
@@ -94,6 +95,35 @@ def test_reconnects_when_the_daemon_drops_the_connection(tmp_path, daemon):
         assert send(relay.port, b"two")[0] == 250
         assert daemon.connections == 2
         assert len(relay.files(".envelope")) == 2
+
+
+def test_the_filter_timeout_bounds_a_request_retried_on_a_new_connection(tmp_path):
+    # The daemon closes the kept connection without answering after most
+    # of the timeout, then never answers on the new one: the retry gets
+    # only the time left.
+    timeout = 4
+    seen = set()
+
+    def closes_late_then_hangs(line):
+        with open(line, "rb") as f:
+            if b"LATE" not in f.read():
+                return b"ok\n"
+        if line in seen:
+            return HANG
+        seen.add(line)
+        time.sleep(timeout - 1)
+        return None
+    with LineDaemon(closes_late_then_hangs) as daemon:
+        with Relay(tmp_path, ["--filter", "net:" + daemon.address,
+                              "--filter-timeout", str(timeout)]) as relay:
+            assert send(relay.port, b"first")[0] == 250
+            start = time.monotonic()
+            code, text = send(relay.port, b"LATE")
+            took = time.monotonic() - start
+            assert code // 100 == 4, text
+            relay.wait_log(r"warning: filter net:\S+: .*timeout")
+            assert daemon.connections == 2
+    assert took < 1.5 * timeout, "the reply came after %.1fs" % took
 
 
 def test_daemon_restarted_on_the_same_address(tmp_path):
