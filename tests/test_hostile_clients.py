@@ -7,11 +7,13 @@ served, and when a client is cut off.
 
 import smtplib
 import socket
+import ssl
 import threading
 import time
 
 import pytest
 
+from certs import certs  # noqa: F401  (a pytest fixture)
 from helpers import Relay, wait_for
 from test_pop_clients import auth_file
 
@@ -122,3 +124,71 @@ def test_clients_that_pipeline_and_never_read_do_not_delay_another(tmp_path):
     worst = max(done for _, done in times)
     assert worst < 5, "greeting and transaction took %s s" % (
         ", ".join("%.1f/%.1f" % pair for pair in times))
+
+
+def _dribble(port, command, tls=False, limit=30.0):
+    """Starts a transaction with `command` (DATA or BDAT), then sends its text
+    one octet every 0.1 s until the server answers or closes.
+
+    With `tls`, STARTTLS first. Returns (seconds dribbled, what the server
+    sent after the text began).
+    """
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = s.makefile("rb")
+    f.readline()
+    if tls:
+        s.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"220")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        s = context.wrap_socket(s)
+        f = s.makefile("rb")
+    with s:
+        s.sendall(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+        replies = 3
+        while replies:
+            replies -= f.readline()[3:4] == b" "
+        s.sendall(command)
+        # DATA's text follows its 354; BDAT's follows the command at once.
+        if command.startswith(b"DATA"):
+            assert f.readline().startswith(b"354")
+        began = time.monotonic()
+        got = b""
+        # The pace of the dribble: each octet waits for an answer this long.
+        s.settimeout(0.1)
+        while time.monotonic() - began < limit:
+            try:
+                s.sendall(b"x")
+                data = s.recv(1000)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            got += data
+        return time.monotonic() - began, got
+
+
+@pytest.mark.parametrize("command,tls", [
+    (b"DATA\r\n", False),
+    (b"BDAT 100000 LAST\r\n", False),
+    (b"DATA\r\n", True),      # a TLS session runs in a thread of its own
+])
+def test_a_client_dribbling_its_text_is_cut_off_by_the_min_data_rate(tmp_path, certs,  # noqa: F811
+                                                                     command, tls):
+    # Ten octets a second, each well within the idle timeout: the text may
+    # take 2 s plus 1/100 s per octet, so the client is cut off after
+    # about 2.2 s, whatever the idle timeout would allow.
+    args = ["--idle-timeout", "2", "--min-data-rate", "100", "--server-smtp-config", "+chunking",
+            "--server-tls", "--server-tls-certificate", certs.server]
+    with Relay(tmp_path, args) as relay:
+        took, got = _dribble(relay.port, command, tls)
+        assert got.startswith(b"421 relay.test data timeout: message text too slow\r\n"), got
+        assert 2 <= took < 20, took
+        relay.wait_log(r"smtp: message text too slow \(under --min-data-rate 100 octets/s\)")
+        # A client at a fair rate is not affected.
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+            c.sendmail("a@x.test", ["b@y.test"], b"Subject: fair\r\n\r\n" + b"y" * 100000)
+        assert len(relay.files(".content")) == 1

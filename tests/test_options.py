@@ -37,8 +37,8 @@ MAN_PAGE_OPTIONS = {
 
 NEW_OPTIONS = {"max-connections": 200, "max-connections-per-address": 20,
                "max-recipients": 1000, "max-bounce-recipients": 3, "max-bad-commands": 10,
-               "min-free-space": 1024, "listen-backlog": 0, "workers": 1, "retry-interval": 60,
-               "retry-max-interval": 3600, "retry-lifetime": 432000}
+               "min-free-space": 1024, "min-data-rate": 500, "listen-backlog": 0, "workers": 1,
+               "retry-interval": 60, "retry-max-interval": 3600, "retry-lifetime": 432000}
 
 # Options E-MailRelay 2.5 added that 2.6 command lines use, with their letters.
 EMAILRELAY_25_OPTIONS = {"server-smtp-config": "Z", "client-smtp-config": "c"}
@@ -67,6 +67,7 @@ SAMPLE = {
     "pid-file": "/run/emailrelay.pid", "user": "nobody", "log-file": "/tmp/log.%d",
     "max-connections": "50", "listen-backlog": "512", "workers": "3", "max-connections-per-address": "5", "max-recipients": "100",
     "max-bounce-recipients": "1", "max-bad-commands": "3", "min-free-space": "0",
+    "min-data-rate": "100",
     "retry-interval": "30", "retry-max-interval": "600", "retry-lifetime": "86400",
     "test-address": "[192.0.2.1]", "max-load": "2.5", "tarpit": "1,2,30",
     "greeting": "%H ESMTP %V at %T %%", "help-text": "/etc/help.txt",

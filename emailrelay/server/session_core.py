@@ -225,8 +225,8 @@ class LineSession:
         """One input line as text, or None when it was refused (a generator).
 
         The replies owed go out first unless the client has pipelined more
-        input and they are still few (OWED_HIGH_WATER). An over-long line gets `too_long` (a bad command); end of
-        input raises EOFError.
+        input and they are still few (OWED_HIGH_WATER). An over-long line
+        gets `too_long` (a bad command); end of input raises EOFError.
         """
         if self.owed >= OWED_HIGH_WATER or not self.conn.pending():
             yield from self.send()
