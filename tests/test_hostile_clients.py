@@ -126,6 +126,46 @@ def test_clients_that_pipeline_and_never_read_do_not_delay_another(tmp_path):
         ", ".join("%.1f/%.1f" % pair for pair in times))
 
 
+
+def test_half_closed_clients_with_pipelined_junk_do_not_delay_another(tmp_path):
+    # 200 clients each send 128 KiB of NOOPs, close their sending side and
+    # never read: the server has all that input to work through at once
+    # (with end of input already seen), yet another client's greeting and
+    # transaction come promptly.
+    block = b"NOOP\r\n" * (128 * 1024 // 6)
+    with Relay(tmp_path, ["--max-connections", "1000"]) as relay:
+        held = []
+
+        def junk(source):
+            for _ in range(20):
+                s = socket.socket()
+                held.append(s)
+                s.bind((source, 0))
+                s.connect(("127.0.0.1", relay.port))
+                s.settimeout(5)
+                try:
+                    s.sendall(block)
+                except socket.timeout:
+                    pass
+                s.shutdown(socket.SHUT_WR)
+
+        senders = [threading.Thread(target=junk, args=("127.0.0.%d" % (3 + i),))
+                   for i in range(10)]
+        for t in senders:
+            t.start()
+        try:
+            for t in senders:
+                t.join(120)
+            times = [_greeting_and_transaction(relay.port) for _ in range(3)]
+        finally:
+            for s in held:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                s.close()
+        assert len(relay.files(".envelope")) == 3
+    worst = max(done for _, done in times)
+    assert worst < 5, "greeting and transaction took %s s" % (
+        ", ".join("%.1f/%.1f" % pair for pair in times))
+
 def _dribble(port, command, tls=False, limit=30.0):
     """Starts a transaction with `command` (DATA or BDAT), then sends its text
     one octet every 0.1 s until the server answers or closes.
