@@ -126,7 +126,6 @@ def test_clients_that_pipeline_and_never_read_do_not_delay_another(tmp_path):
         ", ".join("%.1f/%.1f" % pair for pair in times))
 
 
-
 def test_half_closed_clients_with_pipelined_junk_do_not_delay_another(tmp_path):
     # 200 clients each send 128 KiB of NOOPs, close their sending side and
     # never read: the server has all that input to work through at once
@@ -165,6 +164,7 @@ def test_half_closed_clients_with_pipelined_junk_do_not_delay_another(tmp_path):
     worst = max(done for _, done in times)
     assert worst < 5, "greeting and transaction took %s s" % (
         ", ".join("%.1f/%.1f" % pair for pair in times))
+
 
 def _dribble(port, command, tls=False, limit=30.0):
     """Starts a transaction with `command` (DATA or BDAT), then sends its text
