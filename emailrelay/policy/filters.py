@@ -31,7 +31,10 @@ queued.
 
 A program runs with an argument list (never a shell), the content file path
 and then the envelope file path as its last two arguments (E-MailRelay 2.1
-and later; scripts that read only `$1` are unaffected), an environment
+and later; scripts that read only `$1` are unaffected); a program given
+with arguments of its own gets the content path only, so that the user
+guide's `--filter="/usr/bin/spamassassin -e"` scans one message and not
+the envelope file as a second one. It runs with an environment
 holding only PATH and IFS, stdin and stderr on /dev/null, no other inherited
 descriptors, in a session of its own. Its standard output is read (the
 first `OUTPUT_LIMIT` characters are kept) for a `<<reason>>` or
@@ -56,13 +59,14 @@ A cancelled message is not an error even if its files have gone.
 """
 
 import os
+import selectors
 import shlex
+import signal
+import subprocess
 import time
 
-from ..runtime import log
-from . import requestclient
-from . import spamc
-from ..runtime import process
+from ..runtime import log, process
+from . import requestclient, spamc
 
 OUTPUT_LIMIT = 4000
 DEFAULT_REASON = "rejected"
@@ -132,7 +136,6 @@ def run_program(argv, timeout):
     With --debug the command line and how it ended are logged.
     """
     result = _run_program(argv, timeout)
-    from ..runtime import log
     if log.debug_enabled():
         log.debug("ran %s: %s" % (" ".join(argv), "exit %d" % result.code if result.code is not None
                                   else result.error))
@@ -140,9 +143,6 @@ def run_program(argv, timeout):
 
 
 def _run_program(argv, timeout):
-    import selectors
-    import signal
-    import subprocess
     env = {"PATH": FILTER_ENV_PATH, "IFS": " \t\n"}
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -246,7 +246,8 @@ class Filter:
         if self.argv is None:
             result = interpret(self.exit_code, "", self.kind)
         else:
-            ran = run_program(self.argv + [content_path, envelope_path], self.timeout)
+            paths = [content_path] if len(self.argv) > 1 else [content_path, envelope_path]
+            ran = run_program(self.argv + paths, self.timeout)
             if ran.code is None:
                 if ran.error == "timeout":
                     reason = "filter timed out"

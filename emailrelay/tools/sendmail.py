@@ -20,7 +20,10 @@ spool; the default is /var/spool/emailrelay. Exit statuses are sendmail's:
 """
 
 import os
+import pwd
+import socket
 import sys
+from email.utils import getaddresses
 
 from ..store import envelope, spool
 from . import submit
@@ -110,8 +113,6 @@ class _HeaderWriter(submit._Writer):
 
 
 def _default_sender():
-    import pwd
-    import socket
     try:
         user = pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
@@ -120,7 +121,6 @@ def _default_sender():
 
 
 def _addresses(values):
-    from email.utils import getaddresses
     texts = [v.decode("utf-8", "replace") for v in values]
     return [addr for _, addr in getaddresses(texts) if addr]
 
