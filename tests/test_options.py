@@ -37,8 +37,8 @@ MAN_PAGE_OPTIONS = {
 
 NEW_OPTIONS = {"max-connections": 200, "max-connections-per-address": 20,
                "max-recipients": 1000, "max-bounce-recipients": 3, "max-bad-commands": None,
-               "min-free-space": 1024, "listen-backlog": 0, "workers": 1, "retry-interval": 60,
-               "retry-max-interval": 3600, "retry-lifetime": 432000,
+               "min-free-space": 1024, "min-data-rate": 500, "listen-backlog": 0, "workers": 1,
+               "retry-interval": 60, "retry-max-interval": 3600, "retry-lifetime": 432000,
                "proxy-protocol": [], "proxy-protocol-timeout": 5}
 
 # Options E-MailRelay 2.5 added that 2.6 command lines use, with their letters.
@@ -69,6 +69,7 @@ SAMPLE = {
     "max-connections": "50", "listen-backlog": "512", "workers": "3",
     "max-connections-per-address": "5", "max-recipients": "100",
     "max-bounce-recipients": "1", "max-bad-commands": "3", "min-free-space": "0",
+    "min-data-rate": "100",
     "retry-interval": "30", "retry-max-interval": "600", "retry-lifetime": "86400",
     "proxy-protocol": "smtp=10.0.0.1,pop=10.0.0.0/24", "proxy-protocol-timeout": "3",
     "test-address": "[192.0.2.1]", "max-load": "2.5", "tarpit": "1,2,30",

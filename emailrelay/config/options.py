@@ -281,6 +281,13 @@ OPTIONS = [
        "client is disconnected without a reply at its 8th error, as E-MailRelay does, "
        "and a POP client may send 10.",
        kind="int", minimum=1),
+    _O("min-data-rate", None, "<octets>", "SMTP server",
+       "Sets the least average rate, in octets per second, at which a client must send "
+       "the text of a message (DATA, or BDAT chunks up to LAST): the text may take the "
+       "--idle-timeout plus one second for every <octets> received, and a client that "
+       "falls behind gets 421 and is disconnected, however often it sends a little "
+       "(Postfix smtpd_min_data_rate). 0 leaves only the --idle-timeout.",
+       kind="int", default=500),
     _O("min-free-space", None, "<kbytes>", "SMTP server",
        "Refuses new messages (452 4.3.1) while the spool file system has less free space "
        "than this, checked at MAIL and again before each message is committed. 0 turns "
