@@ -23,9 +23,10 @@ pipelined, or before we would block reading (RFC 2920), or once
 `session_core.OWED_HIGH_WATER` octets are owed; this is what makes
 pipelined clients fast. Message text must keep up --min-data-rate
 (`smtp_text.Pace`): a client that falls behind gets 421 and is dropped.
-Replies are written with RFC 3463 enhanced status codes; unless `--server-smtp-config +enhancedstatuscodes` is given they are
-taken out as they are queued, so that the default replies are E-MailRelay
-2.6's, word for word. Message text is read by `smtp_text` in large blocks
+Replies are written with RFC 3463 enhanced status codes; unless
+`--server-smtp-config +enhancedstatuscodes` is given they are taken out as
+they are queued, so that the default replies are E-MailRelay 2.6's, word
+for word. Message text is read by `smtp_text` in large blocks
 and command syntax is parsed by `smtp_syntax`.
 """
 
