@@ -117,8 +117,9 @@ def test_soft_limit_is_left_alone_when_it_is_enough(tmp_path):
 
 def test_systemd_units_set_the_open_files_limit():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name, value in (("emailrelay.service.in", "1024:65536"), ("emailrelay@.service.in", "1024")):
+    for name, value in (("emailrelay.service.in", "1024:65536"),
+                        ("emailrelay@.service.in", "1024:65536")):
         with open(os.path.join(root, "etc", name)) as f:
             unit = f.read()
-        section = unit.split("[Service]", 1)[1].split("\n[", 1)[0]
+        section = re.split(r"^\[Service\]$", unit, flags=re.M)[1].split("\n[", 1)[0]
         assert re.search(r"^LimitNOFILE=%s$" % value, section, re.M), name
