@@ -314,13 +314,16 @@ def _add_sessions(server, cfg, services, interfaces):
                    busy_reply=smtp_server.reply_bytes(
                        cfg, "421 4.3.2 too many connections, try again later"),
                    address_busy_reply=smtp_server.reply_bytes(
-                       cfg, "450 4.7.0 too many connections from your address"))
+                       cfg, "450 4.7.0 too many connections from your address"),
+                   refused_reply=smtp_server.reply_bytes(
+                       cfg, "554 5.7.1 no SMTP service for your address"))
     if cfg.pop:
         from .server import pop_server
         pop = services.pop()
         server.add("pop", interfaces, cfg.pop_port,
                    lambda conn: pop_server.PopSession(conn, pop).run(),
-                   busy_reply=b"-ERR too many connections\r\n")
+                   busy_reply=b"-ERR too many connections\r\n",
+                   refused_reply=b"-ERR no POP service for your address\r\n")
 
 
 def _forward_on_disconnect(server, services):

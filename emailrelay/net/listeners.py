@@ -153,7 +153,7 @@ class Listener:
     """One listening socket and what to do with its connections."""
 
     def __init__(self, sock, kind, handler, tls_context, busy_reply, address_busy_reply=None,
-                 conversation=None):
+                 conversation=None, refused_reply=b""):
         self.sock = sock
         self.kind = kind
         self.handler = handler
@@ -162,6 +162,7 @@ class Listener:
         self.tls_context = tls_context
         self.busy_reply = busy_reply
         self.address_busy_reply = busy_reply if address_busy_reply is None else address_busy_reply
+        self.refused_reply = refused_reply
         local = address_pair(sock.getsockname())
         self.address = addresses.format_address(*local)
         # The local address of every accepted connection, unless the
@@ -235,12 +236,13 @@ class Server:
 
     def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b"",
             max_connections=None, max_per_address=None, address_busy_reply=None,
-            conversation=None):
+            conversation=None, refused_reply=b""):
         """Listens for `kind` on the given interfaces (all if empty) and port.
 
         `max_connections` / `max_per_address` override the server's budget
         for this kind of service. `address_busy_reply` (default
-        `busy_reply`) is sent over the per-address limit. With
+        `busy_reply`) is sent over the per-address limit, `refused_reply`
+        to a non-local client without --remote-clients. With
         `conversation(conn) -> session` (a `session_loop` conversation),
         plain connections are served by the session loop instead of a
         thread each; `handler` still serves implicit-TLS ones.
@@ -262,7 +264,7 @@ class Server:
                     raise OSError(e.errno, "cannot listen on %s: %s"
                                   % (addresses.format_address(item, port), e.strerror)) from None
             self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply,
-                                           address_busy_reply, conversation))
+                                           address_busy_reply, conversation, refused_reply))
 
     def addresses(self):
         """(kind, address) for every listener, for logs and `status`."""
@@ -328,6 +330,13 @@ class Server:
                         "(see --remote-clients)" % (lst.kind, ip))
             with self._lock:
                 self.counters["refused"] += 1
+            # A fresh socket's send buffer takes one short line without
+            # blocking the accept loop; the client then knows why.
+            try:
+                sock.setblocking(False)
+                sock.send(lst.refused_reply)
+            except OSError:
+                pass
             sock.close()
             return True
         if not self._admit(lst, sock, addr, peer):
