@@ -40,6 +40,7 @@ command; the forwarder and the SMTP server publish one-line events to it.
 
 import collections
 import math
+import os
 import queue
 import threading
 import time
@@ -443,13 +444,28 @@ class Forwarder:
                 self._schedule.pop(message_id, None)
                 continue
             state = claim.envelope.retry() if self.retry_interval else None
-            if not force and state is not None and state.next_time > now:
+            due = self._retry_due(claim, state) if state is not None else None
+            if not force and due is not None and due > now:
                 # Deferred by another process, or by us before a restart.
-                self._schedule[message_id] = state.next_time
+                self._schedule[message_id] = due
                 _release(claim)
                 continue
             self._schedule.pop(message_id, None)
             yield claim
+
+    def _retry_due(self, claim, state):
+        """When a deferred message is due: its stored time, capped by today's settings.
+
+        The time was chosen by whoever deferred it (an earlier run, maybe
+        with a longer --retry-max-interval), so it is brought forward to
+        at most --retry-max-interval after the deferral, which is when the
+        envelope was last written.
+        """
+        try:
+            deferred = os.stat(claim.envelope_path).st_mtime
+        except OSError:
+            return state.next_time
+        return min(state.next_time, int(math.ceil(deferred + self.retry_max_interval)))
 
     def _run_client_filters(self, claim, result):
         """Runs --client-filter programs on a claimed message.
