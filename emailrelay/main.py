@@ -362,14 +362,21 @@ def _resolve_program(spec, option):
     except (ValueError, IndexError):
         return spec  # filters.make() reports the syntax error
     path = program
-    if not os.path.isabs(program):
-        if "/" not in program and not os.path.exists(program):
-            import shutil
-            from .policy.filters import FILTER_ENV_PATH
-            found = shutil.which(program, path=FILTER_ENV_PATH)
-            if found is None:
-                raise StartupError("%s %s: no such program" % (option, spec))
-            return spec
+    if "/" not in program:
+        import shutil  # (lazily, as the module docstring says: only filters need it)
+        from .policy.filters import FILTER_ENV_PATH
+        # A bare name is looked up as a shell would, on the start-up PATH
+        # (where `make install` put emailrelay-filter-copy), then on the
+        # PATH programs run with; a file of that name in the start-up
+        # directory is E-MailRelay's meaning, kept as the last resort.
+        found = shutil.which(program, path=os.pathsep.join(
+            [os.environ.get("PATH", ""), FILTER_ENV_PATH]))
+        if found is None and os.path.exists(program):
+            found = program
+        if found is None:
+            raise StartupError("%s %s: no such program" % (option, spec))
+        path = os.path.abspath(found)
+    elif not os.path.isabs(program):
         path = os.path.abspath(program)
     if not os.path.isfile(path):
         raise StartupError("%s %s: no such program" % (option, spec))
