@@ -83,6 +83,12 @@ class Services(parts.Parts):
             stop_event=self.stop_event)
 
 
+# What makes a process forward by itself (--as-client and --as-proxy imply
+# one); the admin interface's flush counts as the site's own trigger.
+_FORWARDING_TRIGGERS = ("forward", "forward-on-disconnect", "poll", "immediate", "dont-serve",
+                        "admin")
+
+
 def run(argv=None):
     """Runs the program with `argv` (default sys.argv[1:]); returns the exit status."""
     from .config import options, usage
@@ -111,6 +117,10 @@ def run(argv=None):
         log.warning("this host is only called localhost: using %s as --domain (the EHLO "
                     "name and greeting); set --domain to a name the next hop accepts"
                     % cfg.domain)
+    if cfg.forward_to and not any(cfg.given(o) for o in _FORWARDING_TRIGGERS):
+        log.warning("--forward-to is given but nothing starts forwarding: messages wait in "
+                    "the spool; add --forward-on-disconnect, --poll, --immediate or --forward "
+                    "(or run --as-client from cron or an ip-up hook)")
     try:
         app = _build(cfg)
     except StartupError as e:
