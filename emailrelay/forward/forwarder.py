@@ -526,10 +526,10 @@ class Forwarder:
         if following is not None and not following.envelope.to_remote:
             following = None
         outcome = client.send(claim, following)
-        self._settle(claim, outcome, result, settler)
+        self._settle(claim, outcome, result, client.target, settler)
 
-    def _settle(self, claim, outcome, result, settler=None):
-        """Deletes, fails or defers `claim` after `outcome`."""
+    def _settle(self, claim, outcome, result, relay, settler=None):
+        """Deletes, fails or defers `claim` after `outcome` from the next hop `relay`."""
         from . import smtp_client
         if not outcome.ok:
             if outcome.temporary:
@@ -541,22 +541,25 @@ class Forwarder:
             # --forward-to-some: the message went to the others; keep a copy
             # addressed to the refused recipients only, for a retry.
             env = claim.envelope
-            env.to_remote = [r for r, _ in outcome.rejected]
+            refused = [r for r, _ in outcome.rejected]
+            accepted = [r for r in env.to_remote if r not in refused]
+            env.to_remote = refused
             claim.rewrite(env)
             reason = smtp_client.rejection_reason("one or more", outcome.rejected)
             code = max(int(text[:3]) for _, text in outcome.rejected)
-            self._sent(claim.id, result)
+            self._sent(claim.id, _delivery(accepted, relay, outcome.reason), result)
             if 400 <= code < 500:
                 self._temporary(claim, reason, code, result)
             else:
                 self._failed(claim, reason, code, result)
             return
         result.sent += 1
+        delivery = _delivery(claim.envelope.to_remote, relay, outcome.reason)
         if settler is None:
             claim.delete()
-            self._sent(claim.id)
+            self._sent(claim.id, delivery)
         else:
-            settler.add(claim)
+            settler.add(claim, delivery)
 
     def _temporary(self, claim, reason, code, result):
         """A temporary failure: defer `claim` for a retry, or fail it (see the module docstring)."""
@@ -584,11 +587,12 @@ class Forwarder:
                     % (claim.id, count, reason, _seconds(delay)))
         self._publish("deferred %s: %s" % (claim.id, reason))
 
-    def _sent(self, message_id, result=None):
+    def _sent(self, message_id, delivery, result=None):
+        """Counts and logs a message the next hop took (`delivery`: see _delivery())."""
         if result is not None:
             result.sent += 1
         self._count("messages-forwarded")
-        log.verbose("forwarding: %s: sent" % message_id)
+        log.info("forwarding: %s: %s" % (message_id, delivery))
         self._publish("forwarded %s" % message_id)
 
     def _failed(self, claim, reason, code, result):
@@ -628,7 +632,7 @@ class Forwarder:
                 claim = None
                 return "554 5.0.0 %s" % e if e.permanent else None
             settling, claim = claim, None
-            self._settle(settling, outcome, result)
+            self._settle(settling, outcome, result, session.client.target)
         finally:
             if claim is not None:
                 _release(claim)
@@ -643,6 +647,13 @@ def _refusal(result, code, status):
     if not result.failed:
         return None
     return "%s %s %s" % (code, status, result.reason)
+
+
+def _delivery(recipients, relay, reply):
+    """The rest of a message's "sent" log line, in Postfix's shape for log tools:
+    `to=<a@b>,<c@d> relay=host:port status=sent (250 2.0.0 Ok: queued as X)`."""
+    return "to=%s relay=%s status=sent (%s)" % (
+        ",".join("<%s>" % log.sanitise(r) for r in recipients), relay, log.sanitise(reply))
 
 
 def _seconds(value):
@@ -662,8 +673,8 @@ class _Deletions:
     window a batch, then closes their files without root (freeing them is
     the slow part: on a journalling file system it costs more than the
     whole SMTP transaction). hand_over() waits while BACKLOG batches are
-    pending, so open files stay bounded. `sent(id)` is called for each
-    removed envelope.
+    pending, so open files stay bounded. `sent(id, delivery)` is called for each
+    removed envelope, with the delivery text add() was given.
     """
 
     # Where windows are process-wide (see process), each costs a switch of
@@ -678,22 +689,22 @@ class _Deletions:
         self._queue = queue.Queue(self.BACKLOG)
         self._thread = None
 
-    def add(self, claim):
-        self._claims.append(claim)
+    def add(self, claim, delivery):
+        self._claims.append((claim, delivery))
 
     def flush(self):
         claims, self._claims = self._claims, []
         if not claims:
             return
         with process.privileged(group=False):
-            for claim in claims:
+            for claim, delivery in claims:
                 try:
                     claim.remove_envelope()
                 except OSError as e:
                     # (The claim keeps its lock: no one else sends it while we run.)
                     log.error("forwarding: %s: cannot remove the envelope: %s" % (claim.id, e))
                     continue
-                self._sent(claim.id)
+                self._sent(claim.id, delivery)
                 self._removed.append(claim)
 
     def hand_over(self, everything=False):

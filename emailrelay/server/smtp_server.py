@@ -757,11 +757,12 @@ class SmtpSession(session_core.LineSession):
 
     def _stored(self, msg_id):
         """The reply, once message `msg_id` is committed (--immediate forwards it first)."""
-        self.message = None
-        count = len(self.to_local) + len(self.to_remote)
-        log.info("smtp: stored %s from <%s> to %d recipient%s" % (
-            msg_id, log.sanitise(self.mail_from), count, "" if count == 1 else "s"),
-            peer=self.peer)
+        size, self.message = self.message.size, None
+        # One line per message with what log tools want, in Postfix's shape
+        # (the client whatever --log-address says: it is in the envelope too).
+        log.info("smtp: stored %s: from=<%s> nrcpt=%d size=%d client=%s" % (
+            msg_id, log.sanitise(self.mail_from), len(self.to_local) + len(self.to_remote),
+            size, log.sanitise(self.peer)), peer=self.peer)
         self._count("messages-stored")
         self._reset_transaction()
         if self._rescan and self.services.rescan is not None:
