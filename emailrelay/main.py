@@ -23,7 +23,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 # The counters of `services.stats` (the admin `status` command shows them).
-STATS = ["messages-stored", "messages-rejected", "messages-forwarded", "messages-failed"]
+STATS = ["messages-stored", "messages-rejected", "messages-forwarded", "messages-failed",
+         "messages-deferred"]
 
 
 class StartupError(Exception):

@@ -100,14 +100,19 @@ class PassResult:
         """True when every message went (none failed or waits for a retry)."""
         return self.failed == 0 and self.deferred == 0 and self.error is None
 
+    def summary(self):
+        """The counts, as the log line after a pass and `flush` both say them."""
+        return "%d message(s) sent, %d failed%s%s" % (
+            self.sent, self.failed,
+            ", %d to be retried" % self.deferred if self.deferred else "",
+            ", %d skipped" % self.skipped if self.skipped else "")
+
     def text(self):
         """`OK`, or what went wrong, for the admin `flush` command."""
         if self.error is not None:
             return "error: %s" % self.error
         if self.failed or self.deferred:
-            return "error: %d message(s) failed%s" % (
-                self.failed + self.deferred,
-                ", %d will be retried" % self.deferred if self.deferred else "")
+            return "error: %s" % self.summary()
         return "OK"
 
 
@@ -400,10 +405,7 @@ class Forwarder:
             settler.close()
         self._publish("forwarding: done: %d sent, %d failed" % (result.sent, result.failed))
         if result.processed:
-            log.info("forwarding: %d message(s) sent, %d failed%s%s" % (
-                result.sent, result.failed,
-                ", %d to be retried" % result.deferred if result.deferred else "",
-                ", %d skipped" % result.skipped if result.skipped else ""))
+            log.info("forwarding: %s" % result.summary())
         return result
 
     def _connection_failed(self, claim, e, result):
@@ -583,6 +585,7 @@ class Forwarder:
         claim.defer(envelope_mod.Retry(count, next_time, first, reason))
         self._schedule[claim.id] = next_time
         result.deferred += 1
+        self._count("messages-deferred")
         log.warning("forwarding: %s: temporary failure %d: %s: next attempt in %ss"
                     % (claim.id, count, reason, _seconds(delay)))
         self._publish("deferred %s: %s" % (claim.id, reason))
