@@ -1,0 +1,107 @@
+"""emailrelay-sendmail for ordinary users, the daemon and the queue (-bp, -bs, -q).
+
+The daemon runs as it is installed: started by root from a configuration
+file with --user daemon and a 0770 spool owned by daemon. A user who
+cannot write the spool hands the message to the daemon over SMTP.
+"""
+
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+
+from helpers import BIN, Relay, env, free_port, spool_files, wait_for
+from emailrelay.store.envelope import Envelope
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="su and a daemon-owned spool need root")
+
+
+@pytest.fixture
+def site():
+    """A directory others may read (not root's private tmp) with a daemon-owned 0770 spool."""
+    d = tempfile.mkdtemp(prefix="emailrelay-site-")
+    os.chmod(d, 0o755)
+    spool = os.path.join(d, "spool")
+    os.mkdir(spool)
+    daemon = pwd.getpwnam("daemon")
+    os.chown(spool, daemon.pw_uid, daemon.pw_gid)
+    os.chmod(spool, 0o770)
+    yield d
+    shutil.rmtree(d)
+
+
+def write_config(site_dir, lines):
+    conf = os.path.join(site_dir, "emailrelay.conf")
+    with open(conf, "w") as f:
+        f.write("\n".join(["spool-dir %s" % os.path.join(site_dir, "spool")] + lines) + "\n")
+    os.chmod(conf, 0o644)
+    return conf
+
+
+def daemon(tmp_path, conf):
+    """The relay started by root from `conf` only (no --domain: its default)."""
+    relay = Relay(tmp_path, name="a", start=False, user=None)
+    relay.args = [conf, "--no-daemon", "--log", "--verbose", "--no-syslog",
+                  "--log-file", relay.log_path]
+    relay.spool = os.path.join(os.path.dirname(conf), "spool")
+    return relay.start()
+
+
+def greeting_domain(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        return s.recv(1000).decode().split()[1]
+
+
+def user_env(conf):
+    e = env()
+    e["PATH"] = os.pathsep.join([BIN, "/usr/bin", "/bin"])
+    e["EMAILRELAY_CONF"] = conf
+    return e
+
+
+def as_nobody(command, conf, **kwargs):
+    return subprocess.run(["su", "-s", "/bin/sh", "nobody", "-c", command], env=user_env(conf),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=60, **kwargs)
+
+
+def only_message(spool):
+    [name] = spool_files(spool, ".envelope")
+    env_ = Envelope.read(os.path.join(spool, name))
+    with open(os.path.join(spool, name[:-len(".envelope")] + ".content"), "rb") as f:
+        return env_, f.read().decode()
+
+
+@needs_root
+def test_an_ordinary_user_mails_root_through_the_running_daemon(tmp_path, site):
+    port = free_port()
+    with Relay(tmp_path, name="b") as b:
+        conf = write_config(site, ["port %d" % port, "interface 127.0.0.1",
+                                   "forward-to 127.0.0.1:%d" % b.port, "forward-on-disconnect"])
+        with daemon(tmp_path, conf) as a:
+            domain = greeting_domain(port)
+            result = as_nobody('printf "To: root\\n\\nhi\\n" | emailrelay-sendmail -t -oi', conf)
+            assert (result.returncode, result.stderr) == (0, "")
+            wait_for(lambda: spool_files(b.spool, ".envelope"), timeout=30, what="the forwarded message")
+            env_, content = only_message(b.spool)
+            assert a.files(".envelope") == [] or wait_for(lambda: not a.files(".envelope"))
+    assert env_.to_remote == ["root@%s" % domain]
+    assert env_.from_ == "nobody@%s" % domain
+    assert "\r\nTo: root\r\nFrom: nobody@%s\r\n" % domain in content
+    assert re.search(r"\r\nMessage-ID: <[^>]+@%s>\r\n" % re.escape(domain), content)
+    assert content.endswith("\r\n\r\nhi\r\n")
+
+
+@needs_root
+def test_without_a_daemon_the_user_is_told_why_and_nothing_is_lost_silently(site):
+    conf = write_config(site, ["port %d" % free_port(), "interface 127.0.0.1"])
+    result = as_nobody('printf "To: root\\n\\nhi\\n" | emailrelay-sendmail -t -oi', conf)
+    assert result.returncode == 75
+    assert re.fullmatch(r"emailrelay-sendmail: error: cannot reach the emailrelay daemon at "
+                        r"127\.0\.0\.1:\d+: Connection refused \(this user cannot write the spool "
+                        r"\S+, so the message goes to the running daemon\)\n", result.stderr)
