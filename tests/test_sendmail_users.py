@@ -105,3 +105,102 @@ def test_without_a_daemon_the_user_is_told_why_and_nothing_is_lost_silently(site
     assert re.fullmatch(r"emailrelay-sendmail: error: cannot reach the emailrelay daemon at "
                         r"127\.0\.0\.1:\d+: Connection refused \(this user cannot write the spool "
                         r"\S+, so the message goes to the running daemon\)\n", result.stderr)
+
+
+def root_sendmail(args, conf, text="", program=None, **kwargs):
+    command = [os.path.join(BIN, "emailrelay-sendmail")] + list(args)
+    if program is not None:
+        link = os.path.join(os.path.dirname(conf), program)
+        if not os.path.exists(link):
+            os.symlink(command[0], link)
+        command[0] = link
+    return subprocess.run(command, input=text, env=user_env(conf), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60, **kwargs)
+
+
+def test_help_is_not_a_usage_error(site):
+    conf = write_config(site, [])
+    result = root_sendmail(["--help"], conf)
+    assert result.returncode == 0 and result.stderr == ""
+    for text in ("usage: emailrelay-sendmail", "-bp", "-bs", "-q", "-C file"):
+        assert text in result.stdout
+
+
+@needs_root
+def test_bp_and_mailq_list_the_queue_for_root_and_through_the_admin_port(tmp_path, site):
+    conf = write_config(site, ["port %d" % free_port(), "interface 127.0.0.1", "domain relay.test",
+                               "admin %d" % free_port()])
+    assert root_sendmail(["-bp"], conf).stdout == "Mail queue is empty\n"
+    stored = root_sendmail(["-f", "me", "root", "ops@y.test"], conf, "Subject: queued\n\nhi\n")
+    assert stored.returncode == 0, stored.stderr
+    [name] = spool_files(os.path.join(site, "spool"), ".envelope")
+    expected = ("%s ready size=\\d+ from=<me@relay.test> to=<root@relay.test>,<ops@y.test>\n"
+                % re.escape(name[:-len(".envelope")]))
+    assert re.fullmatch(expected, root_sendmail(["-bp"], conf).stdout)
+    assert re.fullmatch(expected, root_sendmail([], conf, program="mailq").stdout)
+    with daemon(tmp_path, conf):
+        # nobody cannot read the spool: the daemon's admin port lists it.
+        result = as_nobody(os.path.join(site, "mailq"), conf)
+        assert result.returncode == 0, result.stderr
+        assert re.fullmatch(expected, result.stdout)
+
+
+def test_bp_without_a_readable_spool_or_admin_port_says_why(site):
+    conf = write_config(site, [])
+    os.chmod(os.path.join(site, "spool"), 0o700)
+    result = subprocess.run(["su", "-s", "/bin/sh", "nobody", "-c", "emailrelay-sendmail -bp"],
+                            env=user_env(conf), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60) if os.geteuid() == 0 else None
+    if result is None:
+        pytest.skip("needs root for su")
+    assert result.returncode == 77
+    assert "cannot read the spool %s/spool" % site in result.stderr
+
+
+@needs_root
+def test_bs_speaks_smtp_with_the_daemon_for_an_ordinary_user(tmp_path, site):
+    port = free_port()
+    conf = write_config(site, ["port %d" % port, "interface 127.0.0.1", "domain relay.test"])
+    dialogue = ("EHLO client.test\r\nMAIL FROM:<nobody@relay.test>\r\nRCPT TO:<b@y.test>\r\n"
+                "DATA\r\n")
+    with daemon(tmp_path, conf) as a:
+        result = as_nobody("emailrelay-sendmail -bs", conf,
+                           input=dialogue + "Subject: bs\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: a.files(".envelope"), what="the message in the spool")
+    replies = [line[:3] for line in result.stdout.splitlines() if line[3:4] == " "]
+    assert replies == ["220", "250", "250", "250", "354", "250", "221"]
+    env_, content = only_message(os.path.join(site, "spool"))
+    assert env_.to_remote == ["b@y.test"] and content.endswith("Subject: bs\r\n\r\nhello\r\n")
+
+
+@needs_root
+def test_bs_as_root_with_no_daemon_stores_the_message_itself(site):
+    conf = write_config(site, ["port %d" % free_port(), "interface 127.0.0.1", "domain relay.test"])
+    result = root_sendmail(["-bs"], conf, "EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+                                          "DATA\r\nSubject: local\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("220 relay.test ") and "\n221 " in result.stdout
+    env_, content = only_message(os.path.join(site, "spool"))
+    assert env_.to_remote == ["b@y.test"] and "Subject: local" in content
+
+
+@needs_root
+def test_q_makes_the_daemon_forward_for_an_ordinary_user_and_root_forwards_itself(tmp_path, site):
+    port = free_port()
+    with Relay(tmp_path, name="b") as b:
+        conf = write_config(site, ["port %d" % port, "interface 127.0.0.1", "domain relay.test",
+                                   "forward-to 127.0.0.1:%d" % b.port])
+        assert root_sendmail(["root"], conf, "Subject: one\n\nx\n").returncode == 0
+        with daemon(tmp_path, conf):
+            result = as_nobody("emailrelay-sendmail -q", conf)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.startswith("250 ")
+            wait_for(lambda: len(b.files(".envelope")) == 1, timeout=30, what="the flushed message")
+        # No daemon now: root's -q forwards the spool as --as-client would.
+        assert root_sendmail(["root"], conf, "Subject: two\n\nx\n").returncode == 0
+        result = root_sendmail(["-q"], conf)
+        assert result.returncode == 0, result.stderr
+        assert "forwarding the spool itself" in result.stdout
+        assert len(b.files(".envelope")) == 2
+    assert spool_files(os.path.join(site, "spool"), ".envelope") == []

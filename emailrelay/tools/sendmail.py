@@ -372,7 +372,7 @@ def _smtp(opts, site):
             raise
     # (main pulls in every layer of the relay; only this path needs it.)
     from ..main import run as run_relay
-    return run_relay(["--inetd", "--test-address", "127.0.0.1", "--spool-dir", spool_dir,
+    return run_relay(["--inetd", "--test-address", "[127.0.0.1]", "--spool-dir", spool_dir,
                       "--domain", site.domain])
 
 
