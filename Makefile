@@ -12,7 +12,10 @@
 #   SPOOLDIR=/var/spool/emailrelay   created owned by RUNUSER, mode 0770
 #   RUNUSER=daemon         the --user the program switches to (and spool owner)
 #   SYSTEMDDIR             the unit's directory: $(PREFIX)/lib/systemd/system
-#   SENDMAIL=no            yes: also install emailrelay-sendmail as $(SBINDIR)/sendmail
+#   SENDMAIL=no            yes: also link sendmail and mailq to emailrelay-sendmail
+#                          where cron and mailx look (replacing what is there):
+#   SENDMAILDIR=/usr/sbin  the sendmail link's directory
+#   MAILQDIR=/usr/bin      the mailq link's directory
 #   PYTHONSITE             where emailrelay.pth goes so that "python3 -m emailrelay"
 #                          finds the package: PYTHON's own site directory; empty: none
 
@@ -25,6 +28,8 @@ SPOOLDIR ?= /var/spool/emailrelay
 RUNUSER ?= daemon
 SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
 SENDMAIL ?= no
+SENDMAILDIR ?= /usr/sbin
+MAILQDIR ?= /usr/bin
 PYTHONSITE ?= $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("purelib"))' 2>/dev/null)
 LIBDIR = $(PREFIX)/lib/emailrelay
 SBINDIR = $(PREFIX)/sbin
@@ -59,7 +64,10 @@ install:
 			"$$name" "$(LIBDIR)" "$$module" > $(DESTDIR)$(SBINDIR)/$$name; \
 	done
 	chmod 755 $(DESTDIR)$(SBINDIR)/emailrelay*
-	if [ "$(SENDMAIL)" = yes ]; then ln -sf emailrelay-sendmail $(DESTDIR)$(SBINDIR)/sendmail; fi
+	if [ "$(SENDMAIL)" = yes ]; then \
+		install -d $(DESTDIR)$(SENDMAILDIR) $(DESTDIR)$(MAILQDIR); \
+		ln -sf $(SBINDIR)/emailrelay-sendmail $(DESTDIR)$(SENDMAILDIR)/sendmail; \
+		ln -sf $(SBINDIR)/emailrelay-sendmail $(DESTDIR)$(MAILQDIR)/mailq; fi
 	if [ -n "$(PYTHONSITE)" ]; then \
 		install -d $(DESTDIR)$(PYTHONSITE) && echo "$(LIBDIR)" > $(DESTDIR)$(PYTHONSITE)/emailrelay.pth; fi
 	for page in man/*.1; do install -m 644 $$page $(DESTDIR)$(MANDIR)/; done
