@@ -204,3 +204,17 @@ def test_q_makes_the_daemon_forward_for_an_ordinary_user_and_root_forwards_itsel
         assert "forwarding the spool itself" in result.stdout
         assert len(b.files(".envelope")) == 2
     assert spool_files(os.path.join(site, "spool"), ".envelope") == []
+
+
+@needs_root
+def test_submit_as_an_ordinary_user_names_the_way_that_works(site):
+    result = subprocess.run(
+        ["su", "-s", "/bin/sh", "nobody", "-c",
+         "printf 'x\\n' | emailrelay-submit --spool-dir %s/spool root@y.test" % site],
+        env=user_env(os.devnull), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("emailrelay-submit: error: Permission denied: ")
+    assert result.stderr.endswith(" (only root or the spool's group may write it: other users can "
+                                  "send with emailrelay-sendmail, which hands the message to the "
+                                  "running daemon)\n")
