@@ -405,7 +405,8 @@ def run(argv=None):
         _error(e)
         return EX_DATAERR
     except local_daemon.Refused as e:
-        _error("the emailrelay daemon refused the message: %s" % e)
+        _error("the emailrelay daemon refused %s: %s"
+               % ("the message" if opts.mode == "deliver" else "-q", e))
         return EX_TEMPFAIL if 400 <= e.code < 500 else EX_UNAVAILABLE
     except local_daemon.SiteError as e:
         _error("%s (this user cannot write the spool %s, so the message goes to the "

@@ -331,8 +331,8 @@ def run(argv=None):
         hint = (" (only root or the spool's group may write it: other users can send with "
                 "emailrelay-sendmail, which hands the message to the running daemon)"
                 if isinstance(e, PermissionError) else "")
-        print("emailrelay-submit: error: %s%s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else "",
-                                                   hint), file=sys.stderr)
+        where = ": %s" % e.filename if e.filename else ""
+        print("emailrelay-submit: error: %s%s%s" % (e.strerror or e, where, hint), file=sys.stderr)
         return 1
     if args.verbose:
         print(message.content_path)
