@@ -118,15 +118,15 @@ def run(argv=None):
         log.warning("this host is only called localhost: using %s as --domain (the EHLO "
                     "name and greeting); set --domain to a name the next hop accepts"
                     % cfg.domain)
-    if cfg.forward_to and not any(cfg.given(o) for o in _FORWARDING_TRIGGERS):
-        log.warning("--forward-to is given but nothing starts forwarding: messages wait in "
-                    "the spool; add --forward-on-disconnect, --poll, --immediate or --forward "
-                    "(or run --as-client from cron or an ip-up hook)")
     try:
         app = _build(cfg)
     except StartupError as e:
         log.startup_error(str(e))
         return EXIT_FAILURE
+    if cfg.forward_to and not any(cfg.given(o) for o in _FORWARDING_TRIGGERS):
+        log.warning("--forward-to is given but nothing starts forwarding: messages wait in "
+                    "the spool; add --forward-on-disconnect, --poll, --immediate or --forward "
+                    "(or run --as-client from cron or an ip-up hook)")
     return _run(cfg, app)
 
 
