@@ -1,6 +1,6 @@
 # emailrelay for Python: test, install, zipapp and man page.
 #
-#   make test      install what the tests need, run the suite on python3 and 3.8
+#   make test      install what the tests need, run the suite on python3 and 3.8, lint
 #   make install   the package, launchers, man pages, config, spool and systemd units
 #   make zipapp    build emailrelay.pyz (ZIPAPP=path to put it elsewhere)
 #   make man       regenerate man/emailrelay.1 from the option table
@@ -35,6 +35,8 @@ LIBDIR = $(PREFIX)/lib/emailrelay
 SBINDIR = $(PREFIX)/sbin
 MANDIR = $(PREFIX)/share/man/man1
 TOOLS = submit passwd resubmit filter-copy sendmail
+# What flake8 checks (pyflakes and pycodestyle; settings in setup.cfg).
+LINTED = emailrelay tests bin emailrelay.py setup.py bench/forward bench/ingest bench/filters bench/c10k
 
 .PHONY: test install zipapp man clean
 
@@ -42,6 +44,7 @@ test:
 	bash tests/install-deps.sh
 	$(PYTHON) -m pytest -q tests
 	vermin -t=3.8- --no-tips --violations emailrelay emailrelay.py bin
+	$(PYTHON) -m flake8 $(LINTED)
 	@if command -v pyenv >/dev/null 2>&1; then \
 		py38=$$(pyenv prefix 3.8.18 2>/dev/null || pyenv prefix $$(pyenv versions --bare | grep '^3\.8\.' | sort -V | tail -1)); \
 		echo "== python 3.8: $$py38"; \

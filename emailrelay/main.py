@@ -307,9 +307,9 @@ def _listen(cfg, services):
 def _new_server(cfg):
     from .net import listeners
     return listeners.Server(remote_clients=cfg.remote_clients,
-                      max_connections=cfg.max_connections,
-                      max_per_address=cfg.max_connections_per_address,
-                      backlog=cfg.listen_backlog)
+                            max_connections=cfg.max_connections,
+                            max_per_address=cfg.max_connections_per_address,
+                            backlog=cfg.listen_backlog)
 
 
 def _add_sessions(server, cfg, services, interfaces):

@@ -21,7 +21,7 @@ PYTHON = sys.executable
 
 
 def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago (see Relay.start for the race)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,6 +68,15 @@ def run_emailrelay(args, timeout=60, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def alive(pid):
+    """True if `pid` runs (a zombie left for a non-reaping init counts as dead)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def spool_files(directory, suffix):
     """Sorted names in `directory` ending with `suffix` (e.g. '.envelope')."""
     return sorted(n for n in os.listdir(directory) if n.endswith(suffix))
@@ -109,20 +118,51 @@ class Relay:
             self.args += ["--no-smtp"]
         self.args += list(args)
         self.proc = None
+        self._started = False
         self._listeners = int(smtp) + int(pop) + int(admin)
         if start:
             self.start()
 
     def start(self, wait=True):
-        """Starts the program and, with `wait`, waits until every port listens."""
+        """Starts the program and, with `wait`, waits until every port listens.
+
+        A port picked by `free_port()` can be taken by another process before
+        the program binds it; the first start then picks new ports and tries
+        again, so that a busy machine does not fail the test.
+        """
+        for attempt in range(5):
+            self._spawn()
+            if not wait:
+                break
+            try:
+                self.wait_ready()
+                break
+            except AssertionError:
+                if self._started or attempt == 4 or "Address already in use" not in self.log():
+                    raise
+                self._stderr.close()
+                self._new_ports()
+        self._started = True
+        return self
+
+    def _spawn(self):
         if os.path.exists(self.log_path):
             os.rename(self.log_path, self.log_path + ".%d" % time.time_ns())
         self._stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen([PYTHON, "-m", "emailrelay"] + self.args, cwd=ROOT, env=env(),
                                      stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr)
-        if wait:
-            self.wait_ready()
-        return self
+
+    def _new_ports(self):
+        """Replaces the ports this object picked, in its arguments too."""
+        for attr, option in (("port", "--port"), ("pop_port", "--pop-port"), ("admin_port", "--admin")):
+            old = getattr(self, attr)
+            if old is None:
+                continue
+            new = free_port()
+            setattr(self, attr, new)
+            for i in range(len(self.args) - 1):
+                if self.args[i] == option and self.args[i + 1] == str(old):
+                    self.args[i + 1] = str(new)
 
     def wait_ready(self, timeout=15.0):
         """Waits for the 'listening' log lines; fails early if the program exits."""
@@ -185,6 +225,51 @@ class Relay:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class SmtpChat:
+    """A raw SMTP client: `cmd(line)` sends one line and returns the reply text.
+
+    A reply of several lines comes back joined by CR LF; a connection closed
+    by the server ends the reply with "<EOF>".
+    """
+
+    def __init__(self, port, source=None, timeout=15):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=source)
+        self.f = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self):
+        lines = []
+        while True:
+            line = self.f.readline()
+            if not line:
+                lines.append("<EOF>")
+                break
+            lines.append(line.rstrip(b"\r\n").decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                break
+        return "\r\n".join(lines)
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def cmd(self, line):
+        self.send(line.encode("utf-8") + b"\r\n")
+        return self.reply()
+
+    def message(self, body=b"Subject: t\r\n\r\nhello\r\n", from_="a@x.test", to="b@y.test"):
+        """MAIL, RCPT, DATA and the text; the list of the four replies."""
+        out = [self.cmd("MAIL FROM:<%s>" % from_), self.cmd("RCPT TO:<%s>" % to)]
+        out.append(self.cmd("DATA"))
+        if out[-1].startswith("354"):
+            self.send(body + b".\r\n")
+            out.append(self.reply())
+        return out
+
+    def close(self):
+        self.sock.close()
 
 
 def stop_process(proc, timeout=5.0):

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Installs what the test suite needs, when it is missing: pytest and
-# pytest-timeout (for python3 and for pyenv's Python 3.8), vermin, and the
+# pytest-timeout (for python3 and for pyenv's Python 3.8), vermin, flake8, and the
 # Debian packages of the real peers. Quick when everything is present; any
 # failure to install fails.
 set -euo pipefail
@@ -44,6 +44,7 @@ pip_install() { # pip_install PYTHON MODULE PACKAGE
 }
 pip_install python3 pytest pytest
 pip_install python3 pytest_timeout pytest-timeout
+pip_install python3 flake8 flake8
 if ! command -v vermin >/dev/null 2>&1; then
     echo "install-deps: installing vermin"
     python3 -m pip install -q vermin

@@ -23,9 +23,8 @@ import uuid
 import pytest
 
 import helpers
-from certs import certs  # noqa: F401  (a pytest fixture)
 from emailrelay.store import envelope
-from helpers import Relay, run_emailrelay, wait_for
+from helpers import Relay, SmtpChat, run_emailrelay, wait_for
 from test_client import put_message
 
 PASSWD = os.path.join(helpers.BIN, "emailrelay-passwd")
@@ -87,33 +86,6 @@ def plain_response(user, password):
     return base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode()).decode()
 
 
-class Chat:
-    """A raw SMTP client socket: `cmd(bytes)` sends one line and returns the reply."""
-
-    def __init__(self, port, source=None):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=source)
-        self.f = self.sock.makefile("rb")
-        self.greeting = self.reply()
-
-    def reply(self):
-        lines = []
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise EOFError("connection closed after %r" % b"".join(lines))
-            lines.append(line)
-            if line[3:4] != b"-":
-                return b"".join(lines)
-
-    def cmd(self, line):
-        self.sock.sendall(line + b"\r\n")
-        return self.reply()
-
-    def close(self):
-        self.f.close()
-        self.sock.close()
-
-
 def tls_args(certs, mode="--server-tls"):
     return [mode, "--server-tls-certificate", certs.server]
 
@@ -153,23 +125,23 @@ def test_cancelled_auth_and_injection_keep_the_session(tmp_path):
     secrets = write(tmp_path, "secrets", "server plain alice pw-alice\n")
     fake = "x\r\nemailrelay: error: FAKE LINE\r\n"
     with Relay(tmp_path, ["--server-auth", secrets]) as relay:
-        c = Chat(relay.port)
-        assert b"250-AUTH " in c.cmd(b"EHLO client.test")
+        c = SmtpChat(relay.port)
+        assert "250-AUTH " in c.cmd("EHLO client.test")
         # Cancelled exchanges (RFC 4954 '*'): 501, not counted as failures.
-        for mech in (b"LOGIN", b"CRAM-MD5", b"PLAIN"):
-            assert c.cmd(b"AUTH " + mech).startswith(b"334 ")
-            assert c.cmd(b"*") == b"501 authentication cancelled\r\n"
-        assert c.cmd(b"AUTH PLAIN *") == b"501 authentication cancelled\r\n"
+        for mech in ("LOGIN", "CRAM-MD5", "PLAIN"):
+            assert c.cmd("AUTH " + mech).startswith("334 ")
+            assert c.cmd("*") == "501 authentication cancelled"
+        assert c.cmd("AUTH PLAIN *") == "501 authentication cancelled"
         # A user name with CR LF inside the base64, and a NUL in the command line.
-        assert c.cmd(b"AUTH PLAIN " + plain_response(fake, "pw").encode()) == \
-            b"535 authentication failed\r\n"
-        assert c.cmd(b"AUTH PLAIN \0\0=") == b"535 authentication failed\r\n"
-        assert c.cmd(b"NOOP") == b"250 noop\r\n"
-        assert c.cmd(b"MAIL FROM:<a@x.test>") == b"530 authentication required\r\n"
-        assert c.cmd(b"AUTH PLAIN " + plain_response("alice", "pw-alice").encode()) == \
-            b"235 authentication successful\r\n"
-        assert c.cmd(b"MAIL FROM:<a@x.test>").startswith(b"250 ")
-        assert c.cmd(b"QUIT").startswith(b"221 ")
+        assert c.cmd("AUTH PLAIN " + plain_response(fake, "pw")) == \
+            "535 authentication failed"
+        assert c.cmd("AUTH PLAIN \0\0=") == "535 authentication failed"
+        assert c.cmd("NOOP") == "250 noop"
+        assert c.cmd("MAIL FROM:<a@x.test>") == "530 authentication required"
+        assert c.cmd("AUTH PLAIN " + plain_response("alice", "pw-alice")) == \
+            "235 authentication successful"
+        assert c.cmd("MAIL FROM:<a@x.test>").startswith("250 ")
+        assert c.cmd("QUIT").startswith("221 ")
         c.close()
         relay.wait_log(r"authenticated as alice using PLAIN")
         log = relay.log()
@@ -181,13 +153,13 @@ def test_cancelled_auth_and_injection_keep_the_session(tmp_path):
 def test_three_failures_end_the_session(tmp_path):
     secrets = write(tmp_path, "secrets", "server plain alice pw-alice\n")
     with Relay(tmp_path, ["--server-auth", secrets]) as relay:
-        c = Chat(relay.port)
-        c.cmd(b"EHLO client.test")
-        bad = b"AUTH PLAIN " + plain_response("alice", "wrong").encode()
-        assert c.cmd(bad) == b"535 authentication failed\r\n"
-        assert c.cmd(bad) == b"535 authentication failed\r\n"
-        assert c.cmd(bad) == b"421 relay.test too many authentication failures\r\n"
-        assert c.f.readline() == b""
+        c = SmtpChat(relay.port)
+        c.cmd("EHLO client.test")
+        bad = "AUTH PLAIN " + plain_response("alice", "wrong")
+        assert c.cmd(bad) == "535 authentication failed"
+        assert c.cmd(bad) == "535 authentication failed"
+        assert c.cmd(bad) == "421 relay.test too many authentication failures"
+        assert c.reply() == "<EOF>"
         c.close()
 
 
@@ -271,19 +243,19 @@ def test_trusted_address_keyword_reaches_the_verifier(tmp_path):
     secrets = write(tmp_path, "secrets", "server plain alice pw-alice\n"
                     "Server None 127.0.0.2/32 trusted-kw\n")
     with Relay(tmp_path, ["--server-auth", secrets, "--address-verifier", verifier]) as relay:
-        c = Chat(relay.port)  # from 127.0.0.1: not trusted
-        c.cmd(b"EHLO client.test")
-        assert c.cmd(b"MAIL FROM:<a@x.test>") == b"530 authentication required\r\n"
-        assert c.cmd(b"AUTH PLAIN " + plain_response("alice", "pw-alice").encode()).startswith(b"235")
-        assert c.cmd(b"MAIL FROM:<a@x.test>").startswith(b"250")
-        assert c.cmd(b"RCPT TO:<one@y.test>").startswith(b"250")
+        c = SmtpChat(relay.port)  # from 127.0.0.1: not trusted
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<a@x.test>") == "530 authentication required"
+        assert c.cmd("AUTH PLAIN " + plain_response("alice", "pw-alice")).startswith("235")
+        assert c.cmd("MAIL FROM:<a@x.test>").startswith("250")
+        assert c.cmd("RCPT TO:<one@y.test>").startswith("250")
         c.close()
-        c = Chat(relay.port, source=("127.0.0.2", 0))
-        c.cmd(b"EHLO client.test")
-        assert c.cmd(b"MAIL FROM:<t@x.test>").startswith(b"250")
-        assert c.cmd(b"RCPT TO:<two@y.test>").startswith(b"250")
-        assert c.cmd(b"DATA").startswith(b"354")
-        assert c.cmd(b"Subject: trusted\r\n\r\nhi\r\n.")== b"250 message processed\r\n"
+        c = SmtpChat(relay.port, source=("127.0.0.2", 0))
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<t@x.test>").startswith("250")
+        assert c.cmd("RCPT TO:<two@y.test>").startswith("250")
+        assert c.cmd("DATA").startswith("354")
+        assert c.cmd("Subject: trusted\r\n\r\nhi\r\n.") == "250 message processed"
         c.close()
         [(_, env, _)] = stored(relay.spool)
     assert env.from_ == "t@x.test" and env.authentication == ""
@@ -485,7 +457,7 @@ def test_client_tls_and_auth_to_relay_b(tmp_path, certs):
     for content, env, raw in messages:
         assert env.authentication == "carol" and env.mail_from_auth_in == "carol"
         assert re.match(rb"Received: from a\.test \(\[127\.0\.0\.1\]\) \(using TLSv1\.\d with cipher \S+ "
-                    rb"\(\d+/\d+ bits\)\) by relay\.test with ESMTPSA id ", content)
+                        rb"\(\d+/\d+ bits\)\) by relay\.test with ESMTPSA id ", content)
 
 
 def test_client_without_a_common_mechanism_fails_the_message(tmp_path, certs):
@@ -616,4 +588,3 @@ def test_xoauth2_bearer_token(tmp_path):
     assert auth == [b"AUTH XOAUTH2 " + expected]
     assert any(c.startswith(b"MAIL FROM:<a@x.test>") for c in responder.commands)
     assert not helpers.spool_files(spool, ".envelope")
-

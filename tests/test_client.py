@@ -26,7 +26,8 @@ class ScriptedServer:
     """A minimal SMTP server on a free port that records what it receives.
 
     `extensions`: EHLO keywords to advertise; `reject`: {address: reply}
-    for RCPT (may be changed while it runs); `port`: 0 for a free one; `mail_reply`/`data_reply`: replies to MAIL and end-of-data.
+    for RCPT (may be changed while it runs); `port`: 0 for a free one; `mail_reply`/`data_reply`:
+    replies to MAIL and end-of-data.
     `sessions` holds one dict per connection with `commands` (lines),
     `data` (raw bytes between 354 and the terminator, still dot-stuffed;
     `messages` has every one of the session)

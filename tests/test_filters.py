@@ -9,7 +9,7 @@ import time
 import pytest
 
 from emailrelay.policy import filters
-from helpers import wait_for
+from helpers import alive, wait_for
 
 
 @pytest.fixture
@@ -28,15 +28,6 @@ def content(tmp_path):
     path = tmp_path / "emailrelay.1.2.3.content"
     path.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
     return str(path)
-
-
-def alive(pid):
-    """True if `pid` runs (a zombie left for a non-reaping init counts as dead)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def run(spec, content_path, timeout=10, **kw):

@@ -15,7 +15,6 @@ import subprocess
 import pytest
 
 import helpers
-from certs import certs  # noqa: F401  (a pytest fixture)
 from test_client import ScriptedServer, put_message
 from test_forward import relay_b, read
 

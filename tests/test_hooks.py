@@ -31,4 +31,3 @@ def test_ip_up_hook_forwards_the_spool_to_the_smarthost(tmp_path):
         wait_for(lambda: smarthost.files(".envelope"), 30, what="the message at the smarthost")
         wait_for(lambda: not spool_files(str(spool), ".envelope")
                  and not spool_files(str(spool), ".busy"), 30, what="the spool to empty")
-

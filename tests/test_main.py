@@ -137,7 +137,7 @@ def test_a_missing_syslog_socket_is_said_once_on_stderr(tmp_path):
             "--spool-dir", str(tmp_path / "missing")]
     r = run_program(args + ["--log-file", str(tmp_path / "log")])
     assert r.returncode == 1
-    lines = [l for l in r.stderr.splitlines() if "syslog socket" in l]
+    lines = [x for x in r.stderr.splitlines() if "syslog socket" in x]
     assert lines == ["emailrelay: warning: no syslog socket (/dev/log): syslog lines are lost; "
                      "use --log-file, or --no-syslog to stop this warning"]
     r = run_program(args + ["--no-syslog"])
@@ -277,7 +277,7 @@ def _greeting_without_domain(tmp_path, prefix=()):
                             stderr=subprocess.PIPE)
     try:
         wait_for(lambda: proc.poll() is not None or (log_file.exists() and "smtp server on "
-                                                      in log_file.read_text()), 20, what="listening")
+                                                     in log_file.read_text()), 20, what="listening")
         assert proc.poll() is None, proc.stderr.read()
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
             ehlo = s.ehlo("client.test")[1].decode()

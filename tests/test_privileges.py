@@ -209,7 +209,7 @@ def test_interpreter_and_package_under_a_root_only_directory(tmp_path, private_d
                             universal_newlines=True)
     try:
         wait_for(lambda: proc.poll() is not None or (log_path.exists() and "server on " in
-                                                      log_path.read_text()),
+                                                     log_path.read_text()),
                  20, what="the relay to listen")
         assert proc.poll() is None, proc.stdout.read()
         send(port)

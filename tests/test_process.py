@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, env, free_port, wait_for
+from helpers import ROOT, alive, env, free_port, wait_for
 
 from emailrelay.runtime import process
 
@@ -23,14 +23,6 @@ def base_args(tmp_path, port):
     spool.mkdir(exist_ok=True)
     return ["--port", str(port), "--interface", "127.0.0.1", "--spool-dir", str(spool),
             "--no-syslog", "--user", "root"]
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class Program:

@@ -19,50 +19,9 @@ import subprocess
 import pytest
 
 import helpers
-from certs import certs  # noqa: F401  (a pytest fixture)
 from emailrelay.store import envelope
-from helpers import Relay, run_emailrelay, wait_for
+from helpers import Relay, SmtpChat, run_emailrelay, wait_for
 from test_client import ScriptedServer, dumping_sink, sink_dumps
-
-
-class Dialogue:
-    """A raw SMTP client: `cmd(line)` sends one line and returns the reply text."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        self.f = self.sock.makefile("rb")
-        self.greeting = self.reply()
-
-    def reply(self):
-        lines = []
-        while True:
-            line = self.f.readline()
-            if not line:
-                lines.append("<EOF>")
-                break
-            lines.append(line.rstrip(b"\r\n").decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                break
-        return "\r\n".join(lines)
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def cmd(self, line):
-        self.send(line.encode("utf-8") + b"\r\n")
-        return self.reply()
-
-    def message(self, body=b"Subject: t\r\n\r\nhello\r\n", from_="a@x.test", to="b@y.test"):
-        """MAIL, RCPT, DATA and the text; the list of the four replies."""
-        out = [self.cmd("MAIL FROM:<%s>" % from_), self.cmd("RCPT TO:<%s>" % to)]
-        out.append(self.cmd("DATA"))
-        if out[-1].startswith("354"):
-            self.send(body + b".\r\n")
-            out.append(self.reply())
-        return out
-
-    def close(self):
-        self.sock.close()
 
 
 def envelopes(relay):
@@ -81,7 +40,7 @@ def write(tmp_path, name, text, mode=0o700):
 
 def test_default_replies_are_emailrelay_26_texts(tmp_path):
     with Relay(tmp_path) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         assert d.greeting.startswith("220 relay.test -- E-MailRelay V")
         assert d.cmd("EHLO client.test") == (
             "250-relay.test says hello\r\n250-VRFY\r\n250-PIPELINING\r\n250 8BITMIME")
@@ -123,7 +82,7 @@ def test_enhanced_status_codes_are_an_option(tmp_path):
 
 def test_size_limit_replies(tmp_path):
     with Relay(tmp_path, ["--size", "100"]) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.cmd("MAIL FROM:<a@x.test> SIZE=1000") == \
             "552 message size exceeds fixed maximum message size"
@@ -135,7 +94,7 @@ def test_size_limit_replies(tmp_path):
 
 def test_eighth_protocol_error_drops_the_connection_without_a_reply(tmp_path):
     with Relay(tmp_path) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.send(b"".join(b"BOGUS%d\r\n" % i for i in range(10)))
         replies = [d.reply() for _ in range(9)]
         assert replies == ["500 command unrecognized"] * 8 + ["<EOF>"]
@@ -144,7 +103,7 @@ def test_eighth_protocol_error_drops_the_connection_without_a_reply(tmp_path):
 
 def test_max_bad_commands_still_gives_421(tmp_path):
     with Relay(tmp_path, ["--max-bad-commands", "2"]) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         replies = [d.cmd("BOGUS") for _ in range(3)]
         assert replies[:2] == ["500 command unrecognized"] * 2
         assert replies[2] == "421 relay.test too many errors, closing connection"
@@ -153,12 +112,12 @@ def test_max_bad_commands_still_gives_421(tmp_path):
 def test_auth_and_encryption_required_replies(tmp_path, certs):
     secrets = write(tmp_path, "secrets", "server plain alice pw-alice\n", 0o600)
     with Relay(tmp_path, ["--server-auth", secrets], name="auth") as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.cmd("MAIL FROM:<a@x.test>") == "530 authentication required"
     args = ["--server-tls", "--server-tls-certificate", certs.server, "--server-tls-required"]
     with Relay(tmp_path, args, name="tls") as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.cmd("MAIL FROM:<a@x.test>") == "530 encryption required: use starttls"
         assert d.cmd("STARTTLS") == "220 ready to start tls"
@@ -175,7 +134,7 @@ def test_auth_and_encryption_required_replies(tmp_path, certs):
 def test_filter_outcome_replies(tmp_path, script, reply, logged):
     flt = write(tmp_path, "filter", "#!/bin/sh\n" + script + "\n")
     with Relay(tmp_path, ["--filter", flt]) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.message()[-1] == reply
         assert d.cmd("NOOP") == "250 noop"
@@ -187,7 +146,7 @@ def test_filter_outcome_replies(tmp_path, script, reply, logged):
 def test_filter_timeout_is_452_error_with_emailrelay_log_line(tmp_path):
     flt = write(tmp_path, "filter", "#!/bin/sh\nexec sleep 30\n")
     with Relay(tmp_path, ["--filter", flt, "--filter-timeout", "1"]) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.message()[-1] == "452 error"
         relay.wait_log(r"filter \[%s\]: \[emailrelay\.\d+\.\d+\.\d+\]: failed response=\[error\] "
@@ -259,7 +218,7 @@ def test_chunking_smtputf8_and_nopipelining_keywords(tmp_path):
 
 def test_nostrictparsing_accepts_addresses_without_angle_brackets(tmp_path):
     with Relay(tmp_path, ["--server-smtp-config", "nostrictparsing"]) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.cmd("MAIL FROM:a@x.test") == "250 sender <a@x.test> OK"
         assert d.cmd("RCPT TO:b@y.test") == "250 recipient <b@y.test> OK"
@@ -276,7 +235,7 @@ def test_nostrictparsing_accepts_addresses_without_angle_brackets(tmp_path):
 ])
 def test_alabels_keyword(tmp_path, config, from_, to):
     with Relay(tmp_path, ["--server-smtp-config", config] if config else []) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         replies = d.message(from_="j\u00f6@b\u00fccher.example", to="r@m\u00fcnchen.example")
         assert replies[-1] == "250 message processed"
@@ -286,7 +245,7 @@ def test_alabels_keyword(tmp_path, config, from_, to):
 
 def test_smtputf8strict_keyword(tmp_path):
     with Relay(tmp_path, ["--server-smtp-config", "smtputf8strict"]) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.cmd("MAIL FROM:<j\u00f6@x.test>") == \
             "553 mailbox name not allowed: invalid character in mailbox name"
@@ -392,7 +351,7 @@ def test_5000_character_line_is_stored_and_forwarded_intact(tmp_path):
 
 def test_8bit_text_without_body_param_is_recorded_8bit_and_forwarded_with_8bitmime(tmp_path):
     with Relay(tmp_path) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.message(b"Subject: caf\xc3\xa9\r\n\r\nna\xc3\xafve\r\n")[-1] == "250 message processed"
         assert d.message(b"Subject: plain\r\n\r\nascii\r\n")[-1] == "250 message processed"
@@ -426,7 +385,7 @@ def small_disk(tmp_path):
 def test_disk_full_during_data_is_452_and_the_session_goes_on(tmp_path, small_disk):
     big = (b"x" * 998 + b"\r\n") * 3000   # 3 MB: more than the disk holds
     with Relay(tmp_path, ["--min-free-space", "0"], spool=small_disk) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.message(big) == ["250 sender <a@x.test> OK", "250 recipient <b@y.test> OK",
                                   "354 start mail input -- end with <CRLF>.<CRLF>",
@@ -443,7 +402,7 @@ def test_min_free_space_is_checked_before_each_commit(tmp_path, small_disk):
     # would leave less than 1 MiB, so it is refused at once, not a second later.
     text = (b"y" * 998 + b"\r\n") * 700
     with Relay(tmp_path, ["--min-free-space", "1024"], spool=small_disk) as relay:
-        d = Dialogue(relay.port)
+        d = SmtpChat(relay.port)
         d.cmd("EHLO client.test")
         assert d.message(text)[-1] == "250 message processed"
         assert d.message(text) == ["250 sender <a@x.test> OK", "250 recipient <b@y.test> OK",
@@ -453,4 +412,3 @@ def test_min_free_space_is_checked_before_each_commit(tmp_path, small_disk):
     assert len(relay.files(".envelope")) == 1
     st = os.statvfs(small_disk)
     assert st.f_bavail * st.f_frsize // 1024 >= 1024
-

@@ -18,7 +18,6 @@ import subprocess
 from helpers import PYTHON, ROOT, env, free_port, spool_files, stop_process, wait_for
 
 from emailrelay.store import envelope
-from certs import certs  # noqa: F401  (a pytest fixture)
 
 BASE = ["--no-syslog", "--domain", "relay.test", "--user", "root"]
 
@@ -40,7 +39,7 @@ def bsmtp(tmp_path, batch, *args):
     path = tmp_path / "batch"
     path.write_bytes(batch.encode())
     command = " ".join(shlex.quote(x) for x in [PYTHON, "-m", "emailrelay", "--bsmtp",
-                                                 "--spool-dir", str(spool)] + BASE + list(args))
+                                                "--spool-dir", str(spool)] + BASE + list(args))
     ran = subprocess.run(["sh", "-c", command + " < " + shlex.quote(str(path))], cwd=ROOT,
                          env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     replies = [x for x in ran.stdout.decode().split("\r\n") if x]

@@ -41,7 +41,7 @@ def test_submit_from_stdin(tmp_path):
     assert b"\n" not in content.replace(b"\r\n", b"")
     assert headers_of(content) == [b"from", b"subject", b"date", b"message-id"]
     fqdn = socket.getfqdn().encode()
-    assert [l for l in content.split(b"\r\n") if l.startswith(b"Message-ID:")][0].endswith(b"@" + fqdn + b">")
+    assert [x for x in content.split(b"\r\n") if x.startswith(b"Message-ID:")][0].endswith(b"@" + fqdn + b">")
     assert env.from_ == "joe@example.com"
     assert env.to_remote == ["you@example.net", "other@example.net"] and env.to_local == []
     assert env.client == "127.0.0.1:0"
@@ -88,8 +88,8 @@ def test_content_from_to_and_message_id_domain(tmp_path):
     head = content.split(b"\r\n\r\n")[0].split(b"\r\n")
     assert head[0] == b"Subject: s"
     assert b"From: me@here" in head and b"To: third@there, you@there" in head
-    assert not [l for l in head if l.startswith((b"Sender", b"\t", b"To: t@x"))]
-    assert [l for l in head if l.startswith(b"Message-ID:")][0].endswith(b"@id.example>")
+    assert not [x for x in head if x.startswith((b"Sender", b"\t", b"To: t@x"))]
+    assert [x for x in head if x.startswith(b"Message-ID:")][0].endswith(b"@id.example>")
     assert env.to_remote == ["third@there", "you@there"]
 
 

@@ -63,14 +63,6 @@ def storing_pids(relay):
     return {int(name.split(".")[1]) for name in relay.files(".envelope")}
 
 
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_one_worker_is_one_process(tmp_path):
     with helpers.Relay(tmp_path, ["--workers", "1"]) as relay:
         submit(relay.port)
@@ -139,7 +131,7 @@ def test_sigterm_stops_every_worker_with_status_0(tmp_path):
         assert relay.stop() == 0
         s.close()
         for pid in pids.values():
-            assert not alive(pid)
+            assert not helpers.alive(pid)
         assert relay.files(".envelope.new") == [] and relay.files(".busy") == []
         assert len(relay.files(".envelope")) == 1
         assert not os.path.exists(str(tmp_path / "pid"))
@@ -154,7 +146,7 @@ def test_a_killed_worker_is_logged_and_restarted(tmp_path):
         os.kill(pids[1], signal.SIGKILL)
         relay.wait_log(r"worker 1 \(pid %d\) killed by signal 9: restarting it" % pids[1])
         new = int(relay.wait_log(r"worker 1 started: pid (?!%d\b)(\d+)" % pids[1]).group(1))
-        assert alive(new) and alive(pids[2])
+        assert helpers.alive(new) and helpers.alive(pids[2])
         assert children(relay.proc.pid) == sorted([new, pids[2]])
         submit_parallel(relay.port, sessions=4, per_session=5)
         assert len(relay.files(".envelope")) == 20

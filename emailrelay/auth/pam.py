@@ -40,6 +40,7 @@ def _load():
     global _lib, _load_error
     if _lib is not None or _load_error is not None:
         return _lib
+    # Imported on first use: only a site that authenticates with PAM loads them.
     import ctypes
     import ctypes.util
     try:

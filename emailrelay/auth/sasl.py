@@ -42,9 +42,10 @@ import base64
 import binascii
 import hmac
 import os
+import socket
 import time
 
-from . import md5state
+from . import md5state, pam, secrets
 
 CLEAR_TEXT = ("PLAIN", "LOGIN")
 CRAM = {"CRAM-SHA256": "sha256", "CRAM-SHA1": "sha1", "CRAM-MD5": "md5"}
@@ -111,7 +112,6 @@ class ServerAuth:
     def __init__(self, source, config_text=None, domain=None, tls_available=False):
         """`domain` goes in CRAM challenges (default: the host name);
         `tls_available`: sessions can switch to TLS (STARTTLS, STLS)."""
-        from . import secrets
         self._pam = isinstance(source, str)
         # An auth_program.AuthProgram checks passwords itself, as PAM does.
         self._program = hasattr(source, "check")
@@ -172,7 +172,6 @@ class ServerAuth:
     def check_password(self, user, password):
         """True when `user` may log in with `password` (for POP USER/PASS)."""
         if self._pam:
-            from . import pam
             return pam.authenticate(user, password)
         if self._program:
             return self._source.check(user, password)
@@ -186,7 +185,6 @@ class ServerAuth:
 
     def _challenge(self):
         if self._domain is None:
-            import socket
             self._domain = socket.gethostname() or "localhost"  # no DNS look-up here
         return ("<%d.%d@%s>" % (int.from_bytes(os.urandom(8), "big"), int(time.time()),
                                 self._domain)).encode("ascii", "replace")

@@ -13,6 +13,9 @@ this version.
 """
 
 import os
+import socket
+
+from ..util import addresses, smtp_controls
 
 
 GROUPS = ("Basic", "SMTP client", "SMTP server", "POP server", "Admin server",
@@ -460,7 +463,6 @@ def default_domain():
     interface that outgoing connections use (such as `[192.0.2.2]`), else
     `localhost`; `domain_is_localhost()` then says so.
     """
-    import socket
     for name in (socket.getfqdn(), socket.gethostname()):
         if name and not _is_localhost(name):
             return name
@@ -740,7 +742,6 @@ def _check(v):
             raise UsageError("--%s: give it once (key and certificate in one file) or twice "
                              "(key file, then certificate file)" % name)
     if "forward-to" in v:
-        from ..util import addresses
         try:
             addresses.parse_forward_to(v["forward-to"])
         except ValueError as e:
@@ -771,7 +772,6 @@ def _check(v):
 
 def _check_zmailer_options(v):
     """Checks the operating modes and controls that come from ZMailer's smtpserver."""
-    from ..util import smtp_controls
     if v.get("inetd") and v.get("bsmtp"):
         raise UsageError("--inetd and --bsmtp cannot be used together")
     for mode in ("inetd", "bsmtp"):

@@ -6,12 +6,13 @@ the parser cannot disagree; a test checks the committed man page.
 """
 
 import sys
+import textwrap
 
 from .. import __version__
 from .options import GROUPS, OPTIONS
 
+
 def _wrap(text, width, indent):
-    import textwrap
     return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent,
                          break_on_hyphens=False, break_long_words=False)
 
@@ -63,6 +64,7 @@ def version_text(verbose):
     text = "emailrelay %s\n" % __version__
     if not verbose:
         return text
+    # Imported here, not at the top: --help and --version must not load them.
     import ctypes.util
     try:
         import ssl
@@ -302,7 +304,8 @@ def man_page():
               "emailrelay-filter-copy:"),
         ".nf",
         ".RS",
-        "emailrelay \\-\\-as\\-server \\-\\-pop \\-\\-pop\\-by\\-name \\-\\-pop\\-auth /etc/emailrelay.pop \\-\\-filter emailrelay\\-filter\\-copy",
+        "emailrelay \\-\\-as\\-server \\-\\-pop \\-\\-pop\\-by\\-name \\-\\-pop\\-auth /etc/emailrelay.pop "
+        "\\-\\-filter emailrelay\\-filter\\-copy",
         ".RE",
         ".fi",
         ".SH EXIT STATUS",

@@ -45,11 +45,12 @@ import queue
 import threading
 import time
 
+from ..auth import sasl
+from ..runtime import log, process
+from ..store import envelope as envelope_mod, spool
 from ..util import addresses
-from ..store import envelope as envelope_mod
-from ..runtime import log
-from ..runtime import process
 from ..util.stats import Stats
+from . import smtp_client
 
 
 class Events:
@@ -337,10 +338,8 @@ class Forwarder:
     # -- passes --------------------------------------------------------
 
     def _new_client(self):
-        from . import smtp_client
         auth = None
         if self.client_secret is not None:
-            from ..auth import sasl
             auth = sasl.ClientAuth(self.client_secret, self.cfg.client_auth_config)
         return smtp_client.Client(self.cfg, auth, self.tls_context)
 
@@ -355,7 +354,6 @@ class Forwarder:
         opening their content. The rest of each deletion is left to a
         helper thread (see _Deletions).
         """
-        from . import smtp_client
         result = PassResult()
         self._publish("forwarding: start")
         client = None
@@ -491,7 +489,6 @@ class Forwarder:
 
     def _prepare(self, claim, result):
         """Client filters and checks before sending; False when `claim` is settled."""
-        from ..store import spool
         if self.client_filters:
             verdict = self._run_client_filters(claim, result)
             if verdict == "skip":
@@ -532,7 +529,6 @@ class Forwarder:
 
     def _settle(self, claim, outcome, result, relay, settler=None):
         """Deletes, fails or defers `claim` after `outcome` from the next hop `relay`."""
-        from . import smtp_client
         if not outcome.ok:
             if outcome.temporary:
                 self._temporary(claim, outcome.reason, outcome.code, result)
@@ -617,7 +613,6 @@ class Forwarder:
 
     def _forward_immediate(self, session, message_id):
         """Sends one message on the session's connection; see ImmediateSession.forward()."""
-        from . import smtp_client
         result = PassResult()
         claim = self.spool.claim(message_id)
         if claim is None:
@@ -748,7 +743,6 @@ class _Deletions:
 
 def _open_content_quietly(claim):
     """Opens a claim's content ahead of its turn; a failure shows in its turn."""
-    from ..store import spool
     if claim is None:
         return
     try:

@@ -27,13 +27,14 @@ stuffing, NUL dropped); BINARYMIME goes by BDAT with its exact bytes.
 import os
 import select
 import socket
+import ssl
 
-from ..util import addresses
-from ..util import dotstuff
-from ..runtime import log
+from ..auth import sasl
 from ..config import options
-from ..util import xtext
+from ..net import socks, tls
+from ..runtime import log
 from ..store.spool import ContentError
+from ..util import addresses, dotstuff, xtext
 
 BLOCK_SIZE = dotstuff.BLOCK_SIZE
 # Bounds on a reply from the next hop (RFC 5321 4.5.3.1.5 says 512 octets
@@ -249,7 +250,6 @@ class Client:
 
     def _wrap(self, sock):
         """The TLS session on `sock`; a certificate that fails verification is permanent."""
-        import ssl
         try:
             sslsock = self.tls_context.wrap_socket(sock, server_hostname=self._server_name())
         except ssl.SSLCertVerificationError as e:
@@ -258,7 +258,6 @@ class Client:
         except ssl.SSLError as e:
             raise ConnectionFailure("tls error with %s: %s" % (self.target, e.reason or e)) from None
         if self.cfg.client_tls_verify_name:
-            from ..net import tls
             try:
                 tls.check_name(sslsock, self.cfg.client_tls_verify_name)
             except ValueError as e:
@@ -299,7 +298,6 @@ class Client:
         cfg = self.cfg
         timeout = cfg.connection_timeout if cfg.connection_timeout is not None else 40
         if self.socks_host:
-            from ..net import socks
             family, source = self._family_and_source()
             sock = socks.connect(self.socks_host, self.socks_port, self.host, self.port,
                                  timeout, source=source)
@@ -378,7 +376,6 @@ class Client:
         self._hello()
 
     def _authenticate(self):
-        from ..auth import sasl
         if not self.has_extn("auth"):
             raise ConnectionFailure("cannot do authentication: %s does not offer AUTH" % self.target,
                                     permanent=True)

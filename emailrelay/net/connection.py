@@ -8,7 +8,9 @@ a line over its limit raises `LineTooLong` after it has been consumed.
 """
 
 import os
+import select
 import socket
+import ssl
 import struct
 
 RECV_SIZE = 65536
@@ -178,7 +180,6 @@ class Connection(_Buffered):
         self.tls_cipher = self.sock.cipher()
         der = self.sock.getpeercert(binary_form=True)
         if der:
-            import ssl
             self.peer_certificate_pem = ssl.DER_cert_to_PEM_cert(der)
 
     def close(self):
@@ -211,7 +212,6 @@ class FdConnection(_Buffered):
         self._timeout = None
 
     def _recv(self):
-        import select
         try:
             ready, _, _ = select.select([self.rfd], [], [], self._timeout)
             if not ready:

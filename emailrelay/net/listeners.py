@@ -28,11 +28,11 @@ import socket
 import threading
 import time
 
-from ..util import addresses
-from .connection import (RECV_SIZE, WRITE_HIGH_WATER, Closed, Connection, FdConnection,
-                         LineTooLong, MemoryConnection, Timeout, address_pair)
-from . import interfaces
 from ..runtime import log
+from ..util import addresses
+from . import interfaces, session_loop
+from .connection import (Closed, Connection, FdConnection, LineTooLong, MemoryConnection,
+                         RECV_SIZE, Timeout, WRITE_HIGH_WATER, address_pair)
 
 
 # The connection API sessions take from here (see the module docstring).
@@ -373,7 +373,6 @@ class Server:
 
     def _session_loop(self):
         """The session loop, started on first use."""
-        from . import session_loop
         with self._lock:
             if self._loop is None:
                 self._loop = session_loop.SessionLoop(
@@ -382,7 +381,6 @@ class Server:
 
     def _park(self, lst, sock, addr, peer):
         """Hands a connection to the session loop."""
-        from . import session_loop
         loop = self._session_loop()
 
         def done():
@@ -613,4 +611,3 @@ def _ipv6_works():
         return True
     except OSError:
         return False
-

@@ -576,6 +576,7 @@ class SessionLoop:
                     self._step(entry, None, connection.Timeout())
             except Exception as e:
                 self._fail(entry, e)
+
     def _hand_off(self, entry, request):
         """STARTTLS: the conversation goes on in a thread of its own, over a blocking socket."""
         self._wait(entry, 0)
@@ -627,7 +628,6 @@ class SessionLoop:
             entry.done()
         except Exception as e:
             log.error("%s: after-session action failed: %s" % (self._name, e))
-
 
 
 class _Pool:

@@ -9,14 +9,10 @@ with a message naming the option, so start-up can report them in one line.
 """
 
 import os
+import ssl
 
 _VERSIONS = ("tlsv1.0", "tlsv1.1", "tlsv1.2", "tlsv1.3")
 DEFAULT_CA = "<default>"
-
-
-def _ssl():
-    import ssl
-    return ssl
 
 
 def _as_list(value):
@@ -33,7 +29,6 @@ def _apply_tls_config(ctx, text):
     `openssl` is accepted (it is the only library); anything else is a
     ValueError, never silently ignored.
     """
-    ssl = _ssl()
     names = {"tlsv1.0": ssl.TLSVersion.TLSv1, "tlsv1.1": ssl.TLSVersion.TLSv1_1,
              "tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
     for value in _as_list(text):
@@ -69,14 +64,12 @@ def _load_certificate(ctx, files, option):
 
 def _file_error(e):
     """An OSError or ssl.SSLError from loading a file, as a short reason."""
-    import ssl
     if isinstance(e, ssl.SSLError):
         return "not a usable PEM key and certificate (%s)" % (e.reason or e)
     return e.strerror or str(e)
 
 
 def _load_verify(ctx, ca, purpose):
-    ssl = _ssl()
     ctx.verify_mode = ssl.CERT_REQUIRED
     if ca == DEFAULT_CA:
         ctx.load_default_certs(purpose)
@@ -97,7 +90,6 @@ def server_context(cfg):
     """
     if not (cfg.server_tls or cfg.server_tls_connection):
         return None
-    ssl = _ssl()
     if not _as_list(cfg.server_tls_certificate):
         raise ValueError("--server-tls needs --server-tls-certificate")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -118,7 +110,6 @@ def client_context(cfg):
     """
     if not (cfg.client_tls or cfg.client_tls_connection or cfg.client_tls_required):
         return None
-    ssl = _ssl()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

@@ -18,9 +18,8 @@ import os
 import signal
 import subprocess
 
+from ..runtime import log, process
 from . import filters
-from ..runtime import log
-from ..runtime import process
 
 
 class AuthProgram:

@@ -38,9 +38,8 @@ import select
 import socket
 import time
 
-from ..util import addresses
-from ..util import dns
 from ..runtime import log
+from ..util import addresses, dns
 
 DEFAULT_THRESHOLD = 1
 DEFAULT_TIMEOUT_MS = 5000

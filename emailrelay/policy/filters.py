@@ -56,13 +56,14 @@ A cancelled message is not an error even if its files have gone.
 """
 
 import os
+import selectors
 import shlex
+import signal
+import subprocess
 import time
 
-from ..runtime import log
-from . import requestclient
-from . import spamc
-from ..runtime import process
+from ..runtime import log, process
+from . import requestclient, spamc
 
 OUTPUT_LIMIT = 4000
 DEFAULT_REASON = "rejected"
@@ -132,7 +133,6 @@ def run_program(argv, timeout):
     With --debug the command line and how it ended are logged.
     """
     result = _run_program(argv, timeout)
-    from ..runtime import log
     if log.debug_enabled():
         log.debug("ran %s: %s" % (" ".join(argv), "exit %d" % result.code if result.code is not None
                                   else result.error))
@@ -140,9 +140,6 @@ def run_program(argv, timeout):
 
 
 def _run_program(argv, timeout):
-    import selectors
-    import signal
-    import subprocess
     env = {"PATH": FILTER_ENV_PATH, "IFS": " \t\n"}
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

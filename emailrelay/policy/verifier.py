@@ -40,9 +40,8 @@ a permanent error there, but a temporary one loses no mail.
 
 import threading
 
-from . import filters
 from ..runtime import log
-from . import requestclient
+from . import filters, requestclient
 
 VERSION = "2.0"
 

@@ -36,9 +36,13 @@ terminal. The caller never has to remember: modules may still call
 """
 
 import os
+import stat
 import sys
+import syslog
 import threading
 import time
+
+from . import process
 
 _LEVELS = {"error": 0, "warning": 1, "info": 2, "verbose": 3, "debug": 4}
 _SYSLOG_PRIORITY = {"error": "LOG_ERR", "warning": "LOG_WARNING", "info": "LOG_INFO",
@@ -133,7 +137,6 @@ def configure(cfg):
 
 
 def _is_socket(path):
-    import stat
     try:
         return stat.S_ISSOCK(os.stat(path).st_mode)
     except OSError:
@@ -219,7 +222,6 @@ def _path_for(pattern, local_time):
 
 def _open_file(path):
     global _file, _file_path
-    from . import process
     # Appending whole lines with one unbuffered write keeps lines intact
     # even when another process logs to the same file.
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
@@ -255,7 +257,6 @@ def _close_file():
 
 def _open_syslog(facility):
     global _syslog
-    import syslog
     syslog.openlog("emailrelay", syslog.LOG_PID,
                    getattr(syslog, "LOG_" + facility.upper(), syslog.LOG_MAIL))
     _syslog = syslog

@@ -14,7 +14,11 @@
 - `Signals` turns SIGTERM/SIGINT and SIGHUP into flags, nothing more.
 """
 
+import ctypes
+import functools
 import os
+import platform
+import pwd
 import signal
 import socket
 import sys
@@ -180,12 +184,10 @@ def _thread_calls():
     """(seteuid, setegid) for the calling thread only, or None where not known."""
     if not sys.platform.startswith("linux"):
         return None
-    import platform
     numbers = _RES_CALLS.get(platform.machine())
     if numbers is None:
         return None
     try:
-        import ctypes
         syscall = ctypes.CDLL(None, use_errno=True).syscall
     except (OSError, AttributeError):
         return None
@@ -298,7 +300,6 @@ def forked_child():
 
 def spool_privileged(function):
     """Decorates a spool operation to run in a root window (user id only)."""
-    import functools
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -315,7 +316,6 @@ def user_entry(name):
     """
     if os.geteuid() != 0 or not name or name == "root":
         return None
-    import pwd
     try:
         return pwd.getpwnam(name)
     except KeyError:

@@ -16,14 +16,14 @@ ADMIN_IDLE_TIMEOUT seconds (someone typing at a telnet prompt needs longer
 than the SMTP default). An idle session gets `error: idle timeout` and is
 closed. A session that has asked for `notify` is watching, not idle: it has
 no timeout from then on. Admin connections have their own connection budget
-(see listeners.Server), so idle ones never lock out SMTP or POP clients.
+(see net.listeners.Server), so idle ones never lock out SMTP or POP clients.
 """
 
 import os
 import threading
 
+from ..net import connection
 from ..runtime import log
-from ..net import connection, listeners
 from ..store import spool_listing
 from ..util import parts
 from . import session_core

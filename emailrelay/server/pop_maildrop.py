@@ -22,8 +22,7 @@ import os
 import stat
 import threading
 
-from ..runtime import log
-from ..runtime import process
+from ..runtime import log, process
 
 LOCK_FILE = ".emailrelay-pop.lock"
 

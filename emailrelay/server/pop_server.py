@@ -35,11 +35,9 @@ import itertools
 import os
 import time
 
-from ..util import dotstuff
-from ..runtime import log
-from ..util import parts
-from ..runtime import process
 from ..auth import sasl
+from ..runtime import log, process
+from ..util import dotstuff, parts
 from . import session_core
 from .pop_maildrop import Maildrop, MaildropError, maildrop_directory, open_content
 

@@ -30,8 +30,8 @@ requests. `Drop` ends a session from anywhere, after the queued replies.
 
 import collections
 
+from ..net import connection, session_loop
 from ..runtime import log
-from ..net import connection
 
 DONE = "DONE"
 # Failed logins a session may have before it is closed (either protocol).
@@ -166,7 +166,6 @@ class LineSession:
 
     def run(self):
         """Runs the whole conversation in this thread over a blocking connection."""
-        from ..net import session_loop
         session_loop.drive(self, getattr(self.services, "stop_event", None))
 
     def conversation(self):

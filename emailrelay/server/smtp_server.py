@@ -31,15 +31,14 @@ import errno
 import os
 import re
 
-from ..store import envelope
-from ..runtime import log
+from .. import __version__
+from ..auth import sasl
 from ..config import options
-from ..util import parts
-from . import session_core
-from ..util import smtp_controls
-from . import smtp_text
+from ..runtime import log
+from ..store import envelope, spool
+from ..util import parts, smtp_controls
 from ..util.smtp_syntax import parse_params, parse_path, rfc5322_date, to_alabels
-from ..store import spool
+from . import session_core, smtp_text
 
 START, GREETED, MAIL, RCPT, BDAT = "START", "GREETED", "MAIL", "RCPT", "BDAT"
 DONE = session_core.DONE
@@ -53,6 +52,7 @@ PROTOCOL_ERROR_LIMIT = 8
 _ENHANCED_CODE = re.compile(r"^(\d{3}[ -])\d\.\d{1,3}\.\d{1,3}(?: |(?=\r|$))", re.M)
 OUT_OF_SEQUENCE = "503 5.5.1 command out of sequence -- use RSET to resynchronise"
 NO_STORAGE = "452 4.3.1 insufficient system storage"
+
 
 def plain_reply(text):
     """`text` (one reply, perhaps multi-line) without its RFC 3463 enhanced codes.
@@ -262,13 +262,11 @@ class SmtpSession(session_core.LineSession):
 
     def _greeting(self):
         if self.cfg.greeting:
-            from .. import __version__
             lines = [smtp_controls.expand_greeting(text, self.domain, __version__, rfc5322_date())
                      for text in self.cfg.greeting]
             return "".join("220-%s\r\n" % x for x in lines[:-1]) + "220 " + lines[-1]
         if "server" in self.anonymous:
             return "220 %s -- Service ready" % self.domain
-        from .. import __version__
         return "220 %s -- E-MailRelay V%s -- Service ready" % (self.domain, __version__)
 
     # ----- transaction state --------------------------------------------
@@ -379,7 +377,7 @@ class SmtpSession(session_core.LineSession):
         # --help-text lines follow the command list in one multi-line reply.
         lines = ["commands: %s" % " ".join(verbs)] + list(self.services.help_text)
         self.reply("".join(("214-2.0.0 " + x).rstrip() + "\r\n" for x in lines[:-1])
-                    + ("214 2.0.0 " + lines[-1]).rstrip())
+                   + ("214 2.0.0 " + lines[-1]).rstrip())
 
     def smtp_MAIL(self, arg):
         starttls = self.available("STARTTLS")
@@ -387,7 +385,7 @@ class SmtpSession(session_core.LineSession):
         if (self.services.server_auth is not None and self.auth_user is None
                 and self._trusted() is None):
             self.reply("530 5.7.0 authentication required"
-                        + (": use starttls" if tls_missing and starttls else ""))
+                       + (": use starttls" if tls_missing and starttls else ""))
             return
         if tls_missing:
             self.reply("530 5.7.0 encryption required" + (": use starttls" if starttls else ""))
@@ -553,7 +551,6 @@ class SmtpSession(session_core.LineSession):
         return self.start_tls(self.services.tls_context)
 
     def smtp_AUTH(self, arg):
-        from ..auth import sasl
         if self.auth_user is not None:
             self.bad(OUT_OF_SEQUENCE)
             return

@@ -26,10 +26,9 @@ does for network sessions.
 import os
 import socket
 
-from ..util import addresses
-from ..runtime import log
 from ..net import connection
-from ..util import smtp_controls
+from ..runtime import log
+from ..util import addresses, smtp_controls
 from . import smtp_server
 
 EXIT_OK = 0
@@ -100,7 +99,7 @@ def _inetd_connection(test_ip):
             peer = local = None
         if peer is not None:
             return connection.Connection(sock, peer=(test_ip, peer[1]) if test_ip else peer,
-                                  local=local)
+                                         local=local)
     if sock is not None and sock.family == socket.AF_UNIX:
         # socat EXEC:/SYSTEM: and ssh give a socketpair: a socket without an address.
         return connection.Connection(sock, peer=(test_ip or "unknown", 0), local=("unknown", 0))

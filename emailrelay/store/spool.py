@@ -45,11 +45,11 @@ import time
 
 from ..runtime import process
 from . import spool_files
-from .envelope import SIZE_LIMIT, Envelope, EnvelopeError
+from .envelope import Envelope, EnvelopeError, SIZE_LIMIT
 from .spool_claim import Claim
-from .spool_files import (BAD, BUSY, CONTENT, CONTENT_ORPHAN, NEW, ORPHAN, READY, STATES,
-                          WRITE_BLOCK, ContentError, SpoolError, content_shared, create_file,
-                          debug, fsync_directory, unlink_quietly, waited, write_file_durably)
+from .spool_files import (BAD, BUSY, CONTENT, CONTENT_ORPHAN, ContentError, NEW, ORPHAN, READY,
+                          STATES, SpoolError, WRITE_BLOCK, content_shared, create_file, debug,
+                          fsync_directory, unlink_quietly, waited, write_file_durably)
 from .spool_message import NewMessage
 
 # What other modules take from here, besides Spool.
@@ -370,7 +370,7 @@ class Spool:
             except FileNotFoundError:
                 continue
             spool_files.log_event("warning", "spool: content with no envelope moved aside: %s"
-                 % (message_id + CONTENT_ORPHAN))
+                                  % (message_id + CONTENT_ORPHAN))
 
     def _recover_new(self, message_id, path):
         if _writer_alive(message_id):
@@ -383,7 +383,7 @@ class Spool:
         finally:
             os.close(fd)
         spool_files.log_event("warning", "spool: unfinished message moved aside: %s (content %s)"
-             % (message_id + ORPHAN, message_id + CONTENT))
+                              % (message_id + ORPHAN, message_id + CONTENT))
 
     def _recover_busy(self, message_id, path):
         fd = _try_lock(path)
@@ -420,5 +420,3 @@ def _read_fd(fd):
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
-
-

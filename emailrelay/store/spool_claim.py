@@ -11,7 +11,7 @@ import stat
 from ..runtime import process
 from . import spool_files
 from .envelope import Envelope, reason_lines
-from .spool_files import (BAD, BUSY, CONTENT, READY, ContentError, content_shared, create_file,
+from .spool_files import (BAD, BUSY, CONTENT, ContentError, READY, content_shared, create_file,
                           debug, unlink_quietly, write_all)
 
 
@@ -132,7 +132,7 @@ class Claim:
             bad = self.spool.path(self.id, BAD)
             os.rename(self.envelope_path, bad)
             spool_files.log_event("info", "spool: failing envelope [%s] -> [%s]"
-                 % (os.path.basename(self.envelope_path), os.path.basename(bad)))
+                                  % (os.path.basename(self.envelope_path), os.path.basename(bad)))
         finally:
             self._unlock()
         debug(self.id, "failed (.envelope.bad): %s" % reason)

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 
-from ..runtime import process
+from ..runtime import log, process
 
 FILE_MODE = 0o660
 NEW, READY, BUSY, BAD, LOCAL = ".envelope.new", ".envelope", ".envelope.busy", ".envelope.bad", ".envelope.local"
@@ -39,13 +39,11 @@ class ContentError(SpoolError):
 
 def log_event(level, message):
     """Logs `message` at `level` ('info', 'warning', 'error')."""
-    from ..runtime import log
     getattr(log, level)(message)
 
 
 def debug(message_id, change):
     """Logs a state change with --debug."""
-    from ..runtime import log
     if log.debug_enabled():
         log.debug("spool: %s: %s" % (message_id, change))
 

@@ -8,7 +8,7 @@ import fcntl
 import os
 
 from ..runtime import process
-from .spool_files import (LOCAL, NEW, READY, WRITE_BLOCK, SpoolError, create_file, datasync, debug,
+from .spool_files import (LOCAL, NEW, READY, SpoolError, WRITE_BLOCK, create_file, datasync, debug,
                           fsync, fsync_directory, identity, log_event, unlink_quietly, write_all,
                           write_file_durably)
 
@@ -142,7 +142,7 @@ class NewMessage:
         self._release_envelope()
         self._done = True
         debug(self.id, "committed (%d octets)%s" % (self.size, " with a .local copy"
-                                                      if env.to_local else ""))
+                                                    if env.to_local else ""))
         return self.id
 
     def _uncommit(self, renamed, copy):

@@ -11,7 +11,11 @@ base64), `-d/--dotted` (the older dotted-decimal form), `-p/--password PWD`
 
 import base64
 import binascii
+import getpass
 import sys
+
+from ..auth import md5state
+from ..util import xtext
 
 USAGE = """usage: emailrelay-passwd [-H <function>] [-b] [-d] [-p <pwd>]
 
@@ -55,15 +59,12 @@ def _parse(argv):
 
 def _read_password():
     if sys.stdin.isatty():
-        import getpass
         return getpass.getpass("password: ")
     return sys.stdin.buffer.readline().decode("utf-8", "surrogateescape")
 
 
 def run(argv=None):
     """Runs the tool with `argv` (default sys.argv[1:]); returns the exit status."""
-    from ..auth import md5state
-    from ..util import xtext
     try:
         opts = _parse(sys.argv[1:] if argv is None else argv)
     except _Usage as e:

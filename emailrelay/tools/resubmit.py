@@ -83,7 +83,7 @@ def run(argv=None):
 
     def report(name, count, retried):
         print("%s: %d failure%s: %s" % (name, count, "" if count == 1 else "s",
-                                         "resubmitted" if retried else "left (retry limit reached)"))
+                                        "resubmitted" if retried else "left (retry limit reached)"))
     try:
         resubmit(spool_dir, args.retries, report if args.verbose else None)
     except OSError as e:

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import sys
+from email.utils import formatdate, make_msgid, parseaddr
 
 from ..store import envelope, spool
 from ..util import xtext
@@ -171,14 +172,12 @@ def _copy_input(stream, writer, dot_ends=True):
 
 
 def _header_address(value):
-    from email.utils import parseaddr
     text = value.decode("utf-8", "replace").replace("\r", "").replace("\n", "")
     return parseaddr(text)[1] or text.strip()
 
 
 def _synthetic(args, from_addr, recipients):
     def headers(seen):
-        from email.utils import formatdate, make_msgid
         out = []
         if args.content_from:
             out.append(b"From: " + from_addr.encode("utf-8"))

@@ -82,7 +82,6 @@ def blocks(f, block_size=BLOCK_SIZE):
     yield stuffer.end()
 
 
-
 def normalise_lines(blocks):
     """Yields the text of `blocks` as `Stuffer` makes it, a line at a time.
 

@@ -1,0 +1,88 @@
+"""The package's layers: folders, and which folder may import which.
+
+Layers, lowest first, each a folder of emailrelay/: util, runtime, config,
+store, auth, policy, net, server, forward. A module imports from its own
+folder or lower ones, never higher; `main` (the wiring) and `tools` sit on
+top. docs/internals.md describes the same order.
+"""
+
+import ast
+import os
+
+from helpers import ROOT
+
+LAYERS = ["util", "runtime", "config", "store", "auth", "policy", "net", "server", "forward"]
+PACKAGE = os.path.join(ROOT, "emailrelay")
+
+
+def modules():
+    """(folder or None for the top, dotted name, path) of every module in the package."""
+    found = []
+    for folder, _, files in os.walk(PACKAGE):
+        rel = os.path.relpath(folder, PACKAGE)
+        for name in files:
+            if name.endswith(".py"):
+                parts = [] if rel == "." else rel.split(os.sep)
+                dotted = ".".join(["emailrelay"] + parts + [name[:-3]])
+                found.append((parts[0] if parts else None, dotted, os.path.join(folder, name)))
+    return found
+
+
+def imports(dotted, path):
+    """(line, absolute module name) of every import of a package module in `path`."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    package = dotted.split(".")[:-1] if not path.endswith("__init__.py") else dotted.split(".")
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("emailrelay"):
+                continue
+            if node.module is None or target.count(".") < 2:
+                out += [(node.lineno, target + "." + a.name) for a in node.names]
+            else:
+                out.append((node.lineno, target))
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.startswith("emailrelay")]
+    return out
+
+
+def folder_of(module):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else None
+
+
+def test_every_module_but_the_wiring_lives_in_a_layer_folder():
+    loose = [dotted for folder, dotted, _ in modules()
+             if folder is None and dotted not in ("emailrelay.__init__", "emailrelay.__main__",
+                                                  "emailrelay.main")]
+    folders = {folder for folder, _, _ in modules() if folder}
+    assert loose == []
+    assert folders == set(LAYERS) | {"tools"}
+
+
+def test_no_layer_imports_a_higher_one():
+    upward = []
+    for folder, dotted, path in modules():
+        if folder not in LAYERS:
+            continue
+        for line, target in imports(dotted, path):
+            other = folder_of(target)
+            if other is None and target != "emailrelay.__version__":
+                upward.append("%s:%d imports %s (above every layer)" % (dotted, line, target))
+            elif other is not None and LAYERS.index(other) > LAYERS.index(folder):
+                upward.append("%s:%d imports %s" % (dotted, line, target))
+    assert upward == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    path = tmp_path / "spool.py"
+    path.write_text("from ..server import smtp_server\nfrom . import envelope\n")
+    found = imports("emailrelay.store.spool", str(path))
+    assert found == [(1, "emailrelay.server.smtp_server"), (2, "emailrelay.store.envelope")]
+    assert LAYERS.index(folder_of(found[0][1])) > LAYERS.index("store")
