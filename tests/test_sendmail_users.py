@@ -49,6 +49,8 @@ def daemon(tmp_path, conf):
     relay.args = [conf, "--no-daemon", "--log", "--verbose", "--no-syslog",
                   "--log-file", relay.log_path]
     relay.spool = os.path.join(os.path.dirname(conf), "spool")
+    with open(conf) as f:
+        relay._listeners = 1 + int("\nadmin " in f.read())
     return relay.start()
 
 

@@ -2,10 +2,12 @@
 
 `entries(spool)` describes every message in the spool directory, oldest
 first, as `Entry` tuples; `line(entry)` is its one-line text, in the
-`key=value` shape of the log lines:
+`key=value` shape of the log lines (the second message's line is
+folded here):
 
     emailrelay.123.1700000000.1 ready size=1234 from=<a@x.example> to=<b@y.example>
-    emailrelay.123.1700000000.2 deferred size=980 from=<a@x.example> to=<c@y.example> attempts=2 next=2026-12-04T10:15:00+0000 reason=(452 4.3.1 mailbox busy)
+    emailrelay.123.1700000000.2 deferred size=980 from=<a@x.example> to=<c@y.example>
+        attempts=2 next=2026-12-04T10:15:00+0000 reason=(452 4.3.1 mailbox busy)
     emailrelay.123.1700000000.3 bad size=512 from=<a@x.example> to=<d@y.example> reason=(550 5.1.1 no such user)
 
 States: `new` (being received or filtered), `ready` (waiting to be
