@@ -160,12 +160,25 @@ def _load_secrets(path, what):
         raise StartupError("%s: %s" % (what, e)) from None
 
 
-def _server_auth(holder, cfg, what):
+def _server_auth(holder, cfg, what, smtp=False):
+    """The sasl.ServerAuth for a secrets source (`smtp`: the SMTP server's, which
+    --server-smtp-config auth-login-also-without-tls concerns); raises StartupError."""
     from .auth import sasl
+    from .config import options
+    from .runtime import log
+    without_tls = smtp and options.smtp_config(
+        cfg.server_smtp_config, options.SERVER_SMTP_KEYWORDS)["auth-login-also-without-tls"]
+    if (smtp and not without_tls and not (cfg.server_tls or cfg.server_tls_connection)
+            and (cfg.server_auth_program or cfg.server_auth == "/pam")):
+        # Not an error (a site may add TLS later), but every MAIL would get 530.
+        log.warning("%s: AUTH PLAIN and LOGIN are offered only over TLS and there is no "
+                    "--server-tls: clients cannot authenticate; give --server-tls, or "
+                    "--server-smtp-config auth-login-also-without-tls to offer them "
+                    "without TLS" % what)
     try:
         # With --server-tls, PLAIN and LOGIN wait for STARTTLS/STLS (sasl.py).
         return sasl.ServerAuth(holder, cfg.server_auth_config, domain=cfg.domain,
-                               tls_available=bool(cfg.server_tls))
+                               tls_available=bool(cfg.server_tls), without_tls=without_tls)
     except ValueError as e:
         raise StartupError("%s: %s" % (what, e)) from None
 
@@ -206,7 +219,8 @@ def _build(cfg):
 
     if cfg.server_auth:
         services.server_secrets = _load_secrets(cfg.server_auth, "--server-auth")
-        services.server_auth = _server_auth(services.server_secrets, cfg, "--server-auth")
+        services.server_auth = _server_auth(services.server_secrets, cfg, "--server-auth",
+                                            smtp=True)
         _check_server_secrets(services.server_secrets, "--server-auth")
     if cfg.server_auth_program:
         from .policy import auth_program
@@ -214,7 +228,7 @@ def _build(cfg):
             raise StartupError("--server-auth-program: cannot execute %s" % cfg.server_auth_program)
         services.server_auth = _server_auth(
             auth_program.AuthProgram(cfg.server_auth_program, cfg.filter_timeout), cfg,
-            "--server-auth-program")
+            "--server-auth-program", smtp=True)
     _build_controls(cfg, services)
     if cfg.pop_auth:
         services.pop_secrets = _load_secrets(cfg.pop_auth, "--pop-auth")
@@ -322,8 +336,10 @@ def _add_sessions(server, cfg, services, interfaces):
                    lambda conn: smtp_server.SmtpSession(conn, smtp).run(),
                    conversation=lambda conn: smtp_server.SmtpSession(conn, smtp),
                    tls_context=implicit,
+                   # ZMailer's MaxParallelConnections reply (seed 004): the
+                   # limit comes from there, E-MailRelay 2.6 has none.
                    busy_reply=smtp_server.reply_bytes(
-                       cfg, "421 4.3.2 too many connections, try again later"),
+                       cfg, "450 4.3.2 Too many simultaneous connections"),
                    address_busy_reply=smtp_server.reply_bytes(
                        cfg, "450 4.7.0 too many connections from your address"),
                    refused_reply=smtp_server.reply_bytes(

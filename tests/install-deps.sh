@@ -19,6 +19,7 @@ need openssl openssl
 need curl curl
 need /usr/sbin/sshd openssh-server
 need /usr/sbin/spamd spamd
+need /usr/bin/spamassassin spamassassin
 need /usr/sbin/dnsmasq dnsmasq-base
 need ip iproute2
 need /etc/pam.d/common-auth libpam-runtime

@@ -152,13 +152,14 @@ def scripted():
         s.close()
 
 
-def dumping_sink(port, directory, count=100):
+def dumping_sink(port, directory, count=100, extra=()):
     """smtp-sink writing one file per message into `directory` (a real next hop).
 
     Runs as root (`-u root`) so it can write into pytest's private temp dirs.
     """
     args = ["smtp-sink"] + (["-u", "root"] if os.geteuid() == 0 else [])
-    proc = subprocess.Popen(args + ["-d", str(directory) + "/m.", "127.0.0.1:%d" % port, str(count)],
+    proc = subprocess.Popen(args + list(extra) + ["-d", str(directory) + "/m.",
+                                                  "127.0.0.1:%d" % port, str(count)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     helpers.wait_port(port)
     return proc

@@ -6,6 +6,7 @@ forwarded to a UDP socket that never answers. Clients connect from
 exemption turned off through EMAILRELAY_DNSBL_CHECK_LOCAL=1.
 """
 
+import smtplib
 import socket
 import subprocess
 import time
@@ -82,6 +83,26 @@ def test_listed_client_is_refused_with_the_lists(tmp_path, dns_server, check_loc
         relay.wait_log(r"warning: dnsbl: client address \[127\.0\.0\.2\] blocked by \[bl\.test\]")
         assert greeting(relay.port, "127.0.0.3").startswith("220 ")
         relay.wait_log(r"dnsbl: address \[127\.0\.0\.3\] allowed by \[ok\.test\]")
+
+
+def test_rejection_delayed_to_rcpt(tmp_path, dns_server, check_local):
+    # Seed 004's "delayed rejection by RBL": the client is greeted, its MAIL
+    # accepted and every recipient refused with a 5xx it can log.
+    args = ["--dnsbl", "bl.test,1,5000," + dns_server, "-Z", "rcpt-dns-rbl"]
+    with Relay(tmp_path, args) as relay:
+        with smtplib.SMTP(timeout=20, source_address=("127.0.0.2", 0)) as c:
+            assert c.connect("127.0.0.1", relay.port)[0] == 220
+            assert c.ehlo("client.test")[0] == 250
+            assert c.mail("a@x.test")[0] == 250
+            for rcpt in ("b@y.test", "c@y.test"):
+                assert c.rcpt(rcpt) == (
+                    550, b"client address 127.0.0.2 is blocked by bl.test")
+            assert c.docmd("DATA")[0] == 554
+        with smtplib.SMTP(timeout=20, source_address=("127.0.0.3", 0)) as c:
+            c.connect("127.0.0.1", relay.port)
+            c.sendmail("a@x.test", ["b@y.test"], "Subject: ok\r\n\r\nbody\r\n")
+        assert len(relay.files(".envelope")) == 1
+        assert "dnsbl: client address [127.0.0.2] blocked by [bl.test]" in relay.log()
 
 
 def test_threshold_two_needs_two_lists(tmp_path, dns_server, check_local):

@@ -302,7 +302,6 @@ BAD = [
     (["--client-tls", "--client-tls-connection"], "cannot be used together"),
     (["--pop-by-name"], "--pop-by-name needs --pop"),
     (["--pop-no-delete"], "--pop-no-delete needs --pop"),
-    (["--pop"], "--pop needs --pop-auth"),
     (["--admin-terminate"], "--admin-terminate needs --admin"),
     (["--no-smtp", "--immediate", "--forward-to", "h:25"], "--immediate needs the SMTP server"),
     (["--as-server", "--as-client", "h:25"], "--as-server and --as-client cannot be used"),

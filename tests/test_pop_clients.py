@@ -281,3 +281,42 @@ def test_by_name_unknown_or_unsafe_users_are_refused(tmp_path):
         with pytest.raises(poplib.error_proto, match=r"outside the spool"):
             pop(r, "bob", "s3cret")
         assert os.listdir(str(outside)) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private mount namespace")
+def test_the_user_guides_pop_only_recipe(tmp_path):
+    # Seed 001: "emailrelay --pop --no-smtp --log --close-stderr", which
+    # reads the POP accounts from /etc/emailrelay.auth. The file is put
+    # there in a mount namespace of the test's own (an overlay on /etc),
+    # so the host's /etc is never touched.
+    from helpers import PYTHON, ROOT, env, free_port
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    (upper / "emailrelay.auth").write_text("server plain alice secret\n")
+    port = free_port()
+    pid_file = tmp_path / "pid"
+    log_file = tmp_path / "log"
+    recipe = "emailrelay --pop --no-smtp --log --close-stderr"
+    script = ("mount -t overlay overlay -o lowerdir=/etc,upperdir=%s,workdir=%s /etc && "
+              "exec %s -m %s --pop-port %d --spool-dir %s --pid-file %s --log-file %s "
+              "--interface 127.0.0.1" % (upper, work, PYTHON, recipe, port, spool, pid_file,
+                                         log_file))
+    started = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                             cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert started.returncode == 0, started.stdout
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), what="the pid file")
+    pid = int(pid_file.read_text())
+    try:
+        wait_for(lambda: "pop server on" in log_file.read_text(), what="the POP server")
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        pop.user("alice")
+        assert pop.pass_("secret").startswith(b"+OK")
+        assert pop.stat() == (0, 0)
+        pop.quit()
+    finally:
+        os.kill(pid, 15)
+        wait_for(lambda: not pid_file.exists(), what="the daemon to stop")

@@ -47,13 +47,15 @@ def test_pipelined_commands_around_a_verifier_get_their_replies_in_order(tmp_pat
             f.readline()
             s.sendall(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
                       b"RCPT TO:<c@y.test>\r\nDATA\r\n")
-            lines = [f.readline() for _ in range(8)]
+            while f.readline().startswith(b"250-"):
+                pass    # the EHLO reply, up to its last line
+            lines = [f.readline() for _ in range(4)]
             s.sendall(b"hi\r\n.\r\nQUIT\r\n")
             lines += [f.readline(), f.readline()]
-    assert lines[4:] == [b"250 sender <a@x.test> OK\r\n", b"250 recipient <b@y.test> OK\r\n",
-                         b"250 recipient <c@y.test> OK\r\n",
-                         b"354 start mail input -- end with <CRLF>.<CRLF>\r\n",
-                         b"250 message processed\r\n", b"221 OK\r\n"]
+    assert lines == [b"250 sender <a@x.test> OK\r\n", b"250 recipient <b@y.test> OK\r\n",
+                     b"250 recipient <c@y.test> OK\r\n",
+                     b"354 start mail input -- end with <CRLF>.<CRLF>\r\n",
+                     b"250 message processed\r\n", b"221 OK\r\n"]
 
 
 class _Pair:

@@ -43,7 +43,8 @@ def test_default_replies_are_emailrelay_26_texts(tmp_path):
         d = SmtpChat(relay.port)
         assert d.greeting.startswith("220 relay.test -- E-MailRelay V")
         assert d.cmd("EHLO client.test") == (
-            "250-relay.test says hello\r\n250-VRFY\r\n250-PIPELINING\r\n250 8BITMIME")
+            "250-relay.test says hello\r\n250-VRFY\r\n250-PIPELINING\r\n250-DSN\r\n"
+            "250 8BITMIME")
         assert d.cmd("NOOP") == "250 noop"
         assert d.cmd("RSET") == "250 state reset"
         assert d.cmd("HELO client.test") == "250 hello"

@@ -158,11 +158,19 @@ def test_greeting_macros(tmp_path):
     assert re.match(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\Z", m.group(2))
 
 
+def test_greeting_ident_and_language_macros_expand_to_nothing(tmp_path):
+    # Seed 004's %I (+IDENT after an ident look-up) and %X (the translation
+    # table): this server does neither.
+    with Relay(tmp_path, ["--greeting", "%H ESMTP%I ready%X"]) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            assert read_reply(s.makefile("rb")) == b"220 relay.test ESMTP ready\r\n"
+
+
 def test_greeting_with_an_unknown_macro_is_a_usage_error(tmp_path):
     from helpers import run_emailrelay
-    ran = run_emailrelay(["--greeting", "%H at %X", "--spool-dir", str(tmp_path)])
+    ran = run_emailrelay(["--greeting", "%H at %Q", "--spool-dir", str(tmp_path)])
     assert ran.returncode == 2
-    assert "--greeting: unknown macro %X (expected %H, %V, %T or %%)" in ran.stderr
+    assert "--greeting: unknown macro %Q (expected %H, %V, %T, %I, %X or %%)" in ran.stderr
 
 
 def test_help_text_lines_follow_the_command_list(tmp_path):
@@ -179,6 +187,20 @@ def test_help_text_lines_follow_the_command_list(tmp_path):
     assert lines[0].startswith("commands: ") and "MAIL" in lines[0]
     assert lines[1:] == ["This server is at Yoyodyne Propulsion Inc.", "",
                          "Abuse reports to <abuse@example.com>"]
+
+
+def test_expn_is_refused_with_502_and_the_help_text(tmp_path):
+    text = write(tmp_path / "help.txt", "Postmaster: <postmaster@example.com>\n"
+                 "Telephone +1-234-567-8900\n")
+    with Relay(tmp_path, ["--help-text", text]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+            c.ehlo("client.test")
+            assert c.docmd("EXPN", "staff") == (
+                502, b"command not implemented\nPostmaster: <postmaster@example.com>\n"
+                     b"Telephone +1-234-567-8900")
+    with Relay(tmp_path, [], name="plain") as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+            assert c.docmd("EXPN", "staff") == (502, b"command not implemented")
 
 
 def test_help_text_file_must_be_readable(tmp_path):
@@ -271,6 +293,31 @@ def test_server_auth_program_accepts_rejects_and_times_out(tmp_path, certs):
     assert b"with ESMTPSA id" in content
 
 
+def test_server_auth_program_without_tls_warns_or_offers_auth_when_the_site_says_so(tmp_path):
+    checker = write(tmp_path / "checker",
+                    '#!/bin/sh\nread -r pw\n[ "$1" = alice ] && [ "$pw" = "%s" ]\n' % PASSWORD,
+                    0o755)
+    with Relay(tmp_path, ["--server-auth-program", checker], name="silent") as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as c:
+            c.ehlo("client.test")
+            assert not c.has_extn("auth")
+        log = relay.log()
+    assert ("warning: --server-auth-program: AUTH PLAIN and LOGIN are offered only over "
+            "TLS and there is no --server-tls: clients cannot authenticate") in log
+    # Seed 004's PARAM AUTH-LOGIN-also-without-TLS, spelt as ZMailer spells it.
+    with Relay(tmp_path, ["--server-auth-program", checker,
+                          "-Z", "AUTH-LOGIN-also-without-TLS"], name="opted-in") as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as c:
+            c.ehlo("client.test")
+            assert c.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+            assert c.login("alice", PASSWORD)[0] == 235
+            c.sendmail("a@x.test", ["b@y.test"], b"Subject: auth\r\n\r\nhi\r\n")
+        log = relay.log()
+    assert "are offered only over TLS" not in log
+    [content] = contents(relay.spool)
+    assert b"with ESMTPA id" in content
+
+
 def test_server_auth_program_with_server_auth_is_a_usage_error(tmp_path):
     from helpers import run_emailrelay
     ran = run_emailrelay(["--server-auth-program", "/bin/true", "--server-auth", "/etc/x",
@@ -333,6 +380,56 @@ def test_per_address_limit_450_then_silence_under_a_flood(tmp_path):
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
             assert c.noop()[0] == 250
         assert "too many connections from one address: refused 127.0.0.1" in relay.log()
+
+
+def test_max_connections_overflow_gets_zmailers_450(tmp_path):
+    with Relay(tmp_path, ["--max-connections", "2"]) as relay:
+        held = []
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+            assert s.makefile("rb").readline().startswith(b"220 ")
+            held.append(s)
+        try:
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as s:
+                f = s.makefile("rb")
+                assert f.readline() == b"450 Too many simultaneous connections\r\n"
+                assert f.readline() == b""
+        finally:
+            for s in held:
+                s.close()
+
+
+# -- seed 004's EHLO switches (-Z) --------------------------------------------------------
+
+def ehlo_keywords(port):
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        code, text = c.ehlo("client.test")
+        assert code == 250
+        return text.decode().split("\n")[1:]
+
+
+def test_ehlo_switches_take_keywords_out(tmp_path):
+    forward = ["--forward-to", "127.0.0.1:9"]
+    with Relay(tmp_path, forward) as relay:
+        assert {"ETRN", "DSN", "8BITMIME"} <= set(ehlo_keywords(relay.port))
+    with Relay(tmp_path, forward + ["-Z", "no8bitmime,nodsn", "-Z", "noetrn"],
+               name="off") as relay:
+        keywords = ehlo_keywords(relay.port)
+        assert not {"ETRN", "DSN", "8BITMIME"} & set(keywords), keywords
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+            c.ehlo("client.test")
+            assert c.docmd("ETRN", "example.com")[0] == 500
+            # 8BITMIME only stops being advertised: 8-bit text is still taken.
+            c.sendmail("a@x.test", ["b@y.test"], "Subject: caf\xe9\r\n\r\n\xe9\r\n".encode("latin-1"))
+
+
+def test_noehlo_makes_clients_fall_back_to_helo(tmp_path):
+    with Relay(tmp_path, ["--server-smtp-config", "noehlo"]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+            assert c.ehlo("client.test")[0] == 500
+            assert c.helo("client.test")[0] == 250
+            c.sendmail("a@x.test", ["b@y.test"], "Subject: helo\r\n\r\nbody\r\n")
+        assert len(relay.files(".envelope")) == 1
 
 
 # -- the pure parts -----------------------------------------------------------------------

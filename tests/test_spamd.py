@@ -179,3 +179,56 @@ def test_answer_cut_short_leaves_the_old_content(tmp_path):
     listener.close()
     assert content.read_bytes() == HAM
     assert os.listdir(str(tmp_path)) == ["m.content"]
+
+
+# -- seed 000's privilege model: a root-only spool, the default --user daemon ----------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege model needs root")
+def test_spam_filters_work_with_a_root_only_spool(tmp_path, spamd):
+    from helpers import run_emailrelay, smtp_sink, stop_process
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    os.chmod(str(spool), 0o700)
+    spam = "spam:127.0.0.1:%d" % spamd.port
+    edit = "spam-edit:127.0.0.1:%d" % spamd.port
+    with Relay(tmp_path, ["--filter", spam, "--filter", edit], spool=str(spool),
+               user=None) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as s:
+            s.ehlo("client.test")
+            code, text = send(s, SPAM)
+            assert code == 452 and "rejected" in text
+            code, text = send(s, HAM)
+            assert code == 250, text
+        [ham] = stored(relay)
+        assert b"X-Spam-Status: No" in ham
+        [name] = relay.files(".content")
+        st = os.stat(os.path.join(str(spool), name))
+        assert (st.st_uid, oct(st.st_mode & 0o777)) == (0, "0o660")
+        assert "error" not in relay.log().replace("452 error", "")
+    # The client side: spam-edit: rewrites the claimed message's content.
+    with Relay(tmp_path, spool=str(spool), user=None, name="spam-sender") as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as s:
+            s.ehlo("client.test")
+            assert send(s, SPAM)[0] == 250
+    port = free_port()
+    sink = smtp_sink(port)
+    try:
+        r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--spool-dir", str(spool),
+                            "--client-filter", edit])
+    finally:
+        stop_process(sink)
+    assert r.returncode == 0, r.stderr
+    assert not os.listdir(str(spool))
+
+
+def test_the_user_guides_spamassassin_program_filter(tmp_path):
+    # Seed 001: emailrelay --as-server --filter="/usr/bin/spamassassin -e"
+    with Relay(tmp_path, ["--filter=/usr/bin/spamassassin -e"]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=120) as s:
+            s.ehlo("client.test")
+            code, text = send(s, HAM)
+            assert code == 250, text
+            code, text = send(s, SPAM)
+            assert code == 452, text
+        [content] = stored(relay)
+    assert content.endswith(HAM)

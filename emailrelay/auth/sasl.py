@@ -19,7 +19,9 @@ initial response is the text after the mechanism name (`=` for empty).
 Mechanisms: PLAIN, LOGIN, CRAM-MD5 (plain or md5 secrets), CRAM-SHA1 and
 CRAM-SHA256 (plain secrets only). With PAM: PLAIN only, and only over TLS.
 With a checker program (`auth_program.AuthProgram` as the source): PLAIN
-and LOGIN, only over TLS.
+and LOGIN, only over TLS. `without_tls=True` (ZMailer's
+AUTH-LOGIN-also-without-TLS) offers PAM's and the program's mechanisms in
+sessions without TLS as well.
 
 `--server-auth-config` / `--client-auth-config` text is `;`-separated items
 `k:list` with comma-separated mechanism names: `m` allowed (server) or
@@ -109,9 +111,11 @@ def _text(data):
 class ServerAuth:
     """Server-side AUTH policy for one secrets source; safe to share between sessions."""
 
-    def __init__(self, source, config_text=None, domain=None, tls_available=False):
+    def __init__(self, source, config_text=None, domain=None, tls_available=False,
+                 without_tls=False):
         """`domain` goes in CRAM challenges (default: the host name);
-        `tls_available`: sessions can switch to TLS (STARTTLS, STLS)."""
+        `tls_available`: sessions can switch to TLS (STARTTLS, STLS);
+        `without_tls`: the site lets passwords cross without TLS."""
         self._pam = isinstance(source, str)
         # An auth_program.AuthProgram checks passwords itself, as PAM does.
         self._program = hasattr(source, "check")
@@ -120,7 +124,8 @@ class ServerAuth:
         self._source = source
         self._config = parse_config(config_text)
         self._domain = domain
-        self._tls_only = tls_available and "m" not in self._config
+        self._without_tls = without_tls
+        self._tls_only = tls_available and "m" not in self._config and not without_tls
 
     def secrets(self):
         """The current Secrets (None with PAM or a checker program)."""
@@ -141,7 +146,7 @@ class ServerAuth:
 
     def mechanisms(self, tls):
         """The mechanisms to advertise (upper case) in a session with or without TLS."""
-        if (self._pam or self._program) and not tls:
+        if (self._pam or self._program) and not tls and not self._without_tls:
             return []
         supported = self.supported()
         allow, deny = _lists(self._config, tls)

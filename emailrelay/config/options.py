@@ -191,7 +191,8 @@ OPTIONS = [
        "example zen.spamhaus.org,bl.spamcop.net,1,2s. E-MailRelay's older form "
        "dns-server,timeout,threshold,list[,list...] also works, for example "
        "127.0.0.1:53,1000,1,zen.spamhaus.org. Local addresses are not checked (see "
-       "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page)."),
+       "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page). A refused client gets 554 instead "
+       "of the greeting, or 550 at each RCPT with --server-smtp-config rcpt-dns-rbl."),
     _O("domain", "D", "<fqdn>", "SMTP server",
        "Sets the name used in EHLO, the greeting, Received lines and authentication "
        "challenges. The default is this host's fully qualified name, else its host name, "
@@ -228,8 +229,9 @@ OPTIONS = [
        "Limits the size of messages submitted over SMTP. 0 means no limit.",
        kind="int", default=0),
     _O("max-connections", None, "<n>", "SMTP server",
-       "Limits the number of connections served at once; above it a client gets 421 and "
-       "is disconnected. The SMTP, POP and admin servers each have a budget of this size "
+       "Limits the number of connections served at once; above it an SMTP client gets "
+       "450 Too many simultaneous connections (ZMailer's MaxParallelConnections reply) "
+       "and is disconnected. The SMTP, POP and admin servers each have a budget of this size "
        "of their own, so a flood on one cannot lock out another.",
        kind="int", default=200, minimum=1),
     _O("max-connections-per-address", None, "<n>", "SMTP server",
@@ -298,7 +300,8 @@ OPTIONS = [
        "address literal; anything else gets 501 (ZMailer -h)."),
     _O("greeting", None, "<text>", "SMTP server",
        "Sets the text of the 220 greeting after the code: %H is the --domain name, %V "
-       "the version, %T the local time and %% a percent sign. Start it with %H, as RFC "
+       "the version, %T the local time and %% a percent sign; ZMailer's %I (ident) and "
+       "%X (translation table) expand to nothing. Start it with %H, as RFC "
        "5321 asks. May be given more than once for a multi-line greeting (ZMailer "
        "PARAM hdr220).", multi=True),
     _O("help-text", None, "<file>", "SMTP server",
@@ -312,7 +315,15 @@ OPTIONS = [
        "strictparsing (on: angle brackets required in MAIL FROM and RCPT TO), alabels "
        "(on: UTF-8 domain names stored as A-labels, xn--...), enhancedstatuscodes (off: "
        "advertise ENHANCEDSTATUSCODES and put RFC 3463 codes in replies; an addition of "
-       "this version).", multi=True),
+       "this version), and ZMailer's switches (seed 004): dsn (on: advertise DSN and keep "
+       "RFC 3461 RET, ENVID, NOTIFY and ORCPT for the next hop), 8bitmime (on: advertise "
+       "8BITMIME; 8-bit text is taken either way), etrn (on: ETRN when forwarding is "
+       "configured), ehlo (on: off answers EHLO with 500, so clients use HELO), "
+       "force-rcpt-notify-never (off: record NOTIFY=NEVER for every recipient), "
+       "rcpt-dns-rbl (off: a client that --dnsbl refuses is greeted and gets 550 at every "
+       "RCPT instead of 554 before the greeting) and "
+       "auth-login-also-without-tls (off: offer --server-auth-program's AUTH PLAIN and "
+       "LOGIN, or PAM's PLAIN, without TLS).", multi=True),
     # POP server
     _O("pop", "B", None, "POP server",
        "Runs a POP3 server giving access to the spooled messages, on port 110 unless "
@@ -356,7 +367,8 @@ OPTIONS = [
        "with --server-auth.", kind="path"),
     _O("pop-auth", "F", "<file>", "Authentication",
        "Sets the secrets file with the POP accounts (server lines, as for --server-auth). "
-       "/pam uses PAM.", kind="path"),
+       "/pam uses PAM. Default with --pop: /etc/emailrelay.auth (E-MailRelay before 2.6; "
+       "2.6 requires this option).", kind="path"),
     # TLS
     _O("client-tls", "j", None, "TLS",
        "Uses STARTTLS on outgoing SMTP connections when the server offers it."),
@@ -579,6 +591,9 @@ def _convert(opt, text, where=""):
     raise AssertionError(kind)
 
 
+DEFAULT_POP_AUTH = "/etc/emailrelay.auth"
+
+
 class _Collector:
     """Accumulates option values in order, checking repetition."""
 
@@ -699,6 +714,10 @@ def parse(argv):
         return _make_config(values, out.given, config_file)
     _apply_implied(out)
     _check(values)
+    if values.get("pop") and "pop-auth" not in values:
+        # E-MailRelay before 2.6 read this file, and the user guide's
+        # "emailrelay --pop --no-smtp" relies on it; 2.6 refuses to start.
+        values["pop-auth"] = DEFAULT_POP_AUTH
     return _make_config(values, out.given, config_file)
 
 
@@ -730,7 +749,6 @@ def _check(v):
         raise UsageError("--client-tls and --client-tls-connection cannot be used together")
     need("pop-by-name", "pop")
     need("pop-no-delete", "pop")
-    need("pop", "pop-auth")
     need("admin-terminate", "admin")
     if v.get("immediate") and int(v.get("workers", 1)) > 1:
         raise UsageError("--immediate cannot be used with --workers more than 1 (a worker "
@@ -803,7 +821,11 @@ def _check_zmailer_options(v):
 # (E-MailRelay 2.6's, except client pipelining and our enhancedstatuscodes).
 SERVER_SMTP_KEYWORDS = {"pipelining": True, "chunking": False, "smtputf8": False,
                         "smtputf8strict": False, "strictparsing": True, "alabels": True,
-                        "enhancedstatuscodes": False}
+                        "enhancedstatuscodes": False,
+                        # ZMailer smtpserver's switches (seed 004).
+                        "dsn": True, "8bitmime": True, "etrn": True, "ehlo": True,
+                        "force-rcpt-notify-never": False, "rcpt-dns-rbl": False,
+                        "auth-login-also-without-tls": False}
 CLIENT_SMTP_KEYWORDS = {"pipelining": True, "smtputf8strict": True, "eightbitstrict": False,
                         "binarymimestrict": True}
 _SWITCH_PREFIXES = (("+", True), ("with-", True), ("without-", False), ("-", False),

@@ -243,7 +243,9 @@ def man_page():
         ".RE",
         ".fi",
         ".SH FILTER EXIT CODES",
-        _roff("A --filter runs with the content file and the envelope file as arguments. Exit "
+        _roff("A --filter runs with the content file and the envelope file as arguments (a "
+              "program given with arguments of its own, such as \"/usr/bin/spamassassin -e\", "
+              "gets the content file only, after them). Exit "
               "0 accepts the message; 1 to 99 reject it (a line of output like <<reason>> or "
               "[[reason]] gives the reason); 100 cancels it: the client is told it was "
               "accepted and the filter owns the files (it may have moved or removed them); 102 "
@@ -258,7 +260,10 @@ def man_page():
               "failure (the reason is appended as X-MailRelay-Reason), .envelope.local for "
               "local recipients. A .bad message stays until emailrelay-resubmit (say from "
               "cron) renames it back to .envelope, up to --retries times; the admin command "
-              "unfail-all does the same at once. Delete both files to discard a message."),
+              "unfail-all does the same at once. Delete both files to discard a message. Lines "
+              "after X-MailRelay-End, which E-MailRelay's own reader ignores, hold this "
+              "version's retry state (X-MailRelay-Retry) and the RFC 3461 DSN parameters "
+              "(X-MailRelay-Dsn-Ret, -Envid and -Rcpt)."),
         ".SH ADMIN COMMANDS",
         _roff("With --admin <port>, a telnet-style interface on that port (local clients "
               "only) takes: help; flush (forward now and report the counts the log line "

@@ -495,7 +495,27 @@ class Client:
         auth = self._auth_param(env)
         if auth is not None:
             params.append("AUTH=" + auth)
+        dsn = self._dsn(env)
+        if dsn is not None:
+            if dsn.ret:
+                params.append("RET=" + dsn.ret)
+            if dsn.envid:
+                params.append("ENVID=" + dsn.envid)
         return params
+
+    def _dsn(self, env):
+        """The message's RFC 3461 parameters when the next hop offers DSN, else None.
+
+        A next hop without DSN gets none of them (RFC 3461 4: they must not
+        be sent); no delivery status notification is made here either way.
+        """
+        return env.dsn() if self.has_extn("dsn") else None
+
+    def _rcpt_command(self, address, dsn):
+        """`RCPT TO:<address>` with the recipient's NOTIFY and ORCPT when there are any."""
+        notify, orcpt = dsn.recipients.get(address, ("", "")) if dsn is not None else ("", "")
+        return "RCPT TO:<%s>%s%s" % (address, " NOTIFY=" + notify if notify else "",
+                                     " ORCPT=" + orcpt if orcpt else "")
 
     def _auth_param(self, env):
         """The MAIL FROM AUTH= value per the MailFromAuthOut rules, or None.
@@ -523,7 +543,8 @@ class Client:
         size = os.fstat(claim.open_content().fileno()).st_size
         params = self._mail_params(env, size)
         commands = ["MAIL FROM:<%s>%s" % (env.from_, "".join(" " + p for p in params))]
-        commands += ["RCPT TO:<%s>" % r for r in env.to_remote]
+        dsn = self._dsn(env)
+        commands += [self._rcpt_command(r, dsn) for r in env.to_remote]
         if not self._bdat(env):
             commands.append("DATA")
         return commands

@@ -31,7 +31,10 @@ queued.
 
 A program runs with an argument list (never a shell), the content file path
 and then the envelope file path as its last two arguments (E-MailRelay 2.1
-and later; scripts that read only `$1` are unaffected), an environment
+and later; scripts that read only `$1` are unaffected); a program given
+with arguments of its own gets the content path only, so that the user
+guide's `--filter="/usr/bin/spamassassin -e"` scans one message and not
+the envelope file as a second one. It runs with an environment
 holding only PATH and IFS, stdin and stderr on /dev/null, no other inherited
 descriptors, in a session of its own. Its standard output is read (the
 first `OUTPUT_LIMIT` characters are kept) for a `<<reason>>` or
@@ -243,7 +246,8 @@ class Filter:
         if self.argv is None:
             result = interpret(self.exit_code, "", self.kind)
         else:
-            ran = run_program(self.argv + [content_path, envelope_path], self.timeout)
+            paths = [content_path] if len(self.argv) > 1 else [content_path, envelope_path]
+            ran = run_program(self.argv + paths, self.timeout)
             if ran.code is None:
                 if ran.error == "timeout":
                     reason = "filter timed out"

@@ -16,12 +16,18 @@ as the spool requires. Without `edit` the content file is only read.
 
 A message larger than `MAX_SIZE` is not sent (spamc skips such messages
 too); the result says so and the message passes unscanned.
+
+The spool may be root's alone (seed 000's privilege model): every spool
+access here (opening the content, creating the new file, the rename, the
+directory sync) is a root window of its own, and reading, writing and
+talking to spamd happen outside the windows, on the open files.
 """
 
 import os
 import socket
 import time
 
+from ..runtime import process
 from .requestclient import describe
 
 # spamc's default limit (its -s option): larger messages are not scanned.
@@ -48,34 +54,37 @@ class SpamResult:
 def check(location, content_path, timeout, edit, max_size=MAX_SIZE):
     """Asks spamd at `location` (a requestclient.Location) about one message."""
     try:
-        size = os.path.getsize(content_path)
+        with process.privileged(group=False):
+            f = open(content_path, "rb")
     except OSError as e:
         raise SpamError("cannot read content file: %s" % (e.strerror or e)) from None
-    if size > max_size:
-        return SpamResult(False, skipped=True)
-    try:
-        sock = location.connect(timeout)
-    except OSError as e:
-        raise SpamError("cannot connect to spamd at %s: %s" % (location.display, describe(e))) from None
-    deadline = time.monotonic() + timeout
-    try:
-        return _talk(sock, content_path, size, edit, deadline, location.display)
-    except OSError as e:
-        raise SpamError("spamd at %s: %s" % (location.display, describe(e))) from None
-    finally:
-        sock.close()
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_size:
+            return SpamResult(False, skipped=True)
+        try:
+            sock = location.connect(timeout)
+        except OSError as e:
+            raise SpamError("cannot connect to spamd at %s: %s"
+                            % (location.display, describe(e))) from None
+        deadline = time.monotonic() + timeout
+        try:
+            return _talk(sock, f, content_path, size, edit, deadline, location.display)
+        except OSError as e:
+            raise SpamError("spamd at %s: %s" % (location.display, describe(e))) from None
+        finally:
+            sock.close()
 
 
-def _talk(sock, content_path, size, edit, deadline, display):
+def _talk(sock, f, content_path, size, edit, deadline, display):
     head = ("PROCESS SPAMC/1.4\r\nUser: %s\r\nContent-length: %d\r\n\r\n" % (USER, size)).encode()
     sock.sendall(head)
-    with open(content_path, "rb") as f:
-        while True:
-            _settimeout(sock, deadline)
-            data = f.read(CHUNK)
-            if not data:
-                break
-            sock.sendall(data)
+    while True:
+        _settimeout(sock, deadline)
+        data = f.read(CHUNK)
+        if not data:
+            break
+        sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)
     reader = _Reader(sock, deadline)
     status = reader.line()
@@ -100,7 +109,7 @@ def _talk(sock, content_path, size, edit, deadline, display):
         raise SpamError("spamd at %s: incomplete response headers" % display)
     spam = score.lower().startswith("true")
     if edit:
-        _replace(content_path, reader, length, display)
+        _replace(content_path, os.fstat(f.fileno()), reader, length)
     else:
         reader.skip(length)
     return SpamResult(spam, score)
@@ -158,19 +167,20 @@ class _Reader:
             pass
 
 
-def _replace(content_path, reader, length, display):
-    """Writes the processed message over the content file, durably."""
+def _replace(content_path, old, reader, length):
+    """Writes the processed message over the content file (`old` its stat), durably."""
     tmp = content_path + ".spamd"
-    old = os.stat(content_path)
     try:
-        with open(tmp, "wb") as out:
+        with process.privileged(group=False):
+            out = open(tmp, "wb")
             # The new file keeps the old one's mode and owners (the spool's
             # group may be what lets the POP server or a filter read it).
-            os.fchmod(out.fileno(), old.st_mode & 0o7777)
             try:
+                os.fchmod(out.fileno(), old.st_mode & 0o7777)
                 os.fchown(out.fileno(), old.st_uid, old.st_gid)
             except OSError:
                 pass
+        with out:
             pending_cr = False
             for piece in reader.chunks(length):
                 if pending_cr:
@@ -183,14 +193,17 @@ def _replace(content_path, reader, length, display):
                 out.write(b"\r")
             out.flush()
             os.fsync(out.fileno())
-        os.rename(tmp, content_path)
+        with process.privileged(group=False):
+            os.rename(tmp, content_path)
     except BaseException:
         try:
-            os.unlink(tmp)
+            with process.privileged(group=False):
+                os.unlink(tmp)
         except OSError:
             pass
         raise
-    fd = os.open(os.path.dirname(os.path.abspath(content_path)), os.O_RDONLY)
+    with process.privileged(group=False):
+        fd = os.open(os.path.dirname(os.path.abspath(content_path)), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -36,7 +36,7 @@ from ..auth import sasl
 from ..config import options
 from ..runtime import log
 from ..store import envelope, spool
-from ..util import parts, smtp_controls
+from ..util import parts, smtp_controls, smtp_syntax
 from ..util.smtp_syntax import parse_params, parse_path, rfc5322_date, to_alabels
 from . import session_core, smtp_text
 
@@ -163,6 +163,8 @@ class SmtpSession(session_core.LineSession):
         # A --filter exited 103: rescan once the message is committed.
         self._rescan = False
         self.tarpit = smtp_controls.Tarpit(*settings.tarpit) if settings.tarpit else None
+        # The block-list refusal that every RCPT gets (rcpt-dns-rbl), or None.
+        self._rcpt_refusal = None
         self._reset_transaction()
 
     # ----- the core's hooks ----------------------------------------------
@@ -172,6 +174,12 @@ class SmtpSession(session_core.LineSession):
         dnsbl = self.services.dnsbl
         if refusal is None and dnsbl is not None:
             refusal = yield ("call", dnsbl.check, (self.peer_ip,))
+            if refusal and self.features["rcpt-dns-rbl"]:
+                # ZMailer's delayed rejection: the client is told at each
+                # RCPT, which many clients log where they ignore a refused
+                # greeting.
+                self._rcpt_refusal = _rcpt_reply(refusal)
+                refusal = None
         if refusal:
             self.reply(refusal)
             raise session_core.Drop()
@@ -199,7 +207,9 @@ class SmtpSession(session_core.LineSession):
         if verb == "AUTH":
             return self.services.server_auth is not None
         if verb == "ETRN":
-            return self.services.trigger is not None
+            return self.services.trigger is not None and self.features["etrn"]
+        if verb == "EHLO":
+            return self.features["ehlo"]
         if verb == "BDAT":
             return self.features["chunking"]
         return True
@@ -279,6 +289,10 @@ class SmtpSession(session_core.LineSession):
         self.mail_auth = ""
         self.to_local = []
         self.to_remote = []
+        # RFC 3461: RET and ENVID from MAIL, NOTIFY and ORCPT per recipient.
+        self.dsn_ret = ""
+        self.dsn_envid = ""
+        self.dsn_recipients = {}
         self.message = None
         self.text = None
         self._write = None
@@ -338,9 +352,13 @@ class SmtpSession(session_core.LineSession):
             lines.append("SMTPUTF8")
         if self.enhanced:
             lines.append("ENHANCEDSTATUSCODES")
-        if self.services.trigger is not None:
+        if self.available("ETRN"):
             lines.append("ETRN")
-        lines.append("8BITMIME")
+        if features["dsn"]:
+            lines.append("DSN")
+        if features["8bitmime"]:
+            # ZMailer's No8BITMIME: only the keyword goes; 8-bit text is still taken.
+            lines.append("8BITMIME")
         self.reply("\r\n".join("250-" + x for x in lines[:-1]) + "\r\n250 " + lines[-1])
 
     def _auth_mechanisms(self):
@@ -401,8 +419,9 @@ class SmtpSession(session_core.LineSession):
             return
         params = parse_params(rest)
         body = "7bit"
-        # Parameters nobody here understands (DSN's RET= and ENVID=, say)
-        # are ignored, as E-MailRelay ignores them.
+        ret = envid = ""
+        # Parameters nobody here understands are ignored, as E-MailRelay
+        # ignores them (RET= and ENVID= too when DSN is switched off).
         for key, value in params.items():
             if key == "SIZE":
                 if value is None or not value.isdigit():
@@ -417,6 +436,15 @@ class SmtpSession(session_core.LineSession):
                 if body is None:
                     self.bad("501 5.5.4 invalid argument")
                     return
+            elif key in ("RET", "ENVID") and self.features["dsn"]:
+                try:
+                    if key == "RET":
+                        ret = smtp_syntax.dsn_ret(value)
+                    else:
+                        envid = smtp_syntax.dsn_envid(value)
+                except ValueError as e:
+                    self.bad("501 5.5.4 %s" % e)
+                    return
         smtputf8 = "SMTPUTF8" in params
         address = self._mailbox(address, smtputf8)
         if address is None:
@@ -426,6 +454,8 @@ class SmtpSession(session_core.LineSession):
             return
         self.mail_from = address
         self.body = body
+        self.dsn_ret = ret
+        self.dsn_envid = envid
         self.smtputf8 = smtputf8 or not address.isascii()
         # MAIL FROM AUTH= is kept as given (xtext), and only for an
         # authenticated client (RFC 4954 5).
@@ -460,10 +490,16 @@ class SmtpSession(session_core.LineSession):
             self.bad("550 5.5.2 invalid rcpt-to command")
             return
         try:
-            address, _ = parse_path(arg[3:], allow_empty=False,
-                                    strict=self.features["strictparsing"])
+            address, rest = parse_path(arg[3:], allow_empty=False,
+                                       strict=self.features["strictparsing"])
         except ValueError as e:
             self.bad("550 5.1.3 %s" % e)
+            return
+        if self._rcpt_refusal is not None:
+            self.reply(self._rcpt_refusal)
+            return
+        dsn = self._rcpt_dsn(parse_params(rest))
+        if dsn is None:
             return
         stored = self._mailbox(address, self.smtputf8, rcpt=True)
         if stored is None:
@@ -480,8 +516,10 @@ class SmtpSession(session_core.LineSession):
         result = yield from self._verify(stored, self.mail_from)
         if result is None or result.status == "remote":
             self.to_remote.append(stored)
+            self._keep_dsn(stored, dsn)
         elif result.status == "local":
             self.to_local.append(result.address)
+            self._keep_dsn(result.address, dsn)
         else:
             self._verify_refusal(result, address)
             return
@@ -490,6 +528,28 @@ class SmtpSession(session_core.LineSession):
         local = result is not None and result.status == "local"
         # E-MailRelay marks a local recipient with a second space.
         self.reply("250 2.1.5 recipient <%s> %sOK" % (address, " " if local else ""))
+
+    def _rcpt_dsn(self, params):
+        """(notify, orcpt) from RCPT TO parameters; None after a 501 reply.
+
+        Without DSN both are '' (the parameters are ignored); with
+        force-rcpt-notify-never every recipient gets NOTIFY=NEVER.
+        """
+        if not self.features["dsn"]:
+            return ("", "")
+        try:
+            notify = smtp_syntax.dsn_notify(params["NOTIFY"]) if "NOTIFY" in params else ""
+            orcpt = smtp_syntax.dsn_orcpt(params["ORCPT"]) if "ORCPT" in params else ""
+        except ValueError as e:
+            self.bad("501 5.5.4 %s" % e)
+            return None
+        if self.features["force-rcpt-notify-never"]:
+            notify = "NEVER"
+        return (notify, orcpt)
+
+    def _keep_dsn(self, address, dsn):
+        if dsn[0] or dsn[1]:
+            self.dsn_recipients[address] = dsn
 
     def _verify(self, address, from_):
         """Runs the address verifier (a generator); its result, or None when there is none."""
@@ -537,7 +597,11 @@ class SmtpSession(session_core.LineSession):
             self._verify_refusal(result, address)
 
     def smtp_EXPN(self, arg):
-        self.reply("502 5.5.1 command not implemented")
+        # ZMailer answers a disabled EXPN with its site text (PARAM help),
+        # so the client learns whom to ask instead.
+        lines = ["command not implemented"] + list(self.services.help_text)
+        self.reply("".join(("502-5.5.1 " + x).rstrip() + "\r\n" for x in lines[:-1])
+                   + ("502 5.5.1 " + lines[-1]).rstrip())
 
     def smtp_ETRN(self, arg):
         self.services.trigger()
@@ -677,11 +741,14 @@ class SmtpSession(session_core.LineSession):
         # 8-bit text sent without BODY=8BITMIME is recorded as 8bit, so
         # that the forwarder asks the next hop for 8BITMIME.
         body = "8bit" if self.body == "7bit" and self.text.eightbit else self.body
-        return envelope.Envelope(
+        env = envelope.Envelope(
             content=body, from_=self.mail_from, to_local=self.to_local,
             to_remote=self.to_remote, authentication=self.auth_user or "",
             client=self.peer, client_certificate=self.conn.peer_certificate_pem or "",
             mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
+        if self.dsn_ret or self.dsn_envid or self.dsn_recipients:
+            env.set_dsn(envelope.Dsn(self.dsn_ret, self.dsn_envid, self.dsn_recipients))
+        return env
 
     def _commit(self):
         """Makes the message durable, runs the filters, and replies (a generator).
@@ -822,6 +889,11 @@ class SmtpSession(session_core.LineSession):
         stats = self.services.stats
         if stats is not None:
             stats.increment(name)
+
+
+def _rcpt_reply(refusal):
+    """A connection refusal (554/421 from --dnsbl) as a reply to RCPT (550/450)."""
+    return ("550" if refusal[:1] == "5" else "450") + refusal[3:]
 
 
 def _storage_reply(e):

@@ -3,7 +3,9 @@
 An envelope file is a list of `X-MailRelay-<Name>: <value>` lines ending
 with `X-MailRelay-End: 1`, CRLF line endings. Whatever follows the `End`
 line (the trailer) is kept verbatim: that is where a failure reason is
-appended (`X-MailRelay-Reason:` / `X-MailRelay-ReasonCode:`).
+appended (`X-MailRelay-Reason:` / `X-MailRelay-ReasonCode:`), and where
+this version keeps its own state: the retry line (`retry()`) and the RFC
+3461 DSN parameters (`dsn()`), which E-MailRelay's reader never sees.
 
 `Envelope.parse()` reads `#2821.8` and the older `#2821.3` ... `#2821.7`
 formats: it is strict about the `Format` value (first line) and the `End`
@@ -26,12 +28,22 @@ PREFIX = b"X-MailRelay-"
 SIZE_LIMIT = 4 * 1024 * 1024
 LINE_LIMIT = 65536
 RETRY_PREFIX = PREFIX + b"Retry:"
+DSN_PREFIX = PREFIX + b"Dsn-"
 
 Retry = collections.namedtuple("Retry", "count next_time first_time reason")
 Retry.__doc__ = """Automatic retry state kept in the trailer (see `Envelope.retry()`).
 
 `count` temporary failures so far, `next_time` the unix time of the next
 attempt, `first_time` that of the first failure, `reason` the last one."""
+
+
+Dsn = collections.namedtuple("Dsn", "ret envid recipients")
+Dsn.__doc__ = """A message's RFC 3461 parameters, kept in the trailer (see `Envelope.dsn()`).
+
+`ret` is `FULL`, `HDRS` or ''; `envid` the ENVID value as given (xtext)
+or ''; `recipients` maps a recipient address as stored to its (notify,
+orcpt) pair: the NOTIFY value upper-cased and the ORCPT value as given,
+each '' when the client sent none."""
 
 
 class EnvelopeError(Exception):
@@ -108,6 +120,54 @@ class Envelope:
         if state is not None:
             kept.append(("X-MailRelay-Retry: %d %d %d %s\r\n" % (
                 state.count, state.next_time, state.first_time, printable(state.reason))).encode("ascii"))
+        self.trailer = b"".join(kept)
+
+    def dsn(self):
+        """The DSN parameters from the trailer (a `Dsn`), or None when there are none.
+
+        The lines are `X-MailRelay-Dsn-Ret: FULL|HDRS`, `X-MailRelay-Dsn-Envid:
+        <xtext>` and one `X-MailRelay-Dsn-Rcpt: <address as xtext>
+        <notify-or-'-'> <orcpt-or-'-'>` per recipient that has a value.
+        """
+        ret = envid = ""
+        recipients = {}
+        found = False
+        for line in self.trailer.splitlines():
+            if not line.startswith(DSN_PREFIX):
+                continue
+            name, _, value = line[len(DSN_PREFIX):].decode("ascii", "replace").partition(":")
+            value = value.strip()
+            found = True
+            if name == "Ret":
+                ret = value
+            elif name == "Envid":
+                envid = value
+            elif name == "Rcpt":
+                words = value.split(" ")
+                if len(words) == 3:
+                    notify, orcpt = (w if w != "-" else "" for w in words[1:])
+                    recipients[xtext.decode(words[0])] = (notify, orcpt)
+        return Dsn(ret, envid, recipients) if found else None
+
+    def set_dsn(self, dsn):
+        """Replaces the DSN lines in the trailer with `dsn` (None or empty: removes them)."""
+        kept = [line for line in self.trailer.splitlines(True) if not line.startswith(DSN_PREFIX)]
+        if kept and not kept[-1].endswith(b"\n"):
+            kept[-1] += b"\r\n"
+        lines = []
+        if dsn is not None:
+            if dsn.ret:
+                lines.append("Ret: %s" % dsn.ret)
+            if dsn.envid:
+                lines.append("Envid: %s" % dsn.envid)
+            for address, (notify, orcpt) in dsn.recipients.items():
+                if notify or orcpt:
+                    lines.append("Rcpt: %s %s %s" % (xtext.encode(address), notify or "-",
+                                                     orcpt or "-"))
+        for line in lines:
+            if any(not " " <= c <= "~" for c in line):
+                raise EnvelopeError("invalid DSN value %r" % line)
+            kept.append(("X-MailRelay-Dsn-%s\r\n" % line).encode("ascii"))
         self.trailer = b"".join(kept)
 
     # -- reading

@@ -12,7 +12,11 @@ import ipaddress
 import re
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-_MACROS = {"H", "V", "T", "%"}
+# ZMailer's hdr220 macros. %I is "+IDENT" when smtpserver looked the
+# client up with RFC 1413 ident and %X its translation-table name: this
+# server does neither, so both expand to nothing (a greeting copied from a
+# ZMailer configuration still reads right).
+_MACROS = {"H", "V", "T", "I", "X", "%"}
 
 
 def _shown(text):
@@ -79,13 +83,13 @@ def check_greeting(text):
         raise ValueError("the text must be printable, on one line")
     for match in re.finditer(r"%(.?)", text):
         if match.group(1) not in _MACROS:
-            raise ValueError("unknown macro %%%s (expected %%H, %%V, %%T or %%%%)"
+            raise ValueError("unknown macro %%%s (expected %%H, %%V, %%T, %%I, %%X or %%%%)"
                              % _shown(match.group(1)))
 
 
 def expand_greeting(text, domain, version, now):
-    """`text` with %H, %V, %T and %% replaced; `now` is the %T time text."""
-    values = {"H": domain, "V": version, "T": now, "%": "%"}
+    """`text` with %H, %V, %T, %I, %X and %% replaced; `now` is the %T time text."""
+    values = {"H": domain, "V": version, "T": now, "I": "", "X": "", "%": "%"}
     return re.sub(r"%(.)", lambda m: values[m.group(1)], text)
 
 

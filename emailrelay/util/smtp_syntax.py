@@ -104,3 +104,61 @@ def parse_params(text):
         key, eq, value = item.partition("=")
         params[key.upper()] = value if eq else None
     return params
+
+
+_NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
+
+
+def _is_xtext(text):
+    """True for RFC 3461 xtext: `!`..`~` but `+` and `=`, and `+XX` upper-case hex."""
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "+":
+            if len(text[i + 1:i + 3]) != 2 or any(h not in "0123456789ABCDEF"
+                                                  for h in text[i + 1:i + 3]):
+                return False
+            i += 3
+            continue
+        if not "!" <= c <= "~" or c == "=":
+            return False
+        i += 1
+    return True
+
+
+def dsn_ret(value):
+    """The RET= value (RFC 3461 4.3) upper-cased; raises ValueError."""
+    word = (value or "").upper()
+    if word not in ("FULL", "HDRS"):
+        raise ValueError("invalid RET= value")
+    return word
+
+
+def dsn_envid(value):
+    """The ENVID= value (RFC 3461 4.4), xtext of at most 100 characters; raises ValueError."""
+    if not value or len(value) > 100 or not _is_xtext(value):
+        raise ValueError("invalid ENVID= value")
+    return value
+
+
+def dsn_notify(value):
+    """The NOTIFY= value (RFC 3461 4.1) upper-cased; raises ValueError.
+
+    NEVER alone, or a comma-separated set of SUCCESS, FAILURE and DELAY.
+    """
+    words = (value or "").upper().split(",")
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not all(w in _NOTIFY_WORDS for w in words) or len(set(words)) != len(words):
+        raise ValueError("invalid NOTIFY= value")
+    return ",".join(words)
+
+
+def dsn_orcpt(value):
+    """The ORCPT= value (RFC 3461 4.2): `addr-type;xtext`; raises ValueError."""
+    addr_type, semi, address = (value or "").partition(";")
+    if (not semi or not addr_type or not address or len(value) > 500
+            or not all(c.isalnum() or c == "-" for c in addr_type) or not addr_type.isascii()
+            or not _is_xtext(address)):
+        raise ValueError("invalid ORCPT= value")
+    return value
