@@ -220,3 +220,29 @@ def test_submit_as_an_ordinary_user_names_the_way_that_works(site):
     assert result.stderr.endswith(" (only root or the spool's group may write it: other users can "
                                   "send with emailrelay-sendmail, which hands the message to the "
                                   "running daemon)\n")
+
+
+@needs_root
+def test_through_the_daemon_dots_survive_and_bcc_is_a_recipient_not_a_header(tmp_path, site):
+    port = free_port()
+    conf = write_config(site, ["port %d" % port, "interface 127.0.0.1", "domain relay.test"])
+    text = ("From: Me <me@x.test>\nTo: a@y.test\nBcc: hidden@y.test\nSubject: dots\n\n"
+            "one\n.\n..two\n.three\nlast\n")
+    with daemon(tmp_path, conf) as a:
+        result = as_nobody("emailrelay-sendmail -t -oi", conf, input=text)
+        assert (result.returncode, result.stderr) == (0, "")
+        wait_for(lambda: a.files(".envelope"), what="the message in the spool")
+    env_, content = only_message(os.path.join(site, "spool"))
+    assert env_.from_ == "me@x.test"
+    assert env_.to_remote == ["a@y.test", "hidden@y.test"]
+    assert "Bcc" not in content and "hidden" not in content
+    assert content.endswith("\r\n\r\none\r\n.\r\n..two\r\n.three\r\nlast\r\n")
+
+
+def test_a_missing_spool_is_named_not_a_daemon(tmp_path):
+    conf = tmp_path / "emailrelay.conf"
+    conf.write_text("spool-dir %s\nport %d\n" % (tmp_path / "nospool", free_port()))
+    result = root_sendmail(["root"], str(conf), "x\n")
+    assert result.returncode == 73
+    assert result.stderr == "emailrelay-sendmail: error: spool directory does not exist: %s\n" \
+        % (tmp_path / "nospool")

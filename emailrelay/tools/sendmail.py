@@ -318,7 +318,8 @@ def _readable(directory):
 
 def _deliver(opts, site):
     spool_dir = opts.spool_dir or site.spool_dir
-    if opts.spool_dir or _writable(spool_dir):
+    # No spool at all: the relay is not set up as its configuration says.
+    if opts.spool_dir or not os.path.isdir(spool_dir) or _writable(spool_dir):
         opts.spool_dir = spool_dir
         store(opts, sys.stdin.buffer, site.domain)
     else:
