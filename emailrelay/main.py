@@ -323,11 +323,14 @@ def _new_server(cfg):
     return listeners.Server(remote_clients=cfg.remote_clients,
                             max_connections=cfg.max_connections,
                             max_per_address=cfg.max_connections_per_address,
-                            backlog=cfg.listen_backlog)
+                            backlog=cfg.listen_backlog,
+                            proxy_timeout=cfg.proxy_protocol_timeout)
 
 
 def _add_sessions(server, cfg, services, interfaces):
     """Adds the SMTP and POP listeners (what workers serve) to `server`."""
+    from .config import options
+    proxy_from = options.proxy_protocol(cfg.proxy_protocol)
     if not cfg.no_smtp:
         from .server import smtp_server
         smtp = services.smtp()
@@ -343,14 +346,16 @@ def _add_sessions(server, cfg, services, interfaces):
                    address_busy_reply=smtp_server.reply_bytes(
                        cfg, "450 4.7.0 too many connections from your address"),
                    refused_reply=smtp_server.reply_bytes(
-                       cfg, "554 5.7.1 no SMTP service for your address"))
+                       cfg, "554 5.7.1 no SMTP service for your address"),
+                   proxy_from=proxy_from.get("smtp"))
     if cfg.pop:
         from .server import pop_server
         pop = services.pop()
         server.add("pop", interfaces, cfg.pop_port,
                    lambda conn: pop_server.PopSession(conn, pop).run(),
                    busy_reply=b"-ERR too many connections\r\n",
-                   refused_reply=b"-ERR no POP service for your address\r\n")
+                   refused_reply=b"-ERR no POP service for your address\r\n",
+                   proxy_from=proxy_from.get("pop"))
 
 
 def _forward_on_disconnect(server, services):

@@ -90,11 +90,12 @@ class Relay:
     `spool=`), and a log file; `start()` (also done by the context manager)
     runs it in the foreground with `--log --verbose` and waits for it to
     listen. Attributes: `port`, `pop_port`, `admin_port`, `spool`,
-    `log_path`, `proc`.
+    `log_path`, `proc`. `prefix` is a command the program runs under
+    (`unshare --pid --fork --kill-child`): signals then go to its child.
     """
 
     def __init__(self, tmp_path, args=(), spool=None, pop=False, admin=False, smtp=True,
-                 name="relay", start=True, user="root"):
+                 name="relay", start=True, user="root", prefix=()):
         self.dir = os.path.join(str(tmp_path), name)
         os.makedirs(self.dir, exist_ok=True)
         self.spool = spool or os.path.join(self.dir, "spool")
@@ -118,6 +119,7 @@ class Relay:
             self.args += ["--no-smtp"]
         self.args += list(args)
         self.proc = None
+        self.prefix = list(prefix)
         self._started = False
         self._listeners = int(smtp) + int(pop) + int(admin)
         if start:
@@ -149,7 +151,8 @@ class Relay:
         if os.path.exists(self.log_path):
             os.rename(self.log_path, self.log_path + ".%d" % time.time_ns())
         self._stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen([PYTHON, "-m", "emailrelay"] + self.args, cwd=ROOT, env=env(),
+        self.proc = subprocess.Popen(self.prefix + [PYTHON, "-m", "emailrelay"] + self.args,
+                                     cwd=ROOT, env=env(),
                                      stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr)
 
     def _new_ports(self):
@@ -203,7 +206,10 @@ class Relay:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            try:
+                os.kill(self.program_pid(), sig)
+            except ProcessLookupError:
+                pass    # it has just exited
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -212,6 +218,20 @@ class Relay:
                 raise AssertionError("emailrelay did not stop on signal %d:\n%s" % (sig, self.log()))
         self._stderr.close()
         return self.proc.returncode
+
+    def program_pid(self):
+        """The program's process id (under a `prefix`, the prefix command's child)."""
+        pid = self.proc.pid
+        if not self.prefix:
+            return pid
+
+        def child():
+            try:
+                with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+                    return int(f.read().split()[0])
+            except (OSError, IndexError):
+                return None
+        return wait_for(child, what="the child of %s" % self.prefix[0])
 
     def kill(self):
         """SIGKILL, no clean-up by the program (crash tests)."""

@@ -21,6 +21,8 @@ need /usr/sbin/sshd openssh-server
 need /usr/sbin/spamd spamd
 need /usr/bin/spamassassin spamassassin
 need /usr/sbin/dnsmasq dnsmasq-base
+need haproxy haproxy
+need unshare util-linux
 need ip iproute2
 need /etc/pam.d/common-auth libpam-runtime
 for lib in /lib/*/security/pam_unix.so /usr/lib/*/security/pam_unix.so; do

@@ -38,7 +38,8 @@ MAN_PAGE_OPTIONS = {
 NEW_OPTIONS = {"max-connections": 200, "max-connections-per-address": 20,
                "max-recipients": 1000, "max-bounce-recipients": 3, "max-bad-commands": 10,
                "min-free-space": 1024, "listen-backlog": 0, "workers": 1, "retry-interval": 60,
-               "retry-max-interval": 3600, "retry-lifetime": 432000}
+               "retry-max-interval": 3600, "retry-lifetime": 432000,
+               "proxy-protocol": [], "proxy-protocol-timeout": 5}
 
 # Options E-MailRelay 2.5 added that 2.6 command lines use, with their letters.
 EMAILRELAY_25_OPTIONS = {"server-smtp-config": "Z", "client-smtp-config": "c"}
@@ -69,6 +70,7 @@ SAMPLE = {
     "max-connections-per-address": "5", "max-recipients": "100",
     "max-bounce-recipients": "1", "max-bad-commands": "3", "min-free-space": "0",
     "retry-interval": "30", "retry-max-interval": "600", "retry-lifetime": "86400",
+    "proxy-protocol": "smtp=10.0.0.1,pop=10.0.0.0/24", "proxy-protocol-timeout": "3",
     "test-address": "[192.0.2.1]", "max-load": "2.5", "tarpit": "1,2,30",
     "greeting": "%H ESMTP %V at %T %%", "help-text": "/etc/help.txt",
     "server-auth-program": "/usr/local/bin/check-password",

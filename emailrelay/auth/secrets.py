@@ -25,7 +25,6 @@ same selector, is an error rather than a silent choice.
 
 import base64
 import binascii
-import ipaddress
 
 from ..util import addresses, xtext
 from . import md5state
@@ -106,7 +105,7 @@ class Secrets:
         if side == "client" and len(fields) not in (4, 5):
             raise ValueError("a client line needs four or five fields, not %d" % len(fields))
         if side == "server" and kind == "none":
-            self._trusted.append((_check_pattern(fields[2]), fields[3]))
+            self._trusted.append((addresses.check_pattern(fields[2]), fields[3]))
             return
         allowed = ("plain", "plain:b", "md5") + (("oauth",) if side == "client" else ())
         if kind not in allowed:
@@ -177,23 +176,6 @@ def _b64text(field):
         return base64.b64decode(field, validate=True).decode("utf-8", "surrogateescape")
     except (binascii.Error, ValueError):
         raise ValueError("invalid base64 field %r in a plain:b line" % field) from None
-
-
-def _check_pattern(pattern):
-    """Returns `pattern` if it is a valid trusted-address pattern, else raises ValueError."""
-    if "*" in pattern:
-        parts = pattern.split(".")
-        if len(parts) != 4 or not all(p == "*" or (p.isdigit() and int(p) < 256) for p in parts):
-            raise ValueError("invalid address pattern %r" % pattern)
-        return pattern
-    try:
-        if "/" in pattern:
-            ipaddress.ip_network(pattern, strict=False)
-        else:
-            ipaddress.ip_address(pattern)
-    except ValueError:
-        raise ValueError("invalid address pattern %r" % pattern) from None
-    return pattern
 
 
 class Reloadable:

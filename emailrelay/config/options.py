@@ -222,6 +222,21 @@ OPTIONS = [
        "socket activation (LISTEN_FDS, Accept=no) are used without this option: "
        "each for the server its FileDescriptorName= names (smtp, pop or admin), SMTP "
        "otherwise.", multi=True),
+    _O("proxy-protocol", None, "<address-list>", "SMTP server",
+       "Serves clients through load balancers such as HAProxy (send-proxy or "
+       "send-proxy-v2): every connection to the SMTP and POP servers must come from one "
+       "of these addresses and start with a PROXY protocol header, version 1 or 2, "
+       "which names the real client. That client's address is then the one the "
+       "open-relay guard (--remote-clients), --max-connections-per-address, --dnsbl, "
+       "trusted addresses, the authentication-failure budget, the Received line and the "
+       "envelope see. A comma-separated list of addresses, 192.168.0.* wildcards or "
+       "CIDR networks; prefix an item with smtp= or pop= for one server only, and the "
+       "option may be repeated. A connection from another address, or with a header "
+       "that is malformed or does not arrive within --proxy-protocol-timeout, is logged "
+       "and closed.", multi=True),
+    _O("proxy-protocol-timeout", None, "<time>", "SMTP server",
+       "Sets how long in seconds a connection from a --proxy-protocol load balancer "
+       "may take to send its PROXY header.", kind="time", default=5),
     _O("prompt-timeout", "w", "<time>", "SMTP server",
        "Sets the timeout in seconds for the next-hop server's greeting; after it the "
        "dialogue goes ahead without one.", kind="time", default=20),
@@ -775,6 +790,13 @@ def _check(v):
                              % (_one_line(v["syslog"]), ", ".join(SYSLOG_FACILITIES)))
     if "tls-config" in v:
         _check_tls_config(v["tls-config"])
+    if "proxy-protocol" in v:
+        if v.get("inetd") or v.get("bsmtp"):
+            raise UsageError("--proxy-protocol cannot be used with --inetd or --bsmtp")
+        try:
+            proxy_protocol(v["proxy-protocol"])
+        except ValueError as e:
+            raise UsageError("--proxy-protocol: %s" % e) from None
     for name in ("server-auth-config", "client-auth-config"):
         if name in v:
             _check_auth_config(name, v[name])
@@ -856,6 +878,35 @@ def smtp_config(value, keywords):
                     raise ValueError("unknown keyword %s (expected %s)"
                                      % (_one_line(item.strip()), ", ".join(sorted(keywords))))
             result[word] = on
+    return result
+
+
+def proxy_protocol(values):
+    """{'smtp': [pattern, ...], 'pop': [...]} from --proxy-protocol values; raises ValueError.
+
+    An item without a prefix applies to both servers; a server with no
+    item is not in the result.
+    """
+    # Imported here as in _check: parsing the command line needs only os.
+    from ..util import addresses
+    result = {}
+    for value in values or ():
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            kinds = ("smtp", "pop")
+            if "=" in item:
+                prefix, _, item = item.partition("=")
+                if prefix not in kinds:
+                    raise ValueError("invalid prefix %s (expected smtp= or pop=)"
+                                     % _one_line(prefix + "="))
+                kinds = (prefix,)
+            addresses.check_pattern(item)
+            for kind in kinds:
+                result.setdefault(kind, []).append(item)
+    if values and not result:
+        raise ValueError("no addresses")
     return result
 
 

@@ -30,7 +30,7 @@ import time
 
 from ..runtime import log
 from ..util import addresses
-from . import interfaces, session_loop
+from . import interfaces, proxy_reader, session_loop
 from .connection import (Closed, Connection, FdConnection, LineTooLong, MemoryConnection,
                          RECV_SIZE, Timeout, WRITE_HIGH_WATER, address_pair)
 
@@ -153,7 +153,7 @@ class Listener:
     """One listening socket and what to do with its connections."""
 
     def __init__(self, sock, kind, handler, tls_context, busy_reply, address_busy_reply=None,
-                 conversation=None, refused_reply=b""):
+                 conversation=None, proxy_from=None, refused_reply=b""):
         self.sock = sock
         self.kind = kind
         self.handler = handler
@@ -168,6 +168,9 @@ class Listener:
         # The local address of every accepted connection, unless the
         # listener is bound to a wildcard address.
         self.local = None if local[0] in ("0.0.0.0", "::") else local
+        # --proxy-protocol: the address patterns of the load balancers whose
+        # connections start with a PROXY header (None: no header expected).
+        self.proxy_from = proxy_from
 
 
 class Server:
@@ -183,6 +186,12 @@ class Server:
     service (smtp, pop, admin) on its own; `add()` may give a kind other
     limits. `backlog` is the listen() backlog (0: the system maximum).
 
+    A listener added with `proxy_from` (--proxy-protocol) takes connections
+    only from those load balancer addresses, and reads each one's PROXY
+    header (`proxy_reader`, within `proxy_timeout` seconds) before
+    anything else: the client the header names is then the one the
+    open-relay guard, the budgets and the session see.
+
     Over a limit a connection gets the listener's `busy_reply` (too many
     connections) or `address_busy_reply` (too many from its address) and
     is closed; that happens in the refuser thread, after a short grace for
@@ -196,8 +205,10 @@ class Server:
     accept loop's wait for it to start) per connection.
     """
 
-    def __init__(self, remote_clients=False, max_connections=200, max_per_address=20, backlog=0):
+    def __init__(self, remote_clients=False, max_connections=200, max_per_address=20, backlog=0,
+                 proxy_timeout=5.0):
         self.remote_clients = remote_clients
+        self.proxy_timeout = proxy_timeout
         self.max_connections = max_connections
         self.max_per_address = max_per_address
         self.backlog = listen_backlog(backlog)
@@ -212,6 +223,7 @@ class Server:
         self._refuser = None
         self._stopping = False
         self._loop = None        # the session loop, once a parked session needs it
+        self._headers = None     # the proxy_reader.HeaderReader, once a listener needs it
         self._freed = 0          # sessions ended so far (for the refuser thread)
         self._stop_event = None
         self._refusing = {}      # (kind, ip) -> held over-limit connections
@@ -236,7 +248,7 @@ class Server:
 
     def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b"",
             max_connections=None, max_per_address=None, address_busy_reply=None,
-            conversation=None, refused_reply=b""):
+            conversation=None, proxy_from=None, refused_reply=b""):
         """Listens for `kind` on the given interfaces (all if empty) and port.
 
         `max_connections` / `max_per_address` override the server's budget
@@ -245,7 +257,9 @@ class Server:
         to a non-local client without --remote-clients. With
         `conversation(conn) -> session` (a `session_loop` conversation),
         plain connections are served by the session loop instead of a
-        thread each; `handler` still serves implicit-TLS ones.
+        thread each; `handler` still serves implicit-TLS ones. With
+        `proxy_from` (address patterns) every connection must come from one
+        of those addresses and start with a PROXY header.
         """
         self._limits[kind] = (max_connections or self.max_connections,
                               max_per_address or self.max_per_address)
@@ -264,7 +278,8 @@ class Server:
                     raise OSError(e.errno, "cannot listen on %s: %s"
                                   % (addresses.format_address(item, port), e.strerror)) from None
             self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply,
-                                           address_busy_reply, conversation, refused_reply))
+                                           address_busy_reply, conversation, proxy_from,
+                                           refused_reply))
 
     def addresses(self):
         """(kind, address) for every listener, for logs and `status`."""
@@ -323,6 +338,14 @@ class Server:
             sock, addr = lst.sock.accept()
         except OSError:
             return False
+        if lst.proxy_from is not None:
+            self._expect_header(lst, sock, addr)
+        else:
+            self._accepted(lst, sock, addr)
+        return True
+
+    def _accepted(self, lst, sock, addr):
+        """Admits a connection from client `addr`, holds it, or refuses it (the guard)."""
         ip = addr[0]
         peer = addresses.format_address(ip, addr[1])
         if not self.remote_clients and not addresses.is_local(ip):
@@ -338,10 +361,49 @@ class Server:
             except OSError:
                 pass
             sock.close()
-            return True
+            return
         if not self._admit(lst, sock, addr, peer):
             self._hold(lst, sock, addr, peer)
-        return True
+
+    def _expect_header(self, lst, sock, addr):
+        """A connection to a --proxy-protocol listener: its PROXY header is read first.
+
+        Only the load balancers may send one (anyone else could claim to be
+        any client); connections waiting for their header are limited to
+        the kind's connection budget.
+        """
+        ip = addr[0]
+        refusal = None
+        if not any(addresses.match_pattern(ip, p) for p in lst.proxy_from):
+            refusal = "connection refused from %s: not a --proxy-protocol address" % ip
+        else:
+            with self._lock:
+                if self._stopping:
+                    sock.close()
+                    return
+                if self._headers is None:
+                    self._headers = proxy_reader.HeaderReader()
+                reader = self._headers
+                total = self._limits.get(lst.kind, (self.max_connections, 0))[0]
+            if reader.waiting() >= total:
+                refusal = "too many connections waiting for a PROXY header: refused %s" % ip
+        if refusal is not None:
+            log.warning("%s: %s" % (lst.kind, refusal))
+            with self._lock:
+                self.counters["refused"] += 1
+            sock.close()
+            return
+        reader.add(sock, lst.kind, addr, self.proxy_timeout,
+                   lambda header: self._proxied(lst, sock, addr, header))
+
+    def _proxied(self, lst, sock, addr, header):
+        """The PROXY header has arrived: the client it names is the connection's."""
+        client = header.source or addr
+        named = "client %s" % addresses.format_address(client[0], client[1]) \
+            if header.source else "no client address (LOCAL or UNKNOWN)"
+        log.info("%s: PROXY v%d header from %s: %s"
+                 % (lst.kind, header.version, addresses.format_address(addr[0], addr[1]), named))
+        self._accepted(lst, sock, client)
 
     def _admit(self, lst, sock, addr, peer):
         """Starts the session if its kind's budget allows; False if over it."""
@@ -567,6 +629,9 @@ class Server:
             self._stopping = True
             self._lock.notify_all()
             live = list(self._live.values())
+            headers = self._headers
+        if headers is not None:
+            headers.stop()
         for item in live:
             _shutdown_socket(getattr(item, "sock", item))
         if self._loop is not None:

@@ -59,6 +59,23 @@ def match_pattern(ip, pattern):
         return False
 
 
+def check_pattern(pattern):
+    """Returns `pattern` if `match_pattern` takes it as a pattern, else raises ValueError."""
+    if "*" in pattern:
+        parts = pattern.split(".")
+        if len(parts) != 4 or not all(p == "*" or (p.isdigit() and int(p) < 256) for p in parts):
+            raise ValueError("invalid address pattern %r" % pattern)
+        return pattern
+    try:
+        if "/" in pattern:
+            ipaddress.ip_network(pattern, strict=False)
+        else:
+            ipaddress.ip_address(pattern)
+    except ValueError:
+        raise ValueError("invalid address pattern %r" % pattern) from None
+    return pattern
+
+
 def parse_port(text):
     """A port number or service name (`smtp`) as an int in 1..65535.
 
