@@ -1,4 +1,4 @@
-"""The session loop: plain SMTP sessions parked in one thread, work in a small pool."""
+"""The session loop: plain SMTP sessions parked in one thread, work in a pool that grows as calls wait."""
 
 import os
 import smtplib
@@ -209,3 +209,45 @@ def test_work_stays_in_the_loop_thread_unless_it_waits():
         pair.close()
     # Work is tried in the loop once; what waited then goes to the pool.
     assert jobs.threads == ["toy loop"] * 4 + ["toy work"] * 2
+
+
+class _Call:
+    """A toy conversation of one "call" request."""
+
+    def __init__(self, conn, fn, args=()):
+        self.conn = conn
+        self.fn = fn
+        self.args = args
+
+    def conversation(self):
+        yield ("call", self.fn, self.args)
+
+
+def _workers(name):
+    return sum(1 for t in threading.enumerate() if t.name == name)
+
+
+def test_the_pool_starts_a_thread_for_every_waiting_call_and_ends_idle_ones(monkeypatch):
+    monkeypatch.setattr(session_loop, "IDLE_EXIT", 0.2)
+    loop = session_loop.SessionLoop(name="burst")
+    release = threading.Event()
+    pairs = [_Pair() for _ in range(31)]
+    ended = [threading.Event() for _ in pairs]
+    try:
+        # Thirty calls that wait, made at once: each gets a thread.
+        for pair, done in zip(pairs[:30], ended):
+            loop.add(_Call(pair.conn, release.wait, (30,)), pair.conn, done.set)
+        wait_for(lambda: _workers("burst work") == 30, what="a thread per waiting call")
+        # A call made meanwhile does not wait for them.
+        loop.add(_Call(pairs[30].conn, time.sleep, (0,)), pairs[30].conn, ended[30].set)
+        assert ended[30].wait(10)
+        assert not any(done.is_set() for done in ended[:30])
+        release.set()
+        for done in ended:
+            assert done.wait(10)
+        wait_for(lambda: _workers("burst work") == 0, what="idle threads to end")
+    finally:
+        release.set()
+        loop.stop()
+        for pair in pairs:
+            pair.close()

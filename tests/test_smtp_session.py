@@ -115,7 +115,7 @@ def test_one_message_stored_with_received_line_and_envelope(tmp_path):
     assert first.startswith(b"Received: from client.test ([127.0.0.1]) by relay.test with ESMTP id emailrelay.")
     assert rest == b"Subject: hi\r\n\r\nhello\r\n"
     assert env.from_ == "a@x.test" and env.to_remote == ["b@y.test"] and env.to_local == []
-    assert env.client == "127.0.0.1:40000" and env.content == "7bit"
+    assert env.client == "127.0.0.1" and env.content == "7bit"
     assert env.authentication == "" and env.mail_from_auth_in == ""
     assert services.stats.snapshot()["messages-stored"] == 1
 
@@ -355,7 +355,7 @@ def test_verifier_results(tmp_path):
 class FakeFilter:
     def __init__(self, ok=True, special=None, reason="", temporary=False, action=None):
         self.result = types.SimpleNamespace(ok=ok, special=special, reason=reason,
-                                            temporary=temporary, code=None)
+                                            temporary=temporary, code=None, response="error")
         self.action = action
         self.spec = "fake"
         self.seen = []

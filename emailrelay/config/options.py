@@ -166,7 +166,8 @@ OPTIONS = [
        kind="time", default=432000),
     _O("immediate", "m", None, "SMTP client",
        "Forwards each message as it is received, before the submitting client gets its "
-       "reply. Clients may time out while they wait."),
+       "reply. Each session forwards on a connection of its own, alongside the others; "
+       "clients may still time out while a slow next hop answers."),
     # SMTP server
     _O("port", "p", "<port>", "SMTP server",
        "Sets the port that the SMTP server listens on.", kind="port", default=25),
@@ -197,7 +198,9 @@ OPTIONS = [
        "Sets the name used in EHLO, the greeting, Received lines and authentication "
        "challenges. The default is this host's fully qualified name, else its host name, "
        "else the address literal of the outgoing interface (a warning is logged when the "
-       "host is only called localhost)."),
+       "host is only called localhost). When that name has no dot, EHLO to the next hop "
+       "uses the address literal of the connection instead (such as [127.0.0.1]); a "
+       "given --domain is used as it is."),
     _O("filter", "z", "<program>", "SMTP server",
        "Runs the given filter program on each message as it is stored. Exit codes 1 to 99 "
        "reject the message. exit:<number> emulates a program that exits with that "

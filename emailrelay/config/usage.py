@@ -252,7 +252,18 @@ def man_page():
               "cancels it and asks for a rescan of the spool; 103 accepts it and rescans, so "
               "it is forwarded at once. A --client-filter runs before each message is "
               "forwarded: 0 sends it, 1 to 99 fail it to .bad, 100 skips it, 102 sends it and "
-              "stops the pass, 103 sends it."),
+              "stops the pass, 103 sends it, 105 sends it and stops the pass (seed 000: \"stop "
+              "scanning for more spooled messages after processing the current one\")."),
+        ".SH VERIFIER EXIT CODES",
+        _roff("An --address-verifier program gets the recipient, the local domain, the sender "
+              "(empty for VRFY), the client's IP address, the authentication mechanism (none "
+              "when trusted) and name. Exit 0: a local mailbox (output: full name, then the "
+              "mailbox); 1: a valid remote address (output: a line ignored, then the address "
+              "to forward to, which may differ from the one given); 3: a temporary failure "
+              "(450, the output is the reason); 100: the connection is dropped; any other "
+              "exit: an invalid address (550, the output is the reason). A net: verifier "
+              "answers the same in one line: 0|mailbox|full name, 1|address, 2|reason, "
+              "3|reason or 100."),
         ".SH SPOOL FILES",
         _roff("Each message is a .content file and an envelope whose suffix is its state: "
               ".envelope.new while it is received and filtered, .envelope once committed and "

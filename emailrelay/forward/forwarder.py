@@ -1,17 +1,21 @@
 """The forwarding thread: sends the spool to the --forward-to server.
 
-One `Forwarder` per process, and its thread is the only one that claims
-spool files for forwarding. It runs forwarding passes when triggered: at
+One `Forwarder` per process, and its thread runs the forwarding passes
+(--immediate sessions claim their own messages, below). It runs them when triggered: at
 start-up (--forward), on the --poll timer, when a message's retry time comes,
 and whenever `trigger()` is called (end of an SMTP session with
 --forward-on-disconnect, ETRN, the admin `forward` command, a filter's exit
 103 through `rescan()`). Only one pass runs at a time; triggers that arrive
 during a pass make exactly one more pass afterwards, so none is lost.
 `flush()` asks for a pass and waits for its result; `run_once()` is the
-whole of --as-client (one pass in the caller's thread). --immediate goes
-through the thread too: `immediate_session()` gives an SMTP session a
-handle whose `forward(id)` hands the message to the thread and waits for
-the outcome, on one connection to the next hop kept for that session.
+whole of --as-client (one pass in the caller's thread). For --immediate,
+`immediate_session()` gives an SMTP session a handle whose `forward(id)`
+sends the message in the calling thread, on one connection to the next hop
+kept for that session: sessions forward side by side, as E-MailRelay's do,
+so a next hop that is slow to answer one submitter does not hold up the
+others (each waits at most the client timeouts). A claim is a rename that
+only one thread or process wins, so a pass running meanwhile never sends a
+message twice: whichever loses leaves it to the other.
 
 A pass claims each ready message (so processes sharing a spool never send
 one twice), runs the --client-filter programs, and hands the message to one
@@ -120,39 +124,36 @@ class PassResult:
 class ImmediateSession:
     """--immediate for one SMTP session (from `Forwarder.immediate_session()`).
 
-    `forward(id)` hands a just-committed message to the forwarding thread
-    and waits: it returns None when the message went, or stays queued for
-    a retry or another forwarder (the submitter may be told `250`), else a
-    refusal reply (`5xx text`: the message is `.bad`, and the next hop's
-    own words go back to the submitter). The connection to the next hop is
-    kept between messages; `close()` ends it (call it when the SMTP session
-    ends).
+    `forward(id)` sends a just-committed message in the calling thread and
+    returns None when the message went, or stays queued for a retry or
+    another forwarder (the next hop could not be reached: the submitter may
+    be told `250`), else a refusal reply (the message is `.bad`; a refusal
+    by the next hop, 4xx or 5xx, goes back to the submitter word for word,
+    a client filter's as `452 <response>`). The connection to the next hop
+    is kept between messages; `close()` ends it (call it when the SMTP
+    session ends: the forwarding thread sends the QUIT, so the caller never
+    waits).
     """
 
     def __init__(self, forwarder):
         self._forwarder = forwarder
-        # Used only in the forwarding thread.
+        # Used by one thread at a time: the session's, then the QUIT's.
         self.client = None
 
     def forward(self, message_id):
-        return self._forwarder._submit(lambda: self._forwarder._forward_immediate(self, message_id))
+        forwarder = self._forwarder
+        if forwarder._stopping or forwarder._thread is None:
+            # Not forwarding now: the message stays queued for the next start.
+            return None
+        return forwarder._forward_immediate(self, message_id)
 
     def close(self):
-        self._forwarder._submit(self._quit, wait=False)
+        self._forwarder._submit(self._quit)
 
     def _quit(self):
         if self.client is not None:
             self.client.quit()
             self.client = None
-
-
-class _Job:
-    """Work for the forwarding thread, and its answer for the waiting caller."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.result = None
-        self.done = threading.Event()
 
 
 class Forwarder:
@@ -187,7 +188,9 @@ class Forwarder:
         self._stopping = False
         self._thread = None
         self._jobs = collections.deque()
-        # Message id -> time of its next attempt (messages waiting for a retry).
+        # Message id -> time of its next attempt (messages waiting for a
+        # retry); --immediate sessions add to it too, so it is used under
+        # self._cond.
         self._schedule = {}
 
     # -- triggers ------------------------------------------------------
@@ -238,11 +241,8 @@ class Forwarder:
         """Stops after the message in hand (thread or run_once); waits for the thread briefly."""
         with self._cond:
             self._stopping = True
-            jobs = list(self._jobs)
             self._jobs.clear()
             self._cond.notify_all()
-        for job in jobs:
-            job.done.set()
         if self._thread is not None:
             self._thread.join(30)
 
@@ -250,21 +250,13 @@ class Forwarder:
         """A handle for one SMTP session's --immediate messages (see ImmediateSession)."""
         return ImmediateSession(self)
 
-    def _submit(self, fn, wait=True):
-        """Runs `fn` in the forwarding thread; with `wait`, returns its result.
-
-        Returns None at once when the forwarder is stopping (the message
-        stays in the spool for the next start).
-        """
-        job = _Job(fn)
+    def _submit(self, fn):
+        """Has the forwarding thread call `fn` soon (not at all when it is stopping)."""
         with self._cond:
             if self._stopping or self._thread is None:
-                return None
-            self._jobs.append(job)
+                return
+            self._jobs.append(fn)
             self._cond.notify_all()
-        if wait:
-            job.done.wait()
-        return job.result
 
     def _run_jobs(self):
         while True:
@@ -273,11 +265,9 @@ class Forwarder:
                     return
                 job = self._jobs.popleft()
             try:
-                job.result = job.fn()
+                job()
             except Exception as e:  # the thread must survive anything a job meets
                 log.error("forwarding: unexpected error: %s: %s" % (type(e).__name__, e))
-            finally:
-                job.done.set()
 
     def _next_wake(self, next_poll):
         """The monotonic time the thread must wake by itself, or None."""
@@ -432,25 +422,27 @@ class Forwarder:
             self._count("messages-failed")
         ids = self.spool.ids()
         present = set(ids)
-        for gone in [i for i in self._schedule if i not in present]:
-            del self._schedule[gone]
+        with self._cond:
+            for gone in [i for i in self._schedule if i not in present]:
+                del self._schedule[gone]
         for message_id in ids:
             now = time.time()
-            due = self._schedule.get(message_id)
+            with self._cond:
+                due = self._schedule.get(message_id)
             if not force and due is not None and due > now:
                 continue
             claim = self.spool.claim(message_id, failed=unreadable)
             if claim is None:
-                self._schedule.pop(message_id, None)
+                self._retry_at(message_id, None)
                 continue
             state = claim.envelope.retry() if self.retry_interval else None
             due = self._retry_due(claim, state) if state is not None else None
             if not force and due is not None and due > now:
                 # Deferred by another process, or by us before a restart.
-                self._schedule[message_id] = due
+                self._retry_at(message_id, due)
                 _release(claim)
                 continue
-            self._schedule.pop(message_id, None)
+            self._retry_at(message_id, None)
             yield claim
 
     def _retry_due(self, claim, state):
@@ -482,6 +474,8 @@ class Forwarder:
             if r.cancel:
                 return "skip"
             if not r.ok and r.temporary:
+                log.warning("forwarding: %s: client filter [%s]: failed response=[%s] reason=[%s]"
+                            % (claim.id, log.sanitise(f.spec), r.response, log.sanitise(r.reason)))
                 return "retry"
             if not r.ok:
                 return (r.reason or "client filter failed", r.code if r.code is not None else 0)
@@ -579,12 +573,25 @@ class Forwarder:
         # Whole seconds, as the envelope keeps them.
         next_time = int(math.ceil(now + delay))
         claim.defer(envelope_mod.Retry(count, next_time, first, reason))
-        self._schedule[claim.id] = next_time
+        self._retry_at(claim.id, next_time)
         result.deferred += 1
         self._count("messages-deferred")
         log.warning("forwarding: %s: temporary failure %d: %s: next attempt in %ss"
                     % (claim.id, count, reason, _seconds(delay)))
         self._publish("deferred %s: %s" % (claim.id, reason))
+
+    def _retry_at(self, message_id, when):
+        """Notes when message `message_id` is due again (None: not waiting).
+
+        The forwarding thread is woken to work out its next wake-up, for a
+        message an --immediate session deferred.
+        """
+        with self._cond:
+            if when is None:
+                self._schedule.pop(message_id, None)
+            else:
+                self._schedule[message_id] = when
+                self._cond.notify_all()
 
     def _sent(self, message_id, delivery, result=None):
         """Counts and logs a message the next hop took (`delivery`: see _delivery())."""
@@ -609,7 +616,7 @@ class Forwarder:
         if self.events is not None:
             self.events.publish(text)
 
-    # -- --immediate (runs in the forwarding thread) --------------------
+    # -- --immediate (runs in the submitting session's thread) ----------
 
     def _forward_immediate(self, session, message_id):
         """Sends one message on the session's connection; see ImmediateSession.forward()."""
@@ -620,7 +627,9 @@ class Forwarder:
         try:
             if not self._prepare(claim, result):
                 claim = None
-                return _refusal(result, "554", "5.7.1")
+                # A client filter's rejection is `452 <response>`, as a
+                # --filter's is.
+                return _refusal(result, "452", "4.7.1")
             if session.client is None:
                 session.client = self._new_client()
             try:
@@ -630,12 +639,20 @@ class Forwarder:
                 claim = None
                 return "554 5.0.0 %s" % e if e.permanent else None
             settling, claim = claim, None
-            self._settle(settling, outcome, result, session.client.target)
+            if outcome.ok or not outcome.code:
+                self._settle(settling, outcome, result, session.client.target)
+            else:
+                # The next hop refused (4xx too): its reply goes back to the
+                # submitter, who owns the retry, so the message is not kept
+                # for one of ours (it fails, as in E-MailRelay 2.6).
+                self._failed(settling, outcome.reason, outcome.code, result)
         finally:
             if claim is not None:
                 _release(claim)
-        if outcome.ok or outcome.temporary:
+        if outcome.ok:
             return None
+        if outcome.rejected:
+            return outcome.rejected[0][1]
         reason = outcome.reason
         return reason if reason[:3].isdigit() else "%d %s" % (outcome.code or 554, reason)
 

@@ -437,8 +437,12 @@ class Server:
         """The session loop, started on first use."""
         with self._lock:
             if self._loop is None:
+                # As many call threads as sessions the loop may hold: no
+                # session's policy call waits for another's (session_loop).
+                kinds = {lst.kind for lst in self.listeners if lst.conversation is not None}
                 self._loop = session_loop.SessionLoop(
-                    register=self._register, stop_event=self._stop_event, name="smtp")
+                    register=self._register, stop_event=self._stop_event, name="smtp",
+                    pool_size=sum(self._limits[kind][0] for kind in kinds))
             return self._loop
 
     def _park(self, lst, sock, addr, peer):

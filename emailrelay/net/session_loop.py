@@ -29,11 +29,17 @@ few connections per turn, so that a flood to refuse cannot starve the
 sessions). "work" that has lately waited little (a commit on tmpfs or a
 disk with a fast cache) is done in the loop thread itself; "call"s (filter
 and verifier programs, DNS block lists, anything that may wait for the
-network) and "work" that waits (fsync on a slow disk) go to a small pool
+network) and "work" that waits (fsync on a slow disk) go to a pool
 whose threads are started only as slow calls overlap. What decides is the
 time the work waited, not the time it took: its CPU time has to be spent
 with the GIL wherever it runs, and a tracer or a busy CPU would make
-quick work look slow. A session that starts TLS
+quick work look slow. The pool may grow to as many threads as the loop
+has sessions (`pool_size`, the listeners' connection budget), and a call
+that has waited GROW_AFTER for a thread gets a new one (the loop's own
+timer sees to it, not only the next call): since a conversation has at
+most one call at a time, no call waits behind the slow calls of other
+sessions, and a policy's timeout counts from when the call was made. A
+session that starts TLS
 moves to a thread of its own (non-blocking TLS is not worth its complexity
 for the few sessions that use it). With one thread doing the protocol work
 for every connection, the GIL changes hands only when work goes to or
@@ -54,10 +60,14 @@ import time
 from ..runtime import log
 from . import connection
 
-# Most worker threads for "call" requests.
-POOL_SIZE = 16
-# Seconds every worker must have been busy with one call before another starts.
+# Most worker threads for "call" requests when the loop is not told its
+# session budget (the default --max-connections).
+POOL_SIZE = 200
+# Seconds a call may wait for a busy worker before another worker starts.
 GROW_AFTER = 0.001
+# Seconds a worker stays idle before it ends (a burst of slow calls leaves
+# no lasting crowd of threads).
+IDLE_EXIT = 60.0
 # "work" that has lately waited less than this many seconds is done in the
 # loop thread itself: handing it to the pool and back costs more.
 QUICK = 0.0005
@@ -235,12 +245,14 @@ class SessionLoop:
     LoopConnection `conn`); `done()` is called once it has ended and its
     socket is closed, or once a thread it was handed to has ended it.
     `register(sock, conn)` is told of the blocking connection a session
-    gets when it starts TLS, so that shutdown can reach it. `stop()` ends
+    gets when it starts TLS, so that shutdown can reach it. `pool_size`
+    bounds the threads for calls: give it the most sessions the loop may
+    serve at once, so that no call ever waits for another session's. `stop()` ends
     waiting conversations as if their clients had gone, lets running calls
     finish, and returns at once; `done` callbacks say when each has ended.
     """
 
-    def __init__(self, register=None, stop_event=None, name="smtp"):
+    def __init__(self, register=None, stop_event=None, name="smtp", pool_size=POOL_SIZE):
         self._register = register
         self._stop_event = stop_event
         self._name = name
@@ -258,7 +270,8 @@ class SessionLoop:
         self._entries = set()
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL
         self._stopping = False
-        self._pool = _Pool(POOL_SIZE, "%s work" % name)
+        self._pool = _Pool(pool_size, "%s work" % name)
+        self._grow_at = None                 # when queued calls may need another worker
         self._thread = threading.Thread(target=self._run, name="%s loop" % name, daemon=True)
         self._thread.start()
 
@@ -346,9 +359,9 @@ class SessionLoop:
         while True:
             now = time.monotonic()
             timeout = self._next_sweep - now if self._entries else None
-            if self._timers:
-                wake = self._timers[0][0] - now
-                timeout = wake if timeout is None else min(timeout, wake)
+            for wake in (self._timers[0][0] if self._timers else None, self._grow_at):
+                if wake is not None:
+                    timeout = wake - now if timeout is None else min(timeout, wake - now)
             events = select(None if timeout is None else max(timeout, 0))
             now = time.monotonic()
             for key, mask in events:
@@ -373,6 +386,8 @@ class SessionLoop:
             now = time.monotonic()
             if self._timers and self._timers[0][0] <= now:
                 self._fire_timers(now)
+            if self._grow_at is not None and now >= self._grow_at:
+                self._grow_at = self._pool.grow(now)
             if now >= self._next_sweep:
                 self._next_sweep = now + SWEEP_INTERVAL
                 self._sweep(now)
@@ -482,7 +497,9 @@ class SessionLoop:
                 # The socket stays registered: input that arrives meanwhile
                 # is buffered (up to WRITE_HIGH_WATER, see _pump).
                 entry.request = ("call",)
-                self._pool.submit(entry, fn, request[2], self._post)
+                due = self._pool.submit(entry, fn, request[2], self._post)
+                if due is not None and (self._grow_at is None or due < self._grow_at):
+                    self._grow_at = due
                 return
             if kind == "sleep":
                 self._pump(entry)
@@ -631,52 +648,110 @@ class SessionLoop:
 
 
 class _Pool:
-    """Threads for "call" requests, as few as the work needs.
+    """Threads for "call" requests, as few as the work needs and as many as it waits for.
 
     One thread serves calls in order while they are quick (a commit on
-    tmpfs or a fast disk, a cached verifier answer). When every thread has
-    been busy with its call for GROW_AFTER, the work is slow (fsync on a
-    disk, a filter program) and another thread is started, up to `size`,
-    so that slow calls overlap. Fewer threads than sessions is what keeps
-    the GIL from changing hands on every system call.
+    tmpfs or a fast disk, a cached verifier answer): fewer threads than
+    sessions is what keeps the GIL from changing hands on every system
+    call. A call that finds no idle thread starts one when the newest call
+    began GROW_AFTER ago or more; otherwise it waits, and `submit` says by
+    when the loop must call `grow`, which starts a thread for every call
+    that has waited GROW_AFTER, up to `size`. So slow calls (a filter, a
+    DNS block list that does not answer) each get a thread within about
+    GROW_AFTER, however many arrive at once. A thread idle for IDLE_EXIT
+    ends.
     """
 
     def __init__(self, size, name):
         self._size = size
         self._name = name
         self._cond = threading.Condition(threading.Lock())
-        self._queue = collections.deque()   # (entry, fn, args, reply)
-        self._started = {}                  # worker number -> when its call began
+        self._queue = collections.deque()   # (entry, fn, args, reply, when queued)
+        self._newest = 0.0                  # when the latest call (or thread) started
         self._threads = 0
-        self._idle = 0
+        self._idle = 0          # threads waiting for a call (some perhaps already woken)
+        self._starting = 0      # threads started that have not yet looked at the queue
 
     def submit(self, entry, fn, args, reply):
-        """Runs fn(*args) in a pool thread, then reply(entry, result, exception)."""
-        with self._cond:
-            self._queue.append((entry, fn, args, reply))
-            if self._idle:
-                self._cond.notify()
-                return
-            if self._threads >= self._size or (
-                    self._threads and time.monotonic() - max(self._started.values())
-                    < GROW_AFTER):
-                return
-            self._threads += 1
-            number = self._threads
-            self._started[number] = time.monotonic()
-        threading.Thread(target=self._work, args=(number,), name=self._name,
-                         daemon=True).start()
+        """Runs fn(*args) in a pool thread, then reply(entry, result, exception).
 
-    def _work(self, number):
+        Returns None, or the monotonic time by which `grow` should be
+        called because the call waits for a thread.
+        """
+        now = time.monotonic()
+        with self._cond:
+            self._queue.append((entry, fn, args, reply, now))
+            # Each idle or starting thread takes one queued call.
+            if self._idle + self._starting >= len(self._queue):
+                self._cond.notify()
+                return None
+            if self._threads >= self._size:
+                return None
+            if self._threads and now - self._newest < GROW_AFTER:
+                return now + GROW_AFTER
+            self._add(1)
+        self._start(1)
+        return None
+
+    def grow(self, now):
+        """Starts a thread for each call that has waited GROW_AFTER for one.
+
+        Returns when to call again (a call is still waiting), or None.
+        """
+        with self._cond:
+            queue = self._queue
+            covered = self._idle + self._starting
+            limit = now - GROW_AFTER
+            overdue = 0
+            for item in queue:
+                if item[4] > limit:
+                    break
+                overdue += 1
+            more = max(0, min(overdue - covered, self._size - self._threads))
+            self._add(more)
+            covered += more
+            due = None
+            if len(queue) > covered and self._threads < self._size:
+                due = queue[covered][4] + GROW_AFTER
+        self._start(more)
+        return due
+
+    def _add(self, count):
+        """Counts `count` threads about to start (with the lock held)."""
+        if count:
+            self._threads += count
+            self._starting += count
+            self._newest = time.monotonic()
+
+    def _start(self, count):
+        for _ in range(count):
+            try:
+                threading.Thread(target=self._work, name=self._name, daemon=True).start()
+            except RuntimeError as e:
+                # Out of threads: the call waits for a running one.
+                log.error("%s: cannot start a thread: %s" % (self._name, e))
+                with self._cond:
+                    self._threads -= 1
+                    self._starting -= 1
+
+    def _work(self):
+        starting = True
         while True:
             with self._cond:
+                if starting:
+                    # In the same hold as going idle or taking a call, so
+                    # that `submit` never sees this thread as neither.
+                    self._starting -= 1
+                    starting = False
                 while not self._queue:
-                    self._started[number] = float("inf")
                     self._idle += 1
-                    self._cond.wait()
+                    woken = self._cond.wait(IDLE_EXIT)
                     self._idle -= 1
-                entry, fn, args, reply = self._queue.popleft()
-                self._started[number] = time.monotonic()
+                    if not woken and not self._queue:
+                        self._threads -= 1
+                        return
+                entry, fn, args, reply, _ = self._queue.popleft()
+                self._newest = time.monotonic()
             try:
                 result, exc = fn(*args), None
             except Exception as e:

@@ -514,9 +514,14 @@ class SmtpSession(session_core.LineSession):
             self.reply("452 4.5.3 too many recipients for a bounce message")
             return
         result = yield from self._verify(stored, self.mail_from)
-        if result is None or result.status == "remote":
+        if result is None:
             self.to_remote.append(stored)
             self._keep_dsn(stored, dsn)
+        elif result.status == "remote":
+            # The verifier may rewrite the address (its second line, or
+            # `1|address` from a net: verifier): that is what is forwarded.
+            self.to_remote.append(result.address)
+            self._keep_dsn(result.address, dsn)
         elif result.status == "local":
             self.to_local.append(result.address)
             self._keep_dsn(result.address, dsn)
@@ -744,7 +749,7 @@ class SmtpSession(session_core.LineSession):
         env = envelope.Envelope(
             content=body, from_=self.mail_from, to_local=self.to_local,
             to_remote=self.to_remote, authentication=self.auth_user or "",
-            client=self.peer, client_certificate=self.conn.peer_certificate_pem or "",
+            client=self.peer_ip, client_certificate=self.conn.peer_certificate_pem or "",
             mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
         if self.dsn_ret or self.dsn_envid or self.dsn_recipients:
             env.set_dsn(envelope.Dsn(self.dsn_ret, self.dsn_envid, self.dsn_recipients))
@@ -847,7 +852,8 @@ class SmtpSession(session_core.LineSession):
         """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply.
 
         As E-MailRelay: a rejection (exit 1-99) is `452 <reason>`; a filter
-        that times out, crashes or cannot run is `452 error`.
+        that times out, crashes or cannot run is `452 error`, a filter
+        daemon that cannot answer `452 failed`.
         """
         for f in self.services.filters:
             result = f.run(msg.content_path, msg.new_envelope_path)
@@ -861,9 +867,10 @@ class SmtpSession(session_core.LineSession):
                 self.message = None
                 if result.temporary:
                     why = "timeout" if reason == "filter timed out" else reason
-                    log.warning("filter [%s]: [%s]: failed response=[error] reason=[%s]"
-                                % (log.sanitise(f.spec), msg.id, why), peer=self.peer)
-                    return "452 4.3.0 error"
+                    log.warning("filter [%s]: [%s]: failed response=[%s] reason=[%s]"
+                                % (log.sanitise(f.spec), msg.id, result.response, why),
+                                peer=self.peer)
+                    return "452 4.3.0 %s" % result.response
                 log.info("rejected by filter: [%s]" % reason, peer=self.peer)
                 return "452 4.7.1 %s" % (reason or "rejected")
             if result.special == "stop":
@@ -883,7 +890,7 @@ class SmtpSession(session_core.LineSession):
         # The message is .bad: the next hop's own refusal goes back to the
         # submitter.
         text = log.sanitise(refusal)
-        return text if text[:3].isdigit() and text[0] == "5" else "554 5.0.0 %s" % text
+        return text if text[:3].isdigit() and text[0] in "45" else "554 5.0.0 %s" % text
 
     def _count(self, name):
         stats = self.services.stats

@@ -259,7 +259,7 @@ class _Message:
         sender, recipients = self.sender(writer), self.recipients(writer)
         return envelope.Envelope(
             content="8bit" if writer.eight_bit else "7bit",
-            from_=sender, to_remote=recipients, client="127.0.0.1:0",
+            from_=sender, to_remote=recipients, client="127.0.0.1",
             utf8_mailbox_names=not all(a.isascii() for a in [sender] + recipients))
 
 

@@ -300,7 +300,7 @@ def submit(args, stdin):
             from_=from_addr or "anonymous",
             to_remote=recipients,
             authentication=args.auth,
-            client="127.0.0.1:0",
+            client="127.0.0.1",
             mail_from_auth_in=_auth_value(args.from_auth_in),
             mail_from_auth_out=_auth_value(args.from_auth_out),
             utf8_mailbox_names=not all(a.isascii() for a in [from_addr] + recipients),
