@@ -111,7 +111,8 @@ def run(argv=None):
     try:
         log.configure(cfg)
     except OSError as e:
-        sys.stderr.write("emailrelay: error: cannot open log file: %s\n" % e)
+        sys.stderr.write("emailrelay: error: cannot open log file %s: %s\n"
+                         % (log.sanitise(e.filename or cfg.log_file), e.strerror or e))
         return EXIT_FAILURE
     for note in cfg.notes:
         log.verbose(note)

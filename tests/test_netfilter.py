@@ -124,7 +124,7 @@ def test_the_filter_timeout_bounds_a_request_retried_on_a_new_connection(tmp_pat
             code, text = send(relay.port, b"LATE")
             took = time.monotonic() - start
             assert code // 100 == 4, text
-            relay.wait_log(r"warning: filter net:\S+: .*timeout")
+            relay.wait_log(r"warning: filter \[net:\S+\]: \[\S+\]: failed response=\[failed\] reason=\[.*timeout")
             assert daemon.connections == 2
     assert took < 1.5 * timeout, "the reply came after %.1fs" % took
 

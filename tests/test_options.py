@@ -36,9 +36,9 @@ MAN_PAGE_OPTIONS = {
 }
 
 NEW_OPTIONS = {"max-connections": 200, "max-connections-per-address": 20,
-               "max-recipients": 1000, "max-bounce-recipients": 3, "max-bad-commands": 10,
-               "min-free-space": 1024, "listen-backlog": 0, "workers": 1, "retry-interval": 60,
-               "retry-max-interval": 3600, "retry-lifetime": 432000,
+               "max-recipients": 1000, "max-bounce-recipients": 3, "max-bad-commands": None,
+               "min-free-space": 1024, "min-data-rate": 500, "listen-backlog": 0, "workers": 1,
+               "retry-interval": 60, "retry-max-interval": 3600, "retry-lifetime": 432000,
                "proxy-protocol": [], "proxy-protocol-timeout": 5}
 
 # Options E-MailRelay 2.5 added that 2.6 command lines use, with their letters.
@@ -69,6 +69,7 @@ SAMPLE = {
     "max-connections": "50", "listen-backlog": "512", "workers": "3",
     "max-connections-per-address": "5", "max-recipients": "100",
     "max-bounce-recipients": "1", "max-bad-commands": "3", "min-free-space": "0",
+    "min-data-rate": "100",
     "retry-interval": "30", "retry-max-interval": "600", "retry-lifetime": "86400",
     "proxy-protocol": "smtp=10.0.0.1,pop=10.0.0.0/24", "proxy-protocol-timeout": "3",
     "test-address": "[192.0.2.1]", "max-load": "2.5", "tarpit": "1,2,30",
@@ -348,6 +349,38 @@ def test_config_file_errors_name_file_and_line(tmp_path, content, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--remote-client"], "unknown option: --remote-client (did you mean --remote-clients?)"),
+    (["--spool_dir", "x"], "unknown option: --spool_dir (did you mean --spool-dir?)"),
+    (["--Port", "25"], "unknown option: --Port (did you mean --port?)"),
+    (["--forwad-to=h:25"], "unknown option: --forwad-to (did you mean --forward-to?)"),
+    (["--xyzzy"], "unknown option: --xyzzy"),
+])
+def test_a_mistyped_option_gets_a_suggestion(argv, message):
+    with pytest.raises(UsageError) as info:
+        parse(argv)
+    assert str(info.value) == message
+
+
+def test_a_mistyped_option_in_a_config_file_gets_a_suggestion(tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text("spool-dir /tmp\nremote-client\n")
+    with pytest.raises(UsageError) as info:
+        parse([str(path)])
+    assert str(info.value) == "%s:2: unknown option: remote-client (did you mean remote-clients?)" \
+        % path
+
+
+def test_help_texts_do_not_contradict_themselves():
+    text = usage.help_text(True)
+    bad_commands = text[text.index("--max-bad-commands"):text.index("--min-free-space")]
+    assert "8th error" in bad_commands and "may send 10" in bad_commands
+    assert "Default" not in bad_commands
+    # The man page holds the --dnsbl text too: it cannot send the reader there.
+    assert "man page" not in options.BY_NAME["dnsbl"].help
+    assert "EMAILRELAY_DNSBL_CHECK_LOCAL is 1" in options.BY_NAME["dnsbl"].help
+
+
 def test_config_file_name_equals_value_and_flags(tmp_path):
     path = tmp_path / "c.conf"
     path.write_text("port=2526\nremote-clients\nanonymous\nsyslog local1\n")
@@ -401,8 +434,8 @@ def test_version_text():
 
 
 def test_man_page_is_generated_from_the_table():
-    with open(os.path.join(ROOT, "man", "emailrelay.1")) as f:
-        assert f.read() == usage.man_page(), "run 'make man' to regenerate man/emailrelay.1"
+    with open(os.path.join(ROOT, "man", "emailrelay.8")) as f:
+        assert f.read() == usage.man_page(), "run 'make man' to regenerate man/emailrelay.8"
 
 
 def test_man_page_documents_every_option_and_the_rest():
@@ -417,7 +450,7 @@ def test_man_page_documents_every_option_and_the_rest():
 
 
 def test_man_page_renders_without_warnings():
-    man = subprocess.run(["man", "--warnings", "-l", os.path.join(ROOT, "man", "emailrelay.1")],
+    man = subprocess.run(["man", "--warnings", "-l", os.path.join(ROOT, "man", "emailrelay.8")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                          env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0"))
     assert man.returncode == 0, man.stderr

@@ -189,7 +189,7 @@ def test_the_filter_timeout_holds_for_each_of_forty_silent_net_filter_requests(
                 for chat in sessions:
                     reply = chat.reply()
                     took[chat] = time.monotonic() - sent[chat]
-                    assert reply == "452 error"
+                    assert reply == "452 failed"
             finally:
                 for chat in sessions:
                     chat.close()

@@ -20,7 +20,7 @@ def make_cfg(tmp_path, **kw):
     cfg = dict(domain="relay.test", anonymous=False, size=0, idle_timeout=60,
                max_bad_commands=5, server_tls_required=False, max_recipients=100,
                max_bounce_recipients=0, min_free_space=0, spool_dir=str(tmp_path),
-               immediate=False, tarpit=None, helo_check=False, greeting=[],
+               immediate=False, tarpit=None, helo_check=False, greeting=[], min_data_rate=500,
                # These tests look at the whole state machine, with our
                # enhanced status codes; test_smtp_compat.py checks the defaults.
                server_smtp_config=["+enhancedstatuscodes,+chunking,+smtputf8"])

@@ -2,7 +2,7 @@
 
 `OPTIONS` is the one table of options: parsing, config files, and (through
 `usage`) `--help`, `--help --verbose` and the man page (`usage.man_page()`,
-written to man/emailrelay.1 by `make man`) all read it. `parse(argv)`
+written to man/emailrelay.8 by `make man`) all read it. `parse(argv)`
 returns a `Config` or raises `UsageError` with a one-line message; nothing
 is started or written before parsing succeeds.
 
@@ -191,9 +191,10 @@ OPTIONS = [
        "time) and the DNS server (default the first nameserver in /etc/resolv.conf), for "
        "example zen.spamhaus.org,bl.spamcop.net,1,2s. E-MailRelay's older form "
        "dns-server,timeout,threshold,list[,list...] also works, for example "
-       "127.0.0.1:53,1000,1,zen.spamhaus.org. Local addresses are not checked (see "
-       "EMAILRELAY_DNSBL_CHECK_LOCAL in the man page). A refused client gets 554 instead "
-       "of the greeting, or 550 at each RCPT with --server-smtp-config rcpt-dns-rbl."),
+       "127.0.0.1:53,1000,1,zen.spamhaus.org. Local addresses (loopback, private, "
+       "unique-local, link-local) are not checked unless the environment variable "
+       "EMAILRELAY_DNSBL_CHECK_LOCAL is 1. A refused client gets 554 instead of the "
+       "greeting, or 550 at each RCPT with --server-smtp-config rcpt-dns-rbl."),
     _O("domain", "D", "<fqdn>", "SMTP server",
        "Sets the name used in EHLO, the greeting, Received lines and authentication "
        "challenges. The default is this host's fully qualified name, else its host name, "
@@ -276,10 +277,18 @@ OPTIONS = [
        "Limits the number of recipients of a message with an empty sender (MAIL FROM:<>).",
        kind="int", default=3, minimum=1),
     _O("max-bad-commands", None, "<n>", "SMTP server",
-       "Sets how many unknown or malformed commands a client may send before it gets 421 "
-       "and is disconnected. Without it an SMTP client is disconnected without a reply "
-       "at its 8th error, as E-MailRelay does; POP allows 10.",
-       kind="int", default=10, minimum=1),
+       "Sets how many unknown or malformed commands a client may send: the next one "
+       "gets 421 (SMTP) or -ERR (POP) and the connection is closed. Without it an SMTP "
+       "client is disconnected without a reply at its 8th error, as E-MailRelay does, "
+       "and a POP client may send 10.",
+       kind="int", minimum=1),
+    _O("min-data-rate", None, "<octets>", "SMTP server",
+       "Sets the least average rate, in octets per second, at which a client must send "
+       "the text of a message (DATA, or BDAT chunks up to LAST): the text may take the "
+       "--idle-timeout plus one second for every <octets> received, and a client that "
+       "falls behind gets 421 and is disconnected, however often it sends a little "
+       "(Postfix smtpd_min_data_rate). 0 leaves only the --idle-timeout.",
+       kind="int", default=500),
     _O("min-free-space", None, "<kbytes>", "SMTP server",
        "Refuses new messages (452 4.3.1) while the spool file system has less free space "
        "than this, checked at MAIL and again before each message is committed. 0 turns "
@@ -563,6 +572,16 @@ class Config:
         raise AttributeError("no option %r" % attr)
 
 
+def _did_you_mean(name, dashes):
+    """` (did you mean --spool-dir?)` for a mistyped option name, or ''."""
+    # Only a mistyped option needs difflib: imported here so that a good
+    # command line does not pay for it at start-up.
+    import difflib
+    key = name.lower().replace("_", "-")
+    close = [key] if key in BY_NAME else difflib.get_close_matches(key, BY_NAME, 1, 0.8)
+    return " (did you mean %s%s?)" % (dashes, close[0]) if close else ""
+
+
 def _one_line(text):
     return text if text.isprintable() else repr(text)
 
@@ -651,7 +670,8 @@ def _parse_argv(argv, out):
             name, eq, text = arg[2:].partition("=")
             opt = BY_NAME.get(name)
             if opt is None:
-                raise UsageError("unknown option: --%s" % _one_line(name))
+                raise UsageError("unknown option: --%s%s"
+                                 % (_one_line(name), _did_you_mean(name, "--")))
             if not eq:
                 text = None
                 if opt.kind not in ("flag", "optional"):
@@ -705,7 +725,8 @@ def _parse_file(path, out):
                              % (where, _one_line(name)))
         opt = BY_NAME.get(name)
         if opt is None:
-            raise UsageError("%sunknown option: %s" % (where, _one_line(name)))
+            raise UsageError("%sunknown option: %s%s" % (where, _one_line(name),
+                                                         _did_you_mean(name, "")))
         if text is None and opt.kind not in ("flag", "optional"):
             raise UsageError("%s%s: missing value" % (where, name))
         out.add(opt, text, where)

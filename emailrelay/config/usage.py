@@ -110,7 +110,10 @@ def _modes_section():
     ]) + [
         _roff("For systemd, etc/emailrelay.socket with Accept=yes starts an "
               "etc/emailrelay@.service instance (with StandardInput=socket) per "
-              "connection."),
+              "connection. As installed they serve local clients only: the socket "
+              "listens on 127.0.0.1:25 and the instances have no --remote-clients; the "
+              "comments in both files show how to take mail from other hosts with "
+              "--remote-clients and --server-auth."),
         ".SS systemd socket activation (Accept=no)",
         _roff("When systemd passes listening sockets (LISTEN_FDS and LISTEN_PID) the "
               "daemon serves them without --interface: each for the server its "
@@ -150,9 +153,9 @@ def _modes_section():
 
 
 def man_page():
-    """The emailrelay(1) man page in roff, generated from the table."""
+    """The emailrelay(8) man page in roff, generated from the table."""
     out = [
-        '.TH EMAILRELAY 1 "" "emailrelay %s" "User Commands"' % __version__,
+        '.TH EMAILRELAY 8 "" "emailrelay %s" "System Manager\'s Manual"' % __version__,
         ".SH NAME",
         "emailrelay \\- store\\-and\\-forward SMTP relay, SMTP proxy and POP3 server",
         ".SH SYNOPSIS",
@@ -297,7 +300,9 @@ def man_page():
         ".fi",
         ".PP",
         _roff("An ip-up hook (etc/ip-up.emailrelay, installed as /etc/ppp/ip-up.d/emailrelay) "
-              "forwards when the link comes up; set SMARTHOST in /etc/default/emailrelay."),
+              "forwards when the link comes up; set SMARTHOST in /etc/default/emailrelay. It "
+              "adds --syslog to --as-client (which implies --no-syslog), so a forward that "
+              "fails is in the mail log."),
         ".PP",
         _roff("logrotate: etc/logrotate.emailrelay (installed as /etc/logrotate.d/emailrelay) "
               "rotates /var/log/emailrelay/*.log and sends SIGHUP; the new file gets the old "
@@ -342,14 +347,31 @@ def man_page():
         ".B /var/spool/emailrelay",
         _roff("The default spool directory."),
         ".TP",
-        ".B /etc/emailrelay.conf",
-        _roff("The usual config file (see etc/emailrelay.conf in the source tree)."),
+        ".B /usr/local/etc/emailrelay.conf",
+        _roff("The config file that make install writes with the default PREFIX=/usr/local "
+              "(/etc/emailrelay.conf with PREFIX=/usr, or SYSCONFDIR); emailrelay.service "
+              "passes it to the program. emailrelay.conf.example next to it shows more "
+              "options."),
+        ".TP",
+        ".B /etc/ppp/ip\\-up.d/emailrelay",
+        _roff("The ip-up hook: forwards the spool when a link comes up, logging to syslog."),
+        ".TP",
+        ".B /etc/default/emailrelay",
+        _roff("Settings for the ip-up hook: SMARTHOST (the next hop), EMAILRELAY_SPOOL and "
+              "EMAILRELAY_OPTS."),
+        ".TP",
+        ".B /etc/logrotate.d/emailrelay",
+        _roff("Rotates /var/log/emailrelay/*.log."),
+        ".TP",
+        ".B /var/log/emailrelay",
+        _roff("The directory for --log-file, created by make install and by the systemd "
+              "unit (LogsDirectory=)."),
         ".SH SEE ALSO",
-        ".BR emailrelay\\-submit (1),",
-        ".BR emailrelay\\-passwd (1),",
-        ".BR emailrelay\\-resubmit (1),",
-        ".BR emailrelay\\-filter\\-copy (1),",
-        ".BR emailrelay\\-sendmail (1),",
+        ".BR emailrelay\\-submit (8),",
+        ".BR emailrelay\\-passwd (8),",
+        ".BR emailrelay\\-resubmit (8),",
+        ".BR emailrelay\\-filter\\-copy (8),",
+        ".BR emailrelay\\-sendmail (8),",
         ".BR syslog (3)",
     ]
     return "\n".join(out) + "\n"

@@ -21,6 +21,7 @@ sends the busy reply and closes.
 """
 
 import collections
+import errno
 import os
 import queue
 import selectors
@@ -275,8 +276,12 @@ class Server:
                 try:
                     sock = _bind(item, port, self.backlog)
                 except OSError as e:
-                    raise OSError(e.errno, "cannot listen on %s: %s"
-                                  % (addresses.format_address(item, port), e.strerror)) from None
+                    hint = ""
+                    if e.errno == errno.EACCES and port < 1024:
+                        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+                    raise OSError(e.errno, "cannot listen on %s: %s%s"
+                                  % (addresses.format_address(item, port), e.strerror,
+                                     hint)) from None
             self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply,
                                            address_busy_reply, conversation, proxy_from,
                                            refused_reply))

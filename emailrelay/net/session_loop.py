@@ -47,7 +47,10 @@ comes back from the pool, not on every system call of twenty session
 threads. Replies are sent before a session waits for more input, so
 pipelining works as in a session thread; the output owed to a client that
 does not read, and the input of one that sends during a call, are bounded
-(WRITE_HIGH_WATER).
+(WRITE_HIGH_WATER). Each conversation takes at most TURN requests from its
+buffered input in one pass of the loop, then waits for the next pass: a
+client that pipelines without end gets its turns, and everyone else
+theirs in between.
 """
 
 import collections
@@ -75,6 +78,15 @@ QUICK = 0.0005
 PROBE_EVERY = 256
 # Seconds between looks for conversations whose client has been idle too long.
 SWEEP_INTERVAL = 0.5
+# Requests ("line", "read") a conversation may serve from its buffered input
+# in one pass of the loop: a pipelined transaction (MAIL, a few RCPTs, DATA
+# and its text). More waits for the next pass, after every other
+# conversation. A pass lasts about as long as the busy conversations' turns
+# together: with 500 clients pipelining NOOPs without end, 8 gave another
+# client a transaction in 0.3 s, 32 in 1 s.
+TURN = 8
+# What `SessionLoop._input` gives for a conversation whose turn is over.
+_PARKED = object()
 
 
 def drive(session, stop_event=None):
@@ -224,7 +236,7 @@ class _Entry:
     """One conversation in the loop, and what it waits for."""
 
     __slots__ = ("session", "gen", "conn", "request", "mask", "token", "done", "handed_off",
-                 "since")
+                 "since", "turn", "served")
 
     def __init__(self, session, gen, conn, done):
         self.session = session
@@ -236,6 +248,8 @@ class _Entry:
         self.done = done
         self.handed_off = False
         self.since = 0.0        # when the client last did something (idle timeout)
+        self.turn = 0           # the loop pass in which `served` requests were served
+        self.served = 0
 
 
 class SessionLoop:
@@ -268,6 +282,8 @@ class SessionLoop:
         self._timers = []                    # heap of (deadline, seq, entry, token): sleeps
         self._seq = 0
         self._entries = set()
+        self._passes = 0
+        self._parked = collections.deque()  # (entry, token): turns over, resumed next pass
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL
         self._stopping = False
         self._pool = _Pool(pool_size, "%s work" % name)
@@ -357,11 +373,16 @@ class SessionLoop:
     def _run(self):
         select = self._selector.select
         while True:
+            self._passes += 1
+            if self._parked:
+                self._resume_parked()
             now = time.monotonic()
             timeout = self._next_sweep - now if self._entries else None
             for wake in (self._timers[0][0] if self._timers else None, self._grow_at):
                 if wake is not None:
                     timeout = wake - now if timeout is None else min(timeout, wake - now)
+            if self._parked:
+                timeout = 0
             events = select(None if timeout is None else max(timeout, 0))
             now = time.monotonic()
             for key, mask in events:
@@ -391,6 +412,18 @@ class SessionLoop:
             if now >= self._next_sweep:
                 self._next_sweep = now + SWEEP_INTERVAL
                 self._sweep(now)
+
+    def _resume_parked(self):
+        """Gives the conversations parked in the last pass their next turn."""
+        parked = self._parked
+        for _ in range(len(parked)):
+            entry, token = parked.popleft()
+            if token != entry.token or entry.request is None:
+                continue
+            try:
+                self._pump(entry)
+            except Exception as e:
+                self._fail(entry, e)
 
     def _drain_wake(self):
         try:
@@ -429,8 +462,9 @@ class SessionLoop:
             return
         conn.eof = True
         conn._buf.clear()
+        # Whatever it waited for (a timer, its next turn) is forgotten.
+        entry.token += 1
         if entry.request is not None and entry.request[0] == "sleep":
-            entry.token += 1
             self._step(entry, None, None)
         elif entry.request is not None and entry.request[0] in ("line", "read"):
             self._pump(entry)
@@ -472,10 +506,12 @@ class SessionLoop:
                         self._wait(entry, selectors.EVENT_WRITE)
                         return
                 try:
-                    got = conn.take_line(request[1]) if kind == "line" else conn.take(request[1])
+                    got = self._input(entry, request)
                 except connection.LineTooLong as e:
                     exc = e
                     continue
+                if got is _PARKED:
+                    return
                 if got is not None:
                     value = got
                     continue
@@ -530,9 +566,11 @@ class SessionLoop:
         kind = request[0]
         if kind == "line" or kind == "read":
             try:
-                got = conn.take_line(request[1]) if kind == "line" else conn.take(request[1])
+                got = self._input(entry, request)
             except connection.LineTooLong as e:
                 self._step(entry, None, e)
+                return
+            if got is _PARKED:
                 return
             if got is not None:
                 self._step(entry, got, None)
@@ -545,6 +583,25 @@ class SessionLoop:
                                           entry.token))
         elif kind == "end":
             self._finish(entry)
+
+    def _input(self, entry, request):
+        """What a "line" or "read" request gets from the buffered input now.
+
+        None when more input is needed; _PARKED when the conversation has
+        had its TURN in this pass: it stops listening (its input stays
+        bounded) and is resumed at the start of the next pass.
+        """
+        conn = entry.conn
+        if conn._buf:
+            if entry.turn != self._passes:
+                entry.turn = self._passes
+                entry.served = 0
+            entry.served += 1
+            if entry.served > TURN:
+                self._wait(entry, 0)
+                self._parked.append((entry, entry.token))
+                return _PARKED
+        return conn.take_line(request[1]) if request[0] == "line" else conn.take(request[1])
 
     def _wait(self, entry, mask):
         entry.token += 1

@@ -50,6 +50,8 @@ AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
 SASL_LINE_LIMIT = 8192
 # RFC 1939 3: an autologout timer, if any, must be at least 10 minutes.
 RFC_IDLE_TIMEOUT = 600
+# Bad commands a client may send unless --max-bad-commands says otherwise.
+BAD_COMMAND_LIMIT = 10
 IMPLEMENTATION = "emailrelay-python"
 
 _banner_counter = itertools.count(1)
@@ -75,7 +77,8 @@ class PopSession(session_core.LineSession):
     def __init__(self, conn, services):
         cfg = services.cfg
         super().__init__(conn, services, AUTHORIZATION, session_core.BadBudget(
-            cfg.max_bad_commands, "-ERR too many bad commands, closing connection",
+            cfg.max_bad_commands or BAD_COMMAND_LIMIT,
+            "-ERR too many bad commands, closing connection",
             "pop: too many bad commands, closing"))
         self.domain = cfg.domain or "localhost"
         self.banner = "<%d.%d.%d@%s>" % (os.getpid(), next(_banner_counter),

@@ -11,6 +11,10 @@ The core owns everything else the three share:
   queue with the flush-before-block rule: the replies owed are sent before
   the session waits for input, unless the client has pipelined more
   (RFC 2920, RFC 2449), so pipelined commands get their replies together;
+  they also go once OWED_HIGH_WATER octets are owed, so that a client
+  that pipelines without end and reads nothing is stopped by its own
+  unread output (the connection's write bound) instead of growing the
+  queue;
 - dispatch through the table: an unknown verb and a verb outside its
   states get the protocol's refusal, counted as a bad command; a handler
   whose command got no error reply moves the session to the row's next
@@ -34,6 +38,9 @@ from ..net import connection, session_loop
 from ..runtime import log
 
 DONE = "DONE"
+# Octets of replies queued for a pipelining client before they are sent
+# anyway (RFC 2920 lets a server send replies whenever it likes).
+OWED_HIGH_WATER = 16384
 # Failed logins a session may have before it is closed (either protocol).
 MAX_AUTH_FAILURES = 3
 
@@ -96,6 +103,7 @@ class LineSession:
         self.error_replies = 0
         # Replies waiting to be sent; a float is a delay before the next one.
         self.replies = []
+        self.owed = 0           # octets of text in `replies`, roughly
         self.tracing = self.trace_enabled()
 
     # ----- hooks a protocol may override ------------------------------
@@ -216,10 +224,10 @@ class LineSession:
         """One input line as text, or None when it was refused (a generator).
 
         The replies owed go out first unless the client has pipelined more
-        input. An over-long line gets `too_long` (a bad command); end of
-        input raises EOFError.
+        input and they are still few (OWED_HIGH_WATER). An over-long line
+        gets `too_long` (a bad command); end of input raises EOFError.
         """
-        if not self.conn.pending():
+        if self.owed >= OWED_HIGH_WATER or not self.conn.pending():
             yield from self.send()
         try:
             raw = yield ("line", limit)
@@ -246,6 +254,7 @@ class LineSession:
         if self.tracing:
             self.trace("%s: tx: %s" % (self.PROTOCOL, text.split("\r\n", 1)[0]))
         self.replies.append(text)
+        self.owed += len(text) + 2
 
     def delay(self, seconds):
         """Holds back the replies queued after this by `seconds` (see `send`)."""
@@ -258,6 +267,7 @@ class LineSession:
         loop, no thread.
         """
         replies = self.replies
+        self.owed = 0
         while replies:
             texts = []
             while replies and not isinstance(replies[0], float):
@@ -274,6 +284,7 @@ class LineSession:
         """Writes the queued replies to the connection now, without their delays."""
         texts = [r for r in self.replies if not isinstance(r, float)]
         self.replies = []
+        self.owed = 0
         if texts:
             self.conn.write(self.encode(texts))
 

@@ -19,11 +19,14 @@ syntax); a command outside its states gets `503`. States:
     DONE     QUIT received, or the session must end
 
 Replies are queued and sent only when the client has no more input
-pipelined, or before we would block reading (RFC 2920); this is what makes
-pipelined clients fast. Replies are written with RFC 3463 enhanced status
-codes; unless `--server-smtp-config +enhancedstatuscodes` is given they are
-taken out as they are queued, so that the default replies are E-MailRelay
-2.6's, word for word. Message text is read by `smtp_text` in large blocks
+pipelined, or before we would block reading (RFC 2920), or once
+`session_core.OWED_HIGH_WATER` octets are owed; this is what makes
+pipelined clients fast. Message text must keep up --min-data-rate
+(`smtp_text.Pace`): a client that falls behind gets 421 and is dropped.
+Replies are written with RFC 3463 enhanced status codes; unless
+`--server-smtp-config +enhancedstatuscodes` is given they are taken out as
+they are queued, so that the default replies are E-MailRelay 2.6's, word
+for word. Message text is read by `smtp_text` in large blocks
 and command syntax is parsed by `smtp_syntax`.
 """
 
@@ -662,7 +665,7 @@ class SmtpSession(session_core.LineSession):
         write = self._start_message()
         self.reply("354 start mail input -- end with <CRLF>.<CRLF>")
         yield from self.send()
-        yield from smtp_text.read_data(self.conn, write, self.text)
+        yield from self._text(smtp_text.read_data(self.conn, write, self.text))
         if self.text.fault is None:
             yield from self._commit()
         else:
@@ -678,19 +681,36 @@ class SmtpSession(session_core.LineSession):
         last = len(parts) == 2
         if self.state not in (RCPT, BDAT):
             # The chunk is read and dropped so it is not taken for commands.
-            yield from smtp_text.read_chunk(size, None, None)
+            yield from self._text(smtp_text.read_chunk(size, None, smtp_text.Text(
+                0, self._pace())))
             self.out_of_sequence("BDAT")
             return
         if self.state == RCPT:
             self._write = self._start_message()
             self.state = BDAT
-        yield from smtp_text.read_chunk(size, self._write, self.text)
+        yield from self._text(smtp_text.read_chunk(size, self._write, self.text))
         if self.text.fault is not None:
             self._refuse_content()
         elif not last:
             self.reply("250 2.0.0 %d bytes received" % size)
         else:
             yield from self._commit()
+
+    def _pace(self):
+        """The --min-data-rate a message's text must keep up (None: only the idle timeout)."""
+        rate = self.cfg.min_data_rate
+        idle = self.idle_timeout()
+        return smtp_text.Pace(self.conn, idle, rate) if rate and idle else None
+
+    def _text(self, reader):
+        """Runs a text reader (a generator); a client too slow for --min-data-rate is dropped."""
+        try:
+            yield from reader
+        except smtp_text.TooSlow:
+            log.info("smtp: message text too slow (under --min-data-rate %s octets/s)"
+                     % self.cfg.min_data_rate, peer=self.peer)
+            self.reply("421 4.4.2 %s data timeout: message text too slow" % self.domain)
+            raise session_core.Drop() from None
 
     # ----- storing a message --------------------------------------------
 
@@ -701,7 +721,7 @@ class SmtpSession(session_core.LineSession):
         dropped, `self.text.fault` says why), so that the reply comes at its
         end and the session goes on.
         """
-        self.text = smtp_text.Text(self.size_limit)
+        self.text = smtp_text.Text(self.size_limit, self._pace())
         try:
             self.message = self.services.spool.new_message()
             if "content" not in self.anonymous:

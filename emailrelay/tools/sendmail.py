@@ -62,7 +62,7 @@ spool when this user may write it, else to the running daemon over SMTP.
              /etc/emailrelay.conf or /usr/local/etc/emailrelay.conf)
   --spool-dir dir   the spool directory (default $EMAILRELAY_SPOOL, else the
              configuration's spool-dir)
-Addresses without a domain get the relay's --domain. See emailrelay-sendmail(1).
+Addresses without a domain get the relay's --domain. See emailrelay-sendmail(8).
 """
 
 
