@@ -7,7 +7,6 @@ programs, and a SIGKILL crash test.
 
 import os
 import random
-import re
 import smtplib
 import socket
 import stat
