@@ -120,10 +120,11 @@ def test_client_named_by_v1_and_v2_headers_is_in_envelope_and_received(tmp_path)
 
 def test_guard_refuses_a_non_local_client_seen_through_the_balancer(tmp_path):
     with Relay(tmp_path, ["--proxy-protocol", "127.0.0.1"]) as relay:
-        assert raw(relay.port, v1(("203.0.113.7", 40000))) == b""
+        refused = b"554 no SMTP service for your address\r\n"
+        assert raw(relay.port, v1(("203.0.113.7", 40000))) == refused
         relay.wait_log(r"smtp: connection refused from non-local address 203\.0\.113\.7 "
                        r"\(see --remote-clients\)")
-        assert raw(relay.port, v2(("203.0.113.8", 40000))) == b""
+        assert raw(relay.port, v2(("203.0.113.8", 40000))) == refused
         relay.wait_log(r"non-local address 203\.0\.113\.8")
         # A local client behind the same balancer is served.
         assert raw(relay.port, v1(("192.168.1.5", 40000))).startswith(b"220 ")
