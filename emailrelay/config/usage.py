@@ -11,6 +11,11 @@ import textwrap
 from .. import __version__
 from .options import GROUPS, OPTIONS
 
+# The program's exit statuses (the man page's EXIT STATUS section).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
 
 def _wrap(text, width, indent):
     return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent,
