@@ -1,7 +1,7 @@
 """Texts generated from the option table: --help, --version and the man page.
 
 `help_text(verbose)`, `version_text(verbose)` and `man_page()` read
-`options.OPTIONS`, so the help, the man page (written by `make man`) and
+`option_table.OPTIONS`, so the help, the man page (written by `make man`) and
 the parser cannot disagree; a test checks the committed man page.
 """
 
@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from .. import __version__
-from .options import GROUPS, OPTIONS
+from .option_table import GROUPS, OPTIONS
 
 # The program's exit statuses (the man page's EXIT STATUS section).
 EXIT_OK = 0
