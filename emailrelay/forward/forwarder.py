@@ -44,7 +44,8 @@ the thread wherever it waits), and the messages in hand go back to the
 queue with a warning naming each, not counted as an attempt.
 
 `Events` is the small publish/subscribe channel behind the admin `notify`
-command; the forwarder and the SMTP server publish one-line events to it.
+command; the forwarder publishes one-line events to it (a pass starts or
+ends, a message is deferred).
 """
 
 import collections

@@ -3,11 +3,10 @@
 `Server` owns every listening socket of the process and runs one accept
 loop in the main thread; an accepted connection runs its session in a
 thread of its own, or in the session loop (`session_loop`) for plain SMTP.
-The connection object sessions use is in `connection`; its names are
-offered here too, where the protocol modules have always found them.
+The connection object sessions use is in `connection`.
 
 Why one selector loop rather than one `socketserver.ThreadingTCPServer` per
-listening address (the design card's suggestion): E-MailRelay listens on
+listening address (the usual Python shape): E-MailRelay listens on
 several addresses for several protocols at once, and one loop gives a single
 place for the connection caps, the open-relay guard and a prompt, signal-driven
 shutdown (the loop wakes on a socketpair), without a thread per listener.
@@ -42,14 +41,7 @@ import time
 from ..runtime import descriptors, log
 from ..util import addresses
 from . import interfaces, proxy_reader, session_loop
-from .connection import (Closed, Connection, FdConnection, LineTooLong, MemoryConnection,
-                         RECV_SIZE, Timeout, WRITE_HIGH_WATER, address_pair)
-
-
-# The connection API sessions take from here (see the module docstring).
-__all__ = ["Server", "Listener", "parse_interfaces", "listen_backlog", "systemd_sockets",
-           "RECV_SIZE", "WRITE_HIGH_WATER", "Closed", "Connection", "FdConnection",
-           "LineTooLong", "MemoryConnection", "Timeout"]
+from .connection import Connection, address_pair
 
 # Seconds an over-the-limit connection waits (in the refuser thread, never in
 # the accept loop) for ending sessions to free a slot.
