@@ -1,7 +1,7 @@
 """The connection object protocol sessions use, over a socket, two fds or bytes.
 
 Protocol sessions never see a socket: they get a `Connection` (or `FdConnection`
-for --bsmtp and --inetd on a pipe, or in unit tests a `MemoryConnection`) with
+for --bsmtp and --inetd on a pipe, or in unit tests tests/'s `MemoryConnection`) with
 buffered line and block reads, buffered writes, and a server-side TLS upgrade.
 Timeouts raise `Timeout`, a peer that vanishes mid-write raises `Closed`, and
 a line over its limit raises `LineTooLong` after it has been consumed.
@@ -31,8 +31,13 @@ class Closed(Exception):
     """The peer went away while we were writing."""
 
 
-class _Buffered:
-    """Line and block reading over a `_recv()` primitive, with pushback."""
+class Buffered:
+    """Line and block reading over a `_recv()` primitive, with pushback.
+
+    The base of every connection look-alike: a subclass gives `_recv()`
+    (bytes, b'' at the end), `_send(data)`, `settimeout`, `starttls` and
+    `close` (the test double `MemoryConnection` in tests/ is one).
+    """
 
     def __init__(self):
         self._buf = bytearray()
@@ -107,7 +112,7 @@ class _Buffered:
             self._send(data)
 
 
-class Connection(_Buffered):
+class Connection(Buffered):
     """A connected socket as a session sees it.
 
     `peer` and `local` are (ip, port) tuples; `tls` says whether TLS is
@@ -195,7 +200,7 @@ class Connection(_Buffered):
             pass
 
 
-class FdConnection(_Buffered):
+class FdConnection(Buffered):
     """A `Connection` look-alike over two file descriptors that are not a socket.
 
     For --bsmtp and --inetd on a pipe: reads from `rfd` (a pipe, a file or
@@ -241,49 +246,6 @@ class FdConnection(_Buffered):
             self.flush()
         except (Closed, Timeout):
             pass
-
-
-class MemoryConnection(_Buffered):
-    """A `Connection` look-alike over bytes, for testing sessions.
-
-    The whole input is given up front (it may be a list of chunks, each
-    returned by one receive, to exercise buffering); `output` collects what
-    the session wrote, flushed or not.
-    """
-
-    def __init__(self, data=b"", peer=("127.0.0.1", 40000), local=("127.0.0.1", 25)):
-        super().__init__()
-        self._chunks = list(data) if isinstance(data, list) else [data]
-        self.output = bytearray()
-        self.peer = peer
-        self.local = local
-        self.closed = False
-        self.timeout = None
-
-    def _recv(self):
-        while self._chunks:
-            chunk = self._chunks.pop(0)
-            if chunk:
-                return chunk
-        return b""
-
-    def _send(self, data):
-        self.output += data
-
-    def write(self, data):
-        self.output += data
-
-    def flush(self):
-        pass
-
-    def settimeout(self, seconds):
-        self.timeout = seconds
-
-    def starttls(self, context):
-        raise OSError("TLS is not available on a memory connection")
-
-    def close(self):
-        self.closed = True
 
 
 def address_pair(addr):

@@ -1,7 +1,7 @@
 """The SMTP server protocol: one `SmtpSession` per accepted connection.
 
 `SmtpSession(conn, services).run()` speaks SMTP over a `net.Connection` (or
-a `net.MemoryConnection` in tests) until the client quits or goes away, and
+a `MemoryConnection` in tests) until the client quits or goes away, and
 stores each accepted message in the spool durably before replying `250`;
 `conversation()` is the same session for the session loop. `services` is
 an `SmtpServices`.
