@@ -17,6 +17,9 @@ from ..runtime import descriptors
 RECV_SIZE = 65536
 # Writes are buffered for pipelining; a large backlog is sent at once.
 WRITE_HIGH_WATER = 65536
+# Input buffered for a session that is busy elsewhere: past this much the
+# session loop stops reading its socket.
+READ_HIGH_WATER = 65536
 
 
 class LineTooLong(Exception):
@@ -42,6 +45,7 @@ class Buffered:
     def __init__(self):
         self._buf = bytearray()
         self._out = bytearray()
+        self._overlong = False      # the line being received is over its limit
         self.tls = False
         self.tls_cipher = None      # (cipher, protocol, secret bits) once TLS is active
         self.peer_certificate_pem = ""
@@ -64,26 +68,59 @@ class Buffered:
         and carry on; memory never grows past `limit` plus one receive.
         Input that ends without a line ending is returned as it is.
         """
-        start = 0
-        overlong = False
         while True:
-            i = self._buf.find(b"\n", start)
-            if i >= 0:
-                line = bytes(self._buf[:i + 1])
-                del self._buf[:i + 1]
-                if overlong or len(line) > limit:
-                    raise LineTooLong()
+            line = self.next_line(limit, at_end=False)
+            if line is not None:
                 return line
-            if len(self._buf) > limit:
-                overlong = True
-                self._buf.clear()
-            start = len(self._buf)
             if not self._fill():
-                if overlong:
-                    raise LineTooLong()
-                line = bytes(self._buf)
-                self._buf.clear()
-                return line
+                return self.next_line(limit, at_end=True)
+
+    def next_line(self, limit, at_end):
+        """The next line from the buffered input, as `readline` gives it, or None.
+
+        None means that more input is needed; `at_end` says that none will
+        come, so what is buffered is the last line (b'' when nothing is). The
+        one line-framing rule of every connection, the session loop's too: an
+        overlong line is dropped as it arrives and reported by LineTooLong
+        once its end has been consumed.
+        """
+        buf = self._buf
+        i = buf.find(b"\n")
+        if i >= 0:
+            line = bytes(buf[:i + 1])
+            del buf[:i + 1]
+            if self._overlong or len(line) > limit:
+                self._overlong = False
+                raise LineTooLong()
+            return line
+        if len(buf) > limit:
+            self._overlong = True
+            buf.clear()
+        if not at_end:
+            return None
+        if self._overlong:
+            self._overlong = False
+            raise LineTooLong()
+        line = bytes(buf)
+        buf.clear()
+        return line
+
+    def buffered(self):
+        """Octets of input received and not yet read."""
+        return len(self._buf)
+
+    def discard_input(self):
+        """Forgets the input received and not yet read."""
+        self._buf.clear()
+
+    def unsent(self):
+        """Octets queued by write() and not yet sent."""
+        return len(self._out)
+
+    def hand_over_output(self, other):
+        """Moves the output not yet sent to `other`, which takes over the peer."""
+        other._out += self._out
+        self._out.clear()
 
     def read(self, n):
         """Reads at most `n` octets (at least one), or b'' at end of input."""

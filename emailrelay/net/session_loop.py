@@ -47,7 +47,7 @@ comes back from the pool, not on every system call of twenty session
 threads. Replies are sent before a session waits for more input, so
 pipelining works as in a session thread; the output owed to a client that
 does not read, and the input of one that sends during a call, are bounded
-(WRITE_HIGH_WATER). Each conversation takes at most TURN requests from its
+(`connection.WRITE_HIGH_WATER`, `connection.READ_HIGH_WATER`). Each conversation takes at most TURN requests from its
 buffered input in one pass of the loop, then waits for the next pass: a
 client that pipelines without end gets its turns, and everyone else
 theirs in between.
@@ -151,35 +151,10 @@ class LoopConnection(connection.Connection):
         self._timeout = self.timeout = None
         self.eof = False
         self.broken = False
-        self._overlong = False
 
     def settimeout(self, seconds):
         """Sets the idle timeout for the loop to apply (None: none)."""
         self.timeout = seconds
-
-    def take_line(self, limit):
-        """A line from the buffer as `readline` gives it; None when more input is needed."""
-        buf = self._buf
-        i = buf.find(b"\n")
-        if i >= 0:
-            line = bytes(buf[:i + 1])
-            del buf[:i + 1]
-            if self._overlong or len(line) > limit:
-                self._overlong = False
-                raise connection.LineTooLong()
-            return line
-        if len(buf) > limit:
-            # Drop the overlong line as it arrives, as readline does.
-            self._overlong = True
-            buf.clear()
-        if self.eof:
-            if self._overlong:
-                self._overlong = False
-                raise connection.LineTooLong()
-            line = bytes(buf)
-            buf.clear()
-            return line
-        return None
 
     def take(self, n):
         """At most `n` buffered octets, b'' at end of input; None when more is needed."""
@@ -465,7 +440,7 @@ class SessionLoop:
         if entry.handed_off or conn.eof:
             return
         conn.eof = True
-        conn._buf.clear()
+        conn.discard_input()
         # Whatever it waited for (a timer, its next turn) is forgotten.
         entry.token += 1
         if entry.request is not None and entry.request[0] == "sleep":
@@ -504,9 +479,9 @@ class SessionLoop:
             kind = request[0]
             entry.request = request
             if kind == "line" or kind == "read":
-                if len(conn._out) >= connection.WRITE_HIGH_WATER:
+                if conn.unsent() >= connection.WRITE_HIGH_WATER:
                     conn.flush()
-                    if len(conn._out) >= connection.WRITE_HIGH_WATER:
+                    if conn.unsent() >= connection.WRITE_HIGH_WATER:
                         self._wait(entry, selectors.EVENT_WRITE)
                         return
                 try:
@@ -535,7 +510,7 @@ class SessionLoop:
                     self._learn(key, waited() - before)
                     continue
                 # The socket stays registered: input that arrives meanwhile
-                # is buffered (up to WRITE_HIGH_WATER, see _pump).
+                # is buffered (up to READ_HIGH_WATER, see _pump).
                 entry.request = ("call",)
                 due = self._pool.submit(entry, fn, request[2], self._post)
                 if due is not None and (self._grow_at is None or due < self._grow_at):
@@ -558,12 +533,12 @@ class SessionLoop:
         if request[0] == "call":
             # Stop listening once there is enough to read, or the end of
             # input (which would be reported again and again meanwhile).
-            if conn.eof or len(conn._buf) >= connection.WRITE_HIGH_WATER:
+            if conn.eof or conn.buffered() >= connection.READ_HIGH_WATER:
                 self._wait(entry, 0)
             return
-        if conn._out:
+        if conn.unsent():
             conn.flush()
-            if conn._out:
+            if conn.unsent():
                 # Replies go out before the session waits for more input.
                 self._wait(entry, selectors.EVENT_WRITE)
                 return
@@ -596,7 +571,7 @@ class SessionLoop:
         bounded) and is resumed at the start of the next pass.
         """
         conn = entry.conn
-        if conn._buf:
+        if conn.buffered():
             if entry.turn != self._passes:
                 entry.turn = self._passes
                 entry.served = 0
@@ -605,7 +580,7 @@ class SessionLoop:
                 self._wait(entry, 0)
                 self._parked.append((entry, entry.token))
                 return _PARKED
-        return conn.take_line(request[1]) if request[0] == "line" else conn.take(request[1])
+        return conn.next_line(request[1], conn.eof) if request[0] == "line" else conn.take(request[1])
 
     def _wait(self, entry, mask):
         entry.token += 1
@@ -671,7 +646,7 @@ class SessionLoop:
             return
         # What the loop could not send yet goes first, from the new thread
         # (starttls flushes before the handshake).
-        conn._out += old._out
+        old.hand_over_output(conn)
         entry.session.conn = conn
         if self._register is not None:
             self._register(sock, conn)
