@@ -3,21 +3,8 @@
 A conversation is a generator (`SmtpSession.conversation()`) written as
 straight-line code. It writes replies through `session.conn` as before
 (`write`, `flush`, `pending`, `unread`, `tls`...), and wherever it would
-block it yields a request instead:
-
-    ("line", limit)      -> one input line (bytes, b'' at end of input), or
-                            connection.LineTooLong thrown in
-    ("read", n)          -> at most n octets (b'' at end of input)
-    ("call", fn, args)   -> fn(*args)'s result, or its exception thrown in
-    ("work", fn, args, waited)
-                         -> the same, for work that often waits little for its
-                            device: waited() is the seconds the calling
-                            thread has waited so far (see below)
-    ("sleep", seconds)   -> None after that long (sooner at shutdown)
-    ("starttls", ctx)    -> None once TLS is up, or the handshake's error
-
-An idle timeout (the connection's `settimeout`) throws connection.Timeout in at a
-"line" or "read" request.
+block it yields a request instead (`requests`: line, read, call, work,
+sleep, starttls), which its driver answers.
 
 `drive(session, stop_event)` runs a conversation in the calling thread over
 a blocking connection: a session thread, --inetd, --bsmtp and the tests.
@@ -61,7 +48,7 @@ import threading
 import time
 
 from ..runtime import log
-from . import connection
+from . import connection, requests
 
 # Most worker threads for "call" requests when the loop is not told its
 # session budget (the default --max-connections).
@@ -120,19 +107,19 @@ def _drive(session, gen, request, stop_event):
 
 def _serve(conn, request, stop_event):
     kind = request[0]
-    if kind == "line":
+    if kind == requests.LINE:
         return conn.readline(request[1])
-    if kind == "read":
+    if kind == requests.READ:
         return conn.read(request[1])
-    if kind == "call" or kind == "work":
+    if kind == requests.CALL or kind == requests.WORK:
         return request[1](*request[2])
-    if kind == "sleep":
+    if kind == requests.SLEEP:
         if stop_event is not None:
             stop_event.wait(request[1])
         else:
             time.sleep(request[1])
         return None
-    if kind == "starttls":
+    if kind == requests.STARTTLS:
         conn.starttls(request[1])
         return None
     raise ValueError("unknown conversation request %r" % (kind,))
@@ -443,9 +430,9 @@ class SessionLoop:
         conn.discard_input()
         # Whatever it waited for (a timer, its next turn) is forgotten.
         entry.token += 1
-        if entry.request is not None and entry.request[0] == "sleep":
+        if entry.request is not None and entry.request[0] == requests.SLEEP:
             self._step(entry, None, None)
-        elif entry.request is not None and entry.request[0] in ("line", "read"):
+        elif entry.request is not None and entry.request[0] in (requests.LINE, requests.READ):
             self._pump(entry)
 
     def _start(self, entry):
@@ -478,7 +465,7 @@ class SessionLoop:
             value = exc = None
             kind = request[0]
             entry.request = request
-            if kind == "line" or kind == "read":
+            if kind == requests.LINE or kind == requests.READ:
                 if conn.unsent() >= connection.WRITE_HIGH_WATER:
                     conn.flush()
                     if conn.unsent() >= connection.WRITE_HIGH_WATER:
@@ -496,11 +483,11 @@ class SessionLoop:
                     continue
                 self._pump(entry)
                 return
-            if kind == "call" or kind == "work":
+            if kind == requests.CALL or kind == requests.WORK:
                 conn.flush()
                 fn = request[1]
                 key = getattr(fn, "__func__", fn)
-                if kind == "work" and self._here(key):
+                if kind == requests.WORK and self._here(key):
                     waited = request[3]
                     before = waited()
                     try:
@@ -511,15 +498,15 @@ class SessionLoop:
                     continue
                 # The socket stays registered: input that arrives meanwhile
                 # is buffered (up to READ_HIGH_WATER, see _pump).
-                entry.request = ("call",)
+                entry.request = (requests.CALL,)
                 due = self._pool.submit(entry, fn, request[2], self._post)
                 if due is not None and (self._grow_at is None or due < self._grow_at):
                     self._grow_at = due
                 return
-            if kind == "sleep":
+            if kind == requests.SLEEP:
                 self._pump(entry)
                 return
-            if kind == "starttls":
+            if kind == requests.STARTTLS:
                 self._hand_off(entry, request)
                 return
             exc = ValueError("unknown conversation request %r" % (kind,))
@@ -528,9 +515,9 @@ class SessionLoop:
         """Moves a waiting conversation on: output first, then input, a timer or the end."""
         conn = entry.conn
         request = entry.request
-        if request is None or request[0] == "starttls":
+        if request is None or request[0] == requests.STARTTLS:
             return      # ended, or another thread has it
-        if request[0] == "call":
+        if request[0] == requests.CALL:
             # Stop listening once there is enough to read, or the end of
             # input (which would be reported again and again meanwhile).
             if conn.eof or conn.buffered() >= connection.READ_HIGH_WATER:
@@ -543,7 +530,7 @@ class SessionLoop:
                 self._wait(entry, selectors.EVENT_WRITE)
                 return
         kind = request[0]
-        if kind == "line" or kind == "read":
+        if kind == requests.LINE or kind == requests.READ:
             try:
                 got = self._input(entry, request)
             except connection.LineTooLong as e:
@@ -555,7 +542,7 @@ class SessionLoop:
                 self._step(entry, got, None)
                 return
             self._wait(entry, selectors.EVENT_READ)
-        elif kind == "sleep":
+        elif kind == requests.SLEEP:
             self._wait(entry, 0)
             self._seq += 1
             heapq.heappush(self._timers, (time.monotonic() + request[1], self._seq, entry,
@@ -580,7 +567,7 @@ class SessionLoop:
                 self._wait(entry, 0)
                 self._parked.append((entry, entry.token))
                 return _PARKED
-        return conn.next_line(request[1], conn.eof) if request[0] == "line" else conn.take(request[1])
+        return conn.next_line(request[1], conn.eof) if request[0] == requests.LINE else conn.take(request[1])
 
     def _wait(self, entry, mask):
         entry.token += 1
@@ -619,7 +606,7 @@ class SessionLoop:
         for entry in list(self._entries):
             timeout = entry.conn.timeout
             if not (entry.mask and timeout and now - entry.since >= timeout) \
-                    or entry.request[0] == "call":
+                    or entry.request[0] == requests.CALL:
                 continue
             try:
                 if entry.request[0] == "end":

@@ -22,7 +22,7 @@ no timeout from then on. Admin connections have their own connection budget
 import os
 import threading
 
-from ..net import connection
+from ..net import connection, requests
 from ..runtime import log
 from ..store import spool_listing
 from ..util import parts
@@ -113,7 +113,7 @@ class AdminSession(session_core.LineSession):
         if self.services.flush is None:
             self._answer("error: no --forward-to address")
             return
-        ok, text = yield ("call", self.services.flush, ())
+        ok, text = yield from requests.call(self.services.flush)
         self._answer(text)
 
     def admin_forward(self, arg):
