@@ -31,7 +31,7 @@ import ssl
 
 from ..auth import sasl
 from ..config import options
-from ..net import socks, tls
+from ..net import connection, socks, tls
 from ..runtime import descriptors, log
 from ..store.spool import ContentError
 from ..util import addresses, dotstuff, xtext
@@ -480,7 +480,7 @@ class Client:
         self._aborted = True
         for sock in (self.sock, self._live):
             if sock is not None:
-                _shutdown(sock)
+                connection.shut_down_from_another_thread(sock)
 
     def close(self):
         """Drops the connection without QUIT."""
@@ -790,28 +790,6 @@ def rejection_reason(how_many, rejected):
     """`<how_many> recipients rejected: <r> reply; ...` for a `.bad` reason."""
     return "%s recipients rejected: %s" % (
         how_many, "; ".join("<%s> %s" % (r, text) for r, text in rejected))
-
-
-def _shutdown(sock):
-    """Shuts a socket down from another thread, so the thread using it wakes up.
-
-    The shutdown goes to a duplicate of the descriptor: it acts on the
-    connection (and, on Linux, ends a connect() in progress) and leaves the
-    socket object, which the other thread is using, untouched.
-    """
-    try:
-        fd = sock.fileno()
-        if fd < 0:
-            return
-        dup = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return
-    try:
-        dup.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        dup.close()
 
 
 def _describe(e):

@@ -285,6 +285,28 @@ class FdConnection(Buffered):
             pass
 
 
+def shut_down_from_another_thread(sock):
+    """Shuts a connection down from another thread, so the thread using it wakes up.
+
+    The shutdown goes to a duplicate of the descriptor: it acts on the
+    connection (and, on Linux, ends a connect() in progress) and leaves the
+    (TLS) socket object, which the other thread is using, untouched.
+    """
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        dup.close()
+
+
 def address_pair(addr):
     """(host, port) of a socket address, whatever its family adds."""
     return (addr[0], addr[1])

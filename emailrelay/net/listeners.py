@@ -40,7 +40,7 @@ import time
 
 from ..runtime import descriptors, log
 from ..util import addresses
-from . import interfaces, proxy_reader, session_loop
+from . import connection, interfaces, proxy_reader, session_loop
 from .connection import Connection, address_pair
 
 # Seconds an over-the-limit connection waits (in the refuser thread, never in
@@ -760,7 +760,7 @@ class Server:
         if headers is not None:
             headers.stop()
         for item in live:
-            _shutdown_socket(getattr(item, "sock", item))
+            connection.shut_down_from_another_thread(getattr(item, "sock", item))
         if self._loop is not None:
             self._loop.stop()
         deadline = time.monotonic() + grace
@@ -772,28 +772,6 @@ class Server:
             self._idle = 0
         self._wake_r.close()
         self._wake_w.close()
-
-
-def _shutdown_socket(sock):
-    """Shuts a connection down from another thread, so its reader wakes up.
-
-    The shutdown goes to a duplicate of the descriptor: it acts on the
-    connection itself, and leaves the (TLS) socket object, which its own
-    thread is using, untouched.
-    """
-    try:
-        fd = sock.fileno()
-        if fd < 0:
-            return
-        dup = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return
-    try:
-        dup.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        dup.close()
 
 
 def _ipv6_works():
