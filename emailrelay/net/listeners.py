@@ -404,9 +404,9 @@ class Server:
         """Admits a connection from client `addr`, holds it, or refuses it (the guard)."""
         ip = addr[0]
         peer = addresses.format_address(ip, addr[1])
-        if not self.remote_clients and not addresses.is_local(ip):
-            log.warning("%s: connection refused from non-local address %s "
-                        "(see --remote-clients)" % (lst.kind, ip))
+        if addresses.refused_by_guard(ip, self.remote_clients):
+            log.warning("%s: connection refused from non-local address %s (%s)"
+                        % (lst.kind, ip, addresses.GUARD_HINT))
             with self._lock:
                 self.counters["refused"] += 1
             # A fresh socket's send buffer takes one short line without

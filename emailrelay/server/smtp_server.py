@@ -56,6 +56,7 @@ PROTOCOL_ERROR_LIMIT = 8
 _ENHANCED_CODE = re.compile(r"^(\d{3}[ -])\d\.\d{1,3}\.\d{1,3}(?: |(?=\r|$))", re.M)
 OUT_OF_SEQUENCE = "503 5.5.1 command out of sequence -- use RSET to resynchronise"
 NO_STORAGE = "452 4.3.1 insufficient system storage"
+TOO_BIG = "552 5.3.4 message size exceeds fixed maximum message size"
 
 
 def plain_reply(text):
@@ -368,7 +369,7 @@ class SmtpSession(session_core.LineSession):
     def _auth_mechanisms(self):
         """The AUTH mechanisms to offer now: none before TLS with --server-tls-required."""
         auth = self.services.server_auth
-        if auth is None or (self.cfg.server_tls_required and not self.conn.tls):
+        if auth is None or self.tls_missing():
             return []
         return auth.mechanisms(self.conn.tls)
 
@@ -403,7 +404,7 @@ class SmtpSession(session_core.LineSession):
 
     def smtp_MAIL(self, arg):
         starttls = self.available("STARTTLS")
-        tls_missing = self.cfg.server_tls_required and not self.conn.tls
+        tls_missing = self.tls_missing()
         if (self.services.server_auth is not None and self.auth_user is None
                 and self._trusted() is None):
             self.reply("530 5.7.0 authentication required"
@@ -432,7 +433,7 @@ class SmtpSession(session_core.LineSession):
                     self.bad("501 5.5.4 invalid argument")
                     return
                 if self.size_limit and int(value) > self.size_limit:
-                    self.reply("552 5.3.4 message size exceeds fixed maximum message size")
+                    self.reply(TOO_BIG)
                     return
             elif key == "BODY":
                 body = {"7BIT": "7bit", "8BITMIME": "8bit",
@@ -760,7 +761,7 @@ class SmtpSession(session_core.LineSession):
             self.reply(_storage_reply(text.error))
         else:
             log.info("smtp: message refused: too big", peer=self.peer)
-            self.reply("552 5.3.4 message size exceeds fixed maximum message size")
+            self.reply(TOO_BIG)
         self._reset_transaction()
 
     def _envelope(self):

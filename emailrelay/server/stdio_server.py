@@ -45,9 +45,9 @@ def run(cfg, services):
         kind = "bsmtp"
     ip = conn.peer[0]
     log.verbose("%s: session with client address %s" % (kind, ip))
-    if not cfg.remote_clients and not addresses.is_local(ip):
-        log.warning("%s: connection refused from non-local address %s (see --remote-clients)"
-                    % (kind, ip))
+    if addresses.refused_by_guard(ip, cfg.remote_clients):
+        log.warning("%s: connection refused from non-local address %s (%s)"
+                    % (kind, ip, addresses.GUARD_HINT))
         try:
             conn.write(smtp_server.reply_bytes(cfg, "554 5.7.1 no SMTP service for your address"))
             conn.close()
