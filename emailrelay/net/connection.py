@@ -17,6 +17,8 @@ from ..runtime import descriptors
 RECV_SIZE = 65536
 # Writes are buffered for pipelining; a large backlog is sent at once.
 WRITE_HIGH_WATER = 65536
+# Seconds an implicit-TLS client has for its handshake.
+TLS_HANDSHAKE_TIMEOUT = 60
 # Input buffered for a session that is busy elsewhere: past this much the
 # session loop stops reading its socket.
 READ_HIGH_WATER = 65536
@@ -212,7 +214,13 @@ class Connection(Buffered):
         self.accept_tls(context)
 
     def accept_tls(self, context):
-        """Starts TLS at once, for implicit-TLS ports (SMTPS, POP3S)."""
+        """Starts TLS at once, for implicit-TLS ports (SMTPS, POP3S).
+
+        Before a session has set its own timeout, the handshake gets
+        TLS_HANDSHAKE_TIMEOUT seconds.
+        """
+        if self._timeout is None:
+            self.settimeout(TLS_HANDSHAKE_TIMEOUT)
         # TLS needs Python's timeout handling, not the kernel's.
         zero = _timeval(0)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, zero)

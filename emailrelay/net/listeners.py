@@ -707,7 +707,6 @@ class Server:
                 # which is the TLS one once TLS has started.
                 self._live[sock] = conn
             if lst.tls_context is not None:
-                conn.settimeout(60)
                 try:
                     conn.accept_tls(lst.tls_context)
                 except (OSError, ValueError) as e:

@@ -156,7 +156,7 @@ class PopSession(session_core.LineSession):
                 mechs = self._mechanisms()
                 if mechs:
                     lines.append("SASL " + " ".join(mechs))
-            if self.services.tls_context is not None and not self.conn.tls:
+            if self.tls_offered():
                 lines.append("STLS")
         lines.append("IMPLEMENTATION " + IMPLEMENTATION)
         lines.append(".")

@@ -329,6 +329,10 @@ class LineSession:
 
     # ----- authentication and TLS ----------------------------------------
 
+    def tls_offered(self):
+        """True when the client may start TLS now (STARTTLS, STLS): it is set up and not on."""
+        return self.services.tls_context is not None and not self.conn.tls
+
     def tls_missing(self):
         """True while --server-tls-required and the connection is not encrypted."""
         return bool(self.cfg.server_tls_required) and not self.conn.tls

@@ -208,7 +208,7 @@ class SmtpSession(session_core.LineSession):
 
     def available(self, verb):
         if verb == "STARTTLS":
-            return self.services.tls_context is not None and not self.conn.tls
+            return self.tls_offered()
         if verb == "AUTH":
             return self.services.server_auth is not None
         if verb == "ETRN":

@@ -60,7 +60,6 @@ def run(cfg, services):
             log.error("inetd: --server-tls-connection needs a socket on the standard input")
             return usage.EXIT_FAILURE
         try:
-            conn.settimeout(60)
             conn.accept_tls(services.tls_context)
         except (OSError, ValueError) as e:
             log.warning("inetd: tls handshake failed with %s: %s" % (ip, e))
