@@ -173,7 +173,7 @@ class AdminSession(session_core.LineSession):
             return
         log.info("admin: terminate command")
         self._write(b"OK\r\n")
-        self.state = session_core.DONE
+        self.event("terminate")
         self.services.stop_event.set()
 
     def _notify_loop(self):
@@ -207,3 +207,6 @@ COMMANDS = session_core.table(
     ("TERMINATE", None, _S.admin_terminate, None, "stop the server (needs --admin-terminate)"),
 )
 AdminSession.COMMANDS = COMMANDS
+AdminSession.TRANSITIONS = session_core.transitions(
+    ("terminate", None, session_core.DONE),    # the program stops: so does this session
+)

@@ -250,7 +250,7 @@ class PopSession(session_core.LineSession):
             return
         if outcome[0] == "ok":
             if self._login(outcome[1]):
-                self.state = TRANSACTION
+                self.event("login")
         elif outcome[1] == sasl.CANCELLED:
             self.reply("-ERR authentication cancelled")
         else:
@@ -284,10 +284,10 @@ class PopSession(session_core.LineSession):
 
     def pop_quit(self, arg):
         if self.state == AUTHORIZATION:
-            self.state = session_core.DONE
+            self.event("quit")
             self.reply("+OK %s POP3 server signing off" % self.domain)
             return
-        self.state = UPDATE
+        self.event("update")
         marked = [m for m in self.maildrop.messages if m.deleted]
         if self.cfg.pop_no_delete:
             if marked:
@@ -300,7 +300,7 @@ class PopSession(session_core.LineSession):
                 log.info("pop: %s: deleted %d messages" % (
                     log.sanitise(self.authenticated), len(marked) - failures), peer=self.peer)
         self.maildrop.close()
-        self.state = session_core.DONE
+        self.event("quit")
         if failures:
             self.reply("-ERR [SYS/TEMP] %d deleted messages not removed" % failures)
         else:
@@ -413,6 +413,12 @@ COMMANDS = session_core.table(
     ("QUIT", _BOTH, PopSession.pop_quit, None),
 )
 PopSession.COMMANDS = COMMANDS
+PopSession.TRANSITIONS = session_core.transitions(
+    # event, states, next state
+    ("login", _AUTH, TRANSACTION),          # AUTH succeeded (PASS and APOP: the table)
+    ("update", _TRANS, UPDATE),             # QUIT in TRANSACTION: deletions are made
+    ("quit", (AUTHORIZATION, UPDATE), session_core.DONE),
+)
 
 
 def _utf8(text):

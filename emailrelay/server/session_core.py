@@ -56,6 +56,20 @@ def table(*rows):
     return {row[0]: Row(*row) for row in rows}
 
 
+Transition = collections.namedtuple("Transition", "event states next")
+
+
+def transitions(*rows):
+    """The state changes a protocol's handlers ask for: event -> Transition.
+
+    Each row is (event, states it may happen in or None for any, next
+    state). Together with the command table's next states this is the
+    protocol's whole state machine: a handler never sets the state itself,
+    it calls `LineSession.event(name)`.
+    """
+    return {row[0]: Transition(*row) for row in rows}
+
+
 class Drop(Exception):
     """The session must end now (after any queued reply is sent)."""
 
@@ -72,7 +86,9 @@ class BadBudget(collections.namedtuple("BadBudget", "limit last_reply warning"))
 class LineSession:
     """One line-based server conversation over `conn`; see the module docstring.
 
-    A subclass sets `COMMANDS` (a `table()`), `PROTOCOL` (the log prefix),
+    A subclass sets `COMMANDS` (a `table()`), `TRANSITIONS` (a
+    `transitions()`: the state changes its handlers ask for with `event`),
+    `PROTOCOL` (the log prefix),
     `COMMAND_LIMIT` and `TOO_LONG` (the reply to an over-long line), and
     `NOT_UTF8` and `IDLE_TIMEOUT` if it needs them, and may override the
     hooks below. After the conversation, `error_replies` is the number of
@@ -80,6 +96,7 @@ class LineSession:
     """
 
     COMMANDS = {}
+    TRANSITIONS = {}
     PROTOCOL = "session"
     COMMAND_LIMIT = 512
     TOO_LONG = "line too long"
@@ -133,6 +150,12 @@ class LineSession:
     def is_error(self, text):
         """True for a reply that refuses the command."""
         return False
+
+    def event(self, name):
+        """Moves the session as `TRANSITIONS[name]` says (from a state it may not happen in, not at all)."""
+        move = self.TRANSITIONS[name]
+        if move.states is None or self.state in move.states:
+            self.state = move.next
 
     def available(self, verb):
         """False for a command of the table this session does not offer now."""

@@ -244,7 +244,7 @@ class SmtpSession(session_core.LineSession):
 
     def reset_after_tls(self):
         # RFC 3207 4.2: forget everything learnt before the handshake.
-        self.state = START
+        self.event("tls")
         self.helo = None
         self.auth_user = None
         self.auth_mech = None
@@ -301,8 +301,7 @@ class SmtpSession(session_core.LineSession):
         self.message = None
         self.text = None
         self._write = None
-        if self.state not in (START, DONE):
-            self.state = GREETED
+        self.event("reset")
 
     def _discard_message(self):
         msg = getattr(self, "message", None)
@@ -689,7 +688,7 @@ class SmtpSession(session_core.LineSession):
             return
         if self.state == RCPT:
             self._write = self._start_message()
-            self.state = BDAT
+            self.event("chunk")
         yield from self._text(smtp_text.read_chunk(size, self._write, self.text))
         if self.text.fault is not None:
             self._refuse_content()
@@ -961,3 +960,9 @@ COMMANDS = session_core.table(
     ("QUIT", _ANY, _S.smtp_QUIT, DONE, "QUIT"),
 )
 SmtpSession.COMMANDS = COMMANDS
+SmtpSession.TRANSITIONS = session_core.transitions(
+    # event, states, next state
+    ("tls", None, START),                           # RFC 3207: as if just connected
+    ("reset", (GREETED, MAIL, RCPT, BDAT), GREETED),  # a transaction ends (RSET, stored, refused)
+    ("chunk", (RCPT,), BDAT),                       # a first BDAT chunk that is not LAST
+)
