@@ -67,7 +67,7 @@ class Services(parts.Parts):
             load_guard=self.load_guard, help_text=self.help_text, stop_event=self.stop_event,
             trigger=fwd.trigger if fwd is not None else None,
             rescan=fwd.rescan if fwd is not None else None,
-            immediate=fwd.immediate_session if fwd is not None and self.cfg.immediate else None)
+            immediate=fwd.immediate_link if fwd is not None and self.cfg.immediate else None)
 
     def pop(self):
         """What a POP session may use (pop_server.PopServices)."""

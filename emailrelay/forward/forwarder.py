@@ -9,7 +9,7 @@ and whenever `trigger()` is called (end of an SMTP session with
 during a pass make exactly one more pass afterwards, so none is lost.
 `flush()` asks for a pass and waits for its result; `run_once()` is the
 whole of --as-client (one pass in the caller's thread). For --immediate,
-`immediate_session()` gives an SMTP session a handle whose `forward(id)`
+`immediate_link()` gives an SMTP session a handle whose `forward(id)`
 sends the message in the calling thread, on one connection to the next hop
 kept for that session: sessions forward side by side, as E-MailRelay's do,
 so a next hop that is slow to answer one submitter does not hold up the
@@ -131,8 +131,8 @@ class PassResult:
         return "OK"
 
 
-class ImmediateSession:
-    """--immediate for one SMTP session (from `Forwarder.immediate_session()`).
+class ImmediateLink:
+    """--immediate for one SMTP session (from `Forwarder.immediate_link()`).
 
     `forward(id)` sends a just-committed message in the calling thread and
     returns None when the message went, or stays queued for a retry or
@@ -291,9 +291,9 @@ class Forwarder:
             self._sending -= 1
             self._cond.notify_all()
 
-    def immediate_session(self):
-        """A handle for one SMTP session's --immediate messages (see ImmediateSession)."""
-        return ImmediateSession(self)
+    def immediate_link(self):
+        """A handle for one SMTP session's --immediate messages (see ImmediateLink)."""
+        return ImmediateLink(self)
 
     def _submit(self, fn):
         """Has the forwarding thread call `fn` soon (not at all when it is stopping)."""
@@ -679,7 +679,7 @@ class Forwarder:
     # -- --immediate (runs in the submitting session's thread) ----------
 
     def _forward_immediate(self, session, message_id):
-        """Sends one message on the session's connection; see ImmediateSession.forward()."""
+        """Sends one message on the session's connection; see ImmediateLink.forward()."""
         result = PassResult()
         claim = self.spool.claim(message_id)
         if claim is None:
