@@ -205,7 +205,10 @@ class Envelope:
             raise EnvelopeError("X-MailRelay-ToCount is %s but there are %d recipient lines"
                                 % (count_text, len(to_local) + len(to_remote)))
         content = fields.get("Content", "unknown")
-        return cls(
+        # Set directly, not through __init__: every value is already of its
+        # type, and a forwarder parses one envelope per message.
+        env = cls.__new__(cls)
+        env.__dict__.update(
             format=fmt,
             content=content if content in CONTENT_TYPES else "unknown",
             from_=fields["From"],
@@ -222,6 +225,7 @@ class Envelope:
             utf8_mailbox_names=fields.get("Utf8MailboxNames", "0") == "1",
             trailer=trailer,
         )
+        return env
 
     # -- writing
 
