@@ -321,9 +321,13 @@ def _split(data):
         head_end = len(data) if nl < 0 else nl + 1
     head = data[:head_end]
     sizes = [len(line) for line in head.split(b"\n")]
-    lines = head.decode("utf-8", "surrogateescape").split("\n")
+    # One CR before each LF goes, as it would line by line (and one at the
+    # end of a last line without LF).
+    lines = head.decode("utf-8", "surrogateescape").replace("\r\n", "\n").split("\n")
     if not lines[-1]:
         lines.pop()
+    elif lines[-1].endswith("\r"):
+        lines[-1] = lines[-1][:-1]
     too_long = None
     if max(sizes) > LINE_LIMIT:
         # Lines before the first overlong one are still read, for their errors.
@@ -335,8 +339,6 @@ def _split(data):
     last = None
     first = True
     for line in lines:
-        if line.endswith("\r"):
-            line = line[:-1]
         if last is not None and line[:1] in (" ", "\t"):
             if last in ("To-Local", "To-Remote"):
                 raise EnvelopeError("folded recipient line")
