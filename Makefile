@@ -16,7 +16,10 @@
 #   SYSTEMDDIR             the units' directory: $(PREFIX)/lib/systemd/system
 #   PPPDIR=/etc/ppp        where pppd looks for ip-up.d/ (whatever the PREFIX)
 #   LOGROTATEDIR=/etc/logrotate.d    where logrotate looks (whatever the PREFIX)
-#   SENDMAIL=no            yes: also install emailrelay-sendmail as $(SBINDIR)/sendmail
+#   SENDMAIL=no            yes: also link sendmail and mailq to emailrelay-sendmail
+#                          where cron and mailx look (replacing what is there):
+#   SENDMAILDIR=/usr/sbin  the sendmail link's directory
+#   MAILQDIR=/usr/bin      the mailq link's directory
 #   PYTHON                 the interpreter named by the launchers' #! line when
 #                          given (a name is looked up on PATH); else /usr/bin/python3
 #   PYTHONSITE             where emailrelay.pth goes so that "python3 -m emailrelay"
@@ -36,6 +39,8 @@ SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
 PPPDIR ?= /etc/ppp
 LOGROTATEDIR ?= /etc/logrotate.d
 SENDMAIL ?= no
+SENDMAILDIR ?= /usr/sbin
+MAILQDIR ?= /usr/bin
 LAUNCHER_PYTHON = $(if $(filter file,$(origin PYTHON)),/usr/bin/python3,$(shell command -v $(PYTHON)))
 PYTHONSITE ?= $(if $(DESTDIR),,$(shell $(LAUNCHER_PYTHON) -c 'import sysconfig; print(sysconfig.get_path("purelib"))' 2>/dev/null))
 LIBDIR = $(PREFIX)/lib/emailrelay
@@ -78,7 +83,10 @@ install:
 			"$(LAUNCHER_PYTHON)" "$$name" "$(LIBDIR)" "$$module" > $(DESTDIR)$(SBINDIR)/$$name; \
 	done
 	chmod 755 $(DESTDIR)$(SBINDIR)/emailrelay*
-	if [ "$(SENDMAIL)" = yes ]; then ln -sf emailrelay-sendmail $(DESTDIR)$(SBINDIR)/sendmail; fi
+	if [ "$(SENDMAIL)" = yes ]; then \
+		install -d $(DESTDIR)$(SENDMAILDIR) $(DESTDIR)$(MAILQDIR); \
+		ln -sf $(SBINDIR)/emailrelay-sendmail $(DESTDIR)$(SENDMAILDIR)/sendmail; \
+		ln -sf $(SBINDIR)/emailrelay-sendmail $(DESTDIR)$(MAILQDIR)/mailq; fi
 	if [ -n "$(PYTHONSITE)" ]; then \
 		install -d $(DESTDIR)$(PYTHONSITE) && echo "$(LIBDIR)" > $(DESTDIR)$(PYTHONSITE)/emailrelay.pth; fi
 	for page in man/*.8; do install -m 644 $$page $(DESTDIR)$(MANDIR)/; done

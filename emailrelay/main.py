@@ -24,7 +24,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 # The counters of `services.stats` (the admin `status` command shows them).
-STATS = ["messages-stored", "messages-rejected", "messages-forwarded", "messages-failed"]
+STATS = ["messages-stored", "messages-rejected", "messages-forwarded", "messages-failed",
+         "messages-deferred"]
 
 
 class StartupError(Exception):
@@ -84,6 +85,12 @@ class Services(parts.Parts):
             stop_event=self.stop_event)
 
 
+# What makes a process forward by itself (--as-client and --as-proxy imply
+# one); the admin interface's flush counts as the site's own trigger.
+_FORWARDING_TRIGGERS = ("forward", "forward-on-disconnect", "poll", "immediate", "dont-serve",
+                        "admin")
+
+
 def run(argv=None):
     """Runs the program with `argv` (default sys.argv[1:]); returns the exit status."""
     from .config import options, usage
@@ -118,6 +125,10 @@ def run(argv=None):
     except StartupError as e:
         log.startup_error(str(e))
         return EXIT_FAILURE
+    if cfg.forward_to and not any(cfg.given(o) for o in _FORWARDING_TRIGGERS):
+        log.warning("--forward-to is given but nothing starts forwarding: messages wait in "
+                    "the spool; add --forward-on-disconnect, --poll, --immediate or --forward "
+                    "(or run --as-client from cron or an ip-up hook)")
     return _run(cfg, app)
 
 
@@ -336,6 +347,8 @@ def _add_sessions(server, cfg, services, interfaces):
                        cfg, "450 4.3.2 Too many simultaneous connections"),
                    address_busy_reply=smtp_server.reply_bytes(
                        cfg, "450 4.7.0 too many connections from your address"),
+                   refused_reply=smtp_server.reply_bytes(
+                       cfg, "554 5.7.1 no SMTP service for your address"),
                    proxy_from=proxy_from.get("smtp"))
     if cfg.pop:
         from .server import pop_server
@@ -343,6 +356,7 @@ def _add_sessions(server, cfg, services, interfaces):
         server.add("pop", interfaces, cfg.pop_port,
                    lambda conn: pop_server.PopSession(conn, pop).run(),
                    busy_reply=b"-ERR too many connections\r\n",
+                   refused_reply=b"-ERR no POP service for your address\r\n",
                    proxy_from=proxy_from.get("pop"))
 
 
@@ -382,14 +396,21 @@ def _resolve_program(spec, option):
     except (ValueError, IndexError):
         return spec  # filters.make() reports the syntax error
     path = program
-    if not os.path.isabs(program):
-        if "/" not in program and not os.path.exists(program):
-            import shutil
-            from .policy.filters import FILTER_ENV_PATH
-            found = shutil.which(program, path=FILTER_ENV_PATH)
-            if found is None:
-                raise StartupError("%s %s: no such program" % (option, spec))
-            return spec
+    if "/" not in program:
+        import shutil  # (lazily, as the module docstring says: only filters need it)
+        from .policy.filters import FILTER_ENV_PATH
+        # A bare name is looked up as a shell would, on the start-up PATH
+        # (where `make install` put emailrelay-filter-copy), then on the
+        # PATH programs run with; a file of that name in the start-up
+        # directory is E-MailRelay's meaning, kept as the last resort.
+        found = shutil.which(program, path=os.pathsep.join(
+            [os.environ.get("PATH", ""), FILTER_ENV_PATH]))
+        if found is None and os.path.exists(program):
+            found = program
+        if found is None:
+            raise StartupError("%s %s: no such program" % (option, spec))
+        path = os.path.abspath(found)
+    elif not os.path.isabs(program):
         path = os.path.abspath(program)
     if not os.path.isfile(path):
         raise StartupError("%s %s: no such program" % (option, spec))

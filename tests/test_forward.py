@@ -402,3 +402,29 @@ def test_concurrent_triggers_are_not_lost(tmp_path):
         helpers.wait_for(lambda: not a.files(".envelope") and not a.files(".busy"),
                          what="relay A spool empty")
         assert len(b.files(".envelope")) == 8
+
+
+def test_each_stored_and_each_forwarded_message_has_one_log_line(tmp_path):
+    """What a sysadmin greps: the stored line (id, sender, recipient count, size,
+    client) and the sent line (id, recipients, next hop and its reply)."""
+    from test_client import ScriptedServer
+    server = ScriptedServer(data_reply=b"250 2.0.0 Ok: queued as DED0B1680CA",
+                            reject={"gone@y.test": b"550 5.1.1 no such user"})
+    try:
+        next_hop = "127.0.0.1:%d" % server.port
+        with helpers.Relay(tmp_path, ["--forward-on-disconnect", "--forward-to", next_hop,
+                                      "--forward-to-some"]) as relay:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+                c.sendmail("a@x.test", ["b@y.test", "gone@y.test", "c@y.test"],
+                           b"Subject: traced\r\n\r\nhello\r\n")
+                client = "127.0.0.1:%d" % c.sock.getsockname()[1]
+            sent = relay.wait_log(r"info: forwarding: (emailrelay\.\S+): (.*)\n")
+            stored = re.search(r"info: smtp: stored (emailrelay\.\S+): (.*)\n", relay.log())
+    finally:
+        server.close()
+    assert stored.group(1) == sent.group(1)
+    size = re.fullmatch(r"from=<a@x\.test> nrcpt=3 size=(\d+) client=" + re.escape(client),
+                        stored.group(2))
+    assert size and int(size.group(1)) > len("Subject: traced\r\n\r\nhello\r\n")
+    assert sent.group(2) == ("to=<b@y.test>,<c@y.test> relay=%s status=sent "
+                             "(250 2.0.0 Ok: queued as DED0B1680CA)" % next_hop)

@@ -324,3 +324,19 @@ def test_a_host_called_localhost_uses_its_address_literal_and_warns(tmp_path):
         tmp_path, ["unshare", "--uts", "sh", "-c", 'hostname localhost && exec "$@"', "sh"])
     assert name == "[%s]" % address
     assert "warning: this host is only called localhost: using [%s] as --domain" % address in log_text
+
+
+@pytest.mark.parametrize("trigger, warned", [
+    ([], True),
+    (["forward-on-disconnect"], False),
+    (["poll 60"], False),
+])
+def test_forward_to_alone_in_the_config_file_is_warned_about(tmp_path, trigger, warned):
+    conf = tmp_path / "emailrelay.conf"
+    conf.write_text("\n".join(["forward-to 127.0.0.1:%d" % free_port()] + trigger) + "\n")
+    relay = Relay(tmp_path, [str(conf)])
+    relay.stop()
+    line = ("emailrelay: warning: --forward-to is given but nothing starts forwarding: messages "
+            "wait in the spool; add --forward-on-disconnect, --poll, --immediate or --forward "
+            "(or run --as-client from cron or an ip-up hook)")
+    assert (line in relay.log()) == warned

@@ -373,7 +373,7 @@ def test_a_mistyped_option_in_a_config_file_gets_a_suggestion(tmp_path):
 
 def test_help_texts_do_not_contradict_themselves():
     text = usage.help_text(True)
-    bad_commands = text[text.index("--max-bad-commands"):text.index("--min-free-space")]
+    bad_commands = text[text.index("--max-bad-commands"):text.index("--min-data-rate")]
     assert "8th error" in bad_commands and "may send 10" in bad_commands
     assert "Default" not in bad_commands
     # The man page holds the --dnsbl text too: it cannot send the reader there.

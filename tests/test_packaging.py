@@ -198,6 +198,7 @@ def test_make_install(tmp_path):
         with open(str(launcher)) as f:
             assert f.readline() == "#!%s\n" % sys.executable, "PYTHON given: the launchers use it"
     assert not (dest / "usr/sbin/sendmail").exists(), "sendmail only when asked"
+    assert not (dest / "usr/bin/mailq").exists(), "mailq only when asked"
     # The launcher names /usr/lib/emailrelay; point Python at the staged copy.
     env = clean_env()
     env["PYTHONPATH"] = str(dest / "usr/lib/emailrelay")
@@ -294,13 +295,16 @@ def test_make_install_creates_spool_and_minimal_config_once(tmp_path):
 def test_python_m_emailrelay_after_install_and_sendmail_when_asked(tmp_path):
     """A real install (no DESTDIR) under a scratch PREFIX, site directory and spool."""
     prefix, site_dir = tmp_path / "prefix", tmp_path / "site"
+    usr = tmp_path / "usr"
     result = run(["make", "-s", "install", "PREFIX=%s" % prefix, "PYTHONSITE=%s" % site_dir,
                   "SPOOLDIR=%s" % (tmp_path / "spool"), "LOGDIR=%s" % (tmp_path / "log"),
                   "PPPDIR=%s" % (tmp_path / "ppp"), "LOGROTATEDIR=%s" % (tmp_path / "logrotate.d"),
-                  "SENDMAIL=yes", "PYTHON=%s" % sys.executable])
+                  "SENDMAIL=yes", "SENDMAILDIR=%s" % (usr / "sbin"), "MAILQDIR=%s" % (usr / "bin"),
+                  "PYTHON=%s" % sys.executable])
     assert result.returncode == 0, result.stderr
     assert (site_dir / "emailrelay.pth").read_text() == "%s/lib/emailrelay\n" % prefix
-    assert os.readlink(str(prefix / "sbin/sendmail")) == "emailrelay-sendmail"
+    for link in ("sbin/sendmail", "bin/mailq"):
+        assert os.readlink(str(usr / link)) == "%s/sbin/emailrelay-sendmail" % prefix
     # site.addsitedir() is what the interpreter does with its own site
     # directory at start-up: then "python3 -m emailrelay" finds the package.
     code = ("import runpy, site, sys; site.addsitedir(%r); sys.argv = ['emailrelay', '--version']; "
@@ -308,8 +312,13 @@ def test_python_m_emailrelay_after_install_and_sendmail_when_asked(tmp_path):
     result = run([sys.executable, "-c", code], cwd=str(tmp_path), env=clean_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("emailrelay ")
-    result = run([str(prefix / "sbin/sendmail"), "-bp"], cwd=str(tmp_path), env=clean_env())
-    assert result.returncode == 64 and "emailrelay-sendmail: usage error" in result.stderr
+    # mailq (by its name) lists the queue of the relay its configuration names.
+    conf = tmp_path / "emailrelay.conf"
+    conf.write_text("spool-dir %s\n" % (tmp_path / "spool"))
+    env = clean_env()
+    env["EMAILRELAY_CONF"] = str(conf)
+    result = run([str(usr / "bin/mailq")], cwd=str(tmp_path), env=env)
+    assert (result.returncode, result.stdout) == (0, "Mail queue is empty\n"), result.stderr
 
 
 def exposure(analyze, unit):

@@ -46,8 +46,9 @@ def test_smtplib_message_and_log_line(tmp_path):
             code, text = c.ehlo("client.test")
             assert code == 250 and b"PIPELINING" in text and b"CHUNKING" not in text
             c.sendmail("a@x.test", ["b@y.test", "c@y.test"], b"Subject: t\r\n\r\nhello\r\n")
-        relay.wait_log(r"info: smtp: stored emailrelay\.\S+ from <a@x.test> to 2 recipients")
         [(content, env)] = committed(relay.spool).values()
+        relay.wait_log(r"info: smtp: stored emailrelay\.\S+: from=<a@x.test> nrcpt=2 size=%d "
+                       r"client=127\.0\.0\.1:\d+\n" % len(content))
     assert content.startswith(b"Received: from client.test ([127.0.0.1]) by relay.test with ESMTP id ")
     assert content.endswith(b"Subject: t\r\n\r\nhello\r\n")
     assert env.to_remote == ["b@y.test", "c@y.test"] and env.client == "127.0.0.1"

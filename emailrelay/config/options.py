@@ -158,7 +158,8 @@ OPTIONS = [
        kind="time", default=60),
     _O("retry-max-interval", None, "<time>", "SMTP client",
        "Sets the longest delay in seconds between two attempts to forward a message that "
-       "fails temporarily.", kind="time", default=3600),
+       "fails temporarily. It also caps a delay stored in the spool by an earlier run.",
+       kind="time", default=3600),
     _O("retry-lifetime", None, "<time>", "SMTP client",
        "Sets how long in seconds a message may go on failing temporarily before it is "
        "failed (renamed .bad with the last reason). The default is five days.",

@@ -280,9 +280,13 @@ def man_page():
               "(X-MailRelay-Dsn-Ret, -Envid and -Rcpt)."),
         ".SH ADMIN COMMANDS",
         _roff("With --admin <port>, a telnet-style interface on that port (local clients "
-              "only) takes: help; flush (forward now and report); forward (forward now, no "
-              "wait); list (the queued messages); failures (the .bad messages and their "
-              "reasons); unfail-all (queue the .bad messages again); status (counters); "
+              "only) takes: help; flush (forward now and report the counts the log line "
+              "gives: N message(s) sent, N failed, N to be retried); forward (forward now, no "
+              "wait); list (one line per spooled message: id, state (new, ready, deferred, "
+              "busy, bad, local), size=, from=, to=, and attempts=, next= and reason= once it "
+              "has failed, as emailrelay-sendmail -bp and mailq print it); failures (the .bad "
+              "messages and their reasons); unfail-all (queue the .bad messages again); status "
+              "(counters: messages-stored, -rejected, -forwarded, -failed, -deferred); "
               "notify (report events as they happen); pid; quit; terminate (with "
               "--admin-terminate)."),
         ".SH EXAMPLES",

@@ -44,6 +44,7 @@ command; the forwarder and the SMTP server publish one-line events to it.
 
 import collections
 import math
+import os
 import queue
 import threading
 import time
@@ -104,14 +105,19 @@ class PassResult:
         """True when every message went (none failed or waits for a retry)."""
         return self.failed == 0 and self.deferred == 0 and self.error is None
 
+    def summary(self):
+        """The counts, as the log line after a pass and `flush` both say them."""
+        return "%d message(s) sent, %d failed%s%s" % (
+            self.sent, self.failed,
+            ", %d to be retried" % self.deferred if self.deferred else "",
+            ", %d skipped" % self.skipped if self.skipped else "")
+
     def text(self):
         """`OK`, or what went wrong, for the admin `flush` command."""
         if self.error is not None:
             return "error: %s" % self.error
         if self.failed or self.deferred:
-            return "error: %d message(s) failed%s" % (
-                self.failed + self.deferred,
-                ", %d will be retried" % self.deferred if self.deferred else "")
+            return "error: %s" % self.summary()
         return "OK"
 
 
@@ -387,10 +393,7 @@ class Forwarder:
             settler.close()
         self._publish("forwarding: done: %d sent, %d failed" % (result.sent, result.failed))
         if result.processed:
-            log.info("forwarding: %d message(s) sent, %d failed%s%s" % (
-                result.sent, result.failed,
-                ", %d to be retried" % result.deferred if result.deferred else "",
-                ", %d skipped" % result.skipped if result.skipped else ""))
+            log.info("forwarding: %s" % result.summary())
         return result
 
     def _connection_failed(self, claim, e, result):
@@ -433,13 +436,28 @@ class Forwarder:
                 self._retry_at(message_id, None)
                 continue
             state = claim.envelope.retry() if self.retry_interval else None
-            if not force and state is not None and state.next_time > now:
+            due = self._retry_due(claim, state) if state is not None else None
+            if not force and due is not None and due > now:
                 # Deferred by another process, or by us before a restart.
-                self._retry_at(message_id, state.next_time)
+                self._retry_at(message_id, due)
                 _release(claim)
                 continue
             self._retry_at(message_id, None)
             yield claim
+
+    def _retry_due(self, claim, state):
+        """When a deferred message is due: its stored time, capped by today's settings.
+
+        The time was chosen by whoever deferred it (an earlier run, maybe
+        with a longer --retry-max-interval), so it is brought forward to
+        at most --retry-max-interval after the deferral, which is when the
+        envelope was last written.
+        """
+        try:
+            deferred = os.stat(claim.envelope_path).st_mtime
+        except OSError:
+            return state.next_time
+        return min(state.next_time, int(math.ceil(deferred + self.retry_max_interval)))
 
     def _run_client_filters(self, claim, result):
         """Runs --client-filter programs on a claimed message.
@@ -501,10 +519,10 @@ class Forwarder:
         if following is not None and not following.envelope.to_remote:
             following = None
         outcome = client.send(claim, following)
-        self._settle(claim, outcome, result, settler)
+        self._settle(claim, outcome, result, client.target, settler)
 
-    def _settle(self, claim, outcome, result, settler=None):
-        """Deletes, fails or defers `claim` after `outcome`."""
+    def _settle(self, claim, outcome, result, relay, settler=None):
+        """Deletes, fails or defers `claim` after `outcome` from the next hop `relay`."""
         if not outcome.ok:
             if outcome.temporary:
                 self._temporary(claim, outcome.reason, outcome.code, result)
@@ -515,22 +533,25 @@ class Forwarder:
             # --forward-to-some: the message went to the others; keep a copy
             # addressed to the refused recipients only, for a retry.
             env = claim.envelope
-            env.to_remote = [r for r, _ in outcome.rejected]
+            refused = [r for r, _ in outcome.rejected]
+            accepted = [r for r in env.to_remote if r not in refused]
+            env.to_remote = refused
             claim.rewrite(env)
             reason = smtp_client.rejection_reason("one or more", outcome.rejected)
             code = max(int(text[:3]) for _, text in outcome.rejected)
-            self._sent(claim.id, result)
+            self._sent(claim.id, _delivery(accepted, relay, outcome.reason), result)
             if 400 <= code < 500:
                 self._temporary(claim, reason, code, result)
             else:
                 self._failed(claim, reason, code, result)
             return
         result.sent += 1
+        delivery = _delivery(claim.envelope.to_remote, relay, outcome.reason)
         if settler is None:
             claim.delete()
-            self._sent(claim.id)
+            self._sent(claim.id, delivery)
         else:
-            settler.add(claim)
+            settler.add(claim, delivery)
 
     def _temporary(self, claim, reason, code, result):
         """A temporary failure: defer `claim` for a retry, or fail it (see the module docstring)."""
@@ -554,6 +575,7 @@ class Forwarder:
         claim.defer(envelope_mod.Retry(count, next_time, first, reason))
         self._retry_at(claim.id, next_time)
         result.deferred += 1
+        self._count("messages-deferred")
         log.warning("forwarding: %s: temporary failure %d: %s: next attempt in %ss"
                     % (claim.id, count, reason, _seconds(delay)))
         self._publish("deferred %s: %s" % (claim.id, reason))
@@ -571,11 +593,12 @@ class Forwarder:
                 self._schedule[message_id] = when
                 self._cond.notify_all()
 
-    def _sent(self, message_id, result=None):
+    def _sent(self, message_id, delivery, result=None):
+        """Counts and logs a message the next hop took (`delivery`: see _delivery())."""
         if result is not None:
             result.sent += 1
         self._count("messages-forwarded")
-        log.verbose("forwarding: %s: sent" % message_id)
+        log.info("forwarding: %s: %s" % (message_id, delivery))
         self._publish("forwarded %s" % message_id)
 
     def _failed(self, claim, reason, code, result):
@@ -617,7 +640,7 @@ class Forwarder:
                 return "554 5.0.0 %s" % e if e.permanent else None
             settling, claim = claim, None
             if outcome.ok or not outcome.code:
-                self._settle(settling, outcome, result)
+                self._settle(settling, outcome, result, session.client.target)
             else:
                 # The next hop refused (4xx too): its reply goes back to the
                 # submitter, who owns the retry, so the message is not kept
@@ -639,6 +662,13 @@ def _refusal(result, code, status):
     if not result.failed:
         return None
     return "%s %s %s" % (code, status, result.reason)
+
+
+def _delivery(recipients, relay, reply):
+    """The rest of a message's "sent" log line, in Postfix's shape for log tools:
+    `to=<a@b>,<c@d> relay=host:port status=sent (250 2.0.0 Ok: queued as X)`."""
+    return "to=%s relay=%s status=sent (%s)" % (
+        ",".join("<%s>" % log.sanitise(r) for r in recipients), relay, log.sanitise(reply))
 
 
 def _seconds(value):
@@ -663,7 +693,8 @@ class _Deletions:
     pending, so open files stay bounded. Where freeing is cheap the files
     are closed in this thread: the helper would take the interpreter lock
     back after every close, and passing it between the two threads costs
-    more than the closing. `sent(id)` is called for each removed envelope.
+    more than the closing. `sent(id, delivery)` is called for each removed
+    envelope, with the delivery text add() was given.
     """
 
     BATCH = 16
@@ -677,22 +708,22 @@ class _Deletions:
         self._queue = queue.Queue(self.BACKLOG)
         self._thread = None
 
-    def add(self, claim):
-        self._claims.append(claim)
+    def add(self, claim, delivery):
+        self._claims.append((claim, delivery))
 
     def flush(self):
         claims, self._claims = self._claims, []
         if not claims:
             return
         with process.privileged(group=False):
-            for claim in claims:
+            for claim, delivery in claims:
                 try:
                     claim.remove_envelope()
                 except OSError as e:
                     # (The claim keeps its lock: no one else sends it while we run.)
                     log.error("forwarding: %s: cannot remove the envelope: %s" % (claim.id, e))
                     continue
-                self._sent(claim.id)
+                self._sent(claim.id, delivery)
                 self._removed.append(claim)
                 try:
                     claim.remove_content(close=False)

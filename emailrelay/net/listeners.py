@@ -154,7 +154,7 @@ class Listener:
     """One listening socket and what to do with its connections."""
 
     def __init__(self, sock, kind, handler, tls_context, busy_reply, address_busy_reply=None,
-                 conversation=None, proxy_from=None):
+                 conversation=None, proxy_from=None, refused_reply=b""):
         self.sock = sock
         self.kind = kind
         self.handler = handler
@@ -163,6 +163,7 @@ class Listener:
         self.tls_context = tls_context
         self.busy_reply = busy_reply
         self.address_busy_reply = busy_reply if address_busy_reply is None else address_busy_reply
+        self.refused_reply = refused_reply
         local = address_pair(sock.getsockname())
         self.address = addresses.format_address(*local)
         # The local address of every accepted connection, unless the
@@ -248,12 +249,13 @@ class Server:
 
     def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b"",
             max_connections=None, max_per_address=None, address_busy_reply=None,
-            conversation=None, proxy_from=None):
+            conversation=None, proxy_from=None, refused_reply=b""):
         """Listens for `kind` on the given interfaces (all if empty) and port.
 
         `max_connections` / `max_per_address` override the server's budget
         for this kind of service. `address_busy_reply` (default
-        `busy_reply`) is sent over the per-address limit. With
+        `busy_reply`) is sent over the per-address limit, `refused_reply`
+        to a non-local client without --remote-clients. With
         `conversation(conn) -> session` (a `session_loop` conversation),
         plain connections are served by the session loop instead of a
         thread each; `handler` still serves implicit-TLS ones. With
@@ -281,7 +283,8 @@ class Server:
                                   % (addresses.format_address(item, port), e.strerror,
                                      hint)) from None
             self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply,
-                                           address_busy_reply, conversation, proxy_from))
+                                           address_busy_reply, conversation, proxy_from,
+                                           refused_reply))
 
     def addresses(self):
         """(kind, address) for every listener, for logs and `status`."""
@@ -355,6 +358,13 @@ class Server:
                         "(see --remote-clients)" % (lst.kind, ip))
             with self._lock:
                 self.counters["refused"] += 1
+            # A fresh socket's send buffer takes one short line without
+            # blocking the accept loop; the client then knows why.
+            try:
+                sock.setblocking(False)
+                sock.send(lst.refused_reply)
+            except OSError:
+                pass
             sock.close()
             return
         if not self._admit(lst, sock, addr, peer):

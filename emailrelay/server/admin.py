@@ -24,6 +24,7 @@ import threading
 
 from ..net import connection
 from ..runtime import log
+from ..store import spool_listing
 from ..util import parts
 from . import session_core
 
@@ -123,7 +124,8 @@ class AdminSession(session_core.LineSession):
         self._answer("OK")
 
     def do_list(self, arg):
-        self._answer(self.services.spool.ids() or ["<none>"])
+        self._answer([spool_listing.line(e) for e in spool_listing.entries(self.services.spool)]
+                     or ["<none>"])
 
     def do_failures(self, arg):
         failures = self.services.spool.failures()
@@ -194,7 +196,8 @@ COMMANDS = session_core.table(
     ("HELP", None, _S.do_help, None, "show this list"),
     ("FLUSH", None, _S.do_flush, None, "forward spooled messages now and wait for the result"),
     ("FORWARD", None, _S.do_forward, None, "start forwarding spooled messages, answering at once"),
-    ("LIST", None, _S.do_list, None, "list the messages waiting to be forwarded"),
+    ("LIST", None, _S.do_list, None,
+     "list the spooled messages with their state, size, addresses, next attempt and reason"),
     ("FAILURES", None, _S.do_failures, None, "list the failed (.bad) messages and their reasons"),
     ("UNFAIL-ALL", None, _S.do_unfail_all, None, "return every failed message to the queue"),
     ("STATUS", None, _S.do_status, None, "show listening addresses and counters"),

@@ -819,8 +819,10 @@ class SmtpSession(session_core.LineSession):
                         peer=self.peer)
             refusal = self._run_filters(msg)
             if refusal == "cancelled":
-                # Exit 100: the filter owns the files now; say nothing more.
-                msg.disown()
+                # Exit 100: the filter owns the files now. If it kept the
+                # content (emailrelay-filter-copy), the message is stored.
+                if msg.disown():
+                    self._note_stored(msg.id, msg.size)
                 self.message = None
                 self._reset_transaction()
                 return "250 2.0.0 message processed"
@@ -846,18 +848,25 @@ class SmtpSession(session_core.LineSession):
 
     def _stored(self, msg_id):
         """The reply, once message `msg_id` is committed (--immediate forwards it first)."""
-        self.message = None
-        count = len(self.to_local) + len(self.to_remote)
-        log.info("smtp: stored %s from <%s> to %d recipient%s" % (
-            msg_id, log.sanitise(self.mail_from), count, "" if count == 1 else "s"),
-            peer=self.peer)
-        self._count("messages-stored")
+        size, self.message = self.message.size, None
+        self._note_stored(msg_id, size)
         self._reset_transaction()
         if self._rescan and self.services.rescan is not None:
             # Exit 103: now that the message is committed, the pass sees it.
             self.services.rescan()
         refusal = self._forward_now(msg_id)
         return refusal or "250 2.0.0 message processed"
+
+    def _note_stored(self, msg_id, size):
+        """Logs and counts a message now in the spool.
+
+        One line per message with what log tools want, in Postfix's shape
+        (the client whatever --log-address says: it is in the envelope too).
+        """
+        log.info("smtp: stored %s: from=<%s> nrcpt=%d size=%d client=%s" % (
+            msg_id, log.sanitise(self.mail_from), len(self.to_local) + len(self.to_remote),
+            size, log.sanitise(self.peer)), peer=self.peer)
+        self._count("messages-stored")
 
     def _run_filters(self, msg):
         """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply.

@@ -182,13 +182,16 @@ class NewMessage:
 
         The filter owns the files now (it may have removed or copied them);
         the directory is fsync'd so that what it left is as durable as a
-        finished message. abandon() is a no-op afterwards.
+        finished message. abandon() is a no-op afterwards. Returns True when
+        the content is still in the spool: the filter stored the message in
+        its own way (emailrelay-filter-copy's envelopes in sub-directories).
         """
         self.commit_content()
         self._release_envelope()
         self._done = True
         fsync_directory(self.spool.directory)
         debug(self.id, "left to the filter (exit 100)")
+        return os.path.exists(self.content_path)
 
     @process.spool_privileged
     def abandon(self):

@@ -326,8 +326,12 @@ def run(argv=None):
         print("emailrelay-submit: error: %s" % e, file=sys.stderr)
         return 1
     except OSError as e:
-        print("emailrelay-submit: error: %s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else ""),
-              file=sys.stderr)
+        # A user who may not write the spool needs to know the way that works.
+        hint = (" (only root or the spool's group may write it: other users can send with "
+                "emailrelay-sendmail, which hands the message to the running daemon)"
+                if isinstance(e, PermissionError) else "")
+        where = ": %s" % e.filename if e.filename else ""
+        print("emailrelay-submit: error: %s%s%s" % (e.strerror or e, where, hint), file=sys.stderr)
         return 1
     if args.verbose:
         print(message.content_path)
