@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from emailrelay.config import options, usage
+from emailrelay.config import option_table, options, usage
 from emailrelay.config.options import UsageError, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ NEEDS = {
     "test-address": ["--bsmtp"],
 }
 
-TESTABLE = list(options.OPTIONS)
+TESTABLE = list(option_table.OPTIONS)
 
 
 def expected(opt, text):
@@ -117,7 +117,7 @@ def check(cfg, opt, text):
 
 
 def test_table_has_every_man_page_option_with_its_letter():
-    table = {o.name: o.short for o in options.OPTIONS}
+    table = {o.name: o.short for o in option_table.OPTIONS}
     for name, short in list(MAN_PAGE_OPTIONS.items()) + list(EMAILRELAY_25_OPTIONS.items()):
         assert name in table, name
         assert table[name] == short, name
@@ -127,21 +127,21 @@ def test_table_has_every_man_page_option_with_its_letter():
 
 
 def test_table_rows_are_well_formed():
-    shorts = [o.short for o in options.OPTIONS if o.short]
+    shorts = [o.short for o in option_table.OPTIONS if o.short]
     assert len(shorts) == len(set(shorts))
-    for opt in options.OPTIONS:
-        assert opt.group in options.GROUPS
-        assert opt.kind in options.KINDS
+    for opt in option_table.OPTIONS:
+        assert opt.group in option_table.GROUPS
+        assert opt.kind in option_table.KINDS
         assert opt.help.endswith("."), opt.name
         assert (opt.value is None) == (opt.kind == "flag"), opt.name
     for name, default in NEW_OPTIONS.items():
-        assert options.BY_NAME[name].group == ("SMTP client" if name.startswith("retry-")
-                                               else "SMTP server")
-        assert options.BY_NAME[name].short is None
+        assert option_table.BY_NAME[name].group == ("SMTP client" if name.startswith("retry-")
+                                                    else "SMTP server")
+        assert option_table.BY_NAME[name].short is None
         assert getattr(parse([]), name.replace("-", "_")) == default
     for name, default in ZMAILER_OPTIONS.items():
-        assert options.BY_NAME[name].short is None
-        assert "ZMailer" in options.BY_NAME[name].help, name
+        assert option_table.BY_NAME[name].short is None
+        assert "ZMailer" in option_table.BY_NAME[name].help, name
         assert getattr(parse([]), name.replace("-", "_")) == default
 
 
@@ -377,8 +377,8 @@ def test_help_texts_do_not_contradict_themselves():
     assert "8th error" in bad_commands and "may send 10" in bad_commands
     assert "Default" not in bad_commands
     # The man page holds the --dnsbl text too: it cannot send the reader there.
-    assert "man page" not in options.BY_NAME["dnsbl"].help
-    assert "EMAILRELAY_DNSBL_CHECK_LOCAL is 1" in options.BY_NAME["dnsbl"].help
+    assert "man page" not in option_table.BY_NAME["dnsbl"].help
+    assert "EMAILRELAY_DNSBL_CHECK_LOCAL is 1" in option_table.BY_NAME["dnsbl"].help
 
 
 def test_config_file_name_equals_value_and_flags(tmp_path):
@@ -406,7 +406,7 @@ def test_options_without_effect_leave_notes():
 def test_short_help_shows_basic_options_only():
     text = usage.help_text(False)
     assert text.startswith("usage: emailrelay")
-    for opt in options.OPTIONS:
+    for opt in option_table.OPTIONS:
         assert (("--" + opt.name + " ") in text or ("--" + opt.name + "\n") in text) \
             == (opt.group == "Basic"), opt.name
     assert "--help --verbose" in text
@@ -418,8 +418,8 @@ def _help_option_names(text):
 
 def test_verbose_help_shows_every_option_by_group():
     text = usage.help_text(True)
-    assert _help_option_names(text) == set(options.BY_NAME)
-    positions = [text.index("%s options:" % g) for g in options.GROUPS]
+    assert _help_option_names(text) == set(option_table.BY_NAME)
+    positions = [text.index("%s options:" % g) for g in option_table.GROUPS]
     assert positions == sorted(positions)
     assert "  -p, --port <port>\n" in text
     assert "  -A, --anonymous, --anonymous=<scope>\n" in text
@@ -441,11 +441,11 @@ def test_man_page_is_generated_from_the_table():
 def test_man_page_documents_every_option_and_the_rest():
     page = usage.man_page()
     documented = set(re.findall(r"^\.B (?:\\-\S, )?\\-\\-([a-z0-9\\-]+)", page, re.M))
-    assert {n.replace("\\-", "-") for n in documented} == set(options.BY_NAME)
+    assert {n.replace("\\-", "-") for n in documented} == set(option_table.BY_NAME)
     for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "CONFIG FILE", "SIGNALS",
                     "EXIT STATUS", "FILES", "SEE ALSO"):
         assert "\n.SH %s\n" % section in page
-    for group in options.GROUPS:
+    for group in option_table.GROUPS:
         assert "\n.SS %s options\n" % group in page
 
 

@@ -95,7 +95,7 @@ def imports_at(args):
     for line in result.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
             names.add(line.rsplit("|", 1)[1].strip())
-    assert "emailrelay.config.options" in names
+    assert "emailrelay.config.options" in names and "emailrelay.config.option_table" in names
     return names
 
 
@@ -106,6 +106,7 @@ def test_start_up_imports_nothing_heavy(args):
     assert heavy == []
     assert not any(n.startswith("emailrelay.") and n not in (
         "emailrelay.main", "emailrelay.__main__", "emailrelay.config", "emailrelay.config.options",
+        "emailrelay.config.option_table",
         "emailrelay.config.usage", "emailrelay.util", "emailrelay.util.parts",
         "emailrelay.util.addresses", "emailrelay.util.smtp_controls")
         for n in names), names

@@ -67,7 +67,7 @@ class _Pair:
 
     def feed(self, data):
         self.theirs.sendall(data)
-        wait_for(lambda: self.conn.receive() or self.conn._buf or self.conn.eof,
+        wait_for(lambda: self.conn.receive() or self.conn.buffered() or self.conn.eof,
                  what="input")
 
     def close(self):
@@ -78,20 +78,20 @@ class _Pair:
 def test_loop_connection_lines_and_overlong_lines_as_readline_gives_them():
     pair = _Pair()
     try:
-        assert pair.conn.take_line(10) is None
+        assert pair.conn.next_line(10, pair.conn.eof) is None
         pair.feed(b"NOOP\r\nxx")
-        assert pair.conn.take_line(10) == b"NOOP\r\n"
-        assert pair.conn.take_line(10) is None
+        assert pair.conn.next_line(10, pair.conn.eof) == b"NOOP\r\n"
+        assert pair.conn.next_line(10, pair.conn.eof) is None
         # An overlong line is dropped as it arrives and reported at its end.
         pair.feed(b"y" * 20)
-        assert pair.conn.take_line(10) is None
+        assert pair.conn.next_line(10, pair.conn.eof) is None
         pair.feed(b"yyy\r\nQUIT\r\n")
         with pytest.raises(connection.LineTooLong):
-            pair.conn.take_line(10)
-        assert pair.conn.take_line(10) == b"QUIT\r\n"
+            pair.conn.next_line(10, pair.conn.eof)
+        assert pair.conn.next_line(10, pair.conn.eof) == b"QUIT\r\n"
         pair.theirs.shutdown(socket.SHUT_WR)
         wait_for(lambda: pair.conn.receive() or pair.conn.eof, what="end of input")
-        assert pair.conn.take_line(10) == b""
+        assert pair.conn.next_line(10, pair.conn.eof) == b""
         assert pair.conn.take(10) == b""
     finally:
         pair.close()

@@ -14,6 +14,7 @@ from emailrelay.net import connection
 from emailrelay.server import smtp_server
 from emailrelay.util import smtp_syntax
 from emailrelay.util.stats import Stats
+from memory_connection import MemoryConnection
 
 
 def make_cfg(tmp_path, **kw):
@@ -39,7 +40,7 @@ def make_services(tmp_path, **kw):
                                     spool=spool.Spool(str(tmp_path)), **parts)
 
 
-class CountingConnection(connection.MemoryConnection):
+class CountingConnection(MemoryConnection):
     """Counts flushes that sent something, to see replies being batched."""
 
     def __init__(self, data, **kw):

@@ -1,7 +1,7 @@
 """Texts generated from the option table: --help, --version and the man page.
 
 `help_text(verbose)`, `version_text(verbose)` and `man_page()` read
-`options.OPTIONS`, so the help, the man page (written by `make man`) and
+`option_table.OPTIONS`, so the help, the man page (written by `make man`) and
 the parser cannot disagree; a test checks the committed man page.
 """
 
@@ -9,7 +9,12 @@ import sys
 import textwrap
 
 from .. import __version__
-from .options import GROUPS, OPTIONS
+from .option_table import GROUPS, OPTIONS
+
+# The program's exit statuses (the man page's EXIT STATUS section).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
 
 
 def _wrap(text, width, indent):
@@ -209,7 +214,9 @@ def man_page():
         ".SH SIGNALS",
         _roff("SIGTERM and SIGINT stop the program cleanly: it stops listening, ends the "
               "sessions, leaves no spool file claimed or half written, and exits with "
-              "status 0. SIGHUP reopens the log file (for logrotate) and re-reads the "
+              "status 0. The message being forwarded gets 5 seconds to finish; a next hop "
+              "that has not answered by then is abandoned, and the message stays queued "
+              "(logged as abandoned at shutdown). SIGHUP reopens the log file (for logrotate) and re-reads the "
               "secrets files; E-MailRelay does neither."),
         ".SH ENVIRONMENT",
         ".TP",
@@ -277,7 +284,11 @@ def man_page():
               "unfail-all does the same at once. Delete both files to discard a message. Lines "
               "after X-MailRelay-End, which E-MailRelay's own reader ignores, hold this "
               "version's retry state (X-MailRelay-Retry) and the RFC 3461 DSN parameters "
-              "(X-MailRelay-Dsn-Ret, -Envid and -Rcpt)."),
+              "(X-MailRelay-Dsn-Ret, -Envid and -Rcpt). At start-up, and when a --workers "
+              "worker dies, what a killed process left is repaired: its .envelope.busy files "
+              "go back to .envelope, its .envelope.new files (never acknowledged) are removed "
+              "with their content, and content files that no envelope refers to (in the spool "
+              "or a --pop-by-name sub-directory) are removed once their writer is gone."),
         ".SH ADMIN COMMANDS",
         _roff("With --admin <port>, a telnet-style interface on that port (local clients "
               "only) takes: help; flush (forward now and report the counts the log line "

@@ -38,8 +38,14 @@ wakes for the earliest one by itself, without --poll. `--retry-interval 0`
 keeps E-MailRelay's behaviour: a 4xx fails the message at once, and an
 unreachable next hop leaves it queued for the next trigger.
 
+`stop()` lets the message in hand finish for STOP_GRACE seconds; a next
+hop still silent then is abandoned (its connection shut down, which wakes
+the thread wherever it waits), and the messages in hand go back to the
+queue with a warning naming each, not counted as an attempt.
+
 `Events` is the small publish/subscribe channel behind the admin `notify`
-command; the forwarder and the SMTP server publish one-line events to it.
+command; the forwarder publishes one-line events to it (a pass starts or
+ends, a message is deferred).
 """
 
 import collections
@@ -48,6 +54,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 
 from ..auth import sasl
 from ..runtime import log, process
@@ -55,6 +62,9 @@ from ..store import envelope as envelope_mod, spool
 from ..util import addresses
 from ..util.stats import Stats
 from . import smtp_client
+
+# Seconds stop() lets the message in hand finish before abandoning it.
+STOP_GRACE = 5.0
 
 
 class Events:
@@ -192,6 +202,10 @@ class Forwarder:
         # retry); --immediate sessions add to it too, so it is used under
         # self._cond.
         self._schedule = {}
+        # Passes and --immediate sends running, and every client they use,
+        # for stop() to wait for and, past its grace, abort.
+        self._sending = 0
+        self._clients = weakref.WeakSet()
 
     # -- triggers ------------------------------------------------------
 
@@ -237,14 +251,45 @@ class Forwarder:
             result = self._last
         return result.ok, result.text()
 
-    def stop(self):
-        """Stops after the message in hand (thread or run_once); waits for the thread briefly."""
+    def stop(self, grace=STOP_GRACE):
+        """Stops after the message in hand (thread or run_once), waiting `grace` seconds at most.
+
+        Past the grace the sessions with the next hop are aborted and the
+        messages in hand stay queued (see the module docstring).
+        """
         with self._cond:
             self._stopping = True
             self._jobs.clear()
             self._cond.notify_all()
+        if not self._wait_sent(grace):
+            with self._cond:
+                clients = list(self._clients)
+            log.warning("forwarding: stopping: the next hop has not finished within %ss: "
+                        "abandoning the session" % _seconds(grace))
+            for client in clients:
+                client.abort()
+            # Aborted, the senders release their claims at once (--immediate
+            # ones run in session threads, which the process does not wait for).
+            self._wait_sent(grace)
         if self._thread is not None:
             self._thread.join(30)
+
+    def _wait_sent(self, seconds):
+        """Waits until no pass or --immediate send runs; False if one still does after `seconds`."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while self._sending and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return not self._sending
+
+    def _begin_sending(self):
+        with self._cond:
+            self._sending += 1
+
+    def _end_sending(self):
+        with self._cond:
+            self._sending -= 1
+            self._cond.notify_all()
 
     def immediate_session(self):
         """A handle for one SMTP session's --immediate messages (see ImmediateSession)."""
@@ -331,7 +376,11 @@ class Forwarder:
         auth = None
         if self.client_secret is not None:
             auth = sasl.ClientAuth(self.client_secret, self.cfg.client_auth_config)
-        return smtp_client.Client(self.cfg, auth, self.tls_context)
+        client = smtp_client.Client(self.cfg, auth, self.tls_context)
+        # (--immediate sessions make clients in their own threads.)
+        with self._cond:
+            self._clients.add(client)
+        return client
 
     def run_pass(self, force=False):
         """One pass over the spool with one connection; returns a PassResult.
@@ -346,6 +395,7 @@ class Forwarder:
         """
         result = PassResult()
         self._publish("forwarding: start")
+        self._begin_sending()
         client = None
         settler = _Deletions(self._sent)
         claims = self._claims(force, result)
@@ -391,13 +441,23 @@ class Forwarder:
                 if unsent is not None:
                     _release(unsent)
             settler.close()
+            self._end_sending()
         self._publish("forwarding: done: %d sent, %d failed" % (result.sent, result.failed))
         if result.processed:
             log.info("forwarding: %s" % result.summary())
         return result
 
     def _connection_failed(self, claim, e, result):
-        """The session broke while `claim` was in hand: fail or defer it."""
+        """The session broke while `claim` was in hand: fail or defer it.
+
+        At shutdown (stop() aborted the session) it goes back to the
+        queue as it is: that was no attempt.
+        """
+        if self._stopping:
+            log.warning("forwarding: %s: abandoned at shutdown (%s): it stays queued"
+                        % (claim.id, e))
+            _release(claim)
+            return
         if e.permanent:
             log.error("forwarding: %s" % e)
             self._failed(claim, str(e), 0, result)
@@ -624,6 +684,7 @@ class Forwarder:
         claim = self.spool.claim(message_id)
         if claim is None:
             return None
+        self._begin_sending()
         try:
             if not self._prepare(claim, result):
                 claim = None
@@ -649,6 +710,7 @@ class Forwarder:
         finally:
             if claim is not None:
                 _release(claim)
+            self._end_sending()
         if outcome.ok:
             return None
         if outcome.rejected:

@@ -26,14 +26,13 @@ stuffing, NUL dropped); BINARYMIME goes by BDAT with its exact bytes.
 """
 
 import os
-import select
 import socket
 import ssl
 
 from ..auth import sasl
 from ..config import options
-from ..net import socks, tls
-from ..runtime import log
+from ..net import connection, socks, tls
+from ..runtime import descriptors, log
 from ..store.spool import ContentError
 from ..util import addresses, dotstuff, xtext
 
@@ -158,6 +157,9 @@ class Client:
         self._last_code = 0
         # (claim, commands) sent ahead with the previous message's content.
         self._present = None
+        # The socket being connected or in use, for abort() from another thread.
+        self._live = None
+        self._aborted = False
         self.features = options.smtp_config(getattr(cfg, "client_smtp_config", None),
                                             options.CLIENT_SMTP_KEYWORDS)
 
@@ -246,6 +248,10 @@ class Client:
         error = None
         for af, st, proto, _, sa in infos:
             sock = socket.socket(af, st, proto)
+            self._live = sock
+            if self._aborted:
+                sock.close()
+                raise ConnectionFailure("stopping: no new connection to %s" % self.target)
             try:
                 sock.settimeout(timeout)
                 if source is not None:
@@ -303,6 +309,8 @@ class Client:
         Raises ConnectionFailure with a one-line reason.
         """
         self.close()
+        if self._aborted:
+            raise ConnectionFailure("stopping: no new connection to %s" % self.target)
         try:
             self._connect()
         except ConnectionFailure:
@@ -326,9 +334,12 @@ class Client:
         cfg = self.cfg
         timeout = cfg.connection_timeout if cfg.connection_timeout is not None else 40
         if self.socks_host:
-            family, source = self._family_and_source()
-            sock = socks.connect(self.socks_host, self.socks_port, self.host, self.port,
-                                 timeout, source=source)
+            sock = self._tcp_connect(self.socks_host, self.socks_port, timeout)
+            try:
+                socks.handshake(sock, self.socks_host, self.socks_port, self.host, self.port)
+            except BaseException:
+                sock.close()
+                raise
         else:
             sock = self._tcp_connect(self.host, self.port, timeout)
         self.ehlo_name = self._ehlo_name(sock)
@@ -380,8 +391,7 @@ class Client:
             return
         if getattr(sock, "pending", None) and sock.pending():
             return
-        ready, _, _ = select.select([sock], [], [], wait)
-        if not ready:
+        if not descriptors.readable(sock, wait):
             log.warning("smtp client: no greeting from %s within %ss: going ahead without it"
                         % (self.target, wait))
             self._skip_greeting = True
@@ -425,8 +435,7 @@ class Client:
         if sock.version() != "TLSv1.3":
             return
         timeout = sock.gettimeout()
-        ready, _, _ = select.select([sock], [], [], min(TLS13_VERDICT_WAIT, timeout or TLS13_VERDICT_WAIT))
-        if not ready:
+        if not descriptors.readable(sock, min(TLS13_VERDICT_WAIT, timeout or TLS13_VERDICT_WAIT)):
             return
         sock.setblocking(False)
         try:
@@ -461,6 +470,18 @@ class Client:
         log.verbose("smtp client: authenticated with %s as %s using %s"
                     % (self.target, self.client_auth.user, mech))
 
+    def abort(self):
+        """Ends the session at once, from another thread (shutdown).
+
+        The socket is shut down, which wakes the thread waiting on it
+        (connecting, reading a reply, writing content) with an error, so
+        send() raises ConnectionFailure; no new connection is made.
+        """
+        self._aborted = True
+        for sock in (self.sock, self._live):
+            if sock is not None:
+                connection.shut_down_from_another_thread(sock)
+
     def close(self):
         """Drops the connection without QUIT."""
         if self._rfile is not None:
@@ -474,6 +495,7 @@ class Client:
             except OSError:
                 pass
         self.sock = None
+        self._live = None
         self._rfile = None
         self.esmtp_features = {}
         self.tls = False

@@ -3,21 +3,8 @@
 A conversation is a generator (`SmtpSession.conversation()`) written as
 straight-line code. It writes replies through `session.conn` as before
 (`write`, `flush`, `pending`, `unread`, `tls`...), and wherever it would
-block it yields a request instead:
-
-    ("line", limit)      -> one input line (bytes, b'' at end of input), or
-                            connection.LineTooLong thrown in
-    ("read", n)          -> at most n octets (b'' at end of input)
-    ("call", fn, args)   -> fn(*args)'s result, or its exception thrown in
-    ("work", fn, args, waited)
-                         -> the same, for work that often waits little for its
-                            device: waited() is the seconds the calling
-                            thread has waited so far (see below)
-    ("sleep", seconds)   -> None after that long (sooner at shutdown)
-    ("starttls", ctx)    -> None once TLS is up, or the handshake's error
-
-An idle timeout (the connection's `settimeout`) throws connection.Timeout in at a
-"line" or "read" request.
+block it yields a request instead (`requests`: line, read, call, work,
+sleep, starttls), which its driver answers.
 
 `drive(session, stop_event)` runs a conversation in the calling thread over
 a blocking connection: a session thread, --inetd, --bsmtp and the tests.
@@ -47,7 +34,7 @@ comes back from the pool, not on every system call of twenty session
 threads. Replies are sent before a session waits for more input, so
 pipelining works as in a session thread; the output owed to a client that
 does not read, and the input of one that sends during a call, are bounded
-(WRITE_HIGH_WATER). Each conversation takes at most TURN requests from its
+(`connection.WRITE_HIGH_WATER`, `connection.READ_HIGH_WATER`). Each conversation takes at most TURN requests from its
 buffered input in one pass of the loop, then waits for the next pass: a
 client that pipelines without end gets its turns, and everyone else
 theirs in between.
@@ -61,7 +48,7 @@ import threading
 import time
 
 from ..runtime import log
-from . import connection
+from . import connection, requests
 
 # Most worker threads for "call" requests when the loop is not told its
 # session budget (the default --max-connections).
@@ -120,19 +107,19 @@ def _drive(session, gen, request, stop_event):
 
 def _serve(conn, request, stop_event):
     kind = request[0]
-    if kind == "line":
+    if kind == requests.LINE:
         return conn.readline(request[1])
-    if kind == "read":
+    if kind == requests.READ:
         return conn.read(request[1])
-    if kind == "call" or kind == "work":
+    if kind == requests.CALL or kind == requests.WORK:
         return request[1](*request[2])
-    if kind == "sleep":
+    if kind == requests.SLEEP:
         if stop_event is not None:
             stop_event.wait(request[1])
         else:
             time.sleep(request[1])
         return None
-    if kind == "starttls":
+    if kind == requests.STARTTLS:
         conn.starttls(request[1])
         return None
     raise ValueError("unknown conversation request %r" % (kind,))
@@ -151,35 +138,10 @@ class LoopConnection(connection.Connection):
         self._timeout = self.timeout = None
         self.eof = False
         self.broken = False
-        self._overlong = False
 
     def settimeout(self, seconds):
         """Sets the idle timeout for the loop to apply (None: none)."""
         self.timeout = seconds
-
-    def take_line(self, limit):
-        """A line from the buffer as `readline` gives it; None when more input is needed."""
-        buf = self._buf
-        i = buf.find(b"\n")
-        if i >= 0:
-            line = bytes(buf[:i + 1])
-            del buf[:i + 1]
-            if self._overlong or len(line) > limit:
-                self._overlong = False
-                raise connection.LineTooLong()
-            return line
-        if len(buf) > limit:
-            # Drop the overlong line as it arrives, as readline does.
-            self._overlong = True
-            buf.clear()
-        if self.eof:
-            if self._overlong:
-                self._overlong = False
-                raise connection.LineTooLong()
-            line = bytes(buf)
-            buf.clear()
-            return line
-        return None
 
     def take(self, n):
         """At most `n` buffered octets, b'' at end of input; None when more is needed."""
@@ -315,7 +277,8 @@ class SessionLoop:
 
         Waits (briefly) until the loop has let go of it: a socket closed
         while registered could keep signalling through a copy another
-        process holds (--workers).
+        process holds (--workers). From the loop thread itself (an accept
+        that pauses its listener) it lets go at once.
         """
         done = threading.Event()
 
@@ -325,6 +288,9 @@ class SessionLoop:
             except (KeyError, ValueError):
                 pass
             done.set()
+        if threading.get_ident() == self._thread.ident:
+            forget()
+            return
         self._post(None, forget, None)
         done.wait(5)
 
@@ -461,12 +427,12 @@ class SessionLoop:
         if entry.handed_off or conn.eof:
             return
         conn.eof = True
-        conn._buf.clear()
+        conn.discard_input()
         # Whatever it waited for (a timer, its next turn) is forgotten.
         entry.token += 1
-        if entry.request is not None and entry.request[0] == "sleep":
+        if entry.request is not None and entry.request[0] == requests.SLEEP:
             self._step(entry, None, None)
-        elif entry.request is not None and entry.request[0] in ("line", "read"):
+        elif entry.request is not None and entry.request[0] in (requests.LINE, requests.READ):
             self._pump(entry)
 
     def _start(self, entry):
@@ -499,10 +465,10 @@ class SessionLoop:
             value = exc = None
             kind = request[0]
             entry.request = request
-            if kind == "line" or kind == "read":
-                if len(conn._out) >= connection.WRITE_HIGH_WATER:
+            if kind == requests.LINE or kind == requests.READ:
+                if conn.unsent() >= connection.WRITE_HIGH_WATER:
                     conn.flush()
-                    if len(conn._out) >= connection.WRITE_HIGH_WATER:
+                    if conn.unsent() >= connection.WRITE_HIGH_WATER:
                         self._wait(entry, selectors.EVENT_WRITE)
                         return
                 try:
@@ -517,11 +483,11 @@ class SessionLoop:
                     continue
                 self._pump(entry)
                 return
-            if kind == "call" or kind == "work":
+            if kind == requests.CALL or kind == requests.WORK:
                 conn.flush()
                 fn = request[1]
                 key = getattr(fn, "__func__", fn)
-                if kind == "work" and self._here(key):
+                if kind == requests.WORK and self._here(key):
                     waited = request[3]
                     before = waited()
                     try:
@@ -531,16 +497,16 @@ class SessionLoop:
                     self._learn(key, waited() - before)
                     continue
                 # The socket stays registered: input that arrives meanwhile
-                # is buffered (up to WRITE_HIGH_WATER, see _pump).
-                entry.request = ("call",)
+                # is buffered (up to READ_HIGH_WATER, see _pump).
+                entry.request = (requests.CALL,)
                 due = self._pool.submit(entry, fn, request[2], self._post)
                 if due is not None and (self._grow_at is None or due < self._grow_at):
                     self._grow_at = due
                 return
-            if kind == "sleep":
+            if kind == requests.SLEEP:
                 self._pump(entry)
                 return
-            if kind == "starttls":
+            if kind == requests.STARTTLS:
                 self._hand_off(entry, request)
                 return
             exc = ValueError("unknown conversation request %r" % (kind,))
@@ -549,22 +515,22 @@ class SessionLoop:
         """Moves a waiting conversation on: output first, then input, a timer or the end."""
         conn = entry.conn
         request = entry.request
-        if request is None or request[0] == "starttls":
+        if request is None or request[0] == requests.STARTTLS:
             return      # ended, or another thread has it
-        if request[0] == "call":
+        if request[0] == requests.CALL:
             # Stop listening once there is enough to read, or the end of
             # input (which would be reported again and again meanwhile).
-            if conn.eof or len(conn._buf) >= connection.WRITE_HIGH_WATER:
+            if conn.eof or conn.buffered() >= connection.READ_HIGH_WATER:
                 self._wait(entry, 0)
             return
-        if conn._out:
+        if conn.unsent():
             conn.flush()
-            if conn._out:
+            if conn.unsent():
                 # Replies go out before the session waits for more input.
                 self._wait(entry, selectors.EVENT_WRITE)
                 return
         kind = request[0]
-        if kind == "line" or kind == "read":
+        if kind == requests.LINE or kind == requests.READ:
             try:
                 got = self._input(entry, request)
             except connection.LineTooLong as e:
@@ -576,7 +542,7 @@ class SessionLoop:
                 self._step(entry, got, None)
                 return
             self._wait(entry, selectors.EVENT_READ)
-        elif kind == "sleep":
+        elif kind == requests.SLEEP:
             self._wait(entry, 0)
             self._seq += 1
             heapq.heappush(self._timers, (time.monotonic() + request[1], self._seq, entry,
@@ -592,7 +558,7 @@ class SessionLoop:
         bounded) and is resumed at the start of the next pass.
         """
         conn = entry.conn
-        if conn._buf:
+        if conn.buffered():
             if entry.turn != self._passes:
                 entry.turn = self._passes
                 entry.served = 0
@@ -601,7 +567,7 @@ class SessionLoop:
                 self._wait(entry, 0)
                 self._parked.append((entry, entry.token))
                 return _PARKED
-        return conn.take_line(request[1]) if request[0] == "line" else conn.take(request[1])
+        return conn.next_line(request[1], conn.eof) if request[0] == requests.LINE else conn.take(request[1])
 
     def _wait(self, entry, mask):
         entry.token += 1
@@ -640,7 +606,7 @@ class SessionLoop:
         for entry in list(self._entries):
             timeout = entry.conn.timeout
             if not (entry.mask and timeout and now - entry.since >= timeout) \
-                    or entry.request[0] == "call":
+                    or entry.request[0] == requests.CALL:
                 continue
             try:
                 if entry.request[0] == "end":
@@ -667,7 +633,7 @@ class SessionLoop:
             return
         # What the loop could not send yet goes first, from the new thread
         # (starttls flushes before the handshake).
-        conn._out += old._out
+        old.hand_over_output(conn)
         entry.session.conn = conn
         if self._register is not None:
             self._register(sock, conn)

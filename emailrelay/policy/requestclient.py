@@ -17,12 +17,12 @@ timeout, connection closed, no complete line) raises `RequestError` with a
 short reason; the caller decides what that means (a temporary failure).
 """
 
-import select
 import socket
 import threading
 import time
 
 from ..util import addresses
+from ..runtime import descriptors
 
 RESPONSE_LIMIT = 10000
 
@@ -130,8 +130,7 @@ class RequestClient:
                 sock = self._idle.pop()
             # An idle connection has nothing to read unless the daemon closed
             # it (end of input) or broke protocol (stray data): drop it then.
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
+            if not descriptors.readable(sock, 0):
                 return sock
             sock.close()
 

@@ -34,7 +34,7 @@ requests. `Drop` ends a session from anywhere, after the queued replies.
 
 import collections
 
-from ..net import connection, session_loop
+from ..net import connection, requests, session_loop
 from ..runtime import log
 
 DONE = "DONE"
@@ -230,7 +230,7 @@ class LineSession:
         if self.owed >= OWED_HIGH_WATER or not self.conn.pending():
             yield from self.send()
         try:
-            raw = yield ("line", limit)
+            raw = yield from requests.line(limit)
         except connection.LineTooLong:
             self.bad(too_long)
             return None
@@ -277,7 +277,7 @@ class LineSession:
             if replies:
                 seconds = replies.pop(0)
                 self.conn.flush()
-                yield ("sleep", seconds)
+                yield from requests.sleep(seconds)
         self.conn.flush()
 
     def write_queued(self):
@@ -321,13 +321,17 @@ class LineSession:
             seconds = budget.record(self.peer_ip, self.PROTOCOL)
             if seconds:
                 yield from self.send()
-                yield ("sleep", seconds)
+                yield from requests.sleep(seconds)
         if self.auth_failures >= MAX_AUTH_FAILURES:
             self.reply(last_reply)
             raise Drop()
         self.reply(failed_reply)
 
     # ----- authentication and TLS ----------------------------------------
+
+    def tls_offered(self):
+        """True when the client may start TLS now (STARTTLS, STLS): it is set up and not on."""
+        return self.services.tls_context is not None and not self.conn.tls
 
     def tls_missing(self):
         """True while --server-tls-required and the connection is not encrypted."""
@@ -340,13 +344,13 @@ class LineSession:
         line was refused (over `limit`: `too_long` was replied). Each step
         is a "call": it may ask PAM or --server-auth-program.
         """
-        outcome = yield ("call", exchange.step, (None,))
+        outcome = yield from requests.call(exchange.step, None)
         while outcome[0] == "challenge":
             self.reply(prompt + outcome[1].decode("ascii"))
             line = yield from self.readline(limit, too_long)
             if line is None:
                 return None
-            outcome = yield ("call", exchange.step, (line,))
+            outcome = yield from requests.call(exchange.step, line)
         return outcome
 
     def start_tls(self, context):
@@ -357,7 +361,7 @@ class LineSession:
         """
         yield from self.send()
         try:
-            yield ("starttls", context)
+            yield from requests.starttls(context)
         except (OSError, ValueError) as e:
             log.warning("tls error: %s" % e, peer=self.peer)
             raise Drop() from None

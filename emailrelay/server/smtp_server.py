@@ -1,7 +1,7 @@
 """The SMTP server protocol: one `SmtpSession` per accepted connection.
 
 `SmtpSession(conn, services).run()` speaks SMTP over a `net.Connection` (or
-a `net.MemoryConnection` in tests) until the client quits or goes away, and
+a `MemoryConnection` in tests) until the client quits or goes away, and
 stores each accepted message in the spool durably before replying `250`;
 `conversation()` is the same session for the session loop. `services` is
 an `SmtpServices`.
@@ -37,6 +37,7 @@ import re
 from .. import __version__
 from ..auth import sasl
 from ..config import options
+from ..net import requests
 from ..runtime import log
 from ..store import envelope, spool
 from ..util import parts, smtp_controls, smtp_syntax
@@ -55,6 +56,7 @@ PROTOCOL_ERROR_LIMIT = 8
 _ENHANCED_CODE = re.compile(r"^(\d{3}[ -])\d\.\d{1,3}\.\d{1,3}(?: |(?=\r|$))", re.M)
 OUT_OF_SEQUENCE = "503 5.5.1 command out of sequence -- use RSET to resynchronise"
 NO_STORAGE = "452 4.3.1 insufficient system storage"
+TOO_BIG = "552 5.3.4 message size exceeds fixed maximum message size"
 
 
 def plain_reply(text):
@@ -176,7 +178,7 @@ class SmtpSession(session_core.LineSession):
         refusal = self._connect_refusal()
         dnsbl = self.services.dnsbl
         if refusal is None and dnsbl is not None:
-            refusal = yield ("call", dnsbl.check, (self.peer_ip,))
+            refusal = yield from requests.call(dnsbl.check, self.peer_ip)
             if refusal and self.features["rcpt-dns-rbl"]:
                 # ZMailer's delayed rejection: the client is told at each
                 # RCPT, which many clients log where they ignore a refused
@@ -206,7 +208,7 @@ class SmtpSession(session_core.LineSession):
 
     def available(self, verb):
         if verb == "STARTTLS":
-            return self.services.tls_context is not None and not self.conn.tls
+            return self.tls_offered()
         if verb == "AUTH":
             return self.services.server_auth is not None
         if verb == "ETRN":
@@ -367,7 +369,7 @@ class SmtpSession(session_core.LineSession):
     def _auth_mechanisms(self):
         """The AUTH mechanisms to offer now: none before TLS with --server-tls-required."""
         auth = self.services.server_auth
-        if auth is None or (self.cfg.server_tls_required and not self.conn.tls):
+        if auth is None or self.tls_missing():
             return []
         return auth.mechanisms(self.conn.tls)
 
@@ -402,7 +404,7 @@ class SmtpSession(session_core.LineSession):
 
     def smtp_MAIL(self, arg):
         starttls = self.available("STARTTLS")
-        tls_missing = self.cfg.server_tls_required and not self.conn.tls
+        tls_missing = self.tls_missing()
         if (self.services.server_auth is not None and self.auth_user is None
                 and self._trusted() is None):
             self.reply("530 5.7.0 authentication required"
@@ -431,7 +433,7 @@ class SmtpSession(session_core.LineSession):
                     self.bad("501 5.5.4 invalid argument")
                     return
                 if self.size_limit and int(value) > self.size_limit:
-                    self.reply("552 5.3.4 message size exceeds fixed maximum message size")
+                    self.reply(TOO_BIG)
                     return
             elif key == "BODY":
                 body = {"7BIT": "7bit", "8BITMIME": "8bit",
@@ -572,8 +574,8 @@ class SmtpSession(session_core.LineSession):
         # Send what we owe first so a pipelining client is not kept waiting
         # on earlier replies while the verifier runs.
         yield from self.send()
-        return (yield ("call", verifier.verify,
-                       (address, from_, self.peer_ip, self.domain, mech, name)))
+        return (yield from requests.call(verifier.verify, address, from_, self.peer_ip,
+                                         self.domain, mech, name))
 
     def _verify_refusal(self, result, address):
         reason = log.sanitise(result.reason or "")
@@ -759,7 +761,7 @@ class SmtpSession(session_core.LineSession):
             self.reply(_storage_reply(text.error))
         else:
             log.info("smtp: message refused: too big", peer=self.peer)
-            self.reply("552 5.3.4 message size exceeds fixed maximum message size")
+            self.reply(TOO_BIG)
         self._reset_transaction()
 
     def _envelope(self):
@@ -790,7 +792,7 @@ class SmtpSession(session_core.LineSession):
         yield from self.send()
         if self.services.filters or self.cfg.immediate:
             # Filter programs and --immediate wait on others.
-            self.reply((yield ("call", self._store, ())))
+            self.reply((yield from requests.call(self._store)))
             return
         # With no filter the files are written here; only their syncs and
         # renames are "work", which the session loop's own thread does too
@@ -801,7 +803,7 @@ class SmtpSession(session_core.LineSession):
             msg.prepare(env)
             log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
                         peer=self.peer)
-            msg_id = yield ("work", msg.finish, (env,), spool.waited)
+            msg_id = yield from requests.work(msg.finish, (env,), spool.waited)
         except (OSError, envelope.EnvelopeError) as e:
             self.reply(self._not_stored(e))
             return

@@ -10,8 +10,8 @@ raised OSError, kept in `Text.error`); once a fault is set the rest of the
 text is still read, so that it is not taken for commands, but dropped.
 `read_data` raises `EOFError` if the client goes away first.
 
-Both are generators in the `session_loop` style: they yield ("read", n)
-requests for input and are run with `yield from` inside a conversation.
+Both are generators in the `session_loop` style: they ask for input with
+`requests.read(n)` and are run with `yield from` inside a conversation.
 
 A `Pace` given to the tally holds the text to a least average rate
 (--min-data-rate): a client that dribbles its text, which the idle timeout
@@ -20,7 +20,7 @@ alone would let hold its connection for ever, gets `TooSlow`.
 
 import time
 
-from ..net import connection
+from ..net import connection, requests
 
 BLOCK = 65536
 # A line longer than this is passed on in pieces rather than buffered.
@@ -66,7 +66,7 @@ class Pace:
         elif self.shortened:
             self.restore()
         try:
-            data = yield ("read", n)
+            data = yield from requests.read(n)
         except connection.Timeout:
             if self.shortened:
                 raise TooSlow() from None
@@ -129,7 +129,7 @@ def _read_data(conn, write, text):
     first = True
     pace = text.pace
     while True:
-        chunk = (yield ("read", BLOCK)) if pace is None else (yield from pace.read(BLOCK))
+        chunk = (yield from requests.read(BLOCK)) if pace is None else (yield from pace.read(BLOCK))
         if not chunk:
             raise EOFError()
         data = pending + chunk
@@ -164,7 +164,7 @@ def read_chunk(size, write, text):
     try:
         while size > 0:
             n = min(size, BLOCK)
-            chunk = (yield ("read", n)) if pace is None else (yield from pace.read(n))
+            chunk = (yield from requests.read(n)) if pace is None else (yield from pace.read(n))
             if not chunk:
                 raise EOFError()
             size -= len(chunk)
