@@ -136,6 +136,23 @@ def test_lenient_about_order_lf_and_unknown_fields():
     assert (e.from_, e.to_remote, e.client) == ("a@b", ["c@d"], "1.2.3.4:5")
 
 
+def test_one_cr_per_line_ending_goes_and_values_keep_their_octets():
+    data = (b"X-MailRelay-Format: #2821.8\r\n"
+            b"X-MailRelay-From: a\xc3\xa9\xff@b\r\r\n"
+            b"X-MailRelay-ToCount: 1\n"
+            b"X-MailRelay-To-Remote: c@d\r\n"
+            b"X-MailRelay-End: 1\r\n"
+            b"after\r\n")
+    e = Envelope.parse(data)
+    assert e.from_ == "a\xe9\udcff@b\r" and e.to_remote == ["c@d"]
+    assert e.trailer == b"after\r\n"
+    # An overlong line before End is an error, one after it is trailer.
+    long_line = b"X-MailRelay-Client: " + b"x" * 70000 + b"\r\n"
+    with pytest.raises(EnvelopeError, match="longer than"):
+        Envelope.parse(data.replace(b"X-MailRelay-End", long_line + b"X-MailRelay-End"))
+    assert Envelope.parse(data + long_line).trailer == b"after\r\n" + long_line
+
+
 def test_trailer_is_kept_verbatim_and_reasons_read():
     trailer = (b"X-MailRelay-Reason: 550 no such user\r\nX-MailRelay-ReasonCode: 550\r\n"
                b"odd stuff\n")

@@ -29,6 +29,9 @@ SIZE_LIMIT = 4 * 1024 * 1024
 LINE_LIMIT = 65536
 RETRY_PREFIX = PREFIX + b"Retry:"
 DSN_PREFIX = PREFIX + b"Dsn-"
+_END_LINE = b"\n" + PREFIX + b"End:"
+_TEXT_PREFIX = PREFIX.decode("ascii")
+_TEXT_PREFIX_LENGTH = len(PREFIX)
 
 Retry = collections.namedtuple("Retry", "count next_time first_time reason")
 Retry.__doc__ = """Automatic retry state kept in the trailer (see `Envelope.retry()`).
@@ -202,7 +205,10 @@ class Envelope:
             raise EnvelopeError("X-MailRelay-ToCount is %s but there are %d recipient lines"
                                 % (count_text, len(to_local) + len(to_remote)))
         content = fields.get("Content", "unknown")
-        return cls(
+        # Set directly, not through __init__: every value is already of its
+        # type, and a forwarder parses one envelope per message.
+        env = cls.__new__(cls)
+        env.__dict__.update(
             format=fmt,
             content=content if content in CONTENT_TYPES else "unknown",
             from_=fields["From"],
@@ -219,6 +225,7 @@ class Envelope:
             utf8_mailbox_names=fields.get("Utf8MailboxNames", "0") == "1",
             trailer=trailer,
         )
+        return env
 
     # -- writing
 
@@ -300,36 +307,48 @@ def _split(data):
     """Splits envelope bytes into (fields, to_local, to_remote, trailer).
 
     Continuation lines (leading space or tab) are joined to the previous
-    value with a newline, as E-MailRelay unfolds them.
+    value with a newline, as E-MailRelay unfolds them. The lines up to the
+    first `End` line are decoded in one go (every separator is ASCII, so
+    that decodes each piece as decoding it alone would): a forwarder parses
+    one envelope per message.
     """
     data = bytes(data)
+    at = data.find(_END_LINE)
+    if at < 0:
+        head_end = len(data)
+    else:
+        nl = data.find(b"\n", at + 1)
+        head_end = len(data) if nl < 0 else nl + 1
+    head = data[:head_end]
+    sizes = [len(line) for line in head.split(b"\n")]
+    # One CR before each LF goes, as it would line by line (and one at the
+    # end of a last line without LF).
+    lines = head.decode("utf-8", "surrogateescape").replace("\r\n", "\n").split("\n")
+    if not lines[-1]:
+        lines.pop()
+    elif lines[-1].endswith("\r"):
+        lines[-1] = lines[-1][:-1]
+    too_long = None
+    if max(sizes) > LINE_LIMIT:
+        # Lines before the first overlong one are still read, for their errors.
+        too_long = next(i for i, size in enumerate(sizes) if size > LINE_LIMIT)
+        del lines[too_long:]
     fields = {}
     to_local = []
     to_remote = []
-    pos = 0
     last = None
     first = True
-    while True:
-        if pos >= len(data):
-            raise EnvelopeError("no X-MailRelay-End line")
-        nl = data.find(b"\n", pos, pos + LINE_LIMIT + 1)
-        if nl < 0 and len(data) - pos > LINE_LIMIT:
-            raise EnvelopeError("envelope line longer than %d octets" % LINE_LIMIT)
-        end = len(data) if nl < 0 else nl + 1
-        line = data[pos:end].rstrip(b"\n")
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        pos = end
-        if line[:1] in (b" ", b"\t") and last is not None:
-            if last[0] in ("To-Local", "To-Remote"):
+    for line in lines:
+        if last is not None and line[:1] in (" ", "\t"):
+            if last in ("To-Local", "To-Remote"):
                 raise EnvelopeError("folded recipient line")
-            fields[last[0]] = fields[last[0]] + "\n" + _text(line[1:]).rstrip()
+            fields[last] = fields[last] + "\n" + line[1:].rstrip()
             continue
-        if not line.startswith(PREFIX) or b":" not in line:
-            raise EnvelopeError("bad envelope line %r" % (_text(line[:60]),))
-        name_b, _, value_b = line[len(PREFIX):].partition(b":")
-        name = _text(name_b)
-        value = _text(value_b).strip(" \t")
+        if not line.startswith(_TEXT_PREFIX) or ":" not in line:
+            raise EnvelopeError("bad envelope line %r" % (
+                _text(line.encode("utf-8", "surrogateescape")[:60]),))
+        name, _, value = line[_TEXT_PREFIX_LENGTH:].partition(":")
+        value = value.strip(" \t")
         if first:
             if name != "Format":
                 raise EnvelopeError("envelope does not start with X-MailRelay-Format")
@@ -337,14 +356,17 @@ def _split(data):
                 raise EnvelopeError("unknown envelope format %r" % value)
             first = False
         if name == "End":
-            return fields, to_local, to_remote, data[pos:]
+            return fields, to_local, to_remote, data[head_end:]
         if name == "To-Local":
             to_local.append(value)
         elif name == "To-Remote":
             to_remote.append(value)
         else:
             fields[name] = value
-        last = (name,)
+        last = name
+    if too_long is not None:
+        raise EnvelopeError("envelope line longer than %d octets" % LINE_LIMIT)
+    raise EnvelopeError("no X-MailRelay-End line")
 
 
 def _text(raw):

@@ -24,9 +24,12 @@ NEW, READY, BUSY, BAD, LOCAL = ".envelope.new", ".envelope", ".envelope.busy", "
 ORPHAN = ".envelope.new.orphan"
 CONTENT = ".content"
 CONTENT_ORPHAN = ".content.orphan"
+# What every envelope suffix holds.
+ENVELOPE = ".envelope"
 # Longest first: a name is classified by the first suffix it ends with.
 STATES = ((ORPHAN, "orphan"), (NEW, "new"), (BUSY, "busy"), (BAD, "bad"), (LOCAL, "local"),
           (READY, "ready"))
+_SUFFIXES = tuple(suffix for suffix, _ in STATES)
 # Write content in blocks of this size (a 4 KiB message is one write).
 WRITE_BLOCK = 65536
 
@@ -160,9 +163,16 @@ def content_shared(content_path, except_path=None):
         return False
     stem = name[:-len(CONTENT)]
     skip = os.path.abspath(except_path) if except_path else None
+    # (Written out, not with os.path: a forwarder asks once per message sent.)
     for d in [directory] + subdirectories(directory):
-        for suffix, _ in STATES:
-            p = os.path.join(d, stem + suffix)
-            if p != skip and os.path.lexists(p):
-                return True
+        base = os.path.join(d, stem)
+        for suffix in _SUFFIXES:
+            p = base + suffix
+            if p == skip:
+                continue
+            try:
+                os.lstat(p)
+            except (OSError, ValueError):
+                continue
+            return True
     return False
