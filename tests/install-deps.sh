@@ -24,6 +24,7 @@ need /usr/sbin/dnsmasq dnsmasq-base
 need haproxy haproxy
 need unshare util-linux
 need ip iproute2
+need strace strace
 need /etc/pam.d/common-auth libpam-runtime
 for lib in /lib/*/security/pam_unix.so /usr/lib/*/security/pam_unix.so; do
     [ -e "$lib" ] && pam_ok=1
