@@ -11,7 +11,7 @@ import smtplib
 
 from helpers import Relay
 
-TRACED = "sync_file_range,fdatasync,fsync,rename,renameat,renameat2,sendto,write"
+TRACED = "fdatasync,fsync,rename,renameat,renameat2,sendto,write"
 
 
 def _trace(tmp_path):
@@ -46,12 +46,3 @@ def test_both_files_are_synced_before_the_rename_and_the_directory_before_the_25
     reply = rename + _first(lines[rename:], r"sendto\(\d+<socket:[^>]*>, \"250 ")
     assert content < rename and envelope < rename
     assert rename < directory < reply
-
-
-def test_writeback_of_both_files_starts_before_the_first_sync(tmp_path):
-    # One journal commit then carries both files' data (see spool_files.start_writeback).
-    lines, message_id = _trace(tmp_path)
-    name = re.escape(message_id)
-    first_sync = _first(lines, r"fdatasync\(\d+<[^>]*%s\.(content|envelope\.new)>\)" % name)
-    assert _first(lines, r"sync_file_range\(\d+<[^>]*%s\.content>" % name) < first_sync
-    assert _first(lines, r"sync_file_range\(\d+<[^>]*%s\.envelope\.new>" % name) < first_sync

@@ -9,9 +9,7 @@ still referred to by an envelope. `spool` (the directory),
 message) are built on it; other modules use them through `spool`.
 """
 
-import ctypes
 import os
-import sys
 import threading
 import time
 
@@ -84,39 +82,6 @@ _datasync = getattr(os, "fdatasync", os.fsync)
 def datasync(fd):
     """fdatasync(2) where there is one, else fsync(2); timed for waited()."""
     _timed(_datasync, fd)
-
-
-def _sync_file_range():
-    """Linux's sync_file_range(2) from the C library, or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-    call.restype = ctypes.c_int
-    return call
-
-
-_start_writeback = _sync_file_range()
-# sync_file_range(2)'s flag that starts writing dirty pages out without waiting.
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(*fds):
-    """Starts writing the files' data to the device, without waiting; a hint only.
-
-    Nothing is durable until datasync(); this only lets one sync do the work
-    of several. On ext4 starting the writeback allocates the files' blocks
-    in the running journal transaction, so the first datasync()'s journal
-    commit writes every one of these files' data and sizes, and the later
-    datasync() calls find them on disk and commit nothing more (three
-    journal commits a message become two). Errors are left to datasync().
-    """
-    if _start_writeback is not None:
-        for fd in fds:
-            _start_writeback(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_directory(directory):

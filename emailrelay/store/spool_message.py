@@ -9,8 +9,8 @@ import os
 
 from ..runtime import process
 from .spool_files import (LOCAL, NEW, READY, SpoolError, WRITE_BLOCK, create_file, datasync, debug,
-                          fsync, fsync_directory, identity, log_event, start_writeback, unlink_quietly,
-                          write_all, write_file_durably)
+                          fsync, fsync_directory, identity, log_event, unlink_quietly, write_all,
+                          write_file_durably)
 
 
 class NewMessage:
@@ -114,11 +114,6 @@ class NewMessage:
         filter removed the files, OSError on I/O failure; after an OSError
         no envelope is left for the forwarder, and abandon() removes the rest.
         """
-        if self._envelope_unsynced and self._fd is not None:
-            # After prepare(): both files are written, so one journal commit
-            # can carry both (see start_writeback); the syncs below still
-            # make each durable before the rename.
-            start_writeback(self._fd, self._envelope_fd)
         self.commit_content()
         if self._envelope_fd is None:
             self._write_envelope(env)
