@@ -13,7 +13,7 @@ setup(
     description="Store-and-forward SMTP relay, SMTP proxy and POP3 server (E-MailRelay compatible)",
     packages=find_packages(include=["emailrelay", "emailrelay.*"]),
     python_requires=">=3.8",
-    data_files=[("share/man/man1", ["man/emailrelay.1"])],
+    data_files=[("share/man/man8", ["man/emailrelay.8"])],
     entry_points={"console_scripts": [
         "emailrelay=emailrelay.main:run",
         "emailrelay-submit=emailrelay.tools.submit:run",

@@ -91,7 +91,8 @@ class Relay:
     runs it in the foreground with `--log --verbose` and waits for it to
     listen. Attributes: `port`, `pop_port`, `admin_port`, `spool`,
     `log_path`, `proc`. `prefix` is a command the program runs under
-    (`unshare --pid --fork --kill-child`): signals then go to its child.
+    (`unshare --pid --fork --kill-child`: signals then go to its child; or
+    `prlimit --nofile=64:64 --`, which executes the program itself).
     """
 
     def __init__(self, tmp_path, args=(), spool=None, pop=False, admin=False, smtp=True,
@@ -220,13 +221,17 @@ class Relay:
         return self.proc.returncode
 
     def program_pid(self):
-        """The program's process id (under a `prefix`, the prefix command's child)."""
+        """The program's process id (under a `prefix`, the prefix command's child,
+        or the prefix's own pid once it has executed the program, as `prlimit` does)."""
         pid = self.proc.pid
         if not self.prefix:
             return pid
 
         def child():
             try:
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    if f.read().split(b"\0")[0] == PYTHON.encode():
+                        return pid
                 with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
                     return int(f.read().split()[0])
             except (OSError, IndexError):

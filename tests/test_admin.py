@@ -1,6 +1,7 @@
 """The admin interface (--admin), talked to over a socket as telnet would."""
 
 import os
+import re
 import socket
 
 import helpers
@@ -52,7 +53,7 @@ def test_commands_without_forwarding(tmp_path):
             assert a.cmd("pid").strip() == str(r.proc.pid)
             assert a.cmd("list").strip() == "<none>"
             mid = put_message(r.spool, b"x\r\n")
-            assert a.cmd("list").strip() == mid
+            assert a.cmd("list").strip() == "%s ready size=3 from=<a@x.test> to=<b@y.test>" % mid
             assert a.cmd("flush").startswith("error: no --forward-to")
             status = a.cmd("status")
             assert "listening: smtp 127.0.0.1:%d" % r.port in status
@@ -79,7 +80,7 @@ def test_failures_and_unfail_all(tmp_path):
         try:
             assert a.cmd("failures").strip() == "%s: 550 no such user" % mid
             assert "1 message" in a.cmd("unfail-all")
-            assert a.cmd("list").strip() == mid
+            assert a.cmd("list").startswith(mid + " ready ")
             # The next hop is down: flush reports the error, the message stays.
             answer = a.cmd("flush")
             assert answer.startswith("error:") and "cannot connect" in answer
@@ -131,7 +132,56 @@ def test_no_prompt_on_connect_and_flush_answers_as_emailrelay(tmp_path):
             put_message(r.spool, b"x\r\n")
             answer = a.cmd("flush").strip()
             assert answer.startswith('error: dns error: no such host: "nosuch.invalid" (')
-            assert answer.endswith(")")
             assert len(r.files(".envelope")) == 1
         finally:
             a.close()
+
+
+def test_flush_the_log_status_and_list_agree(tmp_path):
+    """One message goes, one fails, one waits for a retry: every view says so."""
+    import re
+    from test_client import ScriptedServer
+    server = ScriptedServer(reject={"busy@y.test": b"452 4.2.1 mailbox busy",
+                                    "gone@y.test": b"550 5.1.1 no such user"})
+    try:
+        with helpers.Relay(tmp_path, ["--forward-to", "127.0.0.1:%d" % server.port],
+                           admin=True) as r:
+            busy = put_message(r.spool, b"1\r\n", to=["busy@y.test"])
+            put_message(r.spool, b"22\r\n", to=["ok@y.test"])
+            gone = put_message(r.spool, b"333\r\n", to=["gone@y.test"])
+            a = Admin(r.admin_port)
+            try:
+                summary = "1 message(s) sent, 1 failed, 1 to be retried"
+                assert a.cmd("flush").strip() == "error: " + summary
+                assert "info: forwarding: %s\n" % summary in r.log()
+                status = a.cmd("status")
+                for counter in ("messages-forwarded: 1", "messages-failed: 1",
+                                "messages-deferred: 1"):
+                    assert counter in status.splitlines()
+                listed = a.cmd("list").strip().splitlines()
+            finally:
+                a.close()
+    finally:
+        server.close()
+    assert len(listed) == 2
+    assert re.fullmatch(r"%s deferred size=3 from=<a@x\.test> to=<busy@y\.test> attempts=1 "
+                        r"next=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} reason=\(.*452 4\.2\.1 mailbox busy\)"
+                        % re.escape(busy), listed[0]), listed[0]
+    assert re.fullmatch(r"%s bad size=5 from=<a@x\.test> to=<gone@y\.test> reason=\(.*550 5\.1\.1 no such user\)"
+                        % re.escape(gone), listed[1]), listed[1]
+
+
+def test_status_counts_messages_stored_through_filter_copy(tmp_path):
+    import smtplib
+    spool = tmp_path / "spool"
+    (spool / "bob").mkdir(parents=True)
+    filter_copy = os.path.join(helpers.BIN, "emailrelay-filter-copy")
+    with helpers.Relay(tmp_path, ["--filter", filter_copy], spool=str(spool), admin=True) as r:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as c:
+            c.sendmail("a@x.test", ["bob@y.test"], b"Subject: copied\r\n\r\nhi\r\n")
+        a = Admin(r.admin_port)
+        try:
+            assert "messages-stored: 1" in a.cmd("status").splitlines()
+        finally:
+            a.close()
+        assert re.search(r"info: smtp: stored emailrelay\.\S+: from=<a@x.test> nrcpt=1 ", r.log())

@@ -14,6 +14,7 @@ import threading
 import pytest
 
 import helpers
+from emailrelay.auth import sasl, secrets
 from emailrelay.config import options
 from emailrelay.forward import smtp_client
 from emailrelay.store import spool as spool_mod
@@ -125,6 +126,8 @@ class ScriptedServer:
                     record["tls"] = True
                     f = conn.makefile("rb")
                     out = conn.makefile("wb")
+                elif verb == "AUTH":
+                    reply(b"235 2.7.0 authenticated")
                 elif verb == "QUIT":
                     reply(b"221 bye")
                     return
@@ -227,7 +230,7 @@ def test_pipelined_transaction_and_mail_parameters(tmp_path, scripted):
     commands = server.sessions[0]["commands"]
     assert commands[0] == "EHLO client.test"
     size = len(b"Subject: x\r\n\r\n\xe9t\xe9\r\n")
-    assert commands[1] == "MAIL FROM:<a@x.test> SIZE=%d BODY=8BITMIME AUTH=<>" % size
+    assert commands[1] == "MAIL FROM:<a@x.test> SIZE=%d BODY=8BITMIME" % size
     assert commands[2:5] == ["RCPT TO:<b@y.test>", "RCPT TO:<c@y.test>", "DATA"]
     assert server.sessions[0]["data"] == b"Subject: x\r\n\r\n\xe9t\xe9\r\n.\r\n"
 
@@ -243,21 +246,31 @@ def test_bare_cr_and_lf_reach_the_next_hop_as_crlf(tmp_path, scripted):
     assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
 
 
+def send_all(client, directory, ids):
+    """Sends each message (claimed, then released back to the queue) and quits."""
+    for mid in ids:
+        claim = claim_one(directory, mid)
+        assert client.send(claim).ok
+        claim.release()
+    client.quit()
+
+
 def test_auth_param_rules(tmp_path, scripted):
+    """AUTH= only in a session we authenticated, as E-MailRelay 2.6."""
     server = scripted(extensions=["AUTH PLAIN"])
-    a = put_message(tmp_path, b"x\r\n", mail_from_auth_out="+")
-    b = put_message(tmp_path, b"x\r\n", mail_from_auth_out="alice+40x.test")
-    client = smtp_client.Client(make_cfg(tmp_path, server.port))
-    assert client.send(claim_one(tmp_path, a)).ok
-    assert client.send(claim_one(tmp_path, b)).ok
-    client.quit()
+    ids = [put_message(tmp_path, b"x\r\n", mail_from_auth_out=value)
+           for value in ("", "+", "alice+40x.test", "bad value")]
+    send_all(smtp_client.Client(make_cfg(tmp_path, server.port)), tmp_path, ids)
     mails = [c for c in server.sessions[0]["commands"] if c.startswith("MAIL")]
-    assert mails == ["MAIL FROM:<a@x.test> AUTH=<>", "MAIL FROM:<a@x.test> AUTH=alice+40x.test"]
-    client = smtp_client.Client(make_cfg(tmp_path, server.port, "--anonymous"))
-    c = put_message(tmp_path, b"x\r\n", mail_from_auth_out="alice+40x.test")
-    assert client.send(claim_one(tmp_path, c)).ok
-    client.quit()
-    assert [c for c in server.sessions[1]["commands"] if c.startswith("MAIL")] == ["MAIL FROM:<a@x.test>"]
+    assert mails == ["MAIL FROM:<a@x.test>"] * 4
+    secret = secrets.Secret("plain", "carol smith", password="pw")
+    for extra, expected in [((), ["AUTH=carol+20smith", "AUTH=<>", "AUTH=alice+40x.test", "AUTH=<>"]),
+                            (("--anonymous",), ["AUTH=<>"] * 4)]:
+        client = smtp_client.Client(make_cfg(tmp_path, server.port, *extra),
+                                    client_auth=sasl.ClientAuth(secret, "m:plain"))
+        send_all(client, tmp_path, ids)
+        mails = [c for c in server.sessions[-1]["commands"] if c.startswith("MAIL")]
+        assert mails == ["MAIL FROM:<a@x.test> " + e for e in expected]
 
 
 def test_no_auth_param_when_the_server_has_no_auth(tmp_path, scripted):

@@ -104,3 +104,27 @@ def test_as_the_servers_filter(tmp_path):
             [item] = s.committed(user)
             assert item.id == mid and item.content_path == os.path.join(relay.spool, content)
             assert Envelope.read(item.envelope_path).to_remote == ["b@example.net"]
+
+
+def test_the_man_pages_pop_by_name_example_finds_the_filter_on_path(tmp_path, monkeypatch):
+    """`--filter emailrelay-filter-copy`, a bare name, is looked up on PATH as a shell would."""
+    import poplib
+    import smtplib
+    monkeypatch.setenv("PATH", helpers.BIN + os.pathsep + os.environ["PATH"])
+    spool_dir = tmp_path / "spool"
+    (spool_dir / "bob").mkdir(parents=True)
+    auth = tmp_path / "pop.auth"
+    auth.write_text("server plain bob secret\n")
+    with helpers.Relay(tmp_path, ["--pop-by-name", "--pop-auth", str(auth),
+                                  "--filter", "emailrelay-filter-copy"],
+                       spool=str(spool_dir), pop=True) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.sendmail("a@example.com", ["bob@example.net"], b"Subject: for bob\r\n\r\nhello\r\n")
+        pop = poplib.POP3("127.0.0.1", relay.pop_port, timeout=10)
+        try:
+            pop.user("bob")
+            pop.pass_("secret")
+            assert pop.stat()[0] == 1
+            assert b"Subject: for bob" in pop.retr(1)[1]
+        finally:
+            pop.quit()

@@ -90,7 +90,7 @@ def test_server_special_codes(script, content):
 
 @pytest.mark.parametrize("code,ok,special", [(0, True, None), (100, False, "cancel"), (101, True, None),
                                              (102, True, "stop"), (103, True, None),
-                                             (104, False, "cancel"), (105, False, "stop"),
+                                             (104, False, "cancel"), (105, True, "stop"),
                                              (7, False, None)])
 def test_client_filter_codes(code, ok, special, content):
     r = run("exit:%d" % code, content, kind="client")

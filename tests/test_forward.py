@@ -10,13 +10,15 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
 import helpers
-from test_client import dumping_sink, put_message, sink_dumps
+from test_client import ScriptedServer, dumping_sink, put_message, sink_dumps
 
 VERIFIER = """#!/bin/sh
 case "$1" in
@@ -136,9 +138,13 @@ def test_filter_refusal_at_the_next_hop(tmp_path):
         mid = put_message(spool, b"Subject: f\r\n\r\n")
         # E-MailRelay's reply to a filter's exit 1-99 is 452; without retries
         # (E-MailRelay's policy) the message fails at once.
-        assert as_client(b.port, spool, "--retry-interval", "0").returncode != 0
+        r = as_client(b.port, spool, "--retry-interval", "0")
+        assert r.returncode == 1
+        # The summary is info, as E-MailRelay 2.6 logs nothing above info.
+        assert "info: forwarding: not every message was forwarded: exit status 1" in r.stderr
+        assert "error:" not in r.stderr
         text = read(os.path.join(str(spool), mid + ".envelope.bad"))
-        assert b"X-MailRelay-ReasonCode: 452" in text
+        assert text.endswith(b"X-MailRelay-Reason: 452 rejected\r\nX-MailRelay-ReasonCode: 452\r\n")
 
 
 def test_forward_to_some_keeps_only_the_refused_recipients(tmp_path):
@@ -184,6 +190,21 @@ def test_poll_with_client_filter_102_forwards_one_per_poll(tmp_path):
             assert sent[:3] == ["1", "1", "1"]
 
 
+def test_client_filter_105_sends_the_message_then_stops_the_pass(tmp_path):
+    """Seed 000: 105 stops scanning "after processing the current one"."""
+    with relay_b(tmp_path) as b:
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        first = put_message(spool, b"Subject: first\r\n\r\n")
+        put_message(spool, b"Subject: second\r\n\r\n")
+        as_client(b.port, spool, "--client-filter", "exit:105")
+        helpers.wait_for(lambda: b.files(".envelope"), what="the message at relay B")
+        assert b"Subject: first" in read(os.path.join(b.spool, b.files(".content")[0]))
+        left = helpers.spool_files(str(spool), ".envelope")
+        assert len(left) == 1 and not left[0].startswith(first)
+        assert helpers.spool_files(str(spool), ".bad") == []
+
+
 def test_forward_at_startup(tmp_path):
     with relay_b(tmp_path) as b:
         a = helpers.Relay(tmp_path, ["--forward", "--forward-to", "127.0.0.1:%d" % b.port], name="a",
@@ -209,6 +230,36 @@ def test_immediate_passes_the_refusal_back(tmp_path):
             in read(os.path.join(a.spool, bad))
 
 
+def test_immediate_passes_a_temporary_refusal_back_word_for_word(tmp_path):
+    """A 4xx from the next hop reaches the submitter as it is (not 250), and
+    the message is not also kept for a retry of ours (it is .bad, as in 2.6)."""
+    server = ScriptedServer(data_reply=b"451 queue full, try again later")
+    try:
+        with helpers.Relay(tmp_path, ["--immediate", "--forward-to", "127.0.0.1:%d" % server.port],
+                           name="a") as a:
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                submit(a.port)
+            assert (e.value.smtp_code, e.value.smtp_error) == (451, b"queue full, try again later")
+            assert a.files(".envelope") == []
+            [bad] = a.files(".bad")
+            text = read(os.path.join(a.spool, bad))
+            assert b"X-MailRelay-Reason: 451 queue full, try again later\r\n" in text
+            assert b"X-MailRelay-ReasonCode: 451\r\n" in text
+    finally:
+        server.close()
+
+
+def test_immediate_client_filter_rejection_is_452_with_its_response(tmp_path):
+    client_filter = write_script(tmp_path, "client-filter", "#!/bin/sh\necho '<<not today>>'\nexit 1\n")
+    with relay_b(tmp_path) as b, \
+            helpers.Relay(tmp_path, ["--immediate", "--client-filter", client_filter,
+                                     "--forward-to", "127.0.0.1:%d" % b.port], name="a") as a:
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            submit(a.port)
+        assert (e.value.smtp_code, e.value.smtp_error) == (452, b"not today")
+        assert b.files(".envelope") == [] and len(a.files(".bad")) == 1
+
+
 def test_immediate_keeps_one_connection_for_the_submitting_session(tmp_path):
     with relay_b(tmp_path) as b, \
             helpers.Relay(tmp_path, ["--immediate", "--forward-to", "127.0.0.1:%d" % b.port], name="a") as a:
@@ -219,6 +270,38 @@ def test_immediate_keeps_one_connection_for_the_submitting_session(tmp_path):
                 assert len(b.files(".envelope")) == i + 1
         assert a.files(".envelope") == []
         assert b.log().count("smtp connection from") == 1
+
+
+def test_immediate_submitters_are_answered_side_by_side_when_the_next_hop_is_silent(tmp_path):
+    # A next hop that takes connections and never greets: each submitter
+    # waits the response timeout once, not once per submitter ahead of it.
+    timeout = 4
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        args = ["--immediate", "--forward-to", "127.0.0.1:%d" % silent.getsockname()[1],
+                "--response-timeout", str(timeout), "--retry-interval", "1"]
+        with helpers.Relay(tmp_path, args) as relay:
+            took = []
+
+            def submitter(n):
+                start = time.monotonic()
+                with smtplib.SMTP("127.0.0.1", relay.port, timeout=120) as s:
+                    s.sendmail("a@x.test", ["b@y.test"], "Subject: %d\r\n\r\nbody\r\n" % n)
+                took.append(time.monotonic() - start)
+            threads = [threading.Thread(target=submitter, args=(n,)) for n in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            # Every message was kept (250) for a retry, and the forwarding
+            # thread comes back for them at their retry time (it may hold
+            # some already).
+            assert len(took) == 5
+            assert len(relay.files(".envelope") + relay.files(".envelope.busy")) == 5
+            relay.wait_log(r"temporary failure 2:", timeout=3 * timeout)
+    assert min(took) >= timeout * 0.9
+    assert max(took) < 2 * timeout, "the last submitter waited %.1fs" % max(took)
 
 
 def test_etrn_starts_forwarding(tmp_path):
@@ -319,3 +402,29 @@ def test_concurrent_triggers_are_not_lost(tmp_path):
         helpers.wait_for(lambda: not a.files(".envelope") and not a.files(".busy"),
                          what="relay A spool empty")
         assert len(b.files(".envelope")) == 8
+
+
+def test_each_stored_and_each_forwarded_message_has_one_log_line(tmp_path):
+    """What a sysadmin greps: the stored line (id, sender, recipient count, size,
+    client) and the sent line (id, recipients, next hop and its reply)."""
+    from test_client import ScriptedServer
+    server = ScriptedServer(data_reply=b"250 2.0.0 Ok: queued as DED0B1680CA",
+                            reject={"gone@y.test": b"550 5.1.1 no such user"})
+    try:
+        next_hop = "127.0.0.1:%d" % server.port
+        with helpers.Relay(tmp_path, ["--forward-on-disconnect", "--forward-to", next_hop,
+                                      "--forward-to-some"]) as relay:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+                c.sendmail("a@x.test", ["b@y.test", "gone@y.test", "c@y.test"],
+                           b"Subject: traced\r\n\r\nhello\r\n")
+                client = "127.0.0.1:%d" % c.sock.getsockname()[1]
+            sent = relay.wait_log(r"info: forwarding: (emailrelay\.\S+): (.*)\n")
+            stored = re.search(r"info: smtp: stored (emailrelay\.\S+): (.*)\n", relay.log())
+    finally:
+        server.close()
+    assert stored.group(1) == sent.group(1)
+    size = re.fullmatch(r"from=<a@x\.test> nrcpt=3 size=(\d+) client=" + re.escape(client),
+                        stored.group(2))
+    assert size and int(size.group(1)) > len("Subject: traced\r\n\r\nhello\r\n")
+    assert sent.group(2) == ("to=<b@y.test>,<c@y.test> relay=%s status=sent "
+                             "(250 2.0.0 Ok: queued as DED0B1680CA)" % next_hop)

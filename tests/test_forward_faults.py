@@ -3,7 +3,7 @@
 One bad message (missing, directory or FIFO content, addresses that cannot
 be sent, no remote recipients, a huge envelope line) goes to `.bad` with a
 clear reason, and every other message is forwarded; --as-client neither
-hangs nor prints a traceback. Also: the dialogue at --debug, the EHLO name,
+hangs nor prints a traceback. Also: the dialogue at --verbose, the EHLO name,
 the rescan after a filter's exit 103.
 """
 
@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 import helpers
+from emailrelay.config import options
 from test_client import ScriptedServer, put_message
 from test_forward import relay_b, read
 
@@ -154,7 +155,8 @@ def test_nul_in_content_is_dropped_on_output(tmp_path):
 
 # -- the dialogue, EHLO, TLS ----------------------------------------------------
 
-def test_debug_log_shows_the_dialogue_without_secrets_or_content(tmp_path, certs):
+def test_verbose_log_shows_the_dialogue_without_secrets_or_content(tmp_path, certs):
+    """At --log --verbose, as E-MailRelay 2.6 (not only at --debug)."""
     secrets = os.path.join(str(tmp_path), "server.auth")
     with open(secrets, "w") as f:
         f.write("server plain carol s3cr3tpw\n")
@@ -164,7 +166,7 @@ def test_debug_log_shows_the_dialogue_without_secrets_or_content(tmp_path, certs
     b_args = ["--server-tls", "--server-tls-certificate", certs.server, "--server-auth", secrets,
               "--server-auth-config", "m:plain"]
     with relay_b(tmp_path, *b_args) as b, \
-            helpers.Relay(tmp_path, ["--debug", "--forward-on-disconnect", "--client-tls",
+            helpers.Relay(tmp_path, ["--forward-on-disconnect", "--client-tls",
                                      "--client-auth", client_secrets,
                                      "--forward-to", "127.0.0.1:%d" % b.port], name="a") as a:
         with smtplib.SMTP("127.0.0.1", a.port, timeout=10) as s:
@@ -184,16 +186,25 @@ def test_debug_log_shows_the_dialogue_without_secrets_or_content(tmp_path, certs
         assert "topsecretbody" not in log and "hush" not in log
 
 
-def test_ehlo_is_the_address_literal_when_the_domain_has_no_dot(tmp_path):
+@pytest.mark.parametrize("given", [True, False])
+def test_ehlo_name_is_domain_as_given_or_the_address_literal(tmp_path, given):
+    """An explicit --domain goes as it is, dot or not (as E-MailRelay 2.6);
+    a default domain without a dot becomes the RFC 5321 address literal."""
     server = ScriptedServer()
     try:
         spool = tmp_path / "spool"
         spool.mkdir()
         put_message(spool, b"x\r\n")
-        r = helpers.run_emailrelay(["--as-client", "127.0.0.1:%d" % server.port, "--spool-dir", str(spool),
-                                    "--domain", "nodot"])
+        args = ["--as-client", "127.0.0.1:%d" % server.port, "--spool-dir", str(spool)]
+        if given:
+            args += ["--domain", "nodot"]
+            expected = "nodot"
+        else:
+            default = options.parse(args).domain
+            expected = default if "." in default else "[127.0.0.1]"
+        r = helpers.run_emailrelay(args)
         assert r.returncode == 0, r.stderr
-        assert server.sessions[0]["commands"][0] == "EHLO [127.0.0.1]"
+        assert server.sessions[0]["commands"][0] == "EHLO " + expected
     finally:
         server.close()
 

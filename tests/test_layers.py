@@ -3,7 +3,8 @@
 Layers, lowest first, each a folder of emailrelay/: util, runtime, config,
 store, auth, policy, net, server, forward. A module imports from its own
 folder or lower ones, never higher; `main` (the wiring) and `tools` sit on
-top. docs/internals.md describes the same order.
+top. docs/internals.md describes the same order. Imports inside functions
+are for laziness only, and each says why in a comment just above it.
 """
 
 import ast
@@ -12,6 +13,8 @@ import os
 from helpers import ROOT
 
 LAYERS = ["util", "runtime", "config", "store", "auth", "policy", "net", "server", "forward"]
+WIRING = ["emailrelay.__init__", "emailrelay.__main__", "emailrelay.main", "emailrelay.build",
+          "emailrelay.modes"]
 PACKAGE = os.path.join(ROOT, "emailrelay")
 
 
@@ -59,8 +62,7 @@ def folder_of(module):
 
 def test_every_module_but_the_wiring_lives_in_a_layer_folder():
     loose = [dotted for folder, dotted, _ in modules()
-             if folder is None and dotted not in ("emailrelay.__init__", "emailrelay.__main__",
-                                                  "emailrelay.main")]
+             if folder is None and dotted not in WIRING]
     folders = {folder for folder, _, _ in modules() if folder}
     assert loose == []
     assert folders == set(LAYERS) | {"tools"}
@@ -86,3 +88,34 @@ def test_the_check_sees_an_upward_import(tmp_path):
     found = imports("emailrelay.store.spool", str(path))
     assert found == [(1, "emailrelay.server.smtp_server"), (2, "emailrelay.store.envelope")]
     assert LAYERS.index(folder_of(found[0][1])) > LAYERS.index("store")
+
+
+def function_imports(path):
+    """(line, the line above) of every import inside a function of `path`."""
+    with open(path) as f:
+        text = f.read()
+    lines = text.splitlines()
+    tree = ast.parse(text)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    found.append((inner.lineno, lines[inner.lineno - 2].strip()))
+    return sorted(set(found))
+
+
+def test_imports_inside_functions_say_why():
+    unexplained = []
+    for _, dotted, path in modules():
+        for line, above in function_imports(path):
+            if not above.startswith(("#", "import ", "try:")):
+                unexplained.append("%s:%d" % (dotted, line))
+    assert unexplained == []
+
+
+def test_the_import_check_sees_an_unexplained_one(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    x = 1\n    import ssl\n\n\ndef g():\n"
+                    "    # Why: only g needs it.\n    import ctypes\n")
+    assert function_imports(str(path)) == [(3, "x = 1"), (8, "# Why: only g needs it.")]

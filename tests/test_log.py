@@ -1,13 +1,17 @@
-"""Logging: levels, line format, sanitising, the daily %d log file, reopen."""
+"""Logging: levels, line format, sanitising, the daily %d log file, reopen,
+syslog and the journal."""
 
 import os
 import re
+import subprocess
 import time
 
 import pytest
 
+import syslogd
 from emailrelay.runtime import log
 from emailrelay.config import options
+from helpers import BIN, PYTHON, ROOT, env, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -168,3 +172,33 @@ def test_syslog_default_facility_is_mail_and_syslog_overrides_no_syslog(monkeypa
     log.configure(options.parse(["--as-client", "h:25", "--syslog", "--log-file", os.devnull]))
     log.error("x")
     assert calls == [("emailrelay", syslog.LOG_PID, syslog.LOG_MAIL)]
+
+
+@pytest.mark.skipif(not syslogd.usable(), reason="needs root and mount namespaces")
+@pytest.mark.parametrize("journal", [False, True])
+def test_lines_reach_the_journal_once(tmp_path, journal):
+    """Under a unit with StandardError=journal, a line goes to syslog or stderr, not both."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    submitted = subprocess.run([os.path.join(BIN, "emailrelay-submit"), "--spool-dir", str(spool),
+                                "b@y.test"], input=b"\nhi\n", env=env(), timeout=30)
+    assert submitted.returncode == 0
+    stderr_path = tmp_path / "stderr"
+    run_env = env()
+    run_env.pop("JOURNAL_STREAM", None)
+    with open(str(stderr_path), "wb") as stderr, syslogd.SyslogReceiver(tmp_path / "sys") as syslog:
+        if journal:
+            st = os.fstat(stderr.fileno())
+            run_env["JOURNAL_STREAM"] = "%d:%d" % (st.st_dev, st.st_ino)
+        dead = free_port()
+        ran = subprocess.run(syslog.command([
+            PYTHON, "-m", "emailrelay", "--as-client", "127.0.0.1:%d" % dead, "--syslog",
+            "--user", "root", "--spool-dir", str(spool)]), cwd=ROOT, env=run_env,
+            stdout=subprocess.DEVNULL, stderr=stderr, timeout=60)
+        assert ran.returncode == 1
+        syslog.wait_for(r"emailrelay\[\d+\]: error: forwarding: cannot connect to ")
+    written = stderr_path.read_text()
+    if journal:
+        assert written == ""
+    else:
+        assert "emailrelay: error: forwarding: cannot connect to " in written

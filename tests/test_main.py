@@ -5,26 +5,12 @@ import pwd
 import shutil
 import smtplib
 import subprocess
-import tempfile
 
 import pytest
 
 from helpers import PYTHON, ROOT, Relay, env, free_port, spool_files, wait_for
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root (CI runs as root)")
-
-
-@pytest.fixture
-def daemon_spool():
-    """A spool directory the `daemon` user can write, outside root's private tmp."""
-    d = tempfile.mkdtemp(prefix="emailrelay-daemon-")
-    os.chmod(d, 0o755)
-    spool = os.path.join(d, "spool")
-    os.mkdir(spool)
-    daemon = pwd.getpwnam("daemon")
-    os.chown(spool, daemon.pw_uid, daemon.pw_gid)
-    yield spool
-    shutil.rmtree(d)
 
 
 def _uid_of(pid):
@@ -135,11 +121,15 @@ def test_a_missing_syslog_socket_is_said_once_on_stderr(tmp_path):
     # Start-up stops at the missing spool, after logging was set up.
     args = ["--no-daemon", "--log", "--user", "root", "--port", str(free_port()),
             "--spool-dir", str(tmp_path / "missing")]
-    r = run_program(args + ["--log-file", str(tmp_path / "log")])
+    r = run_program(args)
     assert r.returncode == 1
     lines = [x for x in r.stderr.splitlines() if "syslog socket" in x]
     assert lines == ["emailrelay: warning: no syslog socket (/dev/log): syslog lines are lost; "
                      "use --log-file, or --no-syslog to stop this warning"]
+    # As the warning says: the log file keeps the lines, nothing is lost.
+    r = run_program(args + ["--log-file", str(tmp_path / "log")])
+    assert r.returncode == 1 and "syslog socket" not in r.stderr
+    assert "spool directory" in (tmp_path / "log").read_text()
     r = run_program(args + ["--no-syslog"])
     assert r.returncode == 1 and "syslog socket" not in r.stderr
 
@@ -161,12 +151,29 @@ def _server_args(tmp_path):
     (["--address-verifier", "./missing-verifier"], "--address-verifier ./missing-verifier: no such program"),
     (["--forward-to", "::::"], "--forward-to ::::: invalid address"),
     (["--forward-to", "bad host!:25"], "--forward-to bad host!:25: invalid host name"),
+    (["--log-file", "/nonexistent/emailrelay.log"],
+     "cannot open log file /nonexistent/emailrelay.log: No such file or directory"),
 ])
 def test_configuration_that_cannot_work_is_one_clear_line(tmp_path, extra, message):
     r = run_program(_server_args(tmp_path) + extra)
     assert r.returncode == 1
     assert r.stderr.splitlines() == ["emailrelay: error: " + message]
     assert not (tmp_path / "pid").exists()
+
+
+@needs_root
+def test_port_25_without_the_capability_says_what_it_needs(tmp_path):
+    # Root without CAP_NET_BIND_SERVICE, as an ordinary user would be.
+    args = _server_args(tmp_path)
+    args[args.index("--port") + 1] = "25"
+    r = subprocess.run(["setpriv", "--bounding-set", "-net_bind_service", "--inh-caps",
+                        "-net_bind_service", PYTHON, "-m", "emailrelay"] + args, cwd=ROOT, env=env(),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "emailrelay: error: cannot listen on 127.0.0.1:25: Permission denied (ports below 1024 "
+        "need root or CAP_NET_BIND_SERVICE)"]
 
 
 def test_an_empty_server_auth_file_is_refused(tmp_path):
@@ -317,3 +324,19 @@ def test_a_host_called_localhost_uses_its_address_literal_and_warns(tmp_path):
         tmp_path, ["unshare", "--uts", "sh", "-c", 'hostname localhost && exec "$@"', "sh"])
     assert name == "[%s]" % address
     assert "warning: this host is only called localhost: using [%s] as --domain" % address in log_text
+
+
+@pytest.mark.parametrize("trigger, warned", [
+    ([], True),
+    (["forward-on-disconnect"], False),
+    (["poll 60"], False),
+])
+def test_forward_to_alone_in_the_config_file_is_warned_about(tmp_path, trigger, warned):
+    conf = tmp_path / "emailrelay.conf"
+    conf.write_text("\n".join(["forward-to 127.0.0.1:%d" % free_port()] + trigger) + "\n")
+    relay = Relay(tmp_path, [str(conf)])
+    relay.stop()
+    line = ("emailrelay: warning: --forward-to is given but nothing starts forwarding: messages "
+            "wait in the spool; add --forward-on-disconnect, --poll, --immediate or --forward "
+            "(or run --as-client from cron or an ip-up hook)")
+    assert (line in relay.log()) == warned

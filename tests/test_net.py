@@ -6,10 +6,11 @@ import threading
 import pytest
 
 from emailrelay.net import connection, listeners
+from memory_connection import MemoryConnection
 
 
 def test_readline_splits_chunks_and_keeps_endings():
-    c = connection.MemoryConnection([b"HELO a", b"\r\nNOOP\r\nQU", b"IT\r\n"])
+    c = MemoryConnection([b"HELO a", b"\r\nNOOP\r\nQU", b"IT\r\n"])
     assert c.readline() == b"HELO a\r\n"
     assert c.pending()
     assert c.readline() == b"NOOP\r\n"
@@ -18,7 +19,7 @@ def test_readline_splits_chunks_and_keeps_endings():
 
 
 def test_overlong_line_is_consumed_and_reported_then_reading_goes_on():
-    c = connection.MemoryConnection([b"X" * 300, b"Y" * 300, b"Z" * 300 + b"\r\nNOOP\r\n"])
+    c = MemoryConnection([b"X" * 300, b"Y" * 300, b"Z" * 300 + b"\r\nNOOP\r\n"])
     with pytest.raises(connection.LineTooLong):
         c.readline(limit=512)
     assert c.readline(limit=512) == b"NOOP\r\n"
@@ -26,14 +27,14 @@ def test_overlong_line_is_consumed_and_reported_then_reading_goes_on():
 
 def test_overlong_line_buffering_is_bounded():
     big = [b"A" * 65536] * 64  # 4 MiB without a newline
-    c = connection.MemoryConnection(big + [b"\r\n"])
+    c = MemoryConnection(big + [b"\r\n"])
     with pytest.raises(connection.LineTooLong):
         c.readline(limit=1000)
     assert len(c._buf) == 0
 
 
 def test_read_and_unread():
-    c = connection.MemoryConnection(b"0123456789")
+    c = MemoryConnection(b"0123456789")
     assert c.read(4) == b"0123"
     c.unread(b"xy")
     assert c.read(100) == b"xy456789"
@@ -51,7 +52,7 @@ def test_parse_interfaces():
 def test_socket_connection_writes_are_buffered_until_flush():
     a, b = socket.socketpair()
     conn = connection.Connection.__new__(connection.Connection)
-    connection._Buffered.__init__(conn)
+    connection.Buffered.__init__(conn)
     conn.sock, conn.peer, conn.local = a, ("127.0.0.1", 1), ("127.0.0.1", 2)
     conn.write(b"250 one\r\n")
     conn.write(b"250 two\r\n")

@@ -3,6 +3,7 @@ written here, over TCP and a unix socket, through the real relay."""
 
 import os
 import smtplib
+import time
 
 import pytest
 
@@ -65,13 +66,15 @@ def test_reject_uses_text_before_tab_and_logs_text_after(tmp_path, daemon):
         assert relay.files(".envelope") == [] and relay.files(".content") == []
 
 
-@pytest.mark.parametrize("body,why", [(b"SLOW", "timeout"), (b"HALF", "incomplete response"),
+@pytest.mark.parametrize("body,why", [(b"SLOW", "response timeout: "), (b"HALF", "incomplete response"),
                                       (b"SILENT", "connection closed")])
 def test_slow_half_or_silent_daemon_is_a_temporary_failure(tmp_path, daemon, body, why):
+    """As E-MailRelay 2.6: `452 failed`, and the reason in the log."""
     with Relay(tmp_path, ["--filter", "net:" + daemon.address, "--filter-timeout", "1"]) as relay:
         code, text = send(relay.port, body)
-        assert code // 100 == 4, text
-        relay.wait_log(r"warning: filter net:\S+: .*%s" % why)
+        assert (code, text) == (452, "failed")
+        relay.wait_log(r"warning: filter \[net:\S+\]: \[\S+\]: failed response=\[failed\] "
+                       r"reason=\[%s" % why)
         assert relay.files(".envelope") == [] and relay.files(".content") == []
         # The relay carries on with the next message on a new connection.
         code, text = send(relay.port, b"fine")
@@ -82,8 +85,9 @@ def test_daemon_down_is_a_temporary_failure(tmp_path):
     port = free_port()
     with Relay(tmp_path, ["--filter", "net:127.0.0.1:%d" % port]) as relay:
         code, text = send(relay.port, b"hello")
-        assert code // 100 == 4, text
-        relay.wait_log(r"warning: filter net:127.0.0.1:%d: cannot connect to .*refused" % port)
+        assert (code, text) == (452, "failed")
+        relay.wait_log(r"warning: filter \[net:127.0.0.1:%d\]: \[\S+\]: failed response=\[failed\] "
+                       r"reason=\[cannot connect to .*refused" % port)
         assert relay.files(".envelope") == [] and relay.files(".content") == []
 
 
@@ -94,6 +98,35 @@ def test_reconnects_when_the_daemon_drops_the_connection(tmp_path, daemon):
         assert send(relay.port, b"two")[0] == 250
         assert daemon.connections == 2
         assert len(relay.files(".envelope")) == 2
+
+
+def test_the_filter_timeout_bounds_a_request_retried_on_a_new_connection(tmp_path):
+    # The daemon closes the kept connection without answering after most
+    # of the timeout, then never answers on the new one: the retry gets
+    # only the time left.
+    timeout = 4
+    seen = set()
+
+    def closes_late_then_hangs(line):
+        with open(line, "rb") as f:
+            if b"LATE" not in f.read():
+                return b"ok\n"
+        if line in seen:
+            return HANG
+        seen.add(line)
+        time.sleep(timeout - 1)
+        return None
+    with LineDaemon(closes_late_then_hangs) as daemon:
+        with Relay(tmp_path, ["--filter", "net:" + daemon.address,
+                              "--filter-timeout", str(timeout)]) as relay:
+            assert send(relay.port, b"first")[0] == 250
+            start = time.monotonic()
+            code, text = send(relay.port, b"LATE")
+            took = time.monotonic() - start
+            assert code // 100 == 4, text
+            relay.wait_log(r"warning: filter \[net:\S+\]: \[\S+\]: failed response=\[failed\] reason=\[.*timeout")
+            assert daemon.connections == 2
+    assert took < 1.5 * timeout, "the reply came after %.1fs" % took
 
 
 def test_daemon_restarted_on_the_same_address(tmp_path):
@@ -138,16 +171,18 @@ def test_client_filter_reject_goes_bad_with_the_reason(tmp_path, daemon):
 
 def test_client_filter_daemon_down_leaves_messages_queued(tmp_path):
     spool = _store(tmp_path, [b"one", b"two"])
-    port = free_port()
+    port, down = free_port(), free_port()
     sink = smtp_sink(port)
     try:
         r = run_emailrelay(["--as-client", "127.0.0.1:%d" % port, "--user", "root", "--spool-dir", spool,
-                            "--client-filter", "net:127.0.0.1:%d" % free_port(),
+                            "--client-filter", "net:127.0.0.1:%d" % down,
                             "--filter-timeout", "2"])
     finally:
         stop_process(sink)
     assert r.returncode == 1
     assert "temporary failure 1: client filter failed" in r.stderr
+    assert "client filter [net:127.0.0.1:%d]: failed response=[failed] reason=[cannot connect" \
+        % down in r.stderr
     names = os.listdir(spool)
     assert len([n for n in names if n.endswith(".envelope")]) == 2
     assert not [n for n in names if ".bad" in n or ".busy" in n]

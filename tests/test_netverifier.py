@@ -1,6 +1,7 @@
 """`net:` address verifiers against a verifier daemon written here, over
 TCP and a unix socket, through the real relay."""
 
+import os
 import smtplib
 
 import pytest
@@ -56,6 +57,18 @@ def test_request_line_and_answers(tmp_path, daemon):
         assert replies[2][0] == 550 and "no such user here" in replies[2][1]
         assert replies[3][0] == 450 and "mailbox busy, try later" in replies[3][1]
         assert replies[4][0] == 250
+
+
+def test_a_remote_answer_rewrites_the_envelope_recipient(tmp_path, daemon):
+    with Relay(tmp_path, ["--address-verifier", "net:" + daemon.address]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as s:
+            s.sendmail("alice@x.test", ["remote@y.test", "bob@y.test"], b"Subject: hi\r\n\r\nhi\r\n")
+        [name] = relay.files(".envelope")
+        with open(os.path.join(relay.spool, name), "rb") as f:
+            text = f.read()
+    assert b"X-MailRelay-To-Remote: rewritten@remote.test\r\n" in text
+    assert b"X-MailRelay-To-Remote: bob@y.test\r\n" in text
+    assert b"remote@y.test" not in text
 
 
 def test_vrfy_asks_with_an_empty_sender(tmp_path, daemon):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from emailrelay.config import options, usage
+from emailrelay.config import option_table, options, usage
 from emailrelay.config.options import UsageError, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +36,9 @@ MAN_PAGE_OPTIONS = {
 }
 
 NEW_OPTIONS = {"max-connections": 200, "max-connections-per-address": 20,
-               "max-recipients": 1000, "max-bounce-recipients": 3, "max-bad-commands": 10,
-               "min-free-space": 1024, "listen-backlog": 0, "workers": 1, "retry-interval": 60,
-               "retry-max-interval": 3600, "retry-lifetime": 432000,
+               "max-recipients": 1000, "max-bounce-recipients": 3, "max-bad-commands": None,
+               "min-free-space": 1024, "min-data-rate": 500, "listen-backlog": 0, "workers": 1,
+               "retry-interval": 60, "retry-max-interval": 3600, "retry-lifetime": 432000,
                "proxy-protocol": [], "proxy-protocol-timeout": 5}
 
 # Options E-MailRelay 2.5 added that 2.6 command lines use, with their letters.
@@ -69,6 +69,7 @@ SAMPLE = {
     "max-connections": "50", "listen-backlog": "512", "workers": "3",
     "max-connections-per-address": "5", "max-recipients": "100",
     "max-bounce-recipients": "1", "max-bad-commands": "3", "min-free-space": "0",
+    "min-data-rate": "100",
     "retry-interval": "30", "retry-max-interval": "600", "retry-lifetime": "86400",
     "proxy-protocol": "smtp=10.0.0.1,pop=10.0.0.0/24", "proxy-protocol-timeout": "3",
     "test-address": "[192.0.2.1]", "max-load": "2.5", "tarpit": "1,2,30",
@@ -91,7 +92,7 @@ NEEDS = {
     "test-address": ["--bsmtp"],
 }
 
-TESTABLE = list(options.OPTIONS)
+TESTABLE = list(option_table.OPTIONS)
 
 
 def expected(opt, text):
@@ -116,7 +117,7 @@ def check(cfg, opt, text):
 
 
 def test_table_has_every_man_page_option_with_its_letter():
-    table = {o.name: o.short for o in options.OPTIONS}
+    table = {o.name: o.short for o in option_table.OPTIONS}
     for name, short in list(MAN_PAGE_OPTIONS.items()) + list(EMAILRELAY_25_OPTIONS.items()):
         assert name in table, name
         assert table[name] == short, name
@@ -126,21 +127,21 @@ def test_table_has_every_man_page_option_with_its_letter():
 
 
 def test_table_rows_are_well_formed():
-    shorts = [o.short for o in options.OPTIONS if o.short]
+    shorts = [o.short for o in option_table.OPTIONS if o.short]
     assert len(shorts) == len(set(shorts))
-    for opt in options.OPTIONS:
-        assert opt.group in options.GROUPS
-        assert opt.kind in options.KINDS
+    for opt in option_table.OPTIONS:
+        assert opt.group in option_table.GROUPS
+        assert opt.kind in option_table.KINDS
         assert opt.help.endswith("."), opt.name
         assert (opt.value is None) == (opt.kind == "flag"), opt.name
     for name, default in NEW_OPTIONS.items():
-        assert options.BY_NAME[name].group == ("SMTP client" if name.startswith("retry-")
-                                               else "SMTP server")
-        assert options.BY_NAME[name].short is None
+        assert option_table.BY_NAME[name].group == ("SMTP client" if name.startswith("retry-")
+                                                    else "SMTP server")
+        assert option_table.BY_NAME[name].short is None
         assert getattr(parse([]), name.replace("-", "_")) == default
     for name, default in ZMAILER_OPTIONS.items():
-        assert options.BY_NAME[name].short is None
-        assert "ZMailer" in options.BY_NAME[name].help, name
+        assert option_table.BY_NAME[name].short is None
+        assert "ZMailer" in option_table.BY_NAME[name].help, name
         assert getattr(parse([]), name.replace("-", "_")) == default
 
 
@@ -348,6 +349,38 @@ def test_config_file_errors_name_file_and_line(tmp_path, content, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--remote-client"], "unknown option: --remote-client (did you mean --remote-clients?)"),
+    (["--spool_dir", "x"], "unknown option: --spool_dir (did you mean --spool-dir?)"),
+    (["--Port", "25"], "unknown option: --Port (did you mean --port?)"),
+    (["--forwad-to=h:25"], "unknown option: --forwad-to (did you mean --forward-to?)"),
+    (["--xyzzy"], "unknown option: --xyzzy"),
+])
+def test_a_mistyped_option_gets_a_suggestion(argv, message):
+    with pytest.raises(UsageError) as info:
+        parse(argv)
+    assert str(info.value) == message
+
+
+def test_a_mistyped_option_in_a_config_file_gets_a_suggestion(tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text("spool-dir /tmp\nremote-client\n")
+    with pytest.raises(UsageError) as info:
+        parse([str(path)])
+    assert str(info.value) == "%s:2: unknown option: remote-client (did you mean remote-clients?)" \
+        % path
+
+
+def test_help_texts_do_not_contradict_themselves():
+    text = usage.help_text(True)
+    bad_commands = text[text.index("--max-bad-commands"):text.index("--min-data-rate")]
+    assert "8th error" in bad_commands and "may send 10" in bad_commands
+    assert "Default" not in bad_commands
+    # The man page holds the --dnsbl text too: it cannot send the reader there.
+    assert "man page" not in option_table.BY_NAME["dnsbl"].help
+    assert "EMAILRELAY_DNSBL_CHECK_LOCAL is 1" in option_table.BY_NAME["dnsbl"].help
+
+
 def test_config_file_name_equals_value_and_flags(tmp_path):
     path = tmp_path / "c.conf"
     path.write_text("port=2526\nremote-clients\nanonymous\nsyslog local1\n")
@@ -373,7 +406,7 @@ def test_options_without_effect_leave_notes():
 def test_short_help_shows_basic_options_only():
     text = usage.help_text(False)
     assert text.startswith("usage: emailrelay")
-    for opt in options.OPTIONS:
+    for opt in option_table.OPTIONS:
         assert (("--" + opt.name + " ") in text or ("--" + opt.name + "\n") in text) \
             == (opt.group == "Basic"), opt.name
     assert "--help --verbose" in text
@@ -385,8 +418,8 @@ def _help_option_names(text):
 
 def test_verbose_help_shows_every_option_by_group():
     text = usage.help_text(True)
-    assert _help_option_names(text) == set(options.BY_NAME)
-    positions = [text.index("%s options:" % g) for g in options.GROUPS]
+    assert _help_option_names(text) == set(option_table.BY_NAME)
+    positions = [text.index("%s options:" % g) for g in option_table.GROUPS]
     assert positions == sorted(positions)
     assert "  -p, --port <port>\n" in text
     assert "  -A, --anonymous, --anonymous=<scope>\n" in text
@@ -401,23 +434,23 @@ def test_version_text():
 
 
 def test_man_page_is_generated_from_the_table():
-    with open(os.path.join(ROOT, "man", "emailrelay.1")) as f:
-        assert f.read() == usage.man_page(), "run 'make man' to regenerate man/emailrelay.1"
+    with open(os.path.join(ROOT, "man", "emailrelay.8")) as f:
+        assert f.read() == usage.man_page(), "run 'make man' to regenerate man/emailrelay.8"
 
 
 def test_man_page_documents_every_option_and_the_rest():
     page = usage.man_page()
     documented = set(re.findall(r"^\.B (?:\\-\S, )?\\-\\-([a-z0-9\\-]+)", page, re.M))
-    assert {n.replace("\\-", "-") for n in documented} == set(options.BY_NAME)
+    assert {n.replace("\\-", "-") for n in documented} == set(option_table.BY_NAME)
     for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "CONFIG FILE", "SIGNALS",
                     "EXIT STATUS", "FILES", "SEE ALSO"):
         assert "\n.SH %s\n" % section in page
-    for group in options.GROUPS:
+    for group in option_table.GROUPS:
         assert "\n.SS %s options\n" % group in page
 
 
 def test_man_page_renders_without_warnings():
-    man = subprocess.run(["man", "--warnings", "-l", os.path.join(ROOT, "man", "emailrelay.1")],
+    man = subprocess.run(["man", "--warnings", "-l", os.path.join(ROOT, "man", "emailrelay.8")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                          env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0"))
     assert man.returncode == 0, man.stderr

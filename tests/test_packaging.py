@@ -5,12 +5,16 @@ import ast
 import os
 import re
 import shutil
+import smtplib
 import subprocess
 import sys
 import sysconfig
 import importlib.util
 
 import pytest
+
+import syslogd
+from helpers import free_port, spool_files, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("ssl", "smtplib", "email", "subprocess", "ctypes", "socketserver", "poplib")
@@ -91,7 +95,7 @@ def imports_at(args):
     for line in result.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
             names.add(line.rsplit("|", 1)[1].strip())
-    assert "emailrelay.config.options" in names
+    assert "emailrelay.config.options" in names and "emailrelay.config.option_table" in names
     return names
 
 
@@ -102,6 +106,7 @@ def test_start_up_imports_nothing_heavy(args):
     assert heavy == []
     assert not any(n.startswith("emailrelay.") and n not in (
         "emailrelay.main", "emailrelay.__main__", "emailrelay.config", "emailrelay.config.options",
+        "emailrelay.config.option_table",
         "emailrelay.config.usage", "emailrelay.util", "emailrelay.util.parts",
         "emailrelay.util.addresses", "emailrelay.util.smtp_controls")
         for n in names), names
@@ -156,30 +161,45 @@ def test_vermin_says_python_3_8_is_enough():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def make_install(tmp_path, *variables):
+def make_install(tmp_path, *variables, python=sys.executable):
+    """`make install DESTDIR=tmp_path/dest VARIABLES`; returns the staging root.
+
+    `python` is given as PYTHON (None: not given, as a user would run it).
+    """
     dest = tmp_path / "dest"
-    result = run(["make", "-s", "install", "DESTDIR=%s" % dest, "PYTHON=%s" % sys.executable,
-                  "SPOOLDIR=/var/spool/emailrelay"] + list(variables))
+    args = ["make", "-s", "install", "DESTDIR=%s" % dest, "SPOOLDIR=/var/spool/emailrelay"]
+    if python:
+        args.append("PYTHON=%s" % python)
+    make_env = clean_env()
+    make_env.pop("PYTHON", None)
+    result = run(args + list(variables), env=make_env)
     assert result.returncode == 0, result.stderr
     return dest
+
+
+def staged(dest):
+    """Every file and directory under the staging root, relative to it."""
+    return sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
 
 
 def test_make_install(tmp_path):
     dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=/usr/lib/python3/dist-packages")
     assert (dest / "usr/lib/emailrelay/emailrelay/main.py").is_file()
     assert not list((dest / "usr/lib/emailrelay").rglob("__pycache__"))
-    assert (dest / "usr/share/man/man1/emailrelay.1").is_file()
-    assert (dest / "usr/share/man/man1/emailrelay-sendmail.1").is_file()
+    assert (dest / "usr/lib/python3/dist-packages/emailrelay.pth").read_text() == \
+        "/usr/lib/emailrelay\n", "PYTHONSITE given: the packager asked for it"
+    assert (dest / "usr/share/man/man8/emailrelay.8").is_file()
+    assert (dest / "usr/share/man/man8/emailrelay-sendmail.8").is_file()
     assert (dest / "etc/emailrelay.conf.example").is_file()
     assert (dest / "usr/lib/systemd/system/emailrelay.service").is_file()
     assert (dest / "usr/lib/systemd/system/emailrelay.socket").is_file()
-    with open(str(dest / "usr/lib/systemd/system/emailrelay@.service")) as f:
-        template = f.read()
-    assert "ExecStart=/usr/sbin/emailrelay --inetd --remote-clients --log " \
-        "--spool-dir /var/spool/emailrelay\n" in template
     for tool in ("submit", "passwd", "resubmit", "filter-copy", "sendmail"):
-        assert os.access(str(dest / "usr/sbin" / ("emailrelay-" + tool)), os.X_OK)
+        launcher = dest / "usr/sbin" / ("emailrelay-" + tool)
+        assert os.access(str(launcher), os.X_OK)
+        with open(str(launcher)) as f:
+            assert f.readline() == "#!%s\n" % sys.executable, "PYTHON given: the launchers use it"
     assert not (dest / "usr/sbin/sendmail").exists(), "sendmail only when asked"
+    assert not (dest / "usr/bin/mailq").exists(), "mailq only when asked"
     # The launcher names /usr/lib/emailrelay; point Python at the staged copy.
     env = clean_env()
     env["PYTHONPATH"] = str(dest / "usr/lib/emailrelay")
@@ -191,19 +211,67 @@ def test_make_install(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_default_install_uses_system_python_and_the_daemons_directories(tmp_path):
+    """`make install DESTDIR=...` as a packager runs it: PREFIX=/usr/local, no PYTHON."""
+    dest = make_install(tmp_path, python=None)
+    for launcher in (dest / "usr/local/sbin").iterdir():
+        with open(str(launcher)) as f:
+            assert f.readline() == "#!/usr/bin/python3\n", launcher
+    assert not [p for p in staged(dest) if p.endswith(".pth")], \
+        "no path of the build host's Python in a staged install"
+    # pppd and logrotate read /etc, whatever the PREFIX.
+    assert os.access(str(dest / "etc/ppp/ip-up.d/emailrelay"), os.X_OK)
+    with open(str(dest / "etc/logrotate.d/emailrelay")) as f:
+        assert "\n/var/log/emailrelay/*.log {\n" in f.read()
+    assert (dest / "usr/local/etc/emailrelay.conf").is_file()
+    assert not (dest / "usr/local/etc/ppp").exists() and not (dest / "usr/local/etc/logrotate.d").exists()
+    logs = dest / "var/log/emailrelay"
+    assert logs.is_dir() and os.stat(str(logs)).st_mode & 0o7777 == 0o750
+    for unit in ("emailrelay.service", "emailrelay@.service"):
+        with open(str(dest / "usr/local/lib/systemd/system" / unit)) as f:
+            assert "\nLogsDirectory=emailrelay\n" in f.read()
+
+
+def test_install_with_a_missing_python_stops_before_writing(tmp_path):
+    dest = tmp_path / "dest"
+    result = run(["make", "-s", "install", "DESTDIR=%s" % dest, "PYTHON=no-such-python3"])
+    assert result.returncode != 0
+    assert "make install: PYTHON=no-such-python3: no such interpreter" in result.stderr
+    assert not dest.exists()
+
+
+def test_programs_in_sbin_have_section_8_man_pages(tmp_path):
+    dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=")
+    programs = sorted(p.name for p in (dest / "usr/sbin").iterdir())
+    assert len(programs) == 6
+    pages = sorted(p.name for p in (dest / "usr/share/man").rglob("*") if p.is_file())
+    assert pages == sorted(name + ".8" for name in programs)
+    for name in programs:
+        with open(str(dest / "usr/share/man/man8" / (name + ".8"))) as f:
+            text = f.read()
+        assert text.startswith(".TH %s 8 " % name.upper()), name
+        assert not re.search(r"^\.BR emailrelay\S* \(1\)", text, re.M), name
+
+
 def test_make_install_honours_prefix_and_sysconfdir(tmp_path):
     dest = make_install(tmp_path, "PREFIX=/opt/x", "PYTHONSITE=")
     assert (dest / "opt/x/etc/emailrelay.conf.example").is_file()
-    assert not (dest / "etc").exists(), "nothing outside PREFIX but the spool"
-    assert (dest / "opt/x/etc/logrotate.d/emailrelay").is_file()
-    assert os.access(str(dest / "opt/x/etc/ppp/ip-up.d/emailrelay"), os.X_OK)
+    outside = [p for p in staged(dest) if not p.startswith("opt")]
+    assert outside == ["etc", "etc/logrotate.d", "etc/logrotate.d/emailrelay", "etc/ppp",
+                       "etc/ppp/ip-up.d", "etc/ppp/ip-up.d/emailrelay", "var", "var/log",
+                       "var/log/emailrelay", "var/spool", "var/spool/emailrelay"], \
+        "outside PREFIX: only what other daemons read, the logs and the spool"
     dest2 = make_install(tmp_path / "two", "PREFIX=/opt/x", "SYSCONFDIR=/etc/x", "PYTHONSITE=")
     assert (dest2 / "etc/x/emailrelay.conf").is_file()
     with open(str(dest2 / "opt/x/lib/systemd/system/emailrelay.service")) as f:
         unit = f.read()
     assert "ExecStart=/opt/x/sbin/emailrelay --no-daemon --log /etc/x/emailrelay.conf\n" in unit
-    assert "ReadWritePaths=/var/spool/emailrelay " in unit
-    assert "@" not in unit.replace("@system-service", "")
+    assert "ReadWritePaths=/var/spool/emailrelay\n" in unit
+    for name in ("emailrelay.service", "emailrelay@.service"):
+        with open(str(dest2 / "opt/x/lib/systemd/system" / name)) as f:
+            assert not re.search(r"@[A-Z]+@", f.read()), "every placeholder substituted"
+    with open(str(dest2 / "etc/ppp/ip-up.d/emailrelay")) as f:
+        assert "/opt/x/sbin/emailrelay --as-client" in f.read()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving the spool to the run user needs root")
@@ -228,12 +296,16 @@ def test_make_install_creates_spool_and_minimal_config_once(tmp_path):
 def test_python_m_emailrelay_after_install_and_sendmail_when_asked(tmp_path):
     """A real install (no DESTDIR) under a scratch PREFIX, site directory and spool."""
     prefix, site_dir = tmp_path / "prefix", tmp_path / "site"
+    usr = tmp_path / "usr"
     result = run(["make", "-s", "install", "PREFIX=%s" % prefix, "PYTHONSITE=%s" % site_dir,
-                  "SPOOLDIR=%s" % (tmp_path / "spool"), "SENDMAIL=yes",
+                  "SPOOLDIR=%s" % (tmp_path / "spool"), "LOGDIR=%s" % (tmp_path / "log"),
+                  "PPPDIR=%s" % (tmp_path / "ppp"), "LOGROTATEDIR=%s" % (tmp_path / "logrotate.d"),
+                  "SENDMAIL=yes", "SENDMAILDIR=%s" % (usr / "sbin"), "MAILQDIR=%s" % (usr / "bin"),
                   "PYTHON=%s" % sys.executable])
     assert result.returncode == 0, result.stderr
     assert (site_dir / "emailrelay.pth").read_text() == "%s/lib/emailrelay\n" % prefix
-    assert os.readlink(str(prefix / "sbin/sendmail")) == "emailrelay-sendmail"
+    for link in ("sbin/sendmail", "bin/mailq"):
+        assert os.readlink(str(usr / link)) == "%s/sbin/emailrelay-sendmail" % prefix
     # site.addsitedir() is what the interpreter does with its own site
     # directory at start-up: then "python3 -m emailrelay" finds the package.
     code = ("import runpy, site, sys; site.addsitedir(%r); sys.argv = ['emailrelay', '--version']; "
@@ -241,20 +313,113 @@ def test_python_m_emailrelay_after_install_and_sendmail_when_asked(tmp_path):
     result = run([sys.executable, "-c", code], cwd=str(tmp_path), env=clean_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("emailrelay ")
-    result = run([str(prefix / "sbin/sendmail"), "-bp"], cwd=str(tmp_path), env=clean_env())
-    assert result.returncode == 64 and "emailrelay-sendmail: usage error" in result.stderr
+    # mailq (by its name) lists the queue of the relay its configuration names.
+    conf = tmp_path / "emailrelay.conf"
+    conf.write_text("spool-dir %s\n" % (tmp_path / "spool"))
+    env = clean_env()
+    env["EMAILRELAY_CONF"] = str(conf)
+    result = run([str(usr / "bin/mailq")], cwd=str(tmp_path), env=env)
+    assert (result.returncode, result.stdout) == (0, "Mail queue is empty\n"), result.stderr
 
 
-def test_systemd_analyze_security_rates_the_unit(tmp_path):
+def exposure(analyze, unit):
+    """`systemd-analyze security --offline=true`'s overall exposure of a unit file."""
+    result = run([analyze, "security", "--offline=true", "--no-pager", unit])
+    text = result.stdout + result.stderr
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", text)
+    assert match, text
+    return float(match.group(1)), text
+
+
+def test_systemd_analyze_security_rates_both_units(tmp_path):
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing: run tests/install-deps.sh"
     dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=")
-    unit = str(dest / "usr/lib/systemd/system/emailrelay.service")
-    result = run([analyze, "security", "--offline=yes", "--no-pager", unit])
-    text = result.stdout + result.stderr
-    match = re.search(r"Overall exposure level for emailrelay.service: ([0-9.]+) (\w+)", text)
-    assert match, text
-    assert float(match.group(1)) <= 3.0, text
+    units = dest / "usr/lib/systemd/system"
+    daemon, daemon_text = exposure(analyze, str(units / "emailrelay.service"))
+    assert daemon <= 3.0, daemon_text
+    session, session_text = exposure(analyze, str(units / "emailrelay@.service"))
+    assert session <= daemon, session_text
+
+
+@pytest.mark.skipif(not syslogd.usable(), reason="needs root and mount namespaces")
+def test_systemd_analyze_verify_passes_the_installed_units(tmp_path):
+    """The units as installed: their programs and man pages must exist, so the staged
+    /usr/sbin and man8 are shown on top of the host's in a private namespace."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing: run tests/install-deps.sh"
+    dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=")
+    units = dest / "usr/lib/systemd/system"
+    files = [str(units / name) for name in ("emailrelay.service", "emailrelay.socket",
+                                            "emailrelay@.service")]
+    with syslogd.SyslogReceiver(tmp_path / "ns") as ns:
+        result = run(ns.command([analyze, "verify"] + files, dest,
+                                ["/usr/sbin", "/usr/share/man/man8"]))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def unit_directives(path):
+    """The `Key=value` lines of a unit file's [Service] section, as a dict."""
+    directives, section = {}, None
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[Service]" and "=" in line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                directives[key] = value
+    return directives
+
+
+@pytest.mark.skipif(not syslogd.usable(), reason="needs root and mount namespaces")
+@pytest.mark.parametrize("stranger", [False, True])
+def test_the_installed_session_unit_serves_local_clients_only(tmp_path, daemon_spool, stranger):
+    """emailrelay@.service's command line as installed, run per connection as systemd's
+    Accept=yes does (systemd-socket-activate --inetd): a local client's message is
+    stored; a client from elsewhere is refused."""
+    activate = shutil.which("systemd-socket-activate")
+    assert activate, "systemd-socket-activate is missing: run tests/install-deps.sh"
+    dest = make_install(tmp_path, "PREFIX=/usr", "PYTHONSITE=", "SPOOLDIR=%s" % daemon_spool)
+    argv = unit_directives(str(dest / "usr/lib/systemd/system/emailrelay@.service"))["ExecStart"]
+    argv = argv.split()
+    if stranger:
+        argv += ["--test-address", "[192.0.2.1]"]
+    port = free_port()
+    errors = tmp_path / "activate.log"
+    with open(str(errors), "wb") as stderr, syslogd.SyslogReceiver(tmp_path / "ns") as ns:
+        proc = subprocess.Popen(ns.command([activate, "--listen=127.0.0.1:%d" % port, "--inetd",
+                                            "--accept"] + argv, dest, ["/usr/sbin", "/usr/lib"]),
+                                env=clean_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_for(lambda: "Listening on" in errors.read_text(), what="the socket")
+            if stranger:
+                with pytest.raises(smtplib.SMTPConnectError) as refused:
+                    smtplib.SMTP("127.0.0.1", port, timeout=30)
+                assert refused.value.smtp_code == 554
+            else:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                    client.sendmail("a@x.test", ["b@y.test"], b"Subject: hi\r\n\r\nhello\r\n")
+                assert len(spool_files(daemon_spool, ".envelope")) == 1
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def test_the_socket_activated_pair_is_no_open_relay():
+    with open(os.path.join(ROOT, "etc", "emailrelay.socket")) as f:
+        listen = re.findall(r"^ListenStream=(.*)$", f.read(), re.M)
+    assert listen == ["127.0.0.1:25"]
+    session = unit_directives(os.path.join(ROOT, "etc", "emailrelay@.service.in"))
+    assert "--remote-clients" not in session["ExecStart"]
+    daemon = unit_directives(os.path.join(ROOT, "etc", "emailrelay.service.in"))
+    hardening = {k: v for k, v in daemon.items()
+                 if k not in ("Type", "NotifyAccess", "ExecStart", "ExecReload", "Restart",
+                              "RuntimeDirectory")}
+    assert hardening["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID"
+    # The session binds no port; everything else is the daemon's.
+    hardening["CapabilityBoundingSet"] = "CAP_SETUID CAP_SETGID"
+    assert {k: session.get(k) for k in hardening} == hardening
 
 
 def test_systemd_unit_and_ci_script():

@@ -15,6 +15,7 @@ from emailrelay.config import options
 from emailrelay.server import pop_maildrop, pop_server
 from emailrelay.auth import sasl, secrets
 from emailrelay.store import spool
+from memory_connection import MemoryConnection
 
 ENVELOPE = (
     "X-MailRelay-Format: #2821.8\r\n"
@@ -77,7 +78,7 @@ def make_services(box, *extra, tls_context=None):
 def session(services, *lines, peer=("127.0.0.1", 40000)):
     """Runs a whole session over the given command lines; returns the reply text."""
     data = b"".join(line if isinstance(line, bytes) else (line + "\r\n").encode() for line in lines)
-    conn = connection.MemoryConnection(data, peer=peer)
+    conn = MemoryConnection(data, peer=peer)
     pop_server.PopSession(conn, services).run()
     assert conn.closed
     return conn.output.decode("utf-8", "replace"), conn
@@ -219,7 +220,7 @@ def test_too_many_bad_commands_close_the_session(box):
 
 def test_apop_with_plain_secret(box):
     s = make_services(box)
-    conn = connection.MemoryConnection(b"")
+    conn = MemoryConnection(b"")
     sess = pop_server.PopSession(conn, s)
     digest = hashlib.md5((sess.banner + "secret").encode()).hexdigest()
     conn._chunks = [("APOP alice %s\r\nAPOP alice \u00e9\r\nAPOP alice %s\r\nSTAT\r\nQUIT\r\n"
@@ -247,7 +248,7 @@ def test_auth_plain_login_and_cram_md5(box):
     assert r[1].startswith("+ ") and r[2].startswith("+ ")
     assert r[3].startswith("+OK maildrop has 2")
 
-    class Responder(connection.MemoryConnection):
+    class Responder(MemoryConnection):
         def _recv(self):
             m = re.search(rb"\+ (\S+)\r\n", self.output)
             if m and not self.answered:
@@ -289,7 +290,7 @@ class FakeTls:
     """Stands in for an ssl.SSLContext: only passed through to starttls()."""
 
 
-class TlsMemoryConnection(connection.MemoryConnection):
+class TlsMemoryConnection(MemoryConnection):
     """A memory connection whose STLS succeeds, discarding pipelined input."""
 
     def starttls(self, context):
@@ -325,7 +326,7 @@ def test_idle_timeout_default_is_rfc_minimum_and_explicit_wins(box):
     assert conn.timeout == 5
 
 
-class TimeoutConnection(connection.MemoryConnection):
+class TimeoutConnection(MemoryConnection):
     def _recv(self):
         if self._chunks:
             return super()._recv()

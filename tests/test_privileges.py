@@ -223,6 +223,39 @@ def test_interpreter_and_package_under_a_root_only_directory(tmp_path, private_d
     assert "not writable" not in text + output and "Traceback" not in text + output
 
 
+def _readable_by_daemon(path):
+    """Whether user daemon could read `path` (every parent searchable by others)."""
+    while path != os.path.dirname(path):
+        path = os.path.dirname(path)
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def test_utf8_domains_after_the_switch_with_an_unreadable_library(tmp_path):
+    """A codec first used in a session (idna asks for punycode) was loaded as root."""
+    library = os.path.dirname(os.__file__)
+    if _readable_by_daemon(library):
+        pytest.skip("the interpreter's library %s is readable by daemon" % library)
+    with Relay(tmp_path, ["--server-smtp-config", "+smtputf8"], user="daemon") as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
+            s.command_encoding = "utf-8"
+            s.ehlo()
+            assert s.docmd("MAIL FROM:<alice@b\u00fccher.example.com>") == (
+                250, b"sender <alice@xn--bcher-kva.example.com> OK")
+            assert s.docmd("RSET")[0] == 250
+            assert s.docmd("MAIL FROM:<alice@b\u00fccher.example.com> SMTPUTF8")[0] == 250
+            assert s.docmd("RCPT TO:<bob@st\u00e4dte.example.com>")[0] == 250
+            assert s.docmd("DATA")[0] == 354
+            s.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+            assert s.getreply()[0] == 250
+        envelope = relay.files(".envelope")
+        assert len(envelope) == 1
+        with open(os.path.join(relay.spool, envelope[0]), "rb") as f:
+            assert b"X-MailRelay-From: alice@xn--bcher-kva.example.com\r\n" in f.read()
+    assert "internal error" not in relay.log()
+
+
 def _trusted(directory):
     """A secrets file trusting 127.0.0.1, root-only like a real one."""
     path = directory / "trusted.auth"

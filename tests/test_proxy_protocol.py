@@ -110,20 +110,21 @@ def test_client_named_by_v1_and_v2_headers_is_in_envelope_and_received(tmp_path)
         relay.wait_log(r"smtp: PROXY v1 header from 127\.0\.0\.1:\d+: client 203\.0\.113\.7:40001")
         relay.wait_log(r"smtp: PROXY v2 header from 127\.0\.0\.1:\d+: client 198\.51\.100\.9:40002")
         relay.wait_log(r"smtp connection from 203\.0\.113\.7:40001")
-    assert got["one"][0] == "203.0.113.7:40001"
+    assert got["one"][0] == "203.0.113.7"
     assert " ([203.0.113.7]) by relay.test with ESMTP " in got["one"][1]
-    assert got["two"][0] == "198.51.100.9:40002"
+    assert got["two"][0] == "198.51.100.9"
     assert " ([198.51.100.9]) by relay.test " in got["two"][1]
-    assert got["three"][0] == "2001:db8::7:40003"
+    assert got["three"][0] == "2001:db8::7"
     assert " ([IPv6:2001:db8::7]) by relay.test " in got["three"][1]
 
 
 def test_guard_refuses_a_non_local_client_seen_through_the_balancer(tmp_path):
     with Relay(tmp_path, ["--proxy-protocol", "127.0.0.1"]) as relay:
-        assert raw(relay.port, v1(("203.0.113.7", 40000))) == b""
+        refused = b"554 no SMTP service for your address\r\n"
+        assert raw(relay.port, v1(("203.0.113.7", 40000))) == refused
         relay.wait_log(r"smtp: connection refused from non-local address 203\.0\.113\.7 "
                        r"\(see --remote-clients\)")
-        assert raw(relay.port, v2(("203.0.113.8", 40000))) == b""
+        assert raw(relay.port, v2(("203.0.113.8", 40000))) == refused
         relay.wait_log(r"non-local address 203\.0\.113\.8")
         # A local client behind the same balancer is served.
         assert raw(relay.port, v1(("192.168.1.5", 40000))).startswith(b"220 ")
@@ -203,7 +204,7 @@ def test_local_header_keeps_the_balancer_address(tmp_path):
         send(relay.port, SIG + b"\x20\x00\x00\x00", "check")
         send(relay.port, b"PROXY UNKNOWN\r\n", "unknown")
         got = stored(relay)
-    assert got["check"][0].startswith("127.0.0.1:") and got["unknown"][0].startswith("127.0.0.1:")
+    assert got["check"][0] == "127.0.0.1" and got["unknown"][0] == "127.0.0.1"
 
 
 def test_pop_only_and_the_auth_failure_log_shows_the_real_client(tmp_path):
@@ -246,7 +247,7 @@ def test_workers_serve_proxied_connections(tmp_path):
                  "m%d" % i)
         got = stored(relay)
     assert {s: c for s, (c, _) in got.items()} == {
-        "m%d" % i: "203.0.113.%d:%d" % (i + 1, 40000 + i) for i in range(6)}
+        "m%d" % i: "203.0.113.%d" % (i + 1) for i in range(6)}
     # The worker processes stored them (a file name holds its writer's pid).
     assert str(relay.proc.pid) not in {name.split(".")[1] for name in relay.files(".envelope")}
 

@@ -91,7 +91,7 @@ def test_retry_state_survives_a_restart_and_flush_ignores_it(tmp_path):
                 # flush runs after the start-up pass (--forward), and tries the
                 # message although its time has not come.
                 answer = admin.cmd("flush").strip()
-                assert answer == "error: 1 message(s) failed, 1 will be retried"
+                assert answer == "error: 0 message(s) sent, 0 failed, 1 to be retried"
             finally:
                 admin.close()
             # The count went on from the first run; the start-up pass left the
@@ -146,5 +146,27 @@ def test_as_client_is_one_pass_that_keeps_temporary_failures_queued(tmp_path):
         server.reject.clear()
         assert helpers.run_emailrelay(args).returncode == 0
         assert helpers.spool_files(str(spool), ".envelope") == []
+    finally:
+        server.close()
+
+
+def test_a_back_off_stored_earlier_is_capped_by_a_smaller_retry_max_interval(tmp_path):
+    """A message deferred for ten minutes by an earlier run goes within seconds once
+    the relay is restarted with --retry-max-interval 2."""
+    server = ScriptedServer(reject={"b@y.test": BUSY})
+    try:
+        args = ["--forward", "--forward-on-disconnect", "--forward-to", "127.0.0.1:%d" % server.port,
+                "--retry-interval", "600"]
+        a = helpers.Relay(tmp_path, args, name="a")
+        with a:
+            submit(a.port, subject="capped")
+            a.wait_log(r"temporary failure 1: .*: next attempt in 600s")
+        server.reject.clear()
+        a.args[a.args.index("600")] = "1"
+        a.args += ["--retry-max-interval", "2"]
+        with a.start():
+            helpers.wait_for(lambda: delivered(server), timeout=30, what="the deferred message")
+            assert b"Subject: capped" in delivered(server)[0]
+            helpers.wait_for(lambda: not a.files(".envelope"), what="the spool to empty")
     finally:
         server.close()

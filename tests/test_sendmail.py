@@ -11,6 +11,8 @@ SENDMAIL = os.path.join(BIN, "emailrelay-sendmail")
 def sendmail(args, text, spool, **kwargs):
     e = env()
     e["EMAILRELAY_SPOOL"] = str(spool)
+    # No installed configuration of this host may change what the tests see.
+    e["EMAILRELAY_CONF"] = os.devnull
     return subprocess.run([SENDMAIL] + list(args), input=text.encode(), env=e,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30, **kwargs)
 
@@ -56,6 +58,7 @@ def test_sendmail_t_oi_from_a_script_reaches_the_next_hop_without_bcc(tmp_path):
     e = env()
     e["PATH"] = str(path_dir) + os.pathsep + e["PATH"]
     e["EMAILRELAY_SPOOL"] = str(spool)
+    e["EMAILRELAY_CONF"] = os.devnull
     result = subprocess.run([str(script)], env=e, stderr=subprocess.PIPE, timeout=30)
     assert result.returncode == 0, result.stderr
     env_text, content = envelope_and_content(spool)
@@ -88,7 +91,7 @@ def test_a_lone_dot_ends_input_without_i_and_f_F_set_the_sender(tmp_path):
 
 
 def test_usage_errors_store_nothing(tmp_path):
-    for args in (["-bp"], ["-q"], [], ["-t", "-X", "a@y.test"], ["-f"]):
+    for args in (["-bd"], ["-q30m"], [], ["-t", "-X", "a@y.test"], ["-f"]):
         result = sendmail(args, "Subject: s\n\nx\n", tmp_path)
         assert result.returncode == 64, args
         assert result.stderr.decode().startswith("emailrelay-sendmail: usage error: "), args

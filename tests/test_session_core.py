@@ -48,14 +48,20 @@ class Toy(session_core.LineSession):
     def do_quit(self, arg):
         self.reply("OK bye")
 
+    def do_lock(self, arg):
+        self.event("lock")
+        self.reply("OK " + self.state)
+
 
 Toy.COMMANDS = session_core.table(
+    ("LOCK", None, Toy.do_lock, None),
     ("OPEN", ("START",), Toy.do_open, "OPEN"),
     ("CLOSE", ("OPEN",), lambda s, arg: s.reply("OK closed"), "START"),
     ("STATE", None, Toy.do_state, None),
     ("LOGIN", None, Toy.do_login, None),
     ("QUIT", None, Toy.do_quit, session_core.DONE),
 )
+Toy.TRANSITIONS = session_core.transitions(("lock", ("OPEN",), "LOCKED"))
 
 
 def toy(data, services=None, **kw):
@@ -142,3 +148,10 @@ def test_pop_login_is_the_only_way_to_transaction(box):  # noqa: F811
 
 def _auth(box):  # noqa: F811
     return sasl.ServerAuth(secrets.Reloadable(box["auth"]), "")
+
+
+def test_a_handler_changes_state_only_through_the_transitions_table():
+    lines, _, _ = toy(b"LOCK\r\nOPEN\r\nLOCK\r\nCLOSE\r\nQUIT\r\n")
+    # From START "lock" does not happen; from OPEN it leads to LOCKED, where
+    # CLOSE is out of sequence.
+    assert lines == ["OK START", "OK open", "OK LOCKED", "ERR sequence", "OK bye"]

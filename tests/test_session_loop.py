@@ -1,4 +1,4 @@
-"""The session loop: plain SMTP sessions parked in one thread, work in a small pool."""
+"""The session loop: plain SMTP sessions parked in one thread, work in a pool that grows as calls wait."""
 
 import os
 import smtplib
@@ -67,7 +67,7 @@ class _Pair:
 
     def feed(self, data):
         self.theirs.sendall(data)
-        wait_for(lambda: self.conn.receive() or self.conn._buf or self.conn.eof,
+        wait_for(lambda: self.conn.receive() or self.conn.buffered() or self.conn.eof,
                  what="input")
 
     def close(self):
@@ -78,20 +78,20 @@ class _Pair:
 def test_loop_connection_lines_and_overlong_lines_as_readline_gives_them():
     pair = _Pair()
     try:
-        assert pair.conn.take_line(10) is None
+        assert pair.conn.next_line(10, pair.conn.eof) is None
         pair.feed(b"NOOP\r\nxx")
-        assert pair.conn.take_line(10) == b"NOOP\r\n"
-        assert pair.conn.take_line(10) is None
+        assert pair.conn.next_line(10, pair.conn.eof) == b"NOOP\r\n"
+        assert pair.conn.next_line(10, pair.conn.eof) is None
         # An overlong line is dropped as it arrives and reported at its end.
         pair.feed(b"y" * 20)
-        assert pair.conn.take_line(10) is None
+        assert pair.conn.next_line(10, pair.conn.eof) is None
         pair.feed(b"yyy\r\nQUIT\r\n")
         with pytest.raises(connection.LineTooLong):
-            pair.conn.take_line(10)
-        assert pair.conn.take_line(10) == b"QUIT\r\n"
+            pair.conn.next_line(10, pair.conn.eof)
+        assert pair.conn.next_line(10, pair.conn.eof) == b"QUIT\r\n"
         pair.theirs.shutdown(socket.SHUT_WR)
         wait_for(lambda: pair.conn.receive() or pair.conn.eof, what="end of input")
-        assert pair.conn.take_line(10) == b""
+        assert pair.conn.next_line(10, pair.conn.eof) == b""
         assert pair.conn.take(10) == b""
     finally:
         pair.close()
@@ -209,3 +209,45 @@ def test_work_stays_in_the_loop_thread_unless_it_waits():
         pair.close()
     # Work is tried in the loop once; what waited then goes to the pool.
     assert jobs.threads == ["toy loop"] * 4 + ["toy work"] * 2
+
+
+class _Call:
+    """A toy conversation of one "call" request."""
+
+    def __init__(self, conn, fn, args=()):
+        self.conn = conn
+        self.fn = fn
+        self.args = args
+
+    def conversation(self):
+        yield ("call", self.fn, self.args)
+
+
+def _workers(name):
+    return sum(1 for t in threading.enumerate() if t.name == name)
+
+
+def test_the_pool_starts_a_thread_for_every_waiting_call_and_ends_idle_ones(monkeypatch):
+    monkeypatch.setattr(session_loop, "IDLE_EXIT", 0.2)
+    loop = session_loop.SessionLoop(name="burst")
+    release = threading.Event()
+    pairs = [_Pair() for _ in range(31)]
+    ended = [threading.Event() for _ in pairs]
+    try:
+        # Thirty calls that wait, made at once: each gets a thread.
+        for pair, done in zip(pairs[:30], ended):
+            loop.add(_Call(pair.conn, release.wait, (30,)), pair.conn, done.set)
+        wait_for(lambda: _workers("burst work") == 30, what="a thread per waiting call")
+        # A call made meanwhile does not wait for them.
+        loop.add(_Call(pairs[30].conn, time.sleep, (0,)), pairs[30].conn, ended[30].set)
+        assert ended[30].wait(10)
+        assert not any(done.is_set() for done in ended[:30])
+        release.set()
+        for done in ended:
+            assert done.wait(10)
+        wait_for(lambda: _workers("burst work") == 0, what="idle threads to end")
+    finally:
+        release.set()
+        loop.stop()
+        for pair in pairs:
+            pair.close()

@@ -46,11 +46,12 @@ def test_smtplib_message_and_log_line(tmp_path):
             code, text = c.ehlo("client.test")
             assert code == 250 and b"PIPELINING" in text and b"CHUNKING" not in text
             c.sendmail("a@x.test", ["b@y.test", "c@y.test"], b"Subject: t\r\n\r\nhello\r\n")
-        relay.wait_log(r"info: smtp: stored emailrelay\.\S+ from <a@x.test> to 2 recipients")
         [(content, env)] = committed(relay.spool).values()
+        relay.wait_log(r"info: smtp: stored emailrelay\.\S+: from=<a@x.test> nrcpt=2 size=%d "
+                       r"client=127\.0\.0\.1:\d+\n" % len(content))
     assert content.startswith(b"Received: from client.test ([127.0.0.1]) by relay.test with ESMTP id ")
     assert content.endswith(b"Subject: t\r\n\r\nhello\r\n")
-    assert env.to_remote == ["b@y.test", "c@y.test"] and env.client.startswith("127.0.0.1:")
+    assert env.to_remote == ["b@y.test", "c@y.test"] and env.client == "127.0.0.1"
 
 
 def test_swaks_pipeline_and_curl(tmp_path):
@@ -187,6 +188,28 @@ def test_filter_program_reason_and_arguments(tmp_path):
     assert args[-2].endswith(".content") and args[-1].endswith(".envelope.new")
 
 
+def test_seed_filter_reads_the_client_address_from_the_envelope(tmp_path):
+    """Seed 000's example filter: awk prints X-MailRelay-Client's value and
+    compares it with an IP address. (The envelope's lines end in CRLF, in
+    E-MailRelay too, so the CR is removed before the comparison.)"""
+    f = write_script(tmp_path / "filter", r"""
+content="${1}"
+envelope="`echo \"${content}\" | sed 's/content/envelope.new/'`"
+ip="`awk '/MailRelay-Client:/ {print $2;exit}' \"${envelope}\" | tr -d '\r'`"
+if test "${ip}" = "127.0.0.1"
+then
+    exit 0
+fi
+echo "<<not from 127.0.0.1: ${ip}>>"
+exit 1
+""")
+    with Relay(tmp_path, ["--filter", f]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
+            s.sendmail("a@x.test", ["b@y.test"], b"Subject: hi\r\n\r\nbody\r\n")
+        [(_, env)] = committed(relay.spool).values()
+    assert env.client == "127.0.0.1"
+
+
 def test_verifier_program_exit_codes_and_plain_arguments(tmp_path):
     seen = tmp_path / "seen"
     v = write_script(tmp_path / "verifier", """
@@ -216,6 +239,29 @@ esac
     lines = seen.read_text().splitlines()
     assert lines[3] == '["$(touch x);|&"@y.test][relay.test][a`id`@x.test][127.0.0.1][none][]'
     assert not any("a\rb" in x for x in lines)
+
+
+def test_verifier_rewrites_the_remote_address_and_other_exits_reject(tmp_path):
+    """Seed 000: exit 1's second line is the address to use; any other
+    non-zero exit rejects with the output as the reason."""
+    v = write_script(tmp_path / "verifier", """
+if test "$1" = --emailrelay-version ; then echo 2.0 ; exit 0 ; fi
+case "$1" in
+alias*) echo "" ; echo "alice@here.test" ; exit 1 ;;
+list*) echo "no such list: $1" ; exit 5 ;;
+*) echo "" ; echo "$1" ; exit 1 ;;
+esac
+""")
+    with Relay(tmp_path, ["--address-verifier", v]) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
+            s.ehlo("client.test")
+            s.mail("a@x.test")
+            assert s.rcpt("list@y.test") == (550, b"no such list: list@y.test")
+            assert s.rcpt("alias@y.test")[0] == 250
+            assert s.rcpt("bob@y.test")[0] == 250
+            assert s.data(b"Subject: hi\r\n\r\nbody\r\n")[0] == 250
+        [(_, env)] = committed(relay.spool).values()
+    assert env.to_remote == ["alice@here.test", "bob@y.test"]
 
 
 def test_crash_kills_lose_no_acknowledged_message(tmp_path):

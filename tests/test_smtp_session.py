@@ -14,13 +14,14 @@ from emailrelay.net import connection
 from emailrelay.server import smtp_server
 from emailrelay.util import smtp_syntax
 from emailrelay.util.stats import Stats
+from memory_connection import MemoryConnection
 
 
 def make_cfg(tmp_path, **kw):
     cfg = dict(domain="relay.test", anonymous=False, size=0, idle_timeout=60,
                max_bad_commands=5, server_tls_required=False, max_recipients=100,
                max_bounce_recipients=0, min_free_space=0, spool_dir=str(tmp_path),
-               immediate=False, tarpit=None, helo_check=False, greeting=[],
+               immediate=False, tarpit=None, helo_check=False, greeting=[], min_data_rate=500,
                # These tests look at the whole state machine, with our
                # enhanced status codes; test_smtp_compat.py checks the defaults.
                server_smtp_config=["+enhancedstatuscodes,+chunking,+smtputf8"])
@@ -39,7 +40,7 @@ def make_services(tmp_path, **kw):
                                     spool=spool.Spool(str(tmp_path)), **parts)
 
 
-class CountingConnection(connection.MemoryConnection):
+class CountingConnection(MemoryConnection):
     """Counts flushes that sent something, to see replies being batched."""
 
     def __init__(self, data, **kw):
@@ -115,7 +116,7 @@ def test_one_message_stored_with_received_line_and_envelope(tmp_path):
     assert first.startswith(b"Received: from client.test ([127.0.0.1]) by relay.test with ESMTP id emailrelay.")
     assert rest == b"Subject: hi\r\n\r\nhello\r\n"
     assert env.from_ == "a@x.test" and env.to_remote == ["b@y.test"] and env.to_local == []
-    assert env.client == "127.0.0.1:40000" and env.content == "7bit"
+    assert env.client == "127.0.0.1" and env.content == "7bit"
     assert env.authentication == "" and env.mail_from_auth_in == ""
     assert services.stats.snapshot()["messages-stored"] == 1
 
@@ -355,7 +356,7 @@ def test_verifier_results(tmp_path):
 class FakeFilter:
     def __init__(self, ok=True, special=None, reason="", temporary=False, action=None):
         self.result = types.SimpleNamespace(ok=ok, special=special, reason=reason,
-                                            temporary=temporary, code=None)
+                                            temporary=temporary, code=None, response="error")
         self.action = action
         self.spec = "fake"
         self.seen = []

@@ -288,7 +288,7 @@ def test_own_claims_are_not_recovered(tmp_path):
     c.release()
 
 
-def test_unfinished_new_message_of_a_dead_process_is_moved_aside(tmp_path, logged):
+def test_unfinished_new_message_of_a_dead_process_is_removed(tmp_path, logged):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stem = "emailrelay.%d.1700000000.1" % dead.pid
@@ -299,11 +299,11 @@ def test_unfinished_new_message_of_a_dead_process_is_moved_aside(tmp_path, logge
     live.commit_content()
     live.write_envelope(Envelope(from_="a", to_remote=["b"]))
     s.recover()
-    assert sorted(os.listdir(str(tmp_path))) == sorted([
-        stem + ".content", stem + ".envelope.new.orphan",
-        live.id + ".content", live.id + ".envelope.new"])
+    assert sorted(os.listdir(str(tmp_path))) == sorted([live.id + ".content",
+                                                        live.id + ".envelope.new"])
     assert s.ids() == []
-    assert any(stem + ".envelope.new.orphan" in text and level == "warning" for level, text in logged)
+    assert any("removed unacknowledged message %s" % stem in text and level == "warning"
+               for level, text in logged)
     live.finish(Envelope(from_="a", to_remote=["b"]))
     assert s.ids() == [live.id]
 

@@ -44,7 +44,7 @@ def test_submit_from_stdin(tmp_path):
     assert [x for x in content.split(b"\r\n") if x.startswith(b"Message-ID:")][0].endswith(b"@" + fqdn + b">")
     assert env.from_ == "joe@example.com"
     assert env.to_remote == ["you@example.net", "other@example.net"] and env.to_local == []
-    assert env.client == "127.0.0.1:0"
+    assert env.client == "127.0.0.1"
     assert env.content == "7bit"
     assert oct(os.stat(str(tmp_path / (mid + ".content"))).st_mode & 0o777) == "0o660"
 

@@ -61,9 +61,14 @@ def test_abort(script):
     assert verify(script("exit 100\n")).status == "abort"
 
 
-@pytest.mark.parametrize("body", ["exit 4\n", "exit 99\n", "kill -KILL $$\n"])
-def test_other_codes_and_crash_are_tempfail(script, body):
-    assert verify(script(body)).status == "tempfail"
+@pytest.mark.parametrize("code", [4, 5, 99])
+def test_other_codes_reject_with_the_output_as_reason(script, code):
+    r = verify(script("echo no such list here\nexit %d\n" % code))
+    assert (r.status, r.reason) == ("reject", "no such list here")
+
+
+def test_crash_is_tempfail(script):
+    assert verify(script("kill -KILL $$\n")).status == "tempfail"
 
 
 def test_timeout_is_tempfail(script):

@@ -1,7 +1,7 @@
 """Texts generated from the option table: --help, --version and the man page.
 
 `help_text(verbose)`, `version_text(verbose)` and `man_page()` read
-`options.OPTIONS`, so the help, the man page (written by `make man`) and
+`option_table.OPTIONS`, so the help, the man page (written by `make man`) and
 the parser cannot disagree; a test checks the committed man page.
 """
 
@@ -9,7 +9,12 @@ import sys
 import textwrap
 
 from .. import __version__
-from .options import GROUPS, OPTIONS
+from .option_table import GROUPS, OPTIONS
+
+# The program's exit statuses (the man page's EXIT STATUS section).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
 
 
 def _wrap(text, width, indent):
@@ -110,7 +115,10 @@ def _modes_section():
     ]) + [
         _roff("For systemd, etc/emailrelay.socket with Accept=yes starts an "
               "etc/emailrelay@.service instance (with StandardInput=socket) per "
-              "connection."),
+              "connection. As installed they serve local clients only: the socket "
+              "listens on 127.0.0.1:25 and the instances have no --remote-clients; the "
+              "comments in both files show how to take mail from other hosts with "
+              "--remote-clients and --server-auth."),
         ".SS systemd socket activation (Accept=no)",
         _roff("When systemd passes listening sockets (LISTEN_FDS and LISTEN_PID) the "
               "daemon serves them without --interface: each for the server its "
@@ -150,9 +158,9 @@ def _modes_section():
 
 
 def man_page():
-    """The emailrelay(1) man page in roff, generated from the table."""
+    """The emailrelay(8) man page in roff, generated from the table."""
     out = [
-        '.TH EMAILRELAY 1 "" "emailrelay %s" "User Commands"' % __version__,
+        '.TH EMAILRELAY 8 "" "emailrelay %s" "System Manager\'s Manual"' % __version__,
         ".SH NAME",
         "emailrelay \\- store\\-and\\-forward SMTP relay, SMTP proxy and POP3 server",
         ".SH SYNOPSIS",
@@ -206,7 +214,9 @@ def man_page():
         ".SH SIGNALS",
         _roff("SIGTERM and SIGINT stop the program cleanly: it stops listening, ends the "
               "sessions, leaves no spool file claimed or half written, and exits with "
-              "status 0. SIGHUP reopens the log file (for logrotate) and re-reads the "
+              "status 0. The message being forwarded gets 5 seconds to finish; a next hop "
+              "that has not answered by then is abandoned, and the message stays queued "
+              "(logged as abandoned at shutdown). SIGHUP reopens the log file (for logrotate) and re-reads the "
               "secrets files; E-MailRelay does neither."),
         ".SH ENVIRONMENT",
         ".TP",
@@ -252,7 +262,18 @@ def man_page():
               "cancels it and asks for a rescan of the spool; 103 accepts it and rescans, so "
               "it is forwarded at once. A --client-filter runs before each message is "
               "forwarded: 0 sends it, 1 to 99 fail it to .bad, 100 skips it, 102 sends it and "
-              "stops the pass, 103 sends it."),
+              "stops the pass, 103 sends it, 105 sends it and stops the pass (seed 000: \"stop "
+              "scanning for more spooled messages after processing the current one\")."),
+        ".SH VERIFIER EXIT CODES",
+        _roff("An --address-verifier program gets the recipient, the local domain, the sender "
+              "(empty for VRFY), the client's IP address, the authentication mechanism (none "
+              "when trusted) and name. Exit 0: a local mailbox (output: full name, then the "
+              "mailbox); 1: a valid remote address (output: a line ignored, then the address "
+              "to forward to, which may differ from the one given); 3: a temporary failure "
+              "(450, the output is the reason); 100: the connection is dropped; any other "
+              "exit: an invalid address (550, the output is the reason). A net: verifier "
+              "answers the same in one line: 0|mailbox|full name, 1|address, 2|reason, "
+              "3|reason or 100."),
         ".SH SPOOL FILES",
         _roff("Each message is a .content file and an envelope whose suffix is its state: "
               ".envelope.new while it is received and filtered, .envelope once committed and "
@@ -263,12 +284,20 @@ def man_page():
               "unfail-all does the same at once. Delete both files to discard a message. Lines "
               "after X-MailRelay-End, which E-MailRelay's own reader ignores, hold this "
               "version's retry state (X-MailRelay-Retry) and the RFC 3461 DSN parameters "
-              "(X-MailRelay-Dsn-Ret, -Envid and -Rcpt)."),
+              "(X-MailRelay-Dsn-Ret, -Envid and -Rcpt). At start-up, and when a --workers "
+              "worker dies, what a killed process left is repaired: its .envelope.busy files "
+              "go back to .envelope, its .envelope.new files (never acknowledged) are removed "
+              "with their content, and content files that no envelope refers to (in the spool "
+              "or a --pop-by-name sub-directory) are removed once their writer is gone."),
         ".SH ADMIN COMMANDS",
         _roff("With --admin <port>, a telnet-style interface on that port (local clients "
-              "only) takes: help; flush (forward now and report); forward (forward now, no "
-              "wait); list (the queued messages); failures (the .bad messages and their "
-              "reasons); unfail-all (queue the .bad messages again); status (counters); "
+              "only) takes: help; flush (forward now and report the counts the log line "
+              "gives: N message(s) sent, N failed, N to be retried); forward (forward now, no "
+              "wait); list (one line per spooled message: id, state (new, ready, deferred, "
+              "busy, bad, local), size=, from=, to=, and attempts=, next= and reason= once it "
+              "has failed, as emailrelay-sendmail -bp and mailq print it); failures (the .bad "
+              "messages and their reasons); unfail-all (queue the .bad messages again); status "
+              "(counters: messages-stored, -rejected, -forwarded, -failed, -deferred); "
               "notify (report events as they happen); pid; quit; terminate (with "
               "--admin-terminate)."),
         ".SH EXAMPLES",
@@ -282,7 +311,9 @@ def man_page():
         ".fi",
         ".PP",
         _roff("An ip-up hook (etc/ip-up.emailrelay, installed as /etc/ppp/ip-up.d/emailrelay) "
-              "forwards when the link comes up; set SMARTHOST in /etc/default/emailrelay."),
+              "forwards when the link comes up; set SMARTHOST in /etc/default/emailrelay. It "
+              "adds --syslog to --as-client (which implies --no-syslog), so a forward that "
+              "fails is in the mail log."),
         ".PP",
         _roff("logrotate: etc/logrotate.emailrelay (installed as /etc/logrotate.d/emailrelay) "
               "rotates /var/log/emailrelay/*.log and sends SIGHUP; the new file gets the old "
@@ -327,14 +358,31 @@ def man_page():
         ".B /var/spool/emailrelay",
         _roff("The default spool directory."),
         ".TP",
-        ".B /etc/emailrelay.conf",
-        _roff("The usual config file (see etc/emailrelay.conf in the source tree)."),
+        ".B /usr/local/etc/emailrelay.conf",
+        _roff("The config file that make install writes with the default PREFIX=/usr/local "
+              "(/etc/emailrelay.conf with PREFIX=/usr, or SYSCONFDIR); emailrelay.service "
+              "passes it to the program. emailrelay.conf.example next to it shows more "
+              "options."),
+        ".TP",
+        ".B /etc/ppp/ip\\-up.d/emailrelay",
+        _roff("The ip-up hook: forwards the spool when a link comes up, logging to syslog."),
+        ".TP",
+        ".B /etc/default/emailrelay",
+        _roff("Settings for the ip-up hook: SMARTHOST (the next hop), EMAILRELAY_SPOOL and "
+              "EMAILRELAY_OPTS."),
+        ".TP",
+        ".B /etc/logrotate.d/emailrelay",
+        _roff("Rotates /var/log/emailrelay/*.log."),
+        ".TP",
+        ".B /var/log/emailrelay",
+        _roff("The directory for --log-file, created by make install and by the systemd "
+              "unit (LogsDirectory=)."),
         ".SH SEE ALSO",
-        ".BR emailrelay\\-submit (1),",
-        ".BR emailrelay\\-passwd (1),",
-        ".BR emailrelay\\-resubmit (1),",
-        ".BR emailrelay\\-filter\\-copy (1),",
-        ".BR emailrelay\\-sendmail (1),",
+        ".BR emailrelay\\-submit (8),",
+        ".BR emailrelay\\-passwd (8),",
+        ".BR emailrelay\\-resubmit (8),",
+        ".BR emailrelay\\-filter\\-copy (8),",
+        ".BR emailrelay\\-sendmail (8),",
         ".BR syslog (3)",
     ]
     return "\n".join(out) + "\n"

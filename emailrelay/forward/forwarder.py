@@ -1,17 +1,21 @@
 """The forwarding thread: sends the spool to the --forward-to server.
 
-One `Forwarder` per process, and its thread is the only one that claims
-spool files for forwarding. It runs forwarding passes when triggered: at
+One `Forwarder` per process, and its thread runs the forwarding passes
+(--immediate sessions claim their own messages, below). It runs them when triggered: at
 start-up (--forward), on the --poll timer, when a message's retry time comes,
 and whenever `trigger()` is called (end of an SMTP session with
 --forward-on-disconnect, ETRN, the admin `forward` command, a filter's exit
 103 through `rescan()`). Only one pass runs at a time; triggers that arrive
 during a pass make exactly one more pass afterwards, so none is lost.
 `flush()` asks for a pass and waits for its result; `run_once()` is the
-whole of --as-client (one pass in the caller's thread). --immediate goes
-through the thread too: `immediate_session()` gives an SMTP session a
-handle whose `forward(id)` hands the message to the thread and waits for
-the outcome, on one connection to the next hop kept for that session.
+whole of --as-client (one pass in the caller's thread). For --immediate,
+`immediate_link()` gives an SMTP session a handle whose `forward(id)`
+sends the message in the calling thread, on one connection to the next hop
+kept for that session: sessions forward side by side, as E-MailRelay's do,
+so a next hop that is slow to answer one submitter does not hold up the
+others (each waits at most the client timeouts). A claim is a rename that
+only one thread or process wins, so a pass running meanwhile never sends a
+message twice: whichever loses leaves it to the other.
 
 A pass claims each ready message (so processes sharing a spool never send
 one twice), runs the --client-filter programs, and hands the message to one
@@ -34,15 +38,23 @@ wakes for the earliest one by itself, without --poll. `--retry-interval 0`
 keeps E-MailRelay's behaviour: a 4xx fails the message at once, and an
 unreachable next hop leaves it queued for the next trigger.
 
+`stop()` lets the message in hand finish for STOP_GRACE seconds; a next
+hop still silent then is abandoned (its connection shut down, which wakes
+the thread wherever it waits), and the messages in hand go back to the
+queue with a warning naming each, not counted as an attempt.
+
 `Events` is the small publish/subscribe channel behind the admin `notify`
-command; the forwarder and the SMTP server publish one-line events to it.
+command; the forwarder publishes one-line events to it (a pass starts or
+ends, a message is deferred).
 """
 
 import collections
 import math
+import os
 import queue
 import threading
 import time
+import weakref
 
 from ..auth import sasl
 from ..runtime import log, process
@@ -50,6 +62,9 @@ from ..store import envelope as envelope_mod, spool
 from ..util import addresses
 from ..util.stats import Stats
 from . import smtp_client
+
+# Seconds stop() lets the message in hand finish before abandoning it.
+STOP_GRACE = 5.0
 
 
 class Events:
@@ -100,53 +115,55 @@ class PassResult:
         """True when every message went (none failed or waits for a retry)."""
         return self.failed == 0 and self.deferred == 0 and self.error is None
 
+    def summary(self):
+        """The counts, as the log line after a pass and `flush` both say them."""
+        return "%d message(s) sent, %d failed%s%s" % (
+            self.sent, self.failed,
+            ", %d to be retried" % self.deferred if self.deferred else "",
+            ", %d skipped" % self.skipped if self.skipped else "")
+
     def text(self):
         """`OK`, or what went wrong, for the admin `flush` command."""
         if self.error is not None:
             return "error: %s" % self.error
         if self.failed or self.deferred:
-            return "error: %d message(s) failed%s" % (
-                self.failed + self.deferred,
-                ", %d will be retried" % self.deferred if self.deferred else "")
+            return "error: %s" % self.summary()
         return "OK"
 
 
-class ImmediateSession:
-    """--immediate for one SMTP session (from `Forwarder.immediate_session()`).
+class ImmediateLink:
+    """--immediate for one SMTP session (from `Forwarder.immediate_link()`).
 
-    `forward(id)` hands a just-committed message to the forwarding thread
-    and waits: it returns None when the message went, or stays queued for
-    a retry or another forwarder (the submitter may be told `250`), else a
-    refusal reply (`5xx text`: the message is `.bad`, and the next hop's
-    own words go back to the submitter). The connection to the next hop is
-    kept between messages; `close()` ends it (call it when the SMTP session
-    ends).
+    `forward(id)` sends a just-committed message in the calling thread and
+    returns None when the message went, or stays queued for a retry or
+    another forwarder (the next hop could not be reached: the submitter may
+    be told `250`), else a refusal reply (the message is `.bad`; a refusal
+    by the next hop, 4xx or 5xx, goes back to the submitter word for word,
+    a client filter's as `452 <response>`). The connection to the next hop
+    is kept between messages; `close()` ends it (call it when the SMTP
+    session ends: the forwarding thread sends the QUIT, so the caller never
+    waits).
     """
 
     def __init__(self, forwarder):
         self._forwarder = forwarder
-        # Used only in the forwarding thread.
+        # Used by one thread at a time: the session's, then the QUIT's.
         self.client = None
 
     def forward(self, message_id):
-        return self._forwarder._submit(lambda: self._forwarder._forward_immediate(self, message_id))
+        forwarder = self._forwarder
+        if forwarder._stopping or forwarder._thread is None:
+            # Not forwarding now: the message stays queued for the next start.
+            return None
+        return forwarder._forward_immediate(self, message_id)
 
     def close(self):
-        self._forwarder._submit(self._quit, wait=False)
+        self._forwarder._submit(self._quit)
 
     def _quit(self):
         if self.client is not None:
             self.client.quit()
             self.client = None
-
-
-class _Job:
-    """Work for the forwarding thread, and its answer for the waiting caller."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.result = None
-        self.done = threading.Event()
 
 
 class Forwarder:
@@ -181,8 +198,14 @@ class Forwarder:
         self._stopping = False
         self._thread = None
         self._jobs = collections.deque()
-        # Message id -> time of its next attempt (messages waiting for a retry).
+        # Message id -> time of its next attempt (messages waiting for a
+        # retry); --immediate sessions add to it too, so it is used under
+        # self._cond.
         self._schedule = {}
+        # Passes and --immediate sends running, and every client they use,
+        # for stop() to wait for and, past its grace, abort.
+        self._sending = 0
+        self._clients = weakref.WeakSet()
 
     # -- triggers ------------------------------------------------------
 
@@ -228,37 +251,57 @@ class Forwarder:
             result = self._last
         return result.ok, result.text()
 
-    def stop(self):
-        """Stops after the message in hand (thread or run_once); waits for the thread briefly."""
+    def stop(self, grace=STOP_GRACE):
+        """Stops after the message in hand (thread or run_once), waiting `grace` seconds at most.
+
+        Past the grace the sessions with the next hop are aborted and the
+        messages in hand stay queued (see the module docstring).
+        """
         with self._cond:
             self._stopping = True
-            jobs = list(self._jobs)
             self._jobs.clear()
             self._cond.notify_all()
-        for job in jobs:
-            job.done.set()
+        if not self._wait_sent(grace):
+            with self._cond:
+                clients = list(self._clients)
+            log.warning("forwarding: stopping: the next hop has not finished within %ss: "
+                        "abandoning the session" % _seconds(grace))
+            for client in clients:
+                client.abort()
+            # Aborted, the senders release their claims at once (--immediate
+            # ones run in session threads, which the process does not wait for).
+            self._wait_sent(grace)
         if self._thread is not None:
             self._thread.join(30)
 
-    def immediate_session(self):
-        """A handle for one SMTP session's --immediate messages (see ImmediateSession)."""
-        return ImmediateSession(self)
+    def _wait_sent(self, seconds):
+        """Waits until no pass or --immediate send runs; False if one still does after `seconds`."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while self._sending and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return not self._sending
 
-    def _submit(self, fn, wait=True):
-        """Runs `fn` in the forwarding thread; with `wait`, returns its result.
+    def _begin_sending(self):
+        with self._cond:
+            self._sending += 1
 
-        Returns None at once when the forwarder is stopping (the message
-        stays in the spool for the next start).
-        """
-        job = _Job(fn)
+    def _end_sending(self):
+        with self._cond:
+            self._sending -= 1
+            self._cond.notify_all()
+
+    def immediate_link(self):
+        """A handle for one SMTP session's --immediate messages (see ImmediateLink)."""
+        return ImmediateLink(self)
+
+    def _submit(self, fn):
+        """Has the forwarding thread call `fn` soon (not at all when it is stopping)."""
         with self._cond:
             if self._stopping or self._thread is None:
-                return None
-            self._jobs.append(job)
+                return
+            self._jobs.append(fn)
             self._cond.notify_all()
-        if wait:
-            job.done.wait()
-        return job.result
 
     def _run_jobs(self):
         while True:
@@ -267,11 +310,9 @@ class Forwarder:
                     return
                 job = self._jobs.popleft()
             try:
-                job.result = job.fn()
+                job()
             except Exception as e:  # the thread must survive anything a job meets
                 log.error("forwarding: unexpected error: %s: %s" % (type(e).__name__, e))
-            finally:
-                job.done.set()
 
     def _next_wake(self, next_poll):
         """The monotonic time the thread must wake by itself, or None."""
@@ -335,7 +376,11 @@ class Forwarder:
         auth = None
         if self.client_secret is not None:
             auth = sasl.ClientAuth(self.client_secret, self.cfg.client_auth_config)
-        return smtp_client.Client(self.cfg, auth, self.tls_context)
+        client = smtp_client.Client(self.cfg, auth, self.tls_context)
+        # (--immediate sessions make clients in their own threads.)
+        with self._cond:
+            self._clients.add(client)
+        return client
 
     def run_pass(self, force=False):
         """One pass over the spool with one connection; returns a PassResult.
@@ -350,6 +395,7 @@ class Forwarder:
         """
         result = PassResult()
         self._publish("forwarding: start")
+        self._begin_sending()
         client = None
         settler = _Deletions(self._sent)
         claims = self._claims(force, result)
@@ -395,16 +441,23 @@ class Forwarder:
                 if unsent is not None:
                     _release(unsent)
             settler.close()
+            self._end_sending()
         self._publish("forwarding: done: %d sent, %d failed" % (result.sent, result.failed))
         if result.processed:
-            log.info("forwarding: %d message(s) sent, %d failed%s%s" % (
-                result.sent, result.failed,
-                ", %d to be retried" % result.deferred if result.deferred else "",
-                ", %d skipped" % result.skipped if result.skipped else ""))
+            log.info("forwarding: %s" % result.summary())
         return result
 
     def _connection_failed(self, claim, e, result):
-        """The session broke while `claim` was in hand: fail or defer it."""
+        """The session broke while `claim` was in hand: fail or defer it.
+
+        At shutdown (stop() aborted the session) it goes back to the
+        queue as it is: that was no attempt.
+        """
+        if self._stopping:
+            log.warning("forwarding: %s: abandoned at shutdown (%s): it stays queued"
+                        % (claim.id, e))
+            _release(claim)
+            return
         if e.permanent:
             log.error("forwarding: %s" % e)
             self._failed(claim, str(e), 0, result)
@@ -429,25 +482,42 @@ class Forwarder:
             self._count("messages-failed")
         ids = self.spool.ids()
         present = set(ids)
-        for gone in [i for i in self._schedule if i not in present]:
-            del self._schedule[gone]
+        with self._cond:
+            for gone in [i for i in self._schedule if i not in present]:
+                del self._schedule[gone]
         for message_id in ids:
             now = time.time()
-            due = self._schedule.get(message_id)
+            with self._cond:
+                due = self._schedule.get(message_id)
             if not force and due is not None and due > now:
                 continue
             claim = self.spool.claim(message_id, failed=unreadable)
             if claim is None:
-                self._schedule.pop(message_id, None)
+                self._retry_at(message_id, None)
                 continue
             state = claim.envelope.retry() if self.retry_interval else None
-            if not force and state is not None and state.next_time > now:
+            due = self._retry_due(claim, state) if state is not None else None
+            if not force and due is not None and due > now:
                 # Deferred by another process, or by us before a restart.
-                self._schedule[message_id] = state.next_time
+                self._retry_at(message_id, due)
                 _release(claim)
                 continue
-            self._schedule.pop(message_id, None)
+            self._retry_at(message_id, None)
             yield claim
+
+    def _retry_due(self, claim, state):
+        """When a deferred message is due: its stored time, capped by today's settings.
+
+        The time was chosen by whoever deferred it (an earlier run, maybe
+        with a longer --retry-max-interval), so it is brought forward to
+        at most --retry-max-interval after the deferral, which is when the
+        envelope was last written.
+        """
+        try:
+            deferred = os.stat(claim.envelope_path).st_mtime
+        except OSError:
+            return state.next_time
+        return min(state.next_time, int(math.ceil(deferred + self.retry_max_interval)))
 
     def _run_client_filters(self, claim, result):
         """Runs --client-filter programs on a claimed message.
@@ -464,6 +534,8 @@ class Forwarder:
             if r.cancel:
                 return "skip"
             if not r.ok and r.temporary:
+                log.warning("forwarding: %s: client filter [%s]: failed response=[%s] reason=[%s]"
+                            % (claim.id, log.sanitise(f.spec), r.response, log.sanitise(r.reason)))
                 return "retry"
             if not r.ok:
                 return (r.reason or "client filter failed", r.code if r.code is not None else 0)
@@ -507,10 +579,10 @@ class Forwarder:
         if following is not None and not following.envelope.to_remote:
             following = None
         outcome = client.send(claim, following)
-        self._settle(claim, outcome, result, settler)
+        self._settle(claim, outcome, result, client.target, settler)
 
-    def _settle(self, claim, outcome, result, settler=None):
-        """Deletes, fails or defers `claim` after `outcome`."""
+    def _settle(self, claim, outcome, result, relay, settler=None):
+        """Deletes, fails or defers `claim` after `outcome` from the next hop `relay`."""
         if not outcome.ok:
             if outcome.temporary:
                 self._temporary(claim, outcome.reason, outcome.code, result)
@@ -521,22 +593,25 @@ class Forwarder:
             # --forward-to-some: the message went to the others; keep a copy
             # addressed to the refused recipients only, for a retry.
             env = claim.envelope
-            env.to_remote = [r for r, _ in outcome.rejected]
+            refused = [r for r, _ in outcome.rejected]
+            accepted = [r for r in env.to_remote if r not in refused]
+            env.to_remote = refused
             claim.rewrite(env)
             reason = smtp_client.rejection_reason("one or more", outcome.rejected)
             code = max(int(text[:3]) for _, text in outcome.rejected)
-            self._sent(claim.id, result)
+            self._sent(claim.id, _delivery(accepted, relay, outcome.reason), result)
             if 400 <= code < 500:
                 self._temporary(claim, reason, code, result)
             else:
                 self._failed(claim, reason, code, result)
             return
         result.sent += 1
+        delivery = _delivery(claim.envelope.to_remote, relay, outcome.reason)
         if settler is None:
             claim.delete()
-            self._sent(claim.id)
+            self._sent(claim.id, delivery)
         else:
-            settler.add(claim)
+            settler.add(claim, delivery)
 
     def _temporary(self, claim, reason, code, result):
         """A temporary failure: defer `claim` for a retry, or fail it (see the module docstring)."""
@@ -558,17 +633,32 @@ class Forwarder:
         # Whole seconds, as the envelope keeps them.
         next_time = int(math.ceil(now + delay))
         claim.defer(envelope_mod.Retry(count, next_time, first, reason))
-        self._schedule[claim.id] = next_time
+        self._retry_at(claim.id, next_time)
         result.deferred += 1
+        self._count("messages-deferred")
         log.warning("forwarding: %s: temporary failure %d: %s: next attempt in %ss"
                     % (claim.id, count, reason, _seconds(delay)))
         self._publish("deferred %s: %s" % (claim.id, reason))
 
-    def _sent(self, message_id, result=None):
+    def _retry_at(self, message_id, when):
+        """Notes when message `message_id` is due again (None: not waiting).
+
+        The forwarding thread is woken to work out its next wake-up, for a
+        message an --immediate session deferred.
+        """
+        with self._cond:
+            if when is None:
+                self._schedule.pop(message_id, None)
+            else:
+                self._schedule[message_id] = when
+                self._cond.notify_all()
+
+    def _sent(self, message_id, delivery, result=None):
+        """Counts and logs a message the next hop took (`delivery`: see _delivery())."""
         if result is not None:
             result.sent += 1
         self._count("messages-forwarded")
-        log.verbose("forwarding: %s: sent" % message_id)
+        log.info("forwarding: %s: %s" % (message_id, delivery))
         self._publish("forwarded %s" % message_id)
 
     def _failed(self, claim, reason, code, result):
@@ -586,18 +676,21 @@ class Forwarder:
         if self.events is not None:
             self.events.publish(text)
 
-    # -- --immediate (runs in the forwarding thread) --------------------
+    # -- --immediate (runs in the submitting session's thread) ----------
 
     def _forward_immediate(self, session, message_id):
-        """Sends one message on the session's connection; see ImmediateSession.forward()."""
+        """Sends one message on the session's connection; see ImmediateLink.forward()."""
         result = PassResult()
         claim = self.spool.claim(message_id)
         if claim is None:
             return None
+        self._begin_sending()
         try:
             if not self._prepare(claim, result):
                 claim = None
-                return _refusal(result, "554", "5.7.1")
+                # A client filter's rejection is `452 <response>`, as a
+                # --filter's is.
+                return _refusal(result, "452", "4.7.1")
             if session.client is None:
                 session.client = self._new_client()
             try:
@@ -607,12 +700,21 @@ class Forwarder:
                 claim = None
                 return "554 5.0.0 %s" % e if e.permanent else None
             settling, claim = claim, None
-            self._settle(settling, outcome, result)
+            if outcome.ok or not outcome.code:
+                self._settle(settling, outcome, result, session.client.target)
+            else:
+                # The next hop refused (4xx too): its reply goes back to the
+                # submitter, who owns the retry, so the message is not kept
+                # for one of ours (it fails, as in E-MailRelay 2.6).
+                self._failed(settling, outcome.reason, outcome.code, result)
         finally:
             if claim is not None:
                 _release(claim)
-        if outcome.ok or outcome.temporary:
+            self._end_sending()
+        if outcome.ok:
             return None
+        if outcome.rejected:
+            return outcome.rejected[0][1]
         reason = outcome.reason
         return reason if reason[:3].isdigit() else "%d %s" % (outcome.code or 554, reason)
 
@@ -622,6 +724,13 @@ def _refusal(result, code, status):
     if not result.failed:
         return None
     return "%s %s %s" % (code, status, result.reason)
+
+
+def _delivery(recipients, relay, reply):
+    """The rest of a message's "sent" log line, in Postfix's shape for log tools:
+    `to=<a@b>,<c@d> relay=host:port status=sent (250 2.0.0 Ok: queued as X)`."""
+    return "to=%s relay=%s status=sent (%s)" % (
+        ",".join("<%s>" % log.sanitise(r) for r in recipients), relay, log.sanitise(reply))
 
 
 def _seconds(value):
@@ -641,8 +750,8 @@ class _Deletions:
     window a batch, then closes their files without root (freeing them is
     the slow part: on a journalling file system it costs more than the
     whole SMTP transaction). hand_over() waits while BACKLOG batches are
-    pending, so open files stay bounded. `sent(id)` is called for each
-    removed envelope.
+    pending, so open files stay bounded. `sent(id, delivery)` is called for each
+    removed envelope, with the delivery text add() was given.
     """
 
     # Where windows are process-wide (see process), each costs a switch of
@@ -657,22 +766,22 @@ class _Deletions:
         self._queue = queue.Queue(self.BACKLOG)
         self._thread = None
 
-    def add(self, claim):
-        self._claims.append(claim)
+    def add(self, claim, delivery):
+        self._claims.append((claim, delivery))
 
     def flush(self):
         claims, self._claims = self._claims, []
         if not claims:
             return
         with process.privileged(group=False):
-            for claim in claims:
+            for claim, delivery in claims:
                 try:
                     claim.remove_envelope()
                 except OSError as e:
                     # (The claim keeps its lock: no one else sends it while we run.)
                     log.error("forwarding: %s: cannot remove the envelope: %s" % (claim.id, e))
                     continue
-                self._sent(claim.id)
+                self._sent(claim.id, delivery)
                 self._removed.append(claim)
 
     def hand_over(self, everything=False):

@@ -7,32 +7,32 @@ with --client-auth); `send(claim)` sends one claimed message and returns an
 `Outcome`; `quit()` ends the session. Connection-level problems raise
 `ConnectionFailure`: unreachable, refused, timeouts, a 421 are temporary
 (the message stays queued for a retry); a next hop whose certificate fails
-verification, or AUTH refused or impossible, is `permanent` (the message in
-hand fails). A refusal of the message itself is an `Outcome` with `ok`
-False and the server's reply; so is a message that cannot be sent as it is
-(an address that is not valid UTF-8 or holds CR, LF, NUL or angle brackets,
-or content needing an extension the next hop lacks).
+verification or that refuses ours, or AUTH refused or impossible, is
+`permanent` (the message in hand fails). A refusal of the message itself
+is an `Outcome` with `ok` False and the server's reply; so is a message
+that cannot be sent as it is (an address that is not valid UTF-8 or holds
+CR, LF, NUL or angle brackets, or content needing an extension the next
+hop lacks).
 
 The protocol is written here rather than on smtplib: MAIL, RCPT and DATA go
 out together when the server offers PIPELINING, and the next message's
 commands with the end of this one's content (smtplib does neither); the
 connection may come from the SOCKS shim or skip a late greeting
 (--prompt-timeout), which smtplib has no public way to accept; and the
-dialogue is logged at --debug in E-MailRelay's form (`tx>>: "EHLO name"`,
+dialogue is logged at --verbose in E-MailRelay 2.6's form (`tx>>: "EHLO name"`,
 `rx<<: "250 ..."`, AUTH secrets and content not shown). The content is
 streamed from the content file by `dotstuff` (CRLF line endings, dot
 stuffing, NUL dropped); BINARYMIME goes by BDAT with its exact bytes.
 """
 
 import os
-import select
 import socket
 import ssl
 
 from ..auth import sasl
 from ..config import options
-from ..net import socks, tls
-from ..runtime import log
+from ..net import connection, socks, tls
+from ..runtime import descriptors, log
 from ..store.spool import ContentError
 from ..util import addresses, dotstuff, xtext
 
@@ -42,6 +42,16 @@ BLOCK_SIZE = dotstuff.BLOCK_SIZE
 REPLY_LINE_LIMIT = 4096
 REPLY_LINES_LIMIT = 200
 QUIT_TIMEOUT = 2
+# Seconds to wait after a TLS 1.3 STARTTLS handshake for the server's
+# session tickets or its refusal of our certificate (see _await_verdict).
+TLS13_VERDICT_WAIT = 2
+# TLS alerts by which a server refuses the client certificate (OpenSSL's
+# reason names).
+CERTIFICATE_ALERTS = frozenset([
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "TLSV1_ALERT_UNKNOWN_CA"])
 _BAD_ADDRESS_CHARACTERS = set("\r\n\0<>") | {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
@@ -104,6 +114,14 @@ def _reply_text(code, msg):
     return ("%d %s" % (code, " ".join(text.split("\n")))).strip()
 
 
+def _certificate_refused(target, e):
+    """The failure for a next hop that refused our client certificate (an
+    ssl.SSLError with a CERTIFICATE_ALERTS reason): permanent, since
+    retrying cannot help until the certificate changes."""
+    return ConnectionFailure("tls error: %s rejected our client certificate: %s"
+                             % (target, e.reason.lower().replace("_", " ")), permanent=True)
+
+
 def dns_error(host, e):
     """E-MailRelay's text for a name that does not resolve."""
     return 'dns error: no such host: "%s" (%s)' % (host, getattr(e, "strerror", None) or e)
@@ -139,6 +157,9 @@ class Client:
         self._last_code = 0
         # (claim, commands) sent ahead with the previous message's content.
         self._present = None
+        # The socket being connected or in use, for abort() from another thread.
+        self._live = None
+        self._aborted = False
         self.features = options.smtp_config(getattr(cfg, "client_smtp_config", None),
                                             options.CLIENT_SMTP_KEYWORDS)
 
@@ -166,18 +187,18 @@ class Client:
         return code, msg
 
     def _send_lines(self, lines, shown=None):
-        """Writes command lines in one packet; logs them (or `shown`) at --debug."""
-        if log.debug_enabled():
+        """Writes command lines in one packet; logs them (or `shown`) at --verbose."""
+        if log.verbose_enabled():
             for i, line in enumerate(lines):
                 text = line if shown is None else shown[i]
-                log.debug("smtp client: tx>>: %s" % (
+                log.verbose("smtp client: tx>>: %s" % (
                     "[response not logged]" if text is None else '"%s"' % log.sanitise(text)))
         self.sock.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
 
     def reply(self):
         """Reads one (possibly multi-line) reply: (code, text lines joined by LF)."""
         lines = []
-        debug = log.debug_enabled()
+        verbose = log.verbose_enabled()
         while True:
             raw = self._rfile.readline(REPLY_LINE_LIMIT + 1)
             if not raw:
@@ -186,8 +207,8 @@ class Client:
                 raise ConnectionFailure("reply line from %s longer than %d octets"
                                         % (self.target, REPLY_LINE_LIMIT))
             line = raw.rstrip(b"\r\n")
-            if debug:
-                log.debug('smtp client: rx<<: "%s"' % log.sanitise(line))
+            if verbose:
+                log.verbose('smtp client: rx<<: "%s"' % log.sanitise(line))
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
                 raise ConnectionFailure("invalid response from %s: %s"
                                         % (self.target, log.sanitise(line[:80])))
@@ -227,6 +248,10 @@ class Client:
         error = None
         for af, st, proto, _, sa in infos:
             sock = socket.socket(af, st, proto)
+            self._live = sock
+            if self._aborted:
+                sock.close()
+                raise ConnectionFailure("stopping: no new connection to %s" % self.target)
             try:
                 sock.settimeout(timeout)
                 if source is not None:
@@ -256,6 +281,8 @@ class Client:
             raise ConnectionFailure("tls error: certificate verification failed for %s: %s"
                                     % (self.target, e.verify_message or e), permanent=True) from None
         except ssl.SSLError as e:
+            if e.reason in CERTIFICATE_ALERTS:
+                raise _certificate_refused(self.target, e) from None
             raise ConnectionFailure("tls error with %s: %s" % (self.target, e.reason or e)) from None
         if self.cfg.client_tls_verify_name:
             try:
@@ -282,6 +309,8 @@ class Client:
         Raises ConnectionFailure with a one-line reason.
         """
         self.close()
+        if self._aborted:
+            raise ConnectionFailure("stopping: no new connection to %s" % self.target)
         try:
             self._connect()
         except ConnectionFailure:
@@ -290,6 +319,13 @@ class Client:
         except socket.gaierror as e:
             self.close()
             raise ConnectionFailure(dns_error(self.socks_host or self.host, e)) from None
+        except ssl.SSLError as e:
+            self.close()
+            if e.reason in CERTIFICATE_ALERTS:
+                # With TLS 1.3 the alert arrives on the first read after
+                # the handshake.
+                raise _certificate_refused(self.target, e) from None
+            raise ConnectionFailure("cannot connect to %s: %s" % (self.target, _describe(e))) from None
         except (OSError, ValueError) as e:
             self.close()
             raise ConnectionFailure("cannot connect to %s: %s" % (self.target, _describe(e))) from None
@@ -298,9 +334,12 @@ class Client:
         cfg = self.cfg
         timeout = cfg.connection_timeout if cfg.connection_timeout is not None else 40
         if self.socks_host:
-            family, source = self._family_and_source()
-            sock = socks.connect(self.socks_host, self.socks_port, self.host, self.port,
-                                 timeout, source=source)
+            sock = self._tcp_connect(self.socks_host, self.socks_port, timeout)
+            try:
+                socks.handshake(sock, self.socks_host, self.socks_port, self.host, self.port)
+            except BaseException:
+                sock.close()
+                raise
         else:
             sock = self._tcp_connect(self.host, self.port, timeout)
         self.ehlo_name = self._ehlo_name(sock)
@@ -334,8 +373,13 @@ class Client:
             " as %s" % self.authenticated_as if self.authenticated_as else ""))
 
     def _ehlo_name(self, sock):
-        """--domain, or our address literal when it has no dot (as E-MailRelay 2.6)."""
-        if "." in self.domain:
+        """--domain as given; a default domain without a dot becomes our address literal.
+
+        RFC 5321 4.1.4 asks for a fully qualified name or, failing one, an
+        address literal (`[127.0.0.1]`); E-MailRelay 2.6 sends the bare
+        address (`127.0.0.1`) there, which strict next hops refuse.
+        """
+        if "." in self.domain or self.cfg.given("domain"):
             return self.domain
         ip = sock.getsockname()[0]
         return "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
@@ -347,8 +391,7 @@ class Client:
             return
         if getattr(sock, "pending", None) and sock.pending():
             return
-        ready, _, _ = select.select([sock], [], [], wait)
-        if not ready:
+        if not descriptors.readable(sock, wait):
             log.warning("smtp client: no greeting from %s within %ss: going ahead without it"
                         % (self.target, wait))
             self._skip_greeting = True
@@ -373,7 +416,38 @@ class Client:
         if code != 220:
             raise ConnectionFailure("%s refused STARTTLS: %s" % (self.target, _reply_text(code, msg)))
         self._attach(self._wrap(self.sock))
+        self._await_verdict()
         self._hello()
+
+    def _await_verdict(self):
+        """After a TLS 1.3 handshake, waits briefly for the server's verdict on our certificate.
+
+        A TLS 1.3 server checks the client's certificate after the client
+        has finished the handshake, then sends session tickets or an alert.
+        An EHLO sent before that alert arrives makes the server's close a
+        reset, which discards the alert: the refusal would look like a
+        broken connection (temporary) instead of a refused certificate
+        (permanent). Reading the tickets or the alert first keeps the
+        refusal visible. A server that sends neither costs the wait once
+        per connection.
+        """
+        sock = self.sock
+        if sock.version() != "TLSv1.3":
+            return
+        timeout = sock.gettimeout()
+        if not descriptors.readable(sock, min(TLS13_VERDICT_WAIT, timeout or TLS13_VERDICT_WAIT)):
+            return
+        sock.setblocking(False)
+        try:
+            data = sock.recv(1)
+        except ssl.SSLWantReadError:
+            # Only session tickets so far: the certificate was accepted.
+            return
+        finally:
+            sock.settimeout(timeout)
+        if data:
+            raise ConnectionFailure("%s sent data before EHLO after STARTTLS" % self.target)
+        raise ConnectionFailure("connection closed by %s after STARTTLS" % self.target)
 
     def _authenticate(self):
         if not self.has_extn("auth"):
@@ -396,6 +470,18 @@ class Client:
         log.verbose("smtp client: authenticated with %s as %s using %s"
                     % (self.target, self.client_auth.user, mech))
 
+    def abort(self):
+        """Ends the session at once, from another thread (shutdown).
+
+        The socket is shut down, which wakes the thread waiting on it
+        (connecting, reading a reply, writing content) with an error, so
+        send() raises ConnectionFailure; no new connection is made.
+        """
+        self._aborted = True
+        for sock in (self.sock, self._live):
+            if sock is not None:
+                connection.shut_down_from_another_thread(sock)
+
     def close(self):
         """Drops the connection without QUIT."""
         if self._rfile is not None:
@@ -409,6 +495,7 @@ class Client:
             except OSError:
                 pass
         self.sock = None
+        self._live = None
         self._rfile = None
         self.esmtp_features = {}
         self.tls = False
@@ -520,16 +607,20 @@ class Client:
     def _auth_param(self, env):
         """The MAIL FROM AUTH= value per the MailFromAuthOut rules, or None.
 
-        Only when the next hop offers AUTH and not with --anonymous(=client).
-        Empty MailFromAuthOut: our session's name if we authenticated, else
-        `<>`; `+`: `<>` (no name); anything else is sent as it is (xtext).
+        As E-MailRelay 2.6: only in a session we authenticated (RFC 4954
+        5: the parameter is for an authenticated client), `<>` with
+        --anonymous(=client). Empty MailFromAuthOut: our session's name;
+        `+` or anything not xtext: `<>` (no name); otherwise it is sent as
+        it is.
         """
-        if "client" in options.anonymous_scopes(self.cfg.anonymous) or not self.has_extn("auth"):
+        if not self.authenticated_as:
             return None
+        if "client" in options.anonymous_scopes(self.cfg.anonymous):
+            return "<>"
         value = (env.mail_from_auth_out or "").strip()
         if not value:
-            return xtext.encode(self.authenticated_as) if self.authenticated_as else "<>"
-        if value == "+":
+            return xtext.encode(self.authenticated_as)
+        if not xtext.valid(value):
             return "<>"
         return value
 
@@ -658,22 +749,22 @@ class Client:
         pending = []
         pending_size = 0
         lines = 0
-        debug = log.debug_enabled()
+        verbose = log.verbose_enabled()
         for block in dotstuff.blocks(f):
-            if debug:
+            if verbose:
                 lines += block.count(b"\n")
             pending.append(block)
             pending_size += len(block)
             if pending_size >= BLOCK_SIZE:
                 sock.sendall(b"".join(pending))
                 pending, pending_size = [], 0
-        if debug:
-            log.debug("smtp client: tx>>: [%d line(s) of content]" % (lines - 1))
-            log.debug('smtp client: tx>>: "."')
+        if verbose:
+            log.verbose("smtp client: tx>>: [%d line(s) of content]" % (lines - 1))
+            log.verbose('smtp client: tx>>: "."')
         if ahead:
-            if debug:
+            if verbose:
                 for c in ahead:
-                    log.debug('smtp client: tx>>: "%s"' % log.sanitise(c))
+                    log.verbose('smtp client: tx>>: "%s"' % log.sanitise(c))
             pending.append("".join(c + "\r\n" for c in ahead).encode("utf-8"))
         sock.sendall(b"".join(pending))
         return self.reply()
@@ -686,8 +777,8 @@ class Client:
             following = f.read(BLOCK_SIZE) if block else b""
             last = not following
             command = "BDAT %d%s" % (len(block), " LAST" if last else "")
-            if log.debug_enabled():
-                log.debug('smtp client: tx>>: "%s" [%d byte(s)]' % (command, len(block)))
+            if log.verbose_enabled():
+                log.verbose('smtp client: tx>>: "%s" [%d byte(s)]' % (command, len(block)))
             sock.sendall(command.encode("ascii") + b"\r\n" + block)
             code, msg = self.reply()
             if last or code != 250:

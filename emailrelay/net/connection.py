@@ -1,21 +1,27 @@
 """The connection object protocol sessions use, over a socket, two fds or bytes.
 
 Protocol sessions never see a socket: they get a `Connection` (or `FdConnection`
-for --bsmtp and --inetd on a pipe, or in unit tests a `MemoryConnection`) with
+for --bsmtp and --inetd on a pipe, or in unit tests tests/'s `MemoryConnection`) with
 buffered line and block reads, buffered writes, and a server-side TLS upgrade.
 Timeouts raise `Timeout`, a peer that vanishes mid-write raises `Closed`, and
 a line over its limit raises `LineTooLong` after it has been consumed.
 """
 
 import os
-import select
 import socket
 import ssl
 import struct
 
+from ..runtime import descriptors
+
 RECV_SIZE = 65536
 # Writes are buffered for pipelining; a large backlog is sent at once.
 WRITE_HIGH_WATER = 65536
+# Seconds an implicit-TLS client has for its handshake.
+TLS_HANDSHAKE_TIMEOUT = 60
+# Input buffered for a session that is busy elsewhere: past this much the
+# session loop stops reading its socket.
+READ_HIGH_WATER = 65536
 
 
 class LineTooLong(Exception):
@@ -30,12 +36,18 @@ class Closed(Exception):
     """The peer went away while we were writing."""
 
 
-class _Buffered:
-    """Line and block reading over a `_recv()` primitive, with pushback."""
+class Buffered:
+    """Line and block reading over a `_recv()` primitive, with pushback.
+
+    The base of every connection look-alike: a subclass gives `_recv()`
+    (bytes, b'' at the end), `_send(data)`, `settimeout`, `starttls` and
+    `close` (the test double `MemoryConnection` in tests/ is one).
+    """
 
     def __init__(self):
         self._buf = bytearray()
         self._out = bytearray()
+        self._overlong = False      # the line being received is over its limit
         self.tls = False
         self.tls_cipher = None      # (cipher, protocol, secret bits) once TLS is active
         self.peer_certificate_pem = ""
@@ -58,26 +70,59 @@ class _Buffered:
         and carry on; memory never grows past `limit` plus one receive.
         Input that ends without a line ending is returned as it is.
         """
-        start = 0
-        overlong = False
         while True:
-            i = self._buf.find(b"\n", start)
-            if i >= 0:
-                line = bytes(self._buf[:i + 1])
-                del self._buf[:i + 1]
-                if overlong or len(line) > limit:
-                    raise LineTooLong()
+            line = self.next_line(limit, at_end=False)
+            if line is not None:
                 return line
-            if len(self._buf) > limit:
-                overlong = True
-                self._buf.clear()
-            start = len(self._buf)
             if not self._fill():
-                if overlong:
-                    raise LineTooLong()
-                line = bytes(self._buf)
-                self._buf.clear()
-                return line
+                return self.next_line(limit, at_end=True)
+
+    def next_line(self, limit, at_end):
+        """The next line from the buffered input, as `readline` gives it, or None.
+
+        None means that more input is needed; `at_end` says that none will
+        come, so what is buffered is the last line (b'' when nothing is). The
+        one line-framing rule of every connection, the session loop's too: an
+        overlong line is dropped as it arrives and reported by LineTooLong
+        once its end has been consumed.
+        """
+        buf = self._buf
+        i = buf.find(b"\n")
+        if i >= 0:
+            line = bytes(buf[:i + 1])
+            del buf[:i + 1]
+            if self._overlong or len(line) > limit:
+                self._overlong = False
+                raise LineTooLong()
+            return line
+        if len(buf) > limit:
+            self._overlong = True
+            buf.clear()
+        if not at_end:
+            return None
+        if self._overlong:
+            self._overlong = False
+            raise LineTooLong()
+        line = bytes(buf)
+        buf.clear()
+        return line
+
+    def buffered(self):
+        """Octets of input received and not yet read."""
+        return len(self._buf)
+
+    def discard_input(self):
+        """Forgets the input received and not yet read."""
+        self._buf.clear()
+
+    def unsent(self):
+        """Octets queued by write() and not yet sent."""
+        return len(self._out)
+
+    def hand_over_output(self, other):
+        """Moves the output not yet sent to `other`, which takes over the peer."""
+        other._out += self._out
+        self._out.clear()
 
     def read(self, n):
         """Reads at most `n` octets (at least one), or b'' at end of input."""
@@ -106,7 +151,7 @@ class _Buffered:
             self._send(data)
 
 
-class Connection(_Buffered):
+class Connection(Buffered):
     """A connected socket as a session sees it.
 
     `peer` and `local` are (ip, port) tuples; `tls` says whether TLS is
@@ -169,7 +214,13 @@ class Connection(_Buffered):
         self.accept_tls(context)
 
     def accept_tls(self, context):
-        """Starts TLS at once, for implicit-TLS ports (SMTPS, POP3S)."""
+        """Starts TLS at once, for implicit-TLS ports (SMTPS, POP3S).
+
+        Before a session has set its own timeout, the handshake gets
+        TLS_HANDSHAKE_TIMEOUT seconds.
+        """
+        if self._timeout is None:
+            self.settimeout(TLS_HANDSHAKE_TIMEOUT)
         # TLS needs Python's timeout handling, not the kernel's.
         zero = _timeval(0)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, zero)
@@ -194,13 +245,13 @@ class Connection(_Buffered):
             pass
 
 
-class FdConnection(_Buffered):
+class FdConnection(Buffered):
     """A `Connection` look-alike over two file descriptors that are not a socket.
 
     For --bsmtp and --inetd on a pipe: reads from `rfd` (a pipe, a file or
     a terminal), writes to `wfd`. `peer` is given by the caller, since a
     pipe has no address; there is no TLS. The idle timeout is kept with
-    select(), which a regular file always passes.
+    poll(), which a regular file always passes.
     """
 
     def __init__(self, rfd, wfd, peer, local=("unknown", 0)):
@@ -213,8 +264,7 @@ class FdConnection(_Buffered):
 
     def _recv(self):
         try:
-            ready, _, _ = select.select([self.rfd], [], [], self._timeout)
-            if not ready:
+            if not descriptors.readable(self.rfd, self._timeout):
                 raise Timeout()
             return os.read(self.rfd, RECV_SIZE)
         except OSError:
@@ -243,47 +293,26 @@ class FdConnection(_Buffered):
             pass
 
 
-class MemoryConnection(_Buffered):
-    """A `Connection` look-alike over bytes, for testing sessions.
+def shut_down_from_another_thread(sock):
+    """Shuts a connection down from another thread, so the thread using it wakes up.
 
-    The whole input is given up front (it may be a list of chunks, each
-    returned by one receive, to exercise buffering); `output` collects what
-    the session wrote, flushed or not.
+    The shutdown goes to a duplicate of the descriptor: it acts on the
+    connection (and, on Linux, ends a connect() in progress) and leaves the
+    (TLS) socket object, which the other thread is using, untouched.
     """
-
-    def __init__(self, data=b"", peer=("127.0.0.1", 40000), local=("127.0.0.1", 25)):
-        super().__init__()
-        self._chunks = list(data) if isinstance(data, list) else [data]
-        self.output = bytearray()
-        self.peer = peer
-        self.local = local
-        self.closed = False
-        self.timeout = None
-
-    def _recv(self):
-        while self._chunks:
-            chunk = self._chunks.pop(0)
-            if chunk:
-                return chunk
-        return b""
-
-    def _send(self, data):
-        self.output += data
-
-    def write(self, data):
-        self.output += data
-
-    def flush(self):
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
         pass
-
-    def settimeout(self, seconds):
-        self.timeout = seconds
-
-    def starttls(self, context):
-        raise OSError("TLS is not available on a memory connection")
-
-    def close(self):
-        self.closed = True
+    finally:
+        dup.close()
 
 
 def address_pair(addr):

@@ -3,11 +3,10 @@
 `Server` owns every listening socket of the process and runs one accept
 loop in the main thread; an accepted connection runs its session in a
 thread of its own, or in the session loop (`session_loop`) for plain SMTP.
-The connection object sessions use is in `connection`; its names are
-offered here too, where the protocol modules have always found them.
+The connection object sessions use is in `connection`.
 
 Why one selector loop rather than one `socketserver.ThreadingTCPServer` per
-listening address (the design card's suggestion): E-MailRelay listens on
+listening address (the usual Python shape): E-MailRelay listens on
 several addresses for several protocols at once, and one loop gives a single
 place for the connection caps, the open-relay guard and a prompt, signal-driven
 shutdown (the loop wakes on a socketpair), without a thread per listener.
@@ -18,9 +17,20 @@ cannot make another answer "too many connections". The accept loop never
 waits for a slot: a connection over its budget is handed to one refuser
 thread, which gives ending sessions a moment to free a slot and otherwise
 sends the busy reply and closes.
+
+Running out of file descriptors (EMFILE, ENFILE) is the same condition
+seen from the kernel: the accept loop cannot take the connection, and the
+listening socket stays readable, so retrying at once would spin. The
+listener is paused instead (its connections wait in the kernel's queue
+while ending sessions free descriptors); if accepting still fails after
+the pause, the waiting connections are answered with the busy reply
+through a reserve descriptor kept for that, and the listener is paused
+again. One warning says so; one line says when connections are accepted
+again.
 """
 
 import collections
+import errno
 import os
 import queue
 import selectors
@@ -28,17 +38,10 @@ import socket
 import threading
 import time
 
-from ..runtime import log
+from ..runtime import descriptors, log
 from ..util import addresses
-from . import interfaces, proxy_reader, session_loop
-from .connection import (Closed, Connection, FdConnection, LineTooLong, MemoryConnection,
-                         RECV_SIZE, Timeout, WRITE_HIGH_WATER, address_pair)
-
-
-# The connection API sessions take from here (see the module docstring).
-__all__ = ["Server", "Listener", "parse_interfaces", "listen_backlog", "systemd_sockets",
-           "RECV_SIZE", "WRITE_HIGH_WATER", "Closed", "Connection", "FdConnection",
-           "LineTooLong", "MemoryConnection", "Timeout"]
+from . import connection, interfaces, proxy_reader, session_loop
+from .connection import Connection, address_pair
 
 # Seconds an over-the-limit connection waits (in the refuser thread, never in
 # the accept loop) for ending sessions to free a slot.
@@ -53,6 +56,15 @@ ACCEPT_BATCH = 64
 FLOOD_FACTOR = 4
 # Seconds an idle session thread waits for a new connection before it ends.
 WORKER_IDLE = 30.0
+# accept() errors that mean the process or the system is out of descriptors
+# (or of the memory behind them): the connection stays queued.
+OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+# Seconds a listener that ran out of descriptors rests before it tries again.
+OUT_OF_DESCRIPTORS_PAUSE = 0.25
+# Connections answered with the busy reply per try while out of descriptors.
+OUT_OF_DESCRIPTORS_REFUSALS = 256
+# Seconds between two warnings about running out of descriptors.
+OUT_OF_DESCRIPTORS_WARNING = 60.0
 
 
 def parse_interfaces(values):
@@ -153,7 +165,7 @@ class Listener:
     """One listening socket and what to do with its connections."""
 
     def __init__(self, sock, kind, handler, tls_context, busy_reply, address_busy_reply=None,
-                 conversation=None, proxy_from=None):
+                 conversation=None, proxy_from=None, refused_reply=b""):
         self.sock = sock
         self.kind = kind
         self.handler = handler
@@ -162,11 +174,16 @@ class Listener:
         self.tls_context = tls_context
         self.busy_reply = busy_reply
         self.address_busy_reply = busy_reply if address_busy_reply is None else address_busy_reply
+        self.refused_reply = refused_reply
         local = address_pair(sock.getsockname())
         self.address = addresses.format_address(*local)
         # The local address of every accepted connection, unless the
         # listener is bound to a wildcard address.
         self.local = None if local[0] in ("0.0.0.0", "::") else local
+        # Connections refused for want of descriptors since accepting last
+        # worked (None: accepting works), and whether that was warned of.
+        self.starved = None
+        self.starved_warned = False
         # --proxy-protocol: the address patterns of the load balancers whose
         # connections start with a PROXY header (None: no header expected).
         self.proxy_from = proxy_from
@@ -233,6 +250,12 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.counters = {"connections": 0, "refused": 0}
+        self._selector = None
+        self._paused = {}        # listener -> monotonic time it accepts again
+        # A descriptor held back to answer connections when none is left.
+        self._reserve = None
+        self._reserve_lock = threading.Lock()
+        self._starved_warning = None   # monotonic time of the last warning
 
     def wakeup_fd(self):
         """An fd to give signal.set_wakeup_fd() so signals wake the loop."""
@@ -247,12 +270,13 @@ class Server:
 
     def add(self, kind, interfaces, port, handler, tls_context=None, busy_reply=b"",
             max_connections=None, max_per_address=None, address_busy_reply=None,
-            conversation=None, proxy_from=None):
+            conversation=None, proxy_from=None, refused_reply=b""):
         """Listens for `kind` on the given interfaces (all if empty) and port.
 
         `max_connections` / `max_per_address` override the server's budget
         for this kind of service. `address_busy_reply` (default
-        `busy_reply`) is sent over the per-address limit. With
+        `busy_reply`) is sent over the per-address limit, `refused_reply`
+        to a non-local client without --remote-clients. With
         `conversation(conn) -> session` (a `session_loop` conversation),
         plain connections are served by the session loop instead of a
         thread each; `handler` still serves implicit-TLS ones. With
@@ -273,10 +297,15 @@ class Server:
                 try:
                     sock = _bind(item, port, self.backlog)
                 except OSError as e:
-                    raise OSError(e.errno, "cannot listen on %s: %s"
-                                  % (addresses.format_address(item, port), e.strerror)) from None
+                    hint = ""
+                    if e.errno == errno.EACCES and port < 1024:
+                        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+                    raise OSError(e.errno, "cannot listen on %s: %s%s"
+                                  % (addresses.format_address(item, port), e.strerror,
+                                     hint)) from None
             self.listeners.append(Listener(sock, kind, handler, tls_context, busy_reply,
-                                           address_busy_reply, conversation, proxy_from))
+                                           address_busy_reply, conversation, proxy_from,
+                                           refused_reply))
 
     def addresses(self):
         """(kind, address) for every listener, for logs and `status`."""
@@ -294,20 +323,15 @@ class Server:
         flags (SIGHUP) are handled outside signal handlers.
         """
         self._stop_event = stop_event
-        sel = selectors.DefaultSelector()
+        self._selector = sel = selectors.DefaultSelector()
+        self._open_reserve()
         for lst in self.listeners:
             lst.sock.setblocking(False)
-            if lst.conversation is not None:
-                # Accepted in the session loop's thread, a few at a time so
-                # that a flood of connections to refuse does not starve the
-                # sessions it serves.
-                self._session_loop().watch(lst.sock, lambda lst=lst: self._accept_batch(lst, 8))
-            else:
-                sel.register(lst.sock, selectors.EVENT_READ, lst)
+            self._watch(lst)
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         try:
             while not stop_event.is_set():
-                for key, _ in sel.select():
+                for key, _ in sel.select(self._resume_paused()):
                     if key.data is None:
                         try:
                             while self._wake_r.recv(512):
@@ -321,6 +345,34 @@ class Server:
         finally:
             sel.close()
             self._shutdown()
+            with self._reserve_lock:
+                if self._reserve is not None:
+                    os.close(self._reserve)
+                    self._reserve = None
+
+    def _watch(self, lst):
+        """Has the accept loop (or the session loop) accept on `lst`."""
+        if lst.conversation is not None:
+            # Accepted in the session loop's thread, a few at a time so
+            # that a flood of connections to refuse does not starve the
+            # sessions it serves.
+            self._session_loop().watch(lst.sock, lambda: self._accept_batch(lst, 8))
+        else:
+            self._selector.register(lst.sock, selectors.EVENT_READ, lst)
+
+    def _resume_paused(self):
+        """Watches again the listeners whose pause is over; seconds to the next, or None."""
+        with self._lock:
+            if not self._paused or self._stopping:
+                return None
+            now = time.monotonic()
+            due = [lst for lst, when in self._paused.items() if when <= now]
+            for lst in due:
+                del self._paused[lst]
+            rest = [when - now for when in self._paused.values()]
+        for lst in due:
+            self._watch(lst)
+        return min(rest) if rest else None
 
     def _accept_batch(self, lst, most=ACCEPT_BATCH):
         # A burst fills the backlog faster than one accept per wake-up
@@ -333,8 +385,15 @@ class Server:
         """Accepts one connection; False when there was none waiting."""
         try:
             sock, addr = lst.sock.accept()
-        except OSError:
+        except OSError as e:
+            if e.errno in OUT_OF_DESCRIPTORS:
+                self._out_of_descriptors(lst, e)
             return False
+        if lst.starved is not None:
+            if lst.starved_warned:
+                log.info("%s: accepting connections again (%d refused while out of file "
+                         "descriptors)" % (lst.kind, lst.starved))
+            lst.starved, lst.starved_warned = None, False
         if lst.proxy_from is not None:
             self._expect_header(lst, sock, addr)
         else:
@@ -345,11 +404,18 @@ class Server:
         """Admits a connection from client `addr`, holds it, or refuses it (the guard)."""
         ip = addr[0]
         peer = addresses.format_address(ip, addr[1])
-        if not self.remote_clients and not addresses.is_local(ip):
-            log.warning("%s: connection refused from non-local address %s "
-                        "(see --remote-clients)" % (lst.kind, ip))
+        if addresses.refused_by_guard(ip, self.remote_clients):
+            log.warning("%s: connection refused from non-local address %s (%s)"
+                        % (lst.kind, ip, addresses.GUARD_HINT))
             with self._lock:
                 self.counters["refused"] += 1
+            # A fresh socket's send buffer takes one short line without
+            # blocking the accept loop; the client then knows why.
+            try:
+                sock.setblocking(False)
+                sock.send(lst.refused_reply)
+            except OSError:
+                pass
             sock.close()
             return
         if not self._admit(lst, sock, addr, peer):
@@ -395,6 +461,73 @@ class Server:
                  % (lst.kind, header.version, addresses.format_address(addr[0], addr[1]), named))
         self._accepted(lst, sock, client)
 
+    def _out_of_descriptors(self, lst, e):
+        """accept() found no descriptor for a connection: warn, refuse or wait, pause.
+
+        The first time, the connections wait in the kernel's queue for the
+        pause; when accepting fails again after it, those waiting are
+        answered with the busy reply (see the module docstring).
+        """
+        if lst.starved is None:
+            lst.starved = 0
+            now = time.monotonic()
+            if self._starved_warning is None \
+                    or now - self._starved_warning >= OUT_OF_DESCRIPTORS_WARNING:
+                self._starved_warning = now
+                lst.starved_warned = True
+                log.warning("%s: cannot accept connections: %s (open-files limit %s): new "
+                            "connections wait, then get the busy reply, until sessions end "
+                            "(see --max-connections, LimitNOFILE)"
+                            % (lst.kind, e.strerror or e, descriptors.limit_text()))
+        else:
+            lst.starved += self._refuse_waiting(lst)
+        with self._lock:
+            if self._stopping:
+                return
+            self._paused[lst] = time.monotonic() + OUT_OF_DESCRIPTORS_PAUSE
+        if lst.conversation is not None:
+            self._loop.unwatch(lst.sock)
+        else:
+            self._selector.unregister(lst.sock)
+        # (From the session loop's thread: the accept loop must learn of the pause.)
+        self.wake()
+
+    def _open_reserve(self):
+        """Opens the reserve descriptor if it is not open; False when it cannot be."""
+        if self._reserve is None:
+            try:
+                self._reserve = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return False
+        return True
+
+    def _refuse_waiting(self, lst):
+        """Answers waiting connections with the busy reply, through the reserve descriptor.
+
+        Returns how many. Another thread may take the descriptor freed for
+        a connection first; then the rest wait for the next try.
+        """
+        refused = 0
+        with self._reserve_lock:
+            while refused < OUT_OF_DESCRIPTORS_REFUSALS and self._open_reserve():
+                os.close(self._reserve)
+                self._reserve = None
+                try:
+                    sock, _ = lst.sock.accept()
+                except OSError:
+                    break
+                try:
+                    sock.setblocking(False)
+                    sock.send(lst.busy_reply)
+                except OSError:
+                    pass
+                sock.close()
+                refused += 1
+            self._open_reserve()
+        with self._lock:
+            self.counters["refused"] += refused
+        return refused
+
     def _admit(self, lst, sock, addr, peer):
         """Starts the session if its kind's budget allows; False if over it."""
         ip = addr[0]
@@ -427,8 +560,12 @@ class Server:
         """The session loop, started on first use."""
         with self._lock:
             if self._loop is None:
+                # As many call threads as sessions the loop may hold: no
+                # session's policy call waits for another's (session_loop).
+                kinds = {lst.kind for lst in self.listeners if lst.conversation is not None}
                 self._loop = session_loop.SessionLoop(
-                    register=self._register, stop_event=self._stop_event, name="smtp")
+                    register=self._register, stop_event=self._stop_event, name="smtp",
+                    pool_size=sum(self._limits[kind][0] for kind in kinds))
             return self._loop
 
     def _park(self, lst, sock, addr, peer):
@@ -570,7 +707,6 @@ class Server:
                 # which is the TLS one once TLS has started.
                 self._live[sock] = conn
             if lst.tls_context is not None:
-                conn.settimeout(60)
                 try:
                     conn.accept_tls(lst.tls_context)
                 except (OSError, ValueError) as e:
@@ -623,7 +759,7 @@ class Server:
         if headers is not None:
             headers.stop()
         for item in live:
-            _shutdown_socket(getattr(item, "sock", item))
+            connection.shut_down_from_another_thread(getattr(item, "sock", item))
         if self._loop is not None:
             self._loop.stop()
         deadline = time.monotonic() + grace
@@ -635,28 +771,6 @@ class Server:
             self._idle = 0
         self._wake_r.close()
         self._wake_w.close()
-
-
-def _shutdown_socket(sock):
-    """Shuts a connection down from another thread, so its reader wakes up.
-
-    The shutdown goes to a duplicate of the descriptor: it acts on the
-    connection itself, and leaves the (TLS) socket object, which its own
-    thread is using, untouched.
-    """
-    try:
-        fd = sock.fileno()
-        if fd < 0:
-            return
-        dup = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return
-    try:
-        dup.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        dup.close()
 
 
 def _ipv6_works():

@@ -40,19 +40,28 @@ def connect(proxy_host, proxy_port, host, port, timeout, source=None):
     """
     sock = socket.create_connection((proxy_host, proxy_port), timeout, source_address=source)
     try:
-        sock.sendall(_request(host, port))
-        reply = b""
-        while len(reply) < 8:
-            data = sock.recv(8 - len(reply))
-            if not data:
-                raise SocksError("SOCKS proxy %s:%d closed the connection while connecting "
-                                 "to %s:%d" % (proxy_host, proxy_port, host, port))
-            reply += data
-        if reply[1] != GRANTED:
-            raise SocksError("SOCKS proxy %s:%d refused the connection to %s:%d: %s (0x%02x)"
-                             % (proxy_host, proxy_port, host, port,
-                                _REPLIES.get(reply[1], "unexpected reply"), reply[1]))
+        handshake(sock, proxy_host, proxy_port, host, port)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def handshake(sock, proxy_host, proxy_port, host, port):
+    """Asks the SOCKS 4a proxy connected on `sock` for a connection to `host:port`.
+
+    Raises SocksError when the proxy says no, OSError for network failures;
+    the caller closes the socket then.
+    """
+    sock.sendall(_request(host, port))
+    reply = b""
+    while len(reply) < 8:
+        data = sock.recv(8 - len(reply))
+        if not data:
+            raise SocksError("SOCKS proxy %s:%d closed the connection while connecting "
+                             "to %s:%d" % (proxy_host, proxy_port, host, port))
+        reply += data
+    if reply[1] != GRANTED:
+        raise SocksError("SOCKS proxy %s:%d refused the connection to %s:%d: %s (0x%02x)"
+                         % (proxy_host, proxy_port, host, port,
+                            _REPLIES.get(reply[1], "unexpected reply"), reply[1]))

@@ -34,11 +34,10 @@ relay's own host, with a client bound to 127.0.0.2, say).
 import ipaddress
 import os
 import re
-import select
 import socket
 import time
 
-from ..runtime import log
+from ..runtime import descriptors, log
 from ..util import addresses, dns
 
 DEFAULT_THRESHOLD = 1
@@ -207,7 +206,7 @@ class Dnsbl:
             deadline = time.monotonic() + self.timeout
             while by_id and not self._decided(answers, len(by_id)):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+                if remaining <= 0 or not descriptors.readable(sock, remaining):
                     break
                 try:
                     data, source = sock.recvfrom(4096)

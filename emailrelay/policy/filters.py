@@ -25,9 +25,10 @@ Specs:
 
 `--filter-timeout` bounds a program's run, and a daemon's connect and
 answer. A daemon that is down, refuses, times out or gives no complete line
-is a temporary failure (`temporary` is True), logged as a warning: the SMTP
-client gets 4xx and nothing is stored; a client-filtered message stays
-queued.
+is a temporary failure (`temporary` is True, `response` 'failed', the
+reason such as `response timeout: 127.0.0.1:10025`), which the caller logs
+as a warning: the SMTP client gets `452 failed` and nothing is stored; a
+client-filtered message stays queued.
 
 A program runs with an argument list (never a shell), the content file path
 and then the envelope file path as its last two arguments (E-MailRelay 2.1
@@ -52,7 +53,7 @@ Exit codes, as E-MailRelay gives them (100-115 are reserved):
 | 102    | cancel + rescan the spool      | ok + stop scanning                |
 | 103    | ok + rescan the spool          | ok                                |
 | 104    | reject + rescan the spool      | cancel + stop scanning            |
-| 105    | reject ("rejected")            | fail + stop scanning              |
+| 105    | reject ("rejected")            | ok + stop scanning                |
 | other  | reject ("rejected")            | fail                              |
 
 A cancelled message is not an error even if its files have gone.
@@ -82,15 +83,18 @@ class FilterResult:
     this message. `special` sums these up: 'cancel', 'rescan', 'stop' or None.
     `code` is the exit status (None on timeout, crash or start failure).
     `reason` is text for the SMTP client ('' when ok); `temporary` is True
-    for timeouts, crashes and start failures (reply 4xx, not 5xx).
+    for timeouts, crashes and start failures (reply 4xx, not 5xx), and then
+    `reason` is for the log and `response` the reply text (E-MailRelay's
+    `error` for a program, `failed` for a filter daemon).
     """
 
     def __init__(self, ok, code=None, reason="", temporary=False, cancel=False, rescan=False,
-                 stop=False):
+                 stop=False, response="error"):
         self.ok = ok
         self.code = code
         self.reason = reason
         self.temporary = temporary
+        self.response = response
         self.cancel = cancel
         self.rescan = rescan
         self.stop = stop
@@ -223,7 +227,9 @@ def interpret(code, output, kind="server"):
         return FilterResult(False, code, reason, rescan=True) if server else \
             FilterResult(False, code, cancel=True, stop=True)
     if code == 105 and not server:
-        return FilterResult(False, code, reason, stop=True)
+        # Seed 000: "stop scanning for more spooled messages after
+        # processing the current one".
+        return FilterResult(True, code, stop=True)
     return FilterResult(False, code, reason)
 
 
@@ -273,8 +279,7 @@ class NetFilter:
         try:
             answer = self.client.request(os.path.abspath(content_path))
         except requestclient.RequestError as e:
-            log.warning("filter %s: %s" % (self.spec, e))
-            return FilterResult(False, None, "filter failed: %s" % e, temporary=True)
+            return FilterResult(False, None, str(e), temporary=True, response="failed")
         if answer.startswith("ok"):
             return FilterResult(True, 0)
         response, tab, detail = answer.partition("\t")

@@ -3,7 +3,9 @@
 `Location.parse(text)` reads a transport address: `host:port`,
 `[ipv6]:port`, `ipv6-literal:port`, a host name and port, or the absolute
 path of a unix-domain socket. `RequestClient(location, timeout)` sends one
-line and reads one line back with `request(line) -> str`.
+line and reads one line back with `request(line) -> str`; `timeout` bounds
+the whole request, from the call to the answer (connecting and a second try
+included), so that a filter or verifier timeout holds as written.
 
 Connections are kept open between requests and reused, as E-MailRelay's
 filter and verifier clients do; several sessions may ask at once, each on a
@@ -15,12 +17,12 @@ timeout, connection closed, no complete line) raises `RequestError` with a
 short reason; the caller decides what that means (a temporary failure).
 """
 
-import select
 import socket
 import threading
 import time
 
 from ..util import addresses
+from ..runtime import descriptors
 
 RESPONSE_LIMIT = 10000
 
@@ -90,21 +92,25 @@ class RequestClient:
         The answer has its CR/LF ending removed. Raises RequestError.
         """
         data = line.encode("utf-8", "surrogateescape") + b"\n"
+        deadline = time.monotonic() + self.timeout
         sock = self._take()
         if sock is not None:
             try:
-                return self._exchange(sock, data)
+                return self._exchange(sock, data, deadline)
             except _Gone:
                 # The daemon closed a kept connection (restarted, or an idle
-                # limit of its own): ask again on a new one.
+                # limit of its own): ask again on a new one, in the time left.
                 pass
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestError("%s: timeout" % self.location.display)
         try:
-            sock = self.location.connect(self.timeout)
+            sock = self.location.connect(remaining)
         except OSError as e:
             raise RequestError("cannot connect to %s: %s"
                                % (self.location.display, describe(e))) from None
         try:
-            return self._exchange(sock, data)
+            return self._exchange(sock, data, deadline)
         except _Gone:
             raise RequestError("connection closed by %s" % self.location.display) from None
 
@@ -124,16 +130,15 @@ class RequestClient:
                 sock = self._idle.pop()
             # An idle connection has nothing to read unless the daemon closed
             # it (end of input) or broke protocol (stray data): drop it then.
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
+            if not descriptors.readable(sock, 0):
                 return sock
             sock.close()
 
-    def _exchange(self, sock, data):
-        deadline = time.monotonic() + self.timeout
+    def _exchange(self, sock, data, deadline):
         answer = bytearray()
         try:
-            sock.settimeout(self.timeout)
+            # (Never 0, which would make the socket non-blocking.)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 sock.sendall(data)
             except (BrokenPipeError, ConnectionResetError):
@@ -160,6 +165,9 @@ class RequestClient:
         except (_Gone, RequestError):
             sock.close()
             raise
+        except socket.timeout:
+            sock.close()
+            raise RequestError("response timeout: %s" % self.location.display) from None
         except OSError as e:
             sock.close()
             raise RequestError("%s: %s" % (self.location.display, describe(e))) from None

@@ -19,8 +19,11 @@ Exit status and output:
 - 2: reject (550) with the output as the reason.
 - 3: temporary failure (450) with the output as the reason.
 - 100: abort the connection.
-- anything else, a timeout, a crash or a program that cannot be started: a
-  temporary failure, never an accepted address.
+- any other exit status: reject (550), the output being the reason (seed
+  000: "for invalid addresses the exit value should be non-zero and
+  anything written to the standard output is taken as the reason").
+- a timeout, a crash or a program that cannot be started: a temporary
+  failure, never an accepted address.
 
 A verifier program should print `2.0` when run with the single argument
 `--emailrelay-version`; `version()` asks it (once) so the caller can warn
@@ -105,13 +108,11 @@ class Verifier:
             address = filters.clean_text(lines[1]) if len(lines) > 1 else ""
             return VerifyResult("remote", address or rcpt)
         reason = filters.clean_text(" ".join(lines))
-        if ran.code == 2:
-            return VerifyResult("reject", reason=reason or "invalid address")
         if ran.code == 3:
             return VerifyResult("tempfail", reason=reason or "address temporarily unavailable")
         if ran.code == 100:
             return VerifyResult("abort")
-        return VerifyResult("tempfail", reason="address verifier failed (exit %d)" % ran.code)
+        return VerifyResult("reject", reason=reason or "invalid address")
 
 
 def _mechanism(auth_mech):

@@ -19,7 +19,10 @@ stops after `close_stderr()` (--close-stderr), a log file is not affected.
 Syslog (facility mail unless --syslog=<facility>) gets the same lines unless
 --no-syslog, which --syslog overrides. `configure` opens syslog at once (so
 nothing is imported after --user drops root) and says once on stderr when
-the host has no syslog socket.
+the host has no syslog socket and no --log-file keeps the lines instead.
+When stderr is systemd's journal (a unit's StandardError=journal, named by
+JOURNAL_STREAM) and syslog is on, lines go to syslog only: the journal
+gets syslog lines too, and writing both would show every line twice.
 
 `startup_error()` is for errors that stop the program before it runs: they
 also go to stderr, without a timestamp, even with --log-file.
@@ -83,6 +86,8 @@ class _State:
         self.log_time = False
         self.log_address = False
         self.to_stderr = True
+        # stderr is the journal, which gets the syslog lines too.
+        self.stderr_is_journal = False
         self.file_pattern = None
         self.syslog_facility = None
 
@@ -117,8 +122,11 @@ def configure(cfg):
     state.log_time = bool(cfg.log_time)
     state.log_address = bool(cfg.log_address)
     state.file_pattern = cfg.log_file or None
+    syslog_socket = False
     if cfg.syslog or not cfg.no_syslog:
         state.syslog_facility = cfg.syslog if isinstance(cfg.syslog, str) else "mail"
+        syslog_socket = any(_is_socket(p) for p in SYSLOG_SOCKETS)
+        state.stderr_is_journal = syslog_socket and _stderr_is_journal()
     global _state, _file_owner
     with _lock:
         _close_file()
@@ -131,9 +139,19 @@ def configure(cfg):
             _file_owner = (st.st_uid, st.st_gid, st.st_mode & 0o7777)
         if state.syslog_facility:
             _open_syslog(state.syslog_facility)
-    if state.syslog_facility and not any(_is_socket(p) for p in SYSLOG_SOCKETS):
+    if state.syslog_facility and not syslog_socket and not state.file_pattern:
         _write_stderr("emailrelay: warning: no syslog socket (%s): syslog lines are lost; "
                       "use --log-file, or --no-syslog to stop this warning\n" % SYSLOG_SOCKETS[0])
+
+
+def _stderr_is_journal():
+    """True when stderr is the journal stream systemd names in JOURNAL_STREAM ("dev:inode")."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
 
 
 def _is_socket(path):
@@ -291,11 +309,11 @@ def _emit(level, msg, peer, plain_stderr=False):
         stamp = ""
     line = "emailrelay: %s%s: %s\n" % (stamp, word, text)
     with _lock:
-        if plain_stderr:
+        if plain_stderr and not state.stderr_is_journal:
             _write_stderr("emailrelay: %s: %s\n" % (word, text))
         if state.file_pattern:
             _write_file(state.file_pattern, local_time, line)
-        elif state.to_stderr and not plain_stderr:
+        elif state.to_stderr and not plain_stderr and not state.stderr_is_journal:
             _write_stderr(line)
         if state.syslog_facility:
             _write_syslog(state.syslog_facility, level, "%s: %s" % (word, text))
@@ -315,7 +333,7 @@ def _write_file(pattern, local_time, line):
 def _report_file_error(path, e, line):
     """The log file cannot be opened or written: say so loudly elsewhere."""
     text = "cannot write log file %s: %s" % (sanitise(path), e.strerror or e)
-    if _state.to_stderr:
+    if _state.to_stderr and not _state.stderr_is_journal:
         _write_stderr("emailrelay: error: %s\n" % text)
         if line is not None:
             _write_stderr(line)

@@ -18,14 +18,13 @@ the main process shuts the socket down at shutdown.
 """
 
 import os
-import select
 import selectors
 import signal
 import socket
 import threading
 import time
 
-from . import log
+from . import descriptors, log
 
 TRIGGER = b"t"
 RESCAN = b"r"
@@ -74,7 +73,7 @@ def watch_main(channel, on_gone):
     """In a worker: calls `on_gone()` (in a thread) once the main process has gone or shut down."""
     def watch():
         while True:
-            select.select([channel], [], [])
+            descriptors.readable(channel)
             try:
                 if not channel.recv(64):
                     break
@@ -104,15 +103,18 @@ class Supervisor:
     `run_worker(channel)` is the whole of a new worker (given the worker's
     end of its channel, non-blocking); the worker exits when it returns,
     with status 0, or 1 on an exception. `forwarder` (or None)
-    gets the workers' trigger() and rescan() calls. Start it in the main
-    thread before any other thread; `signal_all(sig)` passes a signal on
-    (SIGHUP); `stop()` ends every worker.
+    gets the workers' trigger() and rescan() calls. `recover(pid)` (or
+    None) is called, in the supervisor thread, for a worker that did not
+    exit cleanly: it repairs what the worker left in the spool. Start it
+    in the main thread before any other thread; `signal_all(sig)` passes a
+    signal on (SIGHUP); `stop()` ends every worker.
     """
 
-    def __init__(self, count, run_worker, forwarder=None):
+    def __init__(self, count, run_worker, forwarder=None, recover=None):
         self._slots = [_Slot(n) for n in range(1, count + 1)]
         self._run_worker = run_worker
         self._forwarder = forwarder
+        self._recover = recover
         self._lock = threading.Lock()
         self._stopping = False
         self._selector = selectors.DefaultSelector()
@@ -234,10 +236,16 @@ class Supervisor:
                else "exited with status %d" % os.WEXITSTATUS(status))
         if stopping:
             log.verbose("worker %d (pid %d) %s" % (slot.number, pid, how))
-            return
-        ran = time.monotonic() - slot.started
-        slot.delay = RESTART_MIN if ran >= STABLE or not slot.delay else \
-            min(slot.delay * 2, RESTART_MAX)
-        slot.due = time.monotonic() + slot.delay
-        log.error("worker %d (pid %d) %s: restarting it in %.1fs"
-                  % (slot.number, pid, how, slot.delay))
+        else:
+            ran = time.monotonic() - slot.started
+            slot.delay = RESTART_MIN if ran >= STABLE or not slot.delay else \
+                min(slot.delay * 2, RESTART_MAX)
+            slot.due = time.monotonic() + slot.delay
+            log.error("worker %d (pid %d) %s: restarting it in %.1fs"
+                      % (slot.number, pid, how, slot.delay))
+        if self._recover is not None and status != 0:
+            try:
+                self._recover(pid)
+            except Exception as e:  # the supervisor thread must go on restarting workers
+                log.error("worker %d (pid %d): cannot repair what it left in the spool: %s"
+                          % (slot.number, pid, e))

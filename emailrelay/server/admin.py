@@ -22,8 +22,9 @@ no timeout from then on. Admin connections have their own connection budget
 import os
 import threading
 
-from ..net import connection
+from ..net import connection, requests
 from ..runtime import log
+from ..store import spool_listing
 from ..util import parts
 from . import session_core
 
@@ -105,35 +106,36 @@ class AdminSession(session_core.LineSession):
 
     # -- commands ------------------------------------------------------
 
-    def do_help(self, arg):
+    def admin_help(self, arg):
         self._answer(["%-11s %s" % (row.verb.lower(), row.help) for row in COMMANDS.values()])
 
-    def do_flush(self, arg):
+    def admin_flush(self, arg):
         if self.services.flush is None:
             self._answer("error: no --forward-to address")
             return
-        ok, text = yield ("call", self.services.flush, ())
+        ok, text = yield from requests.call(self.services.flush)
         self._answer(text)
 
-    def do_forward(self, arg):
+    def admin_forward(self, arg):
         if self.services.trigger is None:
             self._answer("error: no --forward-to address")
             return
         self.services.trigger()
         self._answer("OK")
 
-    def do_list(self, arg):
-        self._answer(self.services.spool.ids() or ["<none>"])
+    def admin_list(self, arg):
+        self._answer([spool_listing.line(e) for e in spool_listing.entries(self.services.spool)]
+                     or ["<none>"])
 
-    def do_failures(self, arg):
+    def admin_failures(self, arg):
         failures = self.services.spool.failures()
         self._answer(["%s: %s" % (mid, reason) for mid, reason in failures] or ["<none>"])
 
-    def do_unfail_all(self, arg):
+    def admin_unfail_all(self, arg):
         n = self.services.spool.unfail_all()
         self._answer("OK: %d message(s) returned to the queue" % n)
 
-    def do_status(self, arg):
+    def admin_status(self, arg):
         lines = []
         if self.services.listeners is not None:
             addresses, sessions, counters = self.services.listeners()
@@ -147,7 +149,7 @@ class AdminSession(session_core.LineSession):
             lines.append("forward-to: %s" % self.cfg.forward_to)
         self._answer(lines or ["<none>"])
 
-    def do_notify(self, arg):
+    def admin_notify(self, arg):
         events = self.services.events
         if events is None:
             self._answer("error: no events in this configuration")
@@ -159,19 +161,19 @@ class AdminSession(session_core.LineSession):
             threading.Thread(target=self._notify_loop, name="admin notify", daemon=True).start()
         self._answer("OK")
 
-    def do_pid(self, arg):
+    def admin_pid(self, arg):
         self._answer(str(os.getpid()))
 
-    def do_quit(self, arg):
+    def admin_quit(self, arg):
         """Ends the session (the table's next state), answering nothing."""
 
-    def do_terminate(self, arg):
+    def admin_terminate(self, arg):
         if not self.cfg.admin_terminate:
             self._answer("error: terminate is disabled (see --admin-terminate)")
             return
         log.info("admin: terminate command")
         self._write(b"OK\r\n")
-        self.state = session_core.DONE
+        self.event("terminate")
         self.services.stop_event.set()
 
     def _notify_loop(self):
@@ -191,16 +193,20 @@ class AdminSession(session_core.LineSession):
 _S = AdminSession
 COMMANDS = session_core.table(
     # verb, states, handler, next state, help
-    ("HELP", None, _S.do_help, None, "show this list"),
-    ("FLUSH", None, _S.do_flush, None, "forward spooled messages now and wait for the result"),
-    ("FORWARD", None, _S.do_forward, None, "start forwarding spooled messages, answering at once"),
-    ("LIST", None, _S.do_list, None, "list the messages waiting to be forwarded"),
-    ("FAILURES", None, _S.do_failures, None, "list the failed (.bad) messages and their reasons"),
-    ("UNFAIL-ALL", None, _S.do_unfail_all, None, "return every failed message to the queue"),
-    ("STATUS", None, _S.do_status, None, "show listening addresses and counters"),
-    ("NOTIFY", None, _S.do_notify, None, "show events (forwarding, failures) as they happen"),
-    ("PID", None, _S.do_pid, None, "show the process id"),
-    ("QUIT", None, _S.do_quit, session_core.DONE, "close this connection"),
-    ("TERMINATE", None, _S.do_terminate, None, "stop the server (needs --admin-terminate)"),
+    ("HELP", None, _S.admin_help, None, "show this list"),
+    ("FLUSH", None, _S.admin_flush, None, "forward spooled messages now and wait for the result"),
+    ("FORWARD", None, _S.admin_forward, None, "start forwarding spooled messages, answering at once"),
+    ("LIST", None, _S.admin_list, None,
+     "list the spooled messages with their state, size, addresses, next attempt and reason"),
+    ("FAILURES", None, _S.admin_failures, None, "list the failed (.bad) messages and their reasons"),
+    ("UNFAIL-ALL", None, _S.admin_unfail_all, None, "return every failed message to the queue"),
+    ("STATUS", None, _S.admin_status, None, "show listening addresses and counters"),
+    ("NOTIFY", None, _S.admin_notify, None, "show events (forwarding, failures) as they happen"),
+    ("PID", None, _S.admin_pid, None, "show the process id"),
+    ("QUIT", None, _S.admin_quit, session_core.DONE, "close this connection"),
+    ("TERMINATE", None, _S.admin_terminate, None, "stop the server (needs --admin-terminate)"),
 )
 AdminSession.COMMANDS = COMMANDS
+AdminSession.TRANSITIONS = session_core.transitions(
+    ("terminate", None, session_core.DONE),    # the program stops: so does this session
+)

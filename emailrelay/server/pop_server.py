@@ -36,6 +36,7 @@ import os
 import time
 
 from ..auth import sasl
+from ..net import requests
 from ..runtime import log, process
 from ..util import dotstuff, parts
 from . import session_core
@@ -50,6 +51,8 @@ AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
 SASL_LINE_LIMIT = 8192
 # RFC 1939 3: an autologout timer, if any, must be at least 10 minutes.
 RFC_IDLE_TIMEOUT = 600
+# Bad commands a client may send unless --max-bad-commands says otherwise.
+BAD_COMMAND_LIMIT = 10
 IMPLEMENTATION = "emailrelay-python"
 
 _banner_counter = itertools.count(1)
@@ -75,7 +78,8 @@ class PopSession(session_core.LineSession):
     def __init__(self, conn, services):
         cfg = services.cfg
         super().__init__(conn, services, AUTHORIZATION, session_core.BadBudget(
-            cfg.max_bad_commands, "-ERR too many bad commands, closing connection",
+            cfg.max_bad_commands or BAD_COMMAND_LIMIT,
+            "-ERR too many bad commands, closing connection",
             "pop: too many bad commands, closing"))
         self.domain = cfg.domain or "localhost"
         self.banner = "<%d.%d.%d@%s>" % (os.getpid(), next(_banner_counter),
@@ -142,7 +146,7 @@ class PopSession(session_core.LineSession):
             return []
         return list(self.services.pop_auth.mechanisms(self.conn.tls))
 
-    def do_capa(self, arg):
+    def pop_capa(self, arg):
         lines = ["+OK capability list follows", "TOP", "UIDL", "RESP-CODES", "PIPELINING"]
         if self.state == AUTHORIZATION:
             if not self.tls_missing():
@@ -152,14 +156,14 @@ class PopSession(session_core.LineSession):
                 mechs = self._mechanisms()
                 if mechs:
                     lines.append("SASL " + " ".join(mechs))
-            if self.services.tls_context is not None and not self.conn.tls:
+            if self.tls_offered():
                 lines.append("STLS")
         lines.append("IMPLEMENTATION " + IMPLEMENTATION)
         lines.append(".")
         for item in lines:
             self.reply(item)
 
-    def do_stls(self, arg):
+    def pop_stls(self, arg):
         if self.services.tls_context is None:
             self.bad("-ERR STLS is not available")
             return None
@@ -169,7 +173,7 @@ class PopSession(session_core.LineSession):
         self.reply("+OK begin TLS negotiation")
         return self.start_tls(self.services.tls_context)
 
-    def do_user(self, arg):
+    def pop_user(self, arg):
         if self._refused_before_tls(clear_text=True):
             return
         if not arg:
@@ -179,7 +183,7 @@ class PopSession(session_core.LineSession):
         # Always +OK: whether the name exists is not given away.
         self.reply("+OK send PASS")
 
-    def do_pass(self, arg):
+    def pop_pass(self, arg):
         if self._refused_before_tls(clear_text=True):
             return
         if self.user is None:
@@ -188,12 +192,12 @@ class PopSession(session_core.LineSession):
         user, self.user = self.user, None
         auth = self.services.pop_auth
         # A check may ask PAM: it is work, not protocol.
-        if auth is not None and (yield ("call", auth.check_password, (user, arg))):
+        if auth is not None and (yield from requests.call(auth.check_password, user, arg)):
             self._login(user)
         else:
             yield from self._auth_failed(user, "USER/PASS")
 
-    def do_apop(self, arg):
+    def pop_apop(self, arg):
         if self._refused_before_tls():
             return
         parts = arg.split()
@@ -219,7 +223,7 @@ class PopSession(session_core.LineSession):
             return None
         return secret.password
 
-    def do_auth(self, arg):
+    def pop_auth(self, arg):
         if self._refused_before_tls():
             return
         parts = arg.split()
@@ -246,7 +250,7 @@ class PopSession(session_core.LineSession):
             return
         if outcome[0] == "ok":
             if self._login(outcome[1]):
-                self.state = TRANSACTION
+                self.event("login")
         elif outcome[1] == sasl.CANCELLED:
             self.reply("-ERR authentication cancelled")
         else:
@@ -278,12 +282,12 @@ class PopSession(session_core.LineSession):
                    % (len(live), sum(m.size for m in live)))
         return True
 
-    def do_quit(self, arg):
+    def pop_quit(self, arg):
         if self.state == AUTHORIZATION:
-            self.state = session_core.DONE
+            self.event("quit")
             self.reply("+OK %s POP3 server signing off" % self.domain)
             return
-        self.state = UPDATE
+        self.event("update")
         marked = [m for m in self.maildrop.messages if m.deleted]
         if self.cfg.pop_no_delete:
             if marked:
@@ -296,7 +300,7 @@ class PopSession(session_core.LineSession):
                 log.info("pop: %s: deleted %d messages" % (
                     log.sanitise(self.authenticated), len(marked) - failures), peer=self.peer)
         self.maildrop.close()
-        self.state = session_core.DONE
+        self.event("quit")
         if failures:
             self.reply("-ERR [SYS/TEMP] %d deleted messages not removed" % failures)
         else:
@@ -315,14 +319,14 @@ class PopSession(session_core.LineSession):
             self.reply("-ERR no such message")
         return m
 
-    def do_stat(self, arg):
+    def pop_stat(self, arg):
         live = self.maildrop.live()
         self.reply("+OK %d %d" % (len(live), sum(m.size for m in live)))
 
-    def do_list(self, arg):
+    def pop_list(self, arg):
         self._listing(arg, lambda m: str(m.size))
 
-    def do_uidl(self, arg):
+    def pop_uidl(self, arg):
         self._listing(arg, lambda m: m.id)
 
     def _listing(self, arg, value):
@@ -337,12 +341,12 @@ class PopSession(session_core.LineSession):
             self.reply("%d %s" % (m.number, value(m)))
         self.reply(".")
 
-    def do_retr(self, arg):
+    def pop_retr(self, arg):
         m = self._message(arg.strip())
         if m is not None:
             self._send_message(m, "+OK %d octets" % m.size, None)
 
-    def do_top(self, arg):
+    def pop_top(self, arg):
         parts = arg.split()
         if len(parts) != 2 or not parts[1].isdigit():
             self.bad("-ERR usage: TOP message lines")
@@ -365,16 +369,16 @@ class PopSession(session_core.LineSession):
             self.write_queued()
             dotstuff.write_text(f, self.conn.write, body_lines)
 
-    def do_dele(self, arg):
+    def pop_dele(self, arg):
         m = self._message(arg.strip())
         if m is not None:
             m.deleted = True
             self.reply("+OK message %d deleted" % m.number)
 
-    def do_noop(self, arg):
+    def pop_noop(self, arg):
         self.reply("+OK")
 
-    def do_rset(self, arg):
+    def pop_rset(self, arg):
         for m in self.maildrop.messages:
             m.deleted = False
         live = self.maildrop.messages
@@ -390,25 +394,31 @@ _AUTH = (AUTHORIZATION,)
 _TRANS = (TRANSACTION,)
 COMMANDS = session_core.table(
     # verb    states  handler                 next state
-    ("CAPA", _BOTH, PopSession.do_capa, None),
-    ("STLS", _AUTH, PopSession.do_stls, None),
-    ("USER", _AUTH, PopSession.do_user, None),
-    ("PASS", _AUTH, PopSession.do_pass, TRANSACTION),
-    ("APOP", _AUTH, PopSession.do_apop, TRANSACTION),
+    ("CAPA", _BOTH, PopSession.pop_capa, None),
+    ("STLS", _AUTH, PopSession.pop_stls, None),
+    ("USER", _AUTH, PopSession.pop_user, None),
+    ("PASS", _AUTH, PopSession.pop_pass, TRANSACTION),
+    ("APOP", _AUTH, PopSession.pop_apop, TRANSACTION),
     # AUTH with no mechanism only lists them: the handler moves on a login.
-    ("AUTH", _AUTH, PopSession.do_auth, None),
-    ("STAT", _TRANS, PopSession.do_stat, None),
-    ("LIST", _TRANS, PopSession.do_list, None),
-    ("UIDL", _TRANS, PopSession.do_uidl, None),
-    ("RETR", _TRANS, PopSession.do_retr, None),
-    ("TOP", _TRANS, PopSession.do_top, None),
-    ("DELE", _TRANS, PopSession.do_dele, None),
-    ("NOOP", _TRANS, PopSession.do_noop, None),
-    ("RSET", _TRANS, PopSession.do_rset, None),
+    ("AUTH", _AUTH, PopSession.pop_auth, None),
+    ("STAT", _TRANS, PopSession.pop_stat, None),
+    ("LIST", _TRANS, PopSession.pop_list, None),
+    ("UIDL", _TRANS, PopSession.pop_uidl, None),
+    ("RETR", _TRANS, PopSession.pop_retr, None),
+    ("TOP", _TRANS, PopSession.pop_top, None),
+    ("DELE", _TRANS, PopSession.pop_dele, None),
+    ("NOOP", _TRANS, PopSession.pop_noop, None),
+    ("RSET", _TRANS, PopSession.pop_rset, None),
     # UPDATE and then DONE, or DONE at once from AUTHORIZATION.
-    ("QUIT", _BOTH, PopSession.do_quit, None),
+    ("QUIT", _BOTH, PopSession.pop_quit, None),
 )
 PopSession.COMMANDS = COMMANDS
+PopSession.TRANSITIONS = session_core.transitions(
+    # event, states, next state
+    ("login", _AUTH, TRANSACTION),          # AUTH succeeded (PASS and APOP: the table)
+    ("update", _TRANS, UPDATE),             # QUIT in TRANSACTION: deletions are made
+    ("quit", (AUTHORIZATION, UPDATE), session_core.DONE),
+)
 
 
 def _utf8(text):

@@ -11,6 +11,10 @@ The core owns everything else the three share:
   queue with the flush-before-block rule: the replies owed are sent before
   the session waits for input, unless the client has pipelined more
   (RFC 2920, RFC 2449), so pipelined commands get their replies together;
+  they also go once OWED_HIGH_WATER octets are owed, so that a client
+  that pipelines without end and reads nothing is stopped by its own
+  unread output (the connection's write bound) instead of growing the
+  queue;
 - dispatch through the table: an unknown verb and a verb outside its
   states get the protocol's refusal, counted as a bad command; a handler
   whose command got no error reply moves the session to the row's next
@@ -30,10 +34,13 @@ requests. `Drop` ends a session from anywhere, after the queued replies.
 
 import collections
 
-from ..net import connection, session_loop
+from ..net import connection, requests, session_loop
 from ..runtime import log
 
 DONE = "DONE"
+# Octets of replies queued for a pipelining client before they are sent
+# anyway (RFC 2920 lets a server send replies whenever it likes).
+OWED_HIGH_WATER = 16384
 # Failed logins a session may have before it is closed (either protocol).
 MAX_AUTH_FAILURES = 3
 
@@ -47,6 +54,20 @@ def table(*rows):
     None when the handler decides[, help text]).
     """
     return {row[0]: Row(*row) for row in rows}
+
+
+Transition = collections.namedtuple("Transition", "event states next")
+
+
+def transitions(*rows):
+    """The state changes a protocol's handlers ask for: event -> Transition.
+
+    Each row is (event, states it may happen in or None for any, next
+    state). Together with the command table's next states this is the
+    protocol's whole state machine: a handler never sets the state itself,
+    it calls `LineSession.event(name)`.
+    """
+    return {row[0]: Transition(*row) for row in rows}
 
 
 class Drop(Exception):
@@ -65,7 +86,9 @@ class BadBudget(collections.namedtuple("BadBudget", "limit last_reply warning"))
 class LineSession:
     """One line-based server conversation over `conn`; see the module docstring.
 
-    A subclass sets `COMMANDS` (a `table()`), `PROTOCOL` (the log prefix),
+    A subclass sets `COMMANDS` (a `table()`), `TRANSITIONS` (a
+    `transitions()`: the state changes its handlers ask for with `event`),
+    `PROTOCOL` (the log prefix),
     `COMMAND_LIMIT` and `TOO_LONG` (the reply to an over-long line), and
     `NOT_UTF8` and `IDLE_TIMEOUT` if it needs them, and may override the
     hooks below. After the conversation, `error_replies` is the number of
@@ -73,6 +96,7 @@ class LineSession:
     """
 
     COMMANDS = {}
+    TRANSITIONS = {}
     PROTOCOL = "session"
     COMMAND_LIMIT = 512
     TOO_LONG = "line too long"
@@ -96,6 +120,7 @@ class LineSession:
         self.error_replies = 0
         # Replies waiting to be sent; a float is a delay before the next one.
         self.replies = []
+        self.owed = 0           # octets of text in `replies`, roughly
         self.tracing = self.trace_enabled()
 
     # ----- hooks a protocol may override ------------------------------
@@ -125,6 +150,12 @@ class LineSession:
     def is_error(self, text):
         """True for a reply that refuses the command."""
         return False
+
+    def event(self, name):
+        """Moves the session as `TRANSITIONS[name]` says (from a state it may not happen in, not at all)."""
+        move = self.TRANSITIONS[name]
+        if move.states is None or self.state in move.states:
+            self.state = move.next
 
     def available(self, verb):
         """False for a command of the table this session does not offer now."""
@@ -216,13 +247,13 @@ class LineSession:
         """One input line as text, or None when it was refused (a generator).
 
         The replies owed go out first unless the client has pipelined more
-        input. An over-long line gets `too_long` (a bad command); end of
-        input raises EOFError.
+        input and they are still few (OWED_HIGH_WATER). An over-long line
+        gets `too_long` (a bad command); end of input raises EOFError.
         """
-        if not self.conn.pending():
+        if self.owed >= OWED_HIGH_WATER or not self.conn.pending():
             yield from self.send()
         try:
-            raw = yield ("line", limit)
+            raw = yield from requests.line(limit)
         except connection.LineTooLong:
             self.bad(too_long)
             return None
@@ -246,6 +277,7 @@ class LineSession:
         if self.tracing:
             self.trace("%s: tx: %s" % (self.PROTOCOL, text.split("\r\n", 1)[0]))
         self.replies.append(text)
+        self.owed += len(text) + 2
 
     def delay(self, seconds):
         """Holds back the replies queued after this by `seconds` (see `send`)."""
@@ -258,6 +290,7 @@ class LineSession:
         loop, no thread.
         """
         replies = self.replies
+        self.owed = 0
         while replies:
             texts = []
             while replies and not isinstance(replies[0], float):
@@ -267,13 +300,14 @@ class LineSession:
             if replies:
                 seconds = replies.pop(0)
                 self.conn.flush()
-                yield ("sleep", seconds)
+                yield from requests.sleep(seconds)
         self.conn.flush()
 
     def write_queued(self):
         """Writes the queued replies to the connection now, without their delays."""
         texts = [r for r in self.replies if not isinstance(r, float)]
         self.replies = []
+        self.owed = 0
         if texts:
             self.conn.write(self.encode(texts))
 
@@ -310,13 +344,17 @@ class LineSession:
             seconds = budget.record(self.peer_ip, self.PROTOCOL)
             if seconds:
                 yield from self.send()
-                yield ("sleep", seconds)
+                yield from requests.sleep(seconds)
         if self.auth_failures >= MAX_AUTH_FAILURES:
             self.reply(last_reply)
             raise Drop()
         self.reply(failed_reply)
 
     # ----- authentication and TLS ----------------------------------------
+
+    def tls_offered(self):
+        """True when the client may start TLS now (STARTTLS, STLS): it is set up and not on."""
+        return self.services.tls_context is not None and not self.conn.tls
 
     def tls_missing(self):
         """True while --server-tls-required and the connection is not encrypted."""
@@ -329,13 +367,13 @@ class LineSession:
         line was refused (over `limit`: `too_long` was replied). Each step
         is a "call": it may ask PAM or --server-auth-program.
         """
-        outcome = yield ("call", exchange.step, (None,))
+        outcome = yield from requests.call(exchange.step, None)
         while outcome[0] == "challenge":
             self.reply(prompt + outcome[1].decode("ascii"))
             line = yield from self.readline(limit, too_long)
             if line is None:
                 return None
-            outcome = yield ("call", exchange.step, (line,))
+            outcome = yield from requests.call(exchange.step, line)
         return outcome
 
     def start_tls(self, context):
@@ -346,7 +384,7 @@ class LineSession:
         """
         yield from self.send()
         try:
-            yield ("starttls", context)
+            yield from requests.starttls(context)
         except (OSError, ValueError) as e:
             log.warning("tls error: %s" % e, peer=self.peer)
             raise Drop() from None

@@ -1,7 +1,7 @@
 """The SMTP server protocol: one `SmtpSession` per accepted connection.
 
 `SmtpSession(conn, services).run()` speaks SMTP over a `net.Connection` (or
-a `net.MemoryConnection` in tests) until the client quits or goes away, and
+a `MemoryConnection` in tests) until the client quits or goes away, and
 stores each accepted message in the spool durably before replying `250`;
 `conversation()` is the same session for the session loop. `services` is
 an `SmtpServices`.
@@ -19,11 +19,14 @@ syntax); a command outside its states gets `503`. States:
     DONE     QUIT received, or the session must end
 
 Replies are queued and sent only when the client has no more input
-pipelined, or before we would block reading (RFC 2920); this is what makes
-pipelined clients fast. Replies are written with RFC 3463 enhanced status
-codes; unless `--server-smtp-config +enhancedstatuscodes` is given they are
-taken out as they are queued, so that the default replies are E-MailRelay
-2.6's, word for word. Message text is read by `smtp_text` in large blocks
+pipelined, or before we would block reading (RFC 2920), or once
+`session_core.OWED_HIGH_WATER` octets are owed; this is what makes
+pipelined clients fast. Message text must keep up --min-data-rate
+(`smtp_text.Pace`): a client that falls behind gets 421 and is dropped.
+Replies are written with RFC 3463 enhanced status codes; unless
+`--server-smtp-config +enhancedstatuscodes` is given they are taken out as
+they are queued, so that the default replies are E-MailRelay 2.6's, word
+for word. Message text is read by `smtp_text` in large blocks
 and command syntax is parsed by `smtp_syntax`.
 """
 
@@ -34,6 +37,7 @@ import re
 from .. import __version__
 from ..auth import sasl
 from ..config import options
+from ..net import requests
 from ..runtime import log
 from ..store import envelope, spool
 from ..util import parts, smtp_controls, smtp_syntax
@@ -52,6 +56,7 @@ PROTOCOL_ERROR_LIMIT = 8
 _ENHANCED_CODE = re.compile(r"^(\d{3}[ -])\d\.\d{1,3}\.\d{1,3}(?: |(?=\r|$))", re.M)
 OUT_OF_SEQUENCE = "503 5.5.1 command out of sequence -- use RSET to resynchronise"
 NO_STORAGE = "452 4.3.1 insufficient system storage"
+TOO_BIG = "552 5.3.4 message size exceeds fixed maximum message size"
 
 
 def plain_reply(text):
@@ -173,7 +178,7 @@ class SmtpSession(session_core.LineSession):
         refusal = self._connect_refusal()
         dnsbl = self.services.dnsbl
         if refusal is None and dnsbl is not None:
-            refusal = yield ("call", dnsbl.check, (self.peer_ip,))
+            refusal = yield from requests.call(dnsbl.check, self.peer_ip)
             if refusal and self.features["rcpt-dns-rbl"]:
                 # ZMailer's delayed rejection: the client is told at each
                 # RCPT, which many clients log where they ignore a refused
@@ -203,7 +208,7 @@ class SmtpSession(session_core.LineSession):
 
     def available(self, verb):
         if verb == "STARTTLS":
-            return self.services.tls_context is not None and not self.conn.tls
+            return self.tls_offered()
         if verb == "AUTH":
             return self.services.server_auth is not None
         if verb == "ETRN":
@@ -239,7 +244,7 @@ class SmtpSession(session_core.LineSession):
 
     def reset_after_tls(self):
         # RFC 3207 4.2: forget everything learnt before the handshake.
-        self.state = START
+        self.event("tls")
         self.helo = None
         self.auth_user = None
         self.auth_mech = None
@@ -296,8 +301,7 @@ class SmtpSession(session_core.LineSession):
         self.message = None
         self.text = None
         self._write = None
-        if self.state not in (START, DONE):
-            self.state = GREETED
+        self.event("reset")
 
     def _discard_message(self):
         msg = getattr(self, "message", None)
@@ -364,7 +368,7 @@ class SmtpSession(session_core.LineSession):
     def _auth_mechanisms(self):
         """The AUTH mechanisms to offer now: none before TLS with --server-tls-required."""
         auth = self.services.server_auth
-        if auth is None or (self.cfg.server_tls_required and not self.conn.tls):
+        if auth is None or self.tls_missing():
             return []
         return auth.mechanisms(self.conn.tls)
 
@@ -399,7 +403,7 @@ class SmtpSession(session_core.LineSession):
 
     def smtp_MAIL(self, arg):
         starttls = self.available("STARTTLS")
-        tls_missing = self.cfg.server_tls_required and not self.conn.tls
+        tls_missing = self.tls_missing()
         if (self.services.server_auth is not None and self.auth_user is None
                 and self._trusted() is None):
             self.reply("530 5.7.0 authentication required"
@@ -428,7 +432,7 @@ class SmtpSession(session_core.LineSession):
                     self.bad("501 5.5.4 invalid argument")
                     return
                 if self.size_limit and int(value) > self.size_limit:
-                    self.reply("552 5.3.4 message size exceeds fixed maximum message size")
+                    self.reply(TOO_BIG)
                     return
             elif key == "BODY":
                 body = {"7BIT": "7bit", "8BITMIME": "8bit",
@@ -514,9 +518,14 @@ class SmtpSession(session_core.LineSession):
             self.reply("452 4.5.3 too many recipients for a bounce message")
             return
         result = yield from self._verify(stored, self.mail_from)
-        if result is None or result.status == "remote":
+        if result is None:
             self.to_remote.append(stored)
             self._keep_dsn(stored, dsn)
+        elif result.status == "remote":
+            # The verifier may rewrite the address (its second line, or
+            # `1|address` from a net: verifier): that is what is forwarded.
+            self.to_remote.append(result.address)
+            self._keep_dsn(result.address, dsn)
         elif result.status == "local":
             self.to_local.append(result.address)
             self._keep_dsn(result.address, dsn)
@@ -564,8 +573,8 @@ class SmtpSession(session_core.LineSession):
         # Send what we owe first so a pipelining client is not kept waiting
         # on earlier replies while the verifier runs.
         yield from self.send()
-        return (yield ("call", verifier.verify,
-                       (address, from_, self.peer_ip, self.domain, mech, name)))
+        return (yield from requests.call(verifier.verify, address, from_, self.peer_ip,
+                                         self.domain, mech, name))
 
     def _verify_refusal(self, result, address):
         reason = log.sanitise(result.reason or "")
@@ -657,7 +666,7 @@ class SmtpSession(session_core.LineSession):
         write = self._start_message()
         self.reply("354 start mail input -- end with <CRLF>.<CRLF>")
         yield from self.send()
-        yield from smtp_text.read_data(self.conn, write, self.text)
+        yield from self._text(smtp_text.read_data(self.conn, write, self.text))
         if self.text.fault is None:
             yield from self._commit()
         else:
@@ -673,19 +682,36 @@ class SmtpSession(session_core.LineSession):
         last = len(parts) == 2
         if self.state not in (RCPT, BDAT):
             # The chunk is read and dropped so it is not taken for commands.
-            yield from smtp_text.read_chunk(size, None, None)
+            yield from self._text(smtp_text.read_chunk(size, None, smtp_text.Text(
+                0, self._pace())))
             self.out_of_sequence("BDAT")
             return
         if self.state == RCPT:
             self._write = self._start_message()
-            self.state = BDAT
-        yield from smtp_text.read_chunk(size, self._write, self.text)
+            self.event("chunk")
+        yield from self._text(smtp_text.read_chunk(size, self._write, self.text))
         if self.text.fault is not None:
             self._refuse_content()
         elif not last:
             self.reply("250 2.0.0 %d bytes received" % size)
         else:
             yield from self._commit()
+
+    def _pace(self):
+        """The --min-data-rate a message's text must keep up (None: only the idle timeout)."""
+        rate = self.cfg.min_data_rate
+        idle = self.idle_timeout()
+        return smtp_text.Pace(self.conn, idle, rate) if rate and idle else None
+
+    def _text(self, reader):
+        """Runs a text reader (a generator); a client too slow for --min-data-rate is dropped."""
+        try:
+            yield from reader
+        except smtp_text.TooSlow:
+            log.info("smtp: message text too slow (under --min-data-rate %s octets/s)"
+                     % self.cfg.min_data_rate, peer=self.peer)
+            self.reply("421 4.4.2 %s data timeout: message text too slow" % self.domain)
+            raise session_core.Drop() from None
 
     # ----- storing a message --------------------------------------------
 
@@ -696,7 +722,7 @@ class SmtpSession(session_core.LineSession):
         dropped, `self.text.fault` says why), so that the reply comes at its
         end and the session goes on.
         """
-        self.text = smtp_text.Text(self.size_limit)
+        self.text = smtp_text.Text(self.size_limit, self._pace())
         try:
             self.message = self.services.spool.new_message()
             if "content" not in self.anonymous:
@@ -734,7 +760,7 @@ class SmtpSession(session_core.LineSession):
             self.reply(_storage_reply(text.error))
         else:
             log.info("smtp: message refused: too big", peer=self.peer)
-            self.reply("552 5.3.4 message size exceeds fixed maximum message size")
+            self.reply(TOO_BIG)
         self._reset_transaction()
 
     def _envelope(self):
@@ -744,7 +770,7 @@ class SmtpSession(session_core.LineSession):
         env = envelope.Envelope(
             content=body, from_=self.mail_from, to_local=self.to_local,
             to_remote=self.to_remote, authentication=self.auth_user or "",
-            client=self.peer, client_certificate=self.conn.peer_certificate_pem or "",
+            client=self.peer_ip, client_certificate=self.conn.peer_certificate_pem or "",
             mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
         if self.dsn_ret or self.dsn_envid or self.dsn_recipients:
             env.set_dsn(envelope.Dsn(self.dsn_ret, self.dsn_envid, self.dsn_recipients))
@@ -765,7 +791,7 @@ class SmtpSession(session_core.LineSession):
         yield from self.send()
         if self.services.filters or self.cfg.immediate:
             # Filter programs and --immediate wait on others.
-            self.reply((yield ("call", self._store, ())))
+            self.reply((yield from requests.call(self._store)))
             return
         # With no filter the files are written here; only their syncs and
         # renames are "work", which the session loop's own thread does too
@@ -776,7 +802,7 @@ class SmtpSession(session_core.LineSession):
             msg.prepare(env)
             log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
                         peer=self.peer)
-            msg_id = yield ("work", msg.finish, (env,), spool.waited)
+            msg_id = yield from requests.work(msg.finish, (env,), spool.waited)
         except (OSError, envelope.EnvelopeError) as e:
             self.reply(self._not_stored(e))
             return
@@ -794,8 +820,10 @@ class SmtpSession(session_core.LineSession):
                         peer=self.peer)
             refusal = self._run_filters(msg)
             if refusal == "cancelled":
-                # Exit 100: the filter owns the files now; say nothing more.
-                msg.disown()
+                # Exit 100: the filter owns the files now. If it kept the
+                # content (emailrelay-filter-copy), the message is stored.
+                if msg.disown():
+                    self._note_stored(msg.id, msg.size)
                 self.message = None
                 self._reset_transaction()
                 return "250 2.0.0 message processed"
@@ -821,12 +849,8 @@ class SmtpSession(session_core.LineSession):
 
     def _stored(self, msg_id):
         """The reply, once message `msg_id` is committed (--immediate forwards it first)."""
-        self.message = None
-        count = len(self.to_local) + len(self.to_remote)
-        log.info("smtp: stored %s from <%s> to %d recipient%s" % (
-            msg_id, log.sanitise(self.mail_from), count, "" if count == 1 else "s"),
-            peer=self.peer)
-        self._count("messages-stored")
+        size, self.message = self.message.size, None
+        self._note_stored(msg_id, size)
         self._reset_transaction()
         if self._rescan and self.services.rescan is not None:
             # Exit 103: now that the message is committed, the pass sees it.
@@ -834,11 +858,23 @@ class SmtpSession(session_core.LineSession):
         refusal = self._forward_now(msg_id)
         return refusal or "250 2.0.0 message processed"
 
+    def _note_stored(self, msg_id, size):
+        """Logs and counts a message now in the spool.
+
+        One line per message with what log tools want, in Postfix's shape
+        (the client whatever --log-address says: it is in the envelope too).
+        """
+        log.info("smtp: stored %s: from=<%s> nrcpt=%d size=%d client=%s" % (
+            msg_id, log.sanitise(self.mail_from), len(self.to_local) + len(self.to_remote),
+            size, log.sanitise(self.peer)), peer=self.peer)
+        self._count("messages-stored")
+
     def _run_filters(self, msg):
         """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply.
 
         As E-MailRelay: a rejection (exit 1-99) is `452 <reason>`; a filter
-        that times out, crashes or cannot run is `452 error`.
+        that times out, crashes or cannot run is `452 error`, a filter
+        daemon that cannot answer `452 failed`.
         """
         for f in self.services.filters:
             result = f.run(msg.content_path, msg.new_envelope_path)
@@ -852,9 +888,10 @@ class SmtpSession(session_core.LineSession):
                 self.message = None
                 if result.temporary:
                     why = "timeout" if reason == "filter timed out" else reason
-                    log.warning("filter [%s]: [%s]: failed response=[error] reason=[%s]"
-                                % (log.sanitise(f.spec), msg.id, why), peer=self.peer)
-                    return "452 4.3.0 error"
+                    log.warning("filter [%s]: [%s]: failed response=[%s] reason=[%s]"
+                                % (log.sanitise(f.spec), msg.id, result.response, why),
+                                peer=self.peer)
+                    return "452 4.3.0 %s" % result.response
                 log.info("rejected by filter: [%s]" % reason, peer=self.peer)
                 return "452 4.7.1 %s" % (reason or "rejected")
             if result.special == "stop":
@@ -874,7 +911,7 @@ class SmtpSession(session_core.LineSession):
         # The message is .bad: the next hop's own refusal goes back to the
         # submitter.
         text = log.sanitise(refusal)
-        return text if text[:3].isdigit() and text[0] == "5" else "554 5.0.0 %s" % text
+        return text if text[:3].isdigit() and text[0] in "45" else "554 5.0.0 %s" % text
 
     def _count(self, name):
         stats = self.services.stats
@@ -923,3 +960,9 @@ COMMANDS = session_core.table(
     ("QUIT", _ANY, _S.smtp_QUIT, DONE, "QUIT"),
 )
 SmtpSession.COMMANDS = COMMANDS
+SmtpSession.TRANSITIONS = session_core.transitions(
+    # event, states, next state
+    ("tls", None, START),                           # RFC 3207: as if just connected
+    ("reset", (GREETED, MAIL, RCPT, BDAT), GREETED),  # a transaction ends (RSET, stored, refused)
+    ("chunk", (RCPT,), BDAT),                       # a first BDAT chunk that is not LAST
+)

@@ -26,13 +26,11 @@ does for network sessions.
 import os
 import socket
 
+from ..config import usage
 from ..net import connection
 from ..runtime import log
 from ..util import addresses, smtp_controls
 from . import smtp_server
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
 
 
 def run(cfg, services):
@@ -47,31 +45,30 @@ def run(cfg, services):
         kind = "bsmtp"
     ip = conn.peer[0]
     log.verbose("%s: session with client address %s" % (kind, ip))
-    if not cfg.remote_clients and not addresses.is_local(ip):
-        log.warning("%s: connection refused from non-local address %s (see --remote-clients)"
-                    % (kind, ip))
+    if addresses.refused_by_guard(ip, cfg.remote_clients):
+        log.warning("%s: connection refused from non-local address %s (%s)"
+                    % (kind, ip, addresses.GUARD_HINT))
         try:
             conn.write(smtp_server.reply_bytes(cfg, "554 5.7.1 no SMTP service for your address"))
             conn.close()
         except (connection.Closed, connection.Timeout):
             pass
-        return EXIT_FAILURE
+        return usage.EXIT_FAILURE
     if cfg.inetd and cfg.server_tls_connection:
         # SMTPS from inetd (ZMailer -t): TLS before the greeting.
         if not isinstance(conn, connection.Connection):
             log.error("inetd: --server-tls-connection needs a socket on the standard input")
-            return EXIT_FAILURE
+            return usage.EXIT_FAILURE
         try:
-            conn.settimeout(60)
             conn.accept_tls(services.tls_context)
         except (OSError, ValueError) as e:
             log.warning("inetd: tls handshake failed with %s: %s" % (ip, e))
             conn.close()
-            return EXIT_FAILURE
+            return usage.EXIT_FAILURE
     session = smtp_server.SmtpSession(conn, services)
     session.run()
     if cfg.inetd:
-        return EXIT_OK
+        return usage.EXIT_OK
     stored = services.stats.snapshot().get("messages-stored", 0)
     if session.error_replies or session.mail_from is not None:
         log.error("bsmtp: not every transaction was accepted: %d message%s stored, "
@@ -80,9 +77,9 @@ def run(cfg, services):
                      "" if session.error_replies == 1 else "s",
                      ", input ended inside a transaction" if session.mail_from is not None
                      else ""))
-        return EXIT_FAILURE
+        return usage.EXIT_FAILURE
     log.info("bsmtp: %d message%s stored" % (stored, "" if stored == 1 else "s"))
-    return EXIT_OK
+    return usage.EXIT_OK
 
 
 def _inetd_connection(test_ip):

@@ -56,8 +56,9 @@ class Envelope:
     Attributes (all may be set by keyword in the constructor): `format`,
     `content` (one of CONTENT_TYPES), `from_`, `to_local` and `to_remote`
     (lists), `authentication` (decoded text; written as xtext), `client`
-    (`ip:port`), `client_certificate` (PEM text or ''), `mail_from_auth_in`
-    and `mail_from_auth_out` (raw xtext or ''), `forward_to`,
+    (the client's IP address, as E-MailRelay writes it),
+    `client_certificate` (PEM text or ''), `mail_from_auth_in` and
+    `mail_from_auth_out` (raw xtext or ''), `forward_to`,
     `forward_to_address`, `client_account_selector`, `utf8_mailbox_names`
     (bool), `trailer` (bytes after the `End` line).
     """

@@ -47,7 +47,7 @@ from ..runtime import process
 from . import spool_files
 from .envelope import Envelope, EnvelopeError, SIZE_LIMIT
 from .spool_claim import Claim
-from .spool_files import (BAD, BUSY, CONTENT, CONTENT_ORPHAN, ContentError, NEW, ORPHAN, READY,
+from .spool_files import (BAD, BUSY, CONTENT, CONTENT_ORPHAN, ContentError, NEW, READY,
                           STATES, SpoolError, WRITE_BLOCK, content_shared, create_file, debug,
                           fsync_directory, unlink_quietly, waited, write_file_durably)
 from .spool_message import NewMessage
@@ -55,11 +55,6 @@ from .spool_message import NewMessage
 # What other modules take from here, besides Spool.
 __all__ = ["Spool", "Committed", "SpoolError", "ContentError", "NEW", "READY", "BUSY", "BAD",
            "CONTENT", "WRITE_BLOCK", "fsync_directory", "waited", "write_file_durably"]
-
-# Seconds since a content file without an envelope was last written before
-# recover() treats it as abandoned: a live session writes at least once per
-# idle timeout, and this is ten times the default one.
-ORPHAN_CONTENT_AGE = 600
 
 Committed = collections.namedtuple("Committed", "id envelope_path content_path")
 
@@ -90,17 +85,22 @@ def _pid_running(pid):
     return True
 
 
+def _writer_pid(message_id):
+    """The pid in a message id (`emailrelay.<pid>.<time>.<seq>`), or None."""
+    parts = message_id.split(".")
+    if len(parts) == 4 and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
 def _writer_alive(message_id):
     """True if the process named in a message id is another live process.
 
     recover() runs before this process stores anything, so a file with our
     own pid was left by an earlier process that had the same pid.
     """
-    parts = message_id.split(".")
-    if len(parts) == 4 and parts[1].isdigit():
-        pid = int(parts[1])
-        return pid != os.getpid() and _pid_running(pid)
-    return False
+    pid = _writer_pid(message_id)
+    return pid is not None and pid != os.getpid() and _pid_running(pid)
 
 
 def _try_lock(path):
@@ -176,11 +176,14 @@ class Spool:
             message_id = "emailrelay.%d.%d.%d" % (pid, int(time.time()), seq)
             path = self.path(message_id, CONTENT)
             try:
-                return message_id, path, create_file(path)
+                fd = create_file(path)
             except FileExistsError:
                 # Another process with our pid (a restart in the same
                 # second, or a shared spool across pid namespaces).
                 continue
+            # Held until the message is committed: see recover().
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return message_id, path, fd
 
     # -- listing
 
@@ -329,48 +332,60 @@ class Spool:
     # -- start-up
 
     @process.spool_privileged
-    def recover(self):
-        """Repairs what a dead process left behind; safe with live sharers.
+    def recover(self, pid=None):
+        """Repairs what dead processes left behind; safe with live sharers.
 
-        A `.envelope.new` whose lock is free and whose creating process is
-        gone was never acknowledged: it is renamed `.envelope.new.orphan`
-        (kept with its content, never forwarded) and logged. A `.busy`
-        envelope whose lock is free has lost its forwarder: it goes back to
-        `.envelope` and is logged. A `.content` file that no envelope refers
-        to, whose creating process is gone and which nobody has written for
-        ORPHAN_CONTENT_AGE seconds, was being received when its process died:
-        it is renamed `.content.orphan` and logged. (The age keeps a message
-        being received by a process in another pid namespace safe.)
+        Nothing that might be acknowledged mail is touched: a content file
+        that any envelope refers to (`.envelope`, `.busy`, `.bad`,
+        `.local`, `.new`, in the spool or a --pop-by-name sub-directory)
+        stays. What is repaired, when the process that made it is gone
+        (its pid is not running and its lock is free):
+
+        - a `.busy` envelope goes back to `.envelope` (its forwarder died);
+        - a `.envelope.new` was never acknowledged (`250` follows the
+          rename to `.envelope`): it is removed, and its content unless
+          another envelope refers to it;
+        - a `.content` (or an older version's `.content.orphan`) that no
+          envelope refers to is removed: the rest of a message already
+          forwarded or deleted by POP, or one whose DATA never ended.
+          (A live writer holds its content's lock until the envelope is
+          committed, so a message being received is never taken.)
+
+        With `pid`, only what that process left (a --workers worker that
+        died; `.busy` files are the forwarder's, so they are left alone).
+        Each removal is logged.
         """
         for message_id, state, path in list(self._scan()):
+            if pid is not None and _writer_pid(message_id) != pid:
+                continue
             if state == "new":
                 self._recover_new(message_id, path)
-            elif state == "busy":
+            elif state == "busy" and pid is None:
                 self._recover_busy(message_id, path)
-        self._recover_content()
+        self._recover_content(pid)
 
-    def _recover_content(self):
+    def _recover_content(self, pid):
         with os.scandir(self.directory) as it:
-            found = [(e.name[:-len(CONTENT)], e.path) for e in it
-                     if e.name.endswith(CONTENT) and not e.name.startswith(".")]
+            found = [(e.name[:-len(suffix)], e.path) for e in it if not e.name.startswith(".")
+                     for suffix in (CONTENT, CONTENT_ORPHAN) if e.name.endswith(suffix)]
         for message_id, path in found:
-            if _writer_alive(message_id) or content_shared(path):
+            if pid is not None and _writer_pid(message_id) != pid:
+                continue
+            if _writer_alive(message_id) or content_shared(self.path(message_id, CONTENT)):
+                continue
+            fd = _try_lock(path)
+            if fd is None:
                 continue
             try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if time.time() - st.st_mtime < ORPHAN_CONTENT_AGE:
-                continue
-            target = self.path(message_id, CONTENT_ORPHAN)
-            if os.path.lexists(target):
-                continue
-            try:
-                os.rename(path, target)
-            except FileNotFoundError:
-                continue
-            spool_files.log_event("warning", "spool: content with no envelope moved aside: %s"
-                                  % (message_id + CONTENT_ORPHAN))
+                # Looked at again under the lock: a writer that had just
+                # committed has let go of it, and its envelope is there.
+                if content_shared(self.path(message_id, CONTENT)):
+                    continue
+                unlink_quietly(path)
+            finally:
+                os.close(fd)
+            spool_files.log_event("info", "spool: removed %s: no envelope refers to it"
+                                  % os.path.basename(path))
 
     def _recover_new(self, message_id, path):
         if _writer_alive(message_id):
@@ -379,11 +394,20 @@ class Spool:
         if fd is None:
             return
         try:
-            os.rename(path, self.path(message_id, ORPHAN))
+            os.unlink(path)
+        except FileNotFoundError:
+            return
         finally:
             os.close(fd)
-        spool_files.log_event("warning", "spool: unfinished message moved aside: %s (content %s)"
-                              % (message_id + ORPHAN, message_id + CONTENT))
+        content = self.path(message_id, CONTENT)
+        kept = content_shared(content)
+        if not kept:
+            unlink_quietly(content)
+        spool_files.log_event("warning", "spool: removed unacknowledged message %s left by a "
+                              "stopped process (%s%s)"
+                              % (message_id, message_id + NEW,
+                                 "; its content stays, another envelope refers to it" if kept
+                                 else " and its content"))
 
     def _recover_busy(self, message_id, path):
         fd = _try_lock(path)

@@ -17,10 +17,12 @@ from ..runtime import log, process
 
 FILE_MODE = 0o660
 NEW, READY, BUSY, BAD, LOCAL = ".envelope.new", ".envelope", ".envelope.busy", ".envelope.bad", ".envelope.local"
+# Names earlier versions' recovery gave an unfinished message's envelope and
+# a content file with no envelope (recover() now removes such leftovers; it
+# still removes a `.content.orphan`, and leaves an `.envelope.new.orphan`
+# and its content to the administrator).
 ORPHAN = ".envelope.new.orphan"
 CONTENT = ".content"
-# A content file with no envelope, left by a process that died while
-# receiving it, is renamed to this (never deleted).
 CONTENT_ORPHAN = ".content.orphan"
 # Longest first: a name is classified by the first suffix it ends with.
 STATES = ((ORPHAN, "orphan"), (NEW, "new"), (BUSY, "busy"), (BAD, "bad"), (LOCAL, "local"),

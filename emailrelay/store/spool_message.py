@@ -24,6 +24,11 @@ class NewMessage:
     commits the content and writes the envelope itself; or `prepare(env)`
     writes both files first, so that `finish(env)` is left only the syncs
     and renames (the part that waits for the device).
+
+    The content file is open and `flock`ed from its creation until the
+    message is committed (or abandoned), so that another process's
+    recover() never takes it for a leftover, whichever pid namespace it
+    runs in.
     """
 
     def __init__(self, spool):
@@ -32,6 +37,7 @@ class NewMessage:
         self.new_envelope_path = spool.path(self.id, NEW)
         self.size = 0
         self._buf = bytearray()
+        self._content_synced = False
         self._envelope_fd = None
         self._envelope_unsynced = False
         # Identities of the files as we synced them, recorded once they are
@@ -51,9 +57,12 @@ class NewMessage:
         self._buf.clear()
 
     def commit_content(self):
-        """Writes out and fsyncs the content file and closes it."""
+        """Writes out and fsyncs the content file (once).
+
+        The file stays open, and locked, until finish(), disown() or abandon().
+        """
         fd = self._fd
-        if fd is None:
+        if fd is None or self._content_synced:
             return
         try:
             self._flush()
@@ -61,7 +70,7 @@ class NewMessage:
         except BaseException:
             self._close_content()
             raise
-        self._close_content()
+        self._content_synced = True
 
     def _close_content(self):
         fd, self._fd = self._fd, None
@@ -140,6 +149,7 @@ class NewMessage:
             self._uncommit(renamed, copy)
             raise
         self._release_envelope()
+        self._close_content()
         self._done = True
         debug(self.id, "committed (%d octets)%s" % (self.size, " with a .local copy"
                                                     if env.to_local else ""))
@@ -182,13 +192,17 @@ class NewMessage:
 
         The filter owns the files now (it may have removed or copied them);
         the directory is fsync'd so that what it left is as durable as a
-        finished message. abandon() is a no-op afterwards.
+        finished message. abandon() is a no-op afterwards. Returns True when
+        the content is still in the spool: the filter stored the message in
+        its own way (emailrelay-filter-copy's envelopes in sub-directories).
         """
         self.commit_content()
         self._release_envelope()
+        self._close_content()
         self._done = True
         fsync_directory(self.spool.directory)
         debug(self.id, "left to the filter (exit 100)")
+        return os.path.exists(self.content_path)
 
     @process.spool_privileged
     def abandon(self):

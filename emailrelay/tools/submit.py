@@ -300,7 +300,7 @@ def submit(args, stdin):
             from_=from_addr or "anonymous",
             to_remote=recipients,
             authentication=args.auth,
-            client="127.0.0.1:0",
+            client="127.0.0.1",
             mail_from_auth_in=_auth_value(args.from_auth_in),
             mail_from_auth_out=_auth_value(args.from_auth_out),
             utf8_mailbox_names=not all(a.isascii() for a in [from_addr] + recipients),
@@ -326,8 +326,12 @@ def run(argv=None):
         print("emailrelay-submit: error: %s" % e, file=sys.stderr)
         return 1
     except OSError as e:
-        print("emailrelay-submit: error: %s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else ""),
-              file=sys.stderr)
+        # A user who may not write the spool needs to know the way that works.
+        hint = (" (only root or the spool's group may write it: other users can send with "
+                "emailrelay-sendmail, which hands the message to the running daemon)"
+                if isinstance(e, PermissionError) else "")
+        where = ": %s" % e.filename if e.filename else ""
+        print("emailrelay-submit: error: %s%s%s" % (e.strerror or e, where, hint), file=sys.stderr)
         return 1
     if args.verbose:
         print(message.content_path)

@@ -37,6 +37,18 @@ def is_local(ip):
     return any(addr.version == net.version and addr in net for net in _LOCAL_NETWORKS)
 
 
+def refused_by_guard(ip, remote_clients):
+    """True when the open-relay guard refuses a client at `ip`.
+
+    Without --remote-clients (`remote_clients` false) only local addresses
+    (`is_local`) may connect; the refusal's log line names the option.
+    """
+    return not remote_clients and not is_local(ip)
+
+
+GUARD_HINT = "see --remote-clients"
+
+
 def match_pattern(ip, pattern):
     """True when `ip` matches a secrets-file address pattern.
 

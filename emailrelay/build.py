@@ -1,0 +1,382 @@
+"""Builds the program's parts from its options: spool, policy, auth, TLS, forwarder, listeners.
+
+`services(cfg)` checks everything that can be checked before the process
+starts serving (secrets files, filter and verifier programs, TLS
+certificates, the forward-to address, listening addresses) and returns a
+`Services` bundle; a problem is a `StartupError` with one clear line.
+`new_server`, `add_sessions` and `forward_on_disconnect` also build a
+--workers process's own listeners (see `modes`).
+"""
+
+import ipaddress
+import os
+import re
+import shlex
+import shutil
+import threading
+
+from .auth import auth_budget, pam, sasl, secrets
+from .config import options
+from .forward import forwarder
+from .net import listeners, tls
+from .policy import auth_program, dnsbl, filters, smtp_policy, verifier
+from .policy.filters import FILTER_ENV_PATH
+from .runtime import log
+from .server import admin, pop_server, smtp_server
+from .store import spool as spool_mod
+from .util import addresses, parts, smtp_controls
+from .util.stats import Stats
+
+# The counters of `services.stats` (the admin `status` command shows them).
+STATS = ["messages-stored", "messages-rejected", "messages-forwarded", "messages-failed",
+         "messages-deferred"]
+
+
+class StartupError(Exception):
+    """A configuration problem found before anything is started."""
+
+
+class Services(parts.Parts):
+    """The program's parts, as `services` makes them; sessions get narrow views.
+
+    Attributes: `cfg`, `spool`, `filters` (list), `verifier` (or None),
+    `server_auth` (sasl.ServerAuth or None), `server_secrets`,
+    `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
+    `forwarder` (or None), `stats` (a stats.Stats), `events`
+    (forwarder.Events or None), `server` (listeners.Server), `stop_event`,
+    `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None),
+    `dnsbl` (dnsbl.Dnsbl or None), `load_guard` (smtp_policy.LoadGuard or
+    None, --max-load), `help_text` (lines for HELP, --help-text),
+    `worker_listeners` (with --workers above 1, the listeners.Server that holds the
+    SMTP and POP sockets the workers serve, never served itself; else None).
+    """
+
+    __slots__ = ("cfg", "spool", "filters", "verifier", "server_auth", "server_secrets",
+                 "pop_auth", "pop_secrets", "tls_context", "forwarder", "stats", "events",
+                 "server", "stop_event", "auth_budget", "dnsbl", "load_guard", "help_text",
+                 "worker_listeners")
+    LISTS = ("filters", "help_text")
+
+    def smtp(self):
+        """What an SMTP session may use (smtp_server.SmtpServices)."""
+        fwd = self.forwarder
+        return smtp_server.SmtpServices(
+            cfg=self.cfg, spool=self.spool, filters=self.filters, verifier=self.verifier,
+            server_auth=self.server_auth, auth_budget=self.auth_budget,
+            tls_context=self.tls_context, stats=self.stats, dnsbl=self.dnsbl,
+            load_guard=self.load_guard, help_text=self.help_text, stop_event=self.stop_event,
+            trigger=fwd.trigger if fwd is not None else None,
+            rescan=fwd.rescan if fwd is not None else None,
+            immediate=fwd.immediate_link if fwd is not None and self.cfg.immediate else None)
+
+    def pop(self):
+        """What a POP session may use (pop_server.PopServices)."""
+        return pop_server.PopServices(cfg=self.cfg, spool=self.spool, pop_auth=self.pop_auth,
+                                      tls_context=self.tls_context,
+                                      auth_budget=self.auth_budget, stop_event=self.stop_event)
+
+    def admin(self, server):
+        """What an admin session may use (admin.AdminServices); `server` has the listeners."""
+        fwd = self.forwarder
+        return admin.AdminServices(
+            cfg=self.cfg, spool=self.spool, stats=self.stats, events=self.events,
+            flush=fwd.flush if fwd is not None else None,
+            trigger=fwd.trigger if fwd is not None else None,
+            listeners=lambda: (server.addresses(), server.live_count(), dict(server.counters)),
+            stop_event=self.stop_event)
+
+
+def _load_secrets(path, what):
+    if path == secrets.PAM_PATH:
+        if not pam.available():
+            raise StartupError("%s: PAM is not available on this system" % what)
+        return path
+    try:
+        return secrets.Reloadable(path)
+    except secrets.SecretsError as e:
+        raise StartupError("%s: %s" % (what, e)) from None
+
+
+def _server_auth(holder, cfg, what, smtp=False):
+    """The sasl.ServerAuth for a secrets source (`smtp`: the SMTP server's, which
+    --server-smtp-config auth-login-also-without-tls concerns); raises StartupError."""
+    without_tls = smtp and options.smtp_config(
+        cfg.server_smtp_config, options.SERVER_SMTP_KEYWORDS)["auth-login-also-without-tls"]
+    if (smtp and not without_tls and not (cfg.server_tls or cfg.server_tls_connection)
+            and (cfg.server_auth_program or cfg.server_auth == "/pam")):
+        # Not an error (a site may add TLS later), but every MAIL would get 530.
+        log.warning("%s: AUTH PLAIN and LOGIN are offered only over TLS and there is no "
+                    "--server-tls: clients cannot authenticate; give --server-tls, or "
+                    "--server-smtp-config auth-login-also-without-tls to offer them "
+                    "without TLS" % what)
+    try:
+        # With --server-tls, PLAIN and LOGIN wait for STARTTLS/STLS (sasl.py).
+        return sasl.ServerAuth(holder, cfg.server_auth_config, domain=cfg.domain,
+                               tls_available=bool(cfg.server_tls), without_tls=without_tls)
+    except ValueError as e:
+        raise StartupError("%s: %s" % (what, e)) from None
+
+
+def services(cfg):
+    """Checks the configuration and builds every part; raises StartupError."""
+    services = Services(cfg=cfg, stop_event=threading.Event())
+    services.stats = Stats(STATS)
+
+    if not os.path.isdir(cfg.spool_dir):
+        raise StartupError("spool directory does not exist: %s" % cfg.spool_dir)
+    services.spool = spool_mod.Spool(cfg.spool_dir)
+
+    if cfg.filter or cfg.client_filter or cfg.address_verifier:
+        _resolve_programs(cfg)
+        try:
+            services.filters = [filters.make(s, cfg.filter_timeout)
+                                for s in cfg.filter or []]
+            client_filters = [filters.make(s, cfg.filter_timeout, kind="client")
+                              for s in cfg.client_filter or []]
+            if cfg.address_verifier:
+                services.verifier = verifier.make(cfg.address_verifier, cfg.filter_timeout)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+    else:
+        client_filters = []
+
+    if cfg.dnsbl:
+        try:
+            services.dnsbl = dnsbl.Dnsbl.parse(
+                cfg.dnsbl, check_local=os.environ.get("EMAILRELAY_DNSBL_CHECK_LOCAL") == "1")
+        except ValueError as e:
+            raise StartupError("--dnsbl: %s" % e) from None
+
+    if cfg.server_auth:
+        services.server_secrets = _load_secrets(cfg.server_auth, "--server-auth")
+        services.server_auth = _server_auth(services.server_secrets, cfg, "--server-auth",
+                                            smtp=True)
+        check_server_secrets(services.server_secrets, "--server-auth")
+    if cfg.server_auth_program:
+        if not os.access(cfg.server_auth_program, os.X_OK):
+            raise StartupError("--server-auth-program: cannot execute %s" % cfg.server_auth_program)
+        services.server_auth = _server_auth(
+            auth_program.AuthProgram(cfg.server_auth_program, cfg.filter_timeout), cfg,
+            "--server-auth-program", smtp=True)
+    _build_controls(cfg, services)
+    if cfg.pop_auth:
+        services.pop_secrets = _load_secrets(cfg.pop_auth, "--pop-auth")
+        services.pop_auth = _server_auth(services.pop_secrets, cfg, "--pop-auth")
+    if cfg.server_auth or cfg.pop_auth:
+        services.auth_budget = auth_budget.FailureBudget()
+    client_secret = None
+    if cfg.client_auth:
+        holder = _load_secrets(cfg.client_auth, "--client-auth")
+        client_secret = holder.get().client_secret()
+        if client_secret is None:
+            raise StartupError("--client-auth: no client entry in %s" % cfg.client_auth)
+
+    client_tls = None
+    server_tls = cfg.server_tls or cfg.server_tls_connection
+    client_tls_wanted = cfg.client_tls or cfg.client_tls_connection or cfg.client_tls_required
+    if server_tls or client_tls_wanted:
+        try:
+            if server_tls:
+                services.tls_context = tls.server_context(cfg)
+            if client_tls_wanted:
+                client_tls = tls.client_context(cfg)
+        except (OSError, ValueError) as e:
+            raise StartupError("tls: %s" % _tls_error_text(e)) from None
+
+    if cfg.forward_to:
+        try:
+            services.events = forwarder.Events()
+            services.forwarder = forwarder.Forwarder(
+                cfg, services.spool, client_filters=client_filters,
+                client_secret=client_secret, tls_context=client_tls,
+                events=services.events, stats=services.stats)
+        except ValueError as e:
+            raise StartupError("--forward-to: %s" % e) from None
+        _check_forward_to(cfg.forward_to)
+
+    if not (cfg.dont_serve or cfg.inetd or cfg.bsmtp):
+        services.server = _listen(cfg, services)
+    return services
+
+
+def _build_controls(cfg, services):
+    """The SMTP server controls that need more than the option value (ZMailer's)."""
+    if cfg.max_load is not None:
+        services.load_guard = smtp_policy.LoadGuard(smtp_controls.parse_max_load(cfg.max_load))
+    if cfg.help_text:
+        try:
+            services.help_text = smtp_policy.load_help_text(cfg.help_text)
+        except ValueError as e:
+            raise StartupError("--help-text: %s" % e) from None
+
+
+def _listen(cfg, services):
+    """Binds every listener; with --workers above 1, SMTP and POP go to worker_listeners."""
+    try:
+        interfaces = listeners.parse_interfaces(cfg.interface)
+    except ValueError as e:
+        raise StartupError("--interface: %s" % e) from None
+    for kind, items in listeners.systemd_sockets().items():
+        interfaces.setdefault(kind, []).extend(items)
+    server = new_server(cfg)
+    # Workers serve SMTP and POP; with neither there is nothing for them.
+    workers = cfg.workers > 1 and (not cfg.no_smtp or cfg.pop)
+    shared = new_server(cfg) if workers else server
+    try:
+        add_sessions(shared, cfg, services, interfaces)
+        if cfg.admin:
+            admin_services = services.admin(server)
+            server.add("admin", interfaces, cfg.admin,
+                       lambda conn: admin.AdminSession(conn, admin_services).run(),
+                       busy_reply=b"too many connections\r\n")
+    except (OSError, ValueError) as e:
+        for lst in server.listeners + (shared.listeners if shared is not server else []):
+            lst.sock.close()
+        raise StartupError(str(e.strerror if isinstance(e, OSError) and e.strerror else e)) from None
+    if shared is not server:
+        services.worker_listeners = shared
+    else:
+        forward_on_disconnect(server, services)
+    return server
+
+
+def new_server(cfg):
+    return listeners.Server(remote_clients=cfg.remote_clients,
+                            max_connections=cfg.max_connections,
+                            max_per_address=cfg.max_connections_per_address,
+                            backlog=cfg.listen_backlog,
+                            proxy_timeout=cfg.proxy_protocol_timeout)
+
+
+def add_sessions(server, cfg, services, interfaces):
+    """Adds the SMTP and POP listeners (what workers serve) to `server`."""
+    proxy_from = options.proxy_protocol(cfg.proxy_protocol)
+    if not cfg.no_smtp:
+        smtp = services.smtp()
+        implicit = services.tls_context if cfg.server_tls_connection else None
+        server.add("smtp", interfaces, cfg.port,
+                   lambda conn: smtp_server.SmtpSession(conn, smtp).run(),
+                   conversation=lambda conn: smtp_server.SmtpSession(conn, smtp),
+                   tls_context=implicit,
+                   # ZMailer's MaxParallelConnections reply (seed 004): the
+                   # limit comes from there, E-MailRelay 2.6 has none.
+                   busy_reply=smtp_server.reply_bytes(
+                       cfg, "450 4.3.2 Too many simultaneous connections"),
+                   address_busy_reply=smtp_server.reply_bytes(
+                       cfg, "450 4.7.0 too many connections from your address"),
+                   refused_reply=smtp_server.reply_bytes(
+                       cfg, "554 5.7.1 no SMTP service for your address"),
+                   proxy_from=proxy_from.get("smtp"))
+    if cfg.pop:
+        pop = services.pop()
+        server.add("pop", interfaces, cfg.pop_port,
+                   lambda conn: pop_server.PopSession(conn, pop).run(),
+                   busy_reply=b"-ERR too many connections\r\n",
+                   refused_reply=b"-ERR no POP service for your address\r\n",
+                   proxy_from=proxy_from.get("pop"))
+
+
+def forward_on_disconnect(server, services):
+    if services.forwarder is not None and services.cfg.forward_on_disconnect:
+        server.on_close.append(lambda kind: kind == "smtp" and services.forwarder.trigger())
+
+
+# Program specs that are not a path to run.
+_SPECIAL_PROGRAMS = ("exit:", "net:", "spam:", "spam-edit:")
+
+
+def _resolve_programs(cfg):
+    """Makes relative program paths in the filter/verifier options absolute.
+
+    They are resolved against the start-up directory, before daemonising
+    changes it to /. The `exit:`, `net:` and `spam:` forms are left alone;
+    a program that is not there or not executable is a start-up error.
+    """
+    for option in ("filter", "client_filter"):
+        values = getattr(cfg, option) or []
+        values[:] = [_resolve_program(spec, "--" + option.replace("_", "-")) for spec in values]
+    if cfg.address_verifier:
+        cfg.address_verifier = _resolve_program(cfg.address_verifier, "--address-verifier")
+    if cfg.server_auth_program:
+        cfg.server_auth_program = _resolve_program(cfg.server_auth_program,
+                                                   "--server-auth-program")
+
+
+def _resolve_program(spec, option):
+    text = spec.strip()
+    if not text or text.startswith(_SPECIAL_PROGRAMS):
+        return spec
+    try:
+        program = shlex.split(text)[0]
+    except (ValueError, IndexError):
+        return spec  # filters.make() reports the syntax error
+    path = program
+    if "/" not in program:
+        # A bare name is looked up as a shell would, on the start-up PATH
+        # (where `make install` put emailrelay-filter-copy), then on the
+        # PATH programs run with; a file of that name in the start-up
+        # directory is E-MailRelay's meaning, kept as the last resort.
+        found = shutil.which(program, path=os.pathsep.join(
+            [os.environ.get("PATH", ""), FILTER_ENV_PATH]))
+        if found is None and os.path.exists(program):
+            found = program
+        if found is None:
+            raise StartupError("%s %s: no such program" % (option, spec))
+        path = os.path.abspath(found)
+    elif not os.path.isabs(program):
+        path = os.path.abspath(program)
+    if not os.path.isfile(path):
+        raise StartupError("%s %s: no such program" % (option, spec))
+    if not os.access(path, os.X_OK):
+        raise StartupError("%s %s: not executable" % (option, spec))
+    if path == program:
+        return spec
+    rest = text[len(program):] if text.startswith(program) else \
+        " " + " ".join(shlex.quote(a) for a in shlex.split(text)[1:])
+    return shlex.quote(path) + rest
+
+
+def program_paths(cfg):
+    """The absolute program paths the filter, verifier and auth-program options will run."""
+    specs = list(cfg.filter or []) + list(cfg.client_filter or []) + \
+        ([cfg.address_verifier] if cfg.address_verifier else []) + \
+        ([cfg.server_auth_program] if cfg.server_auth_program else [])
+    for spec in specs:
+        text = spec.strip()
+        if text.startswith(_SPECIAL_PROGRAMS):
+            continue
+        program = shlex.split(text)[0]
+        if os.path.isabs(program):
+            yield spec, program
+
+
+def check_server_secrets(holder, option):
+    """A --server-auth file with no accounts and no trusted addresses is refused.
+
+    Every client would have to authenticate and none could: the relay would
+    refuse all mail, which is never what the administrator meant.
+    """
+    if isinstance(holder, str):
+        return
+    secrets = holder.get()
+    if not secrets.has_server() and not secrets.has_trusted():
+        raise StartupError("%s %s: no server accounts and no trusted addresses (server lines): "
+                           "every client would be refused" % (option, holder.path))
+
+
+def _tls_error_text(e):
+    if isinstance(e, OSError) and e.filename:
+        return "%s: %s" % (e.filename, e.strerror or e)
+    return str(e)
+
+
+def _check_forward_to(value):
+    """Refuses a --forward-to host that is neither an address nor a host name."""
+    host = addresses.parse_forward_to(value)[0]
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            raise StartupError("--forward-to %s: invalid address" % value) from None
+    elif not re.match(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$", host):
+        raise StartupError("--forward-to %s: invalid host name" % value)
