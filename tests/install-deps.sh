@@ -24,6 +24,7 @@ need /usr/sbin/dnsmasq dnsmasq-base
 need haproxy haproxy
 need unshare util-linux
 need ip iproute2
+need strace strace
 need systemd-analyze systemd
 need systemd-socket-activate systemd
 need unshare util-linux
