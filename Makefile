@@ -51,7 +51,7 @@ UNITSUBST = -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
 	-e 's|@LOGSDIRECTORY@|$(patsubst /var/log/%,%,$(LOGDIR))|g'
 TOOLS = submit passwd resubmit filter-copy sendmail
 # What flake8 checks (pyflakes and pycodestyle; settings in setup.cfg).
-LINTED = emailrelay tests bin emailrelay.py setup.py bench/forward bench/ingest bench/filters bench/c10k
+LINTED = emailrelay tests bin emailrelay.py setup.py bench/forward bench/ingest bench/filters bench/c10k bench/sync-orders
 
 .PHONY: test install zipapp man clean
 

@@ -27,7 +27,6 @@ need ip iproute2
 need strace strace
 need systemd-analyze systemd
 need systemd-socket-activate systemd
-need unshare util-linux
 need setpriv util-linux
 need /etc/pam.d/common-auth libpam-runtime
 for lib in /lib/*/security/pam_unix.so /usr/lib/*/security/pam_unix.so; do
