@@ -442,8 +442,6 @@ def proxy_protocol(values):
     An item without a prefix applies to both servers; a server with no
     item is not in the result.
     """
-    # Imported here as in _check: parsing the command line needs only os.
-    from ..util import addresses
     result = {}
     for value in values or ():
         for item in value.split(","):

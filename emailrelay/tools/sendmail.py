@@ -37,6 +37,7 @@ import pwd
 import sys
 from email.utils import getaddresses
 
+from ..main import run as run_relay
 from ..store import envelope, spool, spool_listing
 from . import local_daemon, submit
 
@@ -354,8 +355,6 @@ def _flush(opts, site):
         if not (site.forward_to and _writable(spool_dir)):
             raise
         unreachable = e
-    # (main pulls in every layer of the relay; only this path needs it.)
-    from ..main import run as run_relay
     print("emailrelay-sendmail: %s: forwarding the spool itself" % unreachable)
     return run_relay(["--as-client", site.forward_to, "--spool-dir", spool_dir,
                       "--domain", site.domain])
@@ -371,8 +370,6 @@ def _smtp(opts, site):
         spool_dir = opts.spool_dir or site.spool_dir
         if not _writable(spool_dir):
             raise
-    # (main pulls in every layer of the relay; only this path needs it.)
-    from ..main import run as run_relay
     return run_relay(["--inetd", "--test-address", "[127.0.0.1]", "--spool-dir", spool_dir,
                       "--domain", site.domain])
 
