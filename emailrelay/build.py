@@ -8,6 +8,7 @@ certificates, the forward-to address, listening addresses) and returns a
 --workers process's own listeners (see `modes`).
 """
 
+import collections
 import ipaddress
 import os
 import re
@@ -16,7 +17,6 @@ import shutil
 import threading
 
 from .auth import auth_budget, pam, sasl, secrets
-from .config import options
 from .forward import forwarder
 from .net import listeners, tls
 from .policy import auth_program, dnsbl, filters, smtp_policy, verifier
@@ -24,7 +24,7 @@ from .policy.filters import FILTER_ENV_PATH
 from .runtime import log
 from .server import admin, pop_server, smtp_server
 from .store import spool as spool_mod
-from .util import addresses, parts, smtp_controls
+from .util import parts
 from .util.stats import Stats
 
 # The counters of `services.stats` (the admin `status` command shows them).
@@ -48,13 +48,15 @@ class Services(parts.Parts):
     `dnsbl` (dnsbl.Dnsbl or None), `load_guard` (smtp_policy.LoadGuard or
     None, --max-load), `help_text` (lines for HELP, --help-text),
     `worker_listeners` (with --workers above 1, the listeners.Server that holds the
-    SMTP and POP sockets the workers serve, never served itself; else None).
+    SMTP and POP sockets the workers serve, never served itself; else None),
+    `programs` (the `Programs` the filter, verifier and auth-program options
+    run, with absolute paths).
     """
 
     __slots__ = ("cfg", "spool", "filters", "verifier", "server_auth", "server_secrets",
                  "pop_auth", "pop_secrets", "tls_context", "forwarder", "stats", "events",
                  "server", "stop_event", "auth_budget", "dnsbl", "load_guard", "help_text",
-                 "worker_listeners")
+                 "worker_listeners", "programs")
     LISTS = ("filters", "help_text")
 
     def smtp(self):
@@ -100,8 +102,7 @@ def _load_secrets(path, what):
 def _server_auth(holder, cfg, what, smtp=False):
     """The sasl.ServerAuth for a secrets source (`smtp`: the SMTP server's, which
     --server-smtp-config auth-login-also-without-tls concerns); raises StartupError."""
-    without_tls = smtp and options.smtp_config(
-        cfg.server_smtp_config, options.SERVER_SMTP_KEYWORDS)["auth-login-also-without-tls"]
+    without_tls = smtp and cfg.server_features["auth-login-also-without-tls"]
     if (smtp and not without_tls and not (cfg.server_tls or cfg.server_tls_connection)
             and (cfg.server_auth_program or cfg.server_auth == "/pam")):
         # Not an error (a site may add TLS later), but every MAIL would get 530.
@@ -126,19 +127,15 @@ def services(cfg):
         raise StartupError("spool directory does not exist: %s" % cfg.spool_dir)
     services.spool = spool_mod.Spool(cfg.spool_dir)
 
-    if cfg.filter or cfg.client_filter or cfg.address_verifier:
-        _resolve_programs(cfg)
-        try:
-            services.filters = [filters.make(s, cfg.filter_timeout)
-                                for s in cfg.filter or []]
-            client_filters = [filters.make(s, cfg.filter_timeout, kind="client")
-                              for s in cfg.client_filter or []]
-            if cfg.address_verifier:
-                services.verifier = verifier.make(cfg.address_verifier, cfg.filter_timeout)
-        except ValueError as e:
-            raise StartupError(str(e)) from None
-    else:
-        client_filters = []
+    programs = services.programs = _resolve_programs(cfg)
+    try:
+        services.filters = [filters.make(s, cfg.filter_timeout) for s in programs.filters]
+        client_filters = [filters.make(s, cfg.filter_timeout, kind="client")
+                          for s in programs.client_filters]
+        if programs.verifier:
+            services.verifier = verifier.make(programs.verifier, cfg.filter_timeout)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
 
     if cfg.dnsbl:
         try:
@@ -152,11 +149,11 @@ def services(cfg):
         services.server_auth = _server_auth(services.server_secrets, cfg, "--server-auth",
                                             smtp=True)
         check_server_secrets(services.server_secrets, "--server-auth")
-    if cfg.server_auth_program:
-        if not os.access(cfg.server_auth_program, os.X_OK):
-            raise StartupError("--server-auth-program: cannot execute %s" % cfg.server_auth_program)
+    if programs.auth_program:
+        if not os.access(programs.auth_program, os.X_OK):
+            raise StartupError("--server-auth-program: cannot execute %s" % programs.auth_program)
         services.server_auth = _server_auth(
-            auth_program.AuthProgram(cfg.server_auth_program, cfg.filter_timeout), cfg,
+            auth_program.AuthProgram(programs.auth_program, cfg.filter_timeout), cfg,
             "--server-auth-program", smtp=True)
     _build_controls(cfg, services)
     if cfg.pop_auth:
@@ -184,15 +181,12 @@ def services(cfg):
             raise StartupError("tls: %s" % _tls_error_text(e)) from None
 
     if cfg.forward_to:
-        try:
-            services.events = forwarder.Events()
-            services.forwarder = forwarder.Forwarder(
-                cfg, services.spool, client_filters=client_filters,
-                client_secret=client_secret, tls_context=client_tls,
-                events=services.events, stats=services.stats)
-        except ValueError as e:
-            raise StartupError("--forward-to: %s" % e) from None
-        _check_forward_to(cfg.forward_to)
+        services.events = forwarder.Events()
+        services.forwarder = forwarder.Forwarder(
+            cfg, services.spool, client_filters=client_filters,
+            client_secret=client_secret, tls_context=client_tls,
+            events=services.events, stats=services.stats)
+        _check_forward_to(cfg.forward_to, cfg.forward_address[0])
 
     if not (cfg.dont_serve or cfg.inetd or cfg.bsmtp):
         services.server = _listen(cfg, services)
@@ -202,7 +196,7 @@ def services(cfg):
 def _build_controls(cfg, services):
     """The SMTP server controls that need more than the option value (ZMailer's)."""
     if cfg.max_load is not None:
-        services.load_guard = smtp_policy.LoadGuard(smtp_controls.parse_max_load(cfg.max_load))
+        services.load_guard = smtp_policy.LoadGuard(cfg.max_load_limit)
     if cfg.help_text:
         try:
             services.help_text = smtp_policy.load_help_text(cfg.help_text)
@@ -250,7 +244,7 @@ def new_server(cfg):
 
 def add_sessions(server, cfg, services, interfaces):
     """Adds the SMTP and POP listeners (what workers serve) to `server`."""
-    proxy_from = options.proxy_protocol(cfg.proxy_protocol)
+    proxy_from = cfg.proxy_from
     if not cfg.no_smtp:
         smtp = services.smtp()
         implicit = services.tls_context if cfg.server_tls_connection else None
@@ -285,21 +279,23 @@ def forward_on_disconnect(server, services):
 _SPECIAL_PROGRAMS = ("exit:", "net:", "spam:", "spam-edit:")
 
 
+# The programs the options name, as they will be run (see _resolve_programs).
+Programs = collections.namedtuple("Programs", "filters client_filters verifier auth_program")
+
+
 def _resolve_programs(cfg):
-    """Makes relative program paths in the filter/verifier options absolute.
+    """The filter, verifier and auth-program specs with absolute program paths.
 
     They are resolved against the start-up directory, before daemonising
     changes it to /. The `exit:`, `net:` and `spam:` forms are left alone;
     a program that is not there or not executable is a start-up error.
     """
-    for option in ("filter", "client_filter"):
-        values = getattr(cfg, option) or []
-        values[:] = [_resolve_program(spec, "--" + option.replace("_", "-")) for spec in values]
-    if cfg.address_verifier:
-        cfg.address_verifier = _resolve_program(cfg.address_verifier, "--address-verifier")
-    if cfg.server_auth_program:
-        cfg.server_auth_program = _resolve_program(cfg.server_auth_program,
-                                                   "--server-auth-program")
+    def one(spec, option):
+        return _resolve_program(spec, option) if spec else None
+    return Programs([_resolve_program(s, "--filter") for s in cfg.filter or []],
+                    [_resolve_program(s, "--client-filter") for s in cfg.client_filter or []],
+                    one(cfg.address_verifier, "--address-verifier"),
+                    one(cfg.server_auth_program, "--server-auth-program"))
 
 
 def _resolve_program(spec, option):
@@ -336,11 +332,10 @@ def _resolve_program(spec, option):
     return shlex.quote(path) + rest
 
 
-def program_paths(cfg):
-    """The absolute program paths the filter, verifier and auth-program options will run."""
-    specs = list(cfg.filter or []) + list(cfg.client_filter or []) + \
-        ([cfg.address_verifier] if cfg.address_verifier else []) + \
-        ([cfg.server_auth_program] if cfg.server_auth_program else [])
+def program_paths(programs):
+    """(spec, absolute path) of each program a `Programs` will run."""
+    specs = programs.filters + programs.client_filters + \
+        [s for s in (programs.verifier, programs.auth_program) if s]
     for spec in specs:
         text = spec.strip()
         if text.startswith(_SPECIAL_PROGRAMS):
@@ -370,9 +365,8 @@ def _tls_error_text(e):
     return str(e)
 
 
-def _check_forward_to(value):
-    """Refuses a --forward-to host that is neither an address nor a host name."""
-    host = addresses.parse_forward_to(value)[0]
+def _check_forward_to(value, host):
+    """Refuses a --forward-to `host` that is neither an address nor a host name."""
     if ":" in host:
         try:
             ipaddress.IPv6Address(host.split("%")[0])

@@ -72,7 +72,7 @@ def run_daemon(cfg, services):
         log.startup_error(str(e))
         return usage.EXIT_FAILURE
     _preload(cfg, entry)
-    error = _preflight(cfg, entry)
+    error = _preflight(cfg, services, entry)
     if error:
         log.startup_error(error)
         return usage.EXIT_FAILURE
@@ -243,7 +243,7 @@ def _recover(cfg, services):
     return True
 
 
-def _preflight(cfg, entry):
+def _preflight(cfg, services, entry):
     """Checks, before daemonising, what the program will do as --user.
 
     Without a user switch: the spool must be writable. With one, a short-
@@ -255,7 +255,7 @@ def _preflight(cfg, entry):
         if not os.access(cfg.spool_dir, os.W_OK | os.X_OK):
             return "spool directory %s is not writable" % cfg.spool_dir
         return None
-    programs = list(build.program_paths(cfg))
+    programs = list(build.program_paths(services.programs))
 
     def programs_runnable():
         for spec, path in programs:

@@ -158,14 +158,30 @@ def test_defaults():
     assert cfg.config_file is None
 
 
-def test_domain_default_is_looked_up_lazily(monkeypatch):
+def test_domain_default_is_looked_up_once_by_the_parser_and_not_for_help(monkeypatch):
     calls = []
     monkeypatch.setattr(options, "default_domain", lambda: calls.append(1) or "host.test")
     cfg = parse([])
-    assert calls == []
+    assert calls == [1]
     assert cfg.domain == "host.test" and cfg.domain == "host.test"
     assert calls == [1]
     assert parse(["--domain", "x.test"]).domain == "x.test"
+    parse(["--help"])
+    parse(["--version"])
+    assert calls == [1]
+
+
+def test_options_are_read_only_and_interpreted_values_come_parsed():
+    cfg = parse(["--forward-to", "smtp.example.com:587@socks.test:1080", "--tarpit", "1,2,30",
+                 "--client-smtp-config", "-pipelining", "--anonymous=vrfy"])
+    with pytest.raises(AttributeError):
+        cfg.forward_to = "elsewhere:25"
+    assert cfg.forward_address == ("smtp.example.com", 587, "socks.test", 1080)
+    assert cfg.tarpit_steps == (1.0, 2.0, 30.0)
+    assert cfg.client_features["pipelining"] is False
+    assert cfg.server_features == options.smtp_config(None, options.SERVER_SMTP_KEYWORDS)
+    assert cfg.anonymous_scopes == {"vrfy"}
+    assert parse([]).forward_address is None and parse([]).tarpit_steps is None
 
 
 @pytest.mark.parametrize("opt", TESTABLE, ids=lambda o: o.name)

@@ -12,7 +12,8 @@ import pytest
 from emailrelay.store import envelope, spool, spool_message
 from emailrelay.net import connection
 from emailrelay.server import smtp_server
-from emailrelay.util import smtp_syntax
+from emailrelay.config import options
+from emailrelay.util import smtp_controls, smtp_syntax
 from emailrelay.util.stats import Stats
 from memory_connection import MemoryConnection
 
@@ -28,6 +29,11 @@ def make_cfg(tmp_path, **kw):
     cfg.update(kw)
     given = set(kw.pop("given", ("max-bad-commands",)))
     cfg.pop("given", None)
+    # What the option parser interprets once for the whole program.
+    cfg.update(server_features=options.smtp_config(cfg["server_smtp_config"],
+                                                   options.SERVER_SMTP_KEYWORDS),
+               tarpit_steps=smtp_controls.parse_tarpit(cfg["tarpit"]) if cfg["tarpit"] else None,
+               anonymous_scopes=frozenset(options.anonymous_scopes(cfg["anonymous"])))
     return types.SimpleNamespace(given=lambda name: name in given, **cfg)
 
 

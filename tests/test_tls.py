@@ -65,10 +65,9 @@ def send_one(tmp_path, client):
 
 def bare_cfg(**given):
     """A configuration as tls.py reads it, for checks options.parse would stop first."""
-    cfg = options.parse(["--spool-dir", "/tmp"])
-    for name, value in given.items():
-        setattr(cfg, name, value)
-    return cfg
+    # Parsed options are read-only: a look-alike with the values changed.
+    values = dict(vars(options.parse(["--spool-dir", "/tmp"])), **given)
+    return types.SimpleNamespace(**values)
 
 
 def test_tls_config_keywords(tmp_path, certs):

@@ -26,7 +26,7 @@ _NO_EFFECT = {
 
 
 def default_domain():
-    """The default --domain: this host's name, looked up once (may use DNS).
+    """The default --domain: this host's name (may use DNS: parse() asks once).
 
     The fully qualified name (socket.getfqdn()) unless it is only
     localhost, else the host name, else the address literal of the
@@ -75,32 +75,33 @@ def app_dir():
 
 
 class Config:
-    """The parsed options, as attributes named with underscores.
+    """The parsed options, as attributes named with underscores; read-only.
 
     `cfg.spool_dir`, `cfg.port` (int), `cfg.filter` (a list). A flag not
     given is False; a value option not given is its default (None, or [] for
-    a repeatable option). `cfg.domain` defaults to `default_domain()`, looked
-    up on first use. `cfg.config_file` is the config file or None;
-    `cfg.notes` lists remarks worth logging at start-up.
+    a repeatable option); `cfg.domain` not given is `default_domain()`.
+    `cfg.config_file` is the config file or None; `cfg.notes` lists
+    remarks worth logging at start-up.
+
+    Values the parser had to interpret to check them are kept as it read
+    them, so that nothing parses an option twice: `forward_address` (host,
+    port, SOCKS host, SOCKS port; None without --forward-to),
+    `server_features` and `client_features` (the --xxx-smtp-config
+    keywords, defaults included), `anonymous_scopes`, `proxy_from`,
+    `test_ip`, `max_load_limit` and `tarpit_steps` (None when not given).
     """
 
     def __init__(self, values, given, config_file=None, notes=()):
         self.__dict__.update(values)
-        self._given = frozenset(given)
-        self.config_file = config_file
-        self.notes = list(notes)
+        self.__dict__.update(_given=frozenset(given), config_file=config_file,
+                             notes=list(notes))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("options are read-only (%s)" % name)
 
     def given(self, name):
         """True when the option (long name, dashes or underscores) was given or implied."""
         return name.replace("_", "-") in self._given
-
-    def __getattr__(self, attr):
-        # Only reached for attributes not set: the lazily looked-up domain.
-        if attr == "domain":
-            value = default_domain()
-            self.__dict__["domain"] = value
-            return value
-        raise AttributeError("no option %r" % attr)
 
 
 def _did_you_mean(name, dashes):
@@ -281,14 +282,16 @@ def parse(argv):
     values = out.values
     if values.get("help") or values.get("version"):
         # Help and version need nothing else to be right.
-        return _make_config(values, out.given, config_file)
+        return _make_config(values, out.given, config_file, {})
     _apply_implied(out)
-    _check(values)
+    parsed = _check(values)
+    if "domain" not in values:
+        parsed["domain"] = default_domain()
     if values.get("pop") and "pop-auth" not in values:
         # E-MailRelay before 2.6 read this file, and the user guide's
         # "emailrelay --pop --no-smtp" relies on it; 2.6 refuses to start.
         values["pop-auth"] = DEFAULT_POP_AUTH
-    return _make_config(values, out.given, config_file)
+    return _make_config(values, out.given, config_file, parsed)
 
 
 def _apply_implied(out):
@@ -306,7 +309,13 @@ def _apply_implied(out):
 
 
 def _check(v):
-    """Raises UsageError for contradictions and malformed values."""
+    """Raises UsageError for contradictions and malformed values.
+
+    Returns the values it had to interpret to check them, parsed once for
+    the rest of the program (see `Config`).
+    """
+    parsed = {}
+
     def need(option, required):
         if option in v and required not in v:
             raise UsageError("--%s needs --%s" % (option, required))
@@ -331,7 +340,7 @@ def _check(v):
                              "(key file, then certificate file)" % name)
     if "forward-to" in v:
         try:
-            addresses.parse_forward_to(v["forward-to"])
+            parsed["forward_address"] = addresses.parse_forward_to(v["forward-to"])
         except ValueError as e:
             raise UsageError("--forward-to: %s" % e) from None
     if "anonymous" in v and v["anonymous"] is not True:
@@ -349,24 +358,29 @@ def _check(v):
         if v.get("inetd") or v.get("bsmtp"):
             raise UsageError("--proxy-protocol cannot be used with --inetd or --bsmtp")
         try:
-            proxy_protocol(v["proxy-protocol"])
+            parsed["proxy_from"] = proxy_protocol(v["proxy-protocol"])
         except ValueError as e:
             raise UsageError("--proxy-protocol: %s" % e) from None
     for name in ("server-auth-config", "client-auth-config"):
         if name in v:
             _check_auth_config(name, v[name])
-    for name, keywords in (("server-smtp-config", SERVER_SMTP_KEYWORDS),
-                           ("client-smtp-config", CLIENT_SMTP_KEYWORDS)):
+    for name, keywords, attr in (("server-smtp-config", SERVER_SMTP_KEYWORDS, "server_features"),
+                                 ("client-smtp-config", CLIENT_SMTP_KEYWORDS, "client_features")):
         if name in v:
             try:
-                smtp_config(v[name], keywords)
+                parsed[attr] = smtp_config(v[name], keywords)
             except ValueError as e:
                 raise UsageError("--%s: %s" % (name, e)) from None
-    _check_zmailer_options(v)
+    parsed.update(_check_zmailer_options(v))
+    return parsed
 
 
 def _check_zmailer_options(v):
-    """Checks the operating modes and controls that come from ZMailer's smtpserver."""
+    """Checks the operating modes and controls that come from ZMailer's smtpserver.
+
+    Returns the controls' parsed values (`test_ip`, `max_load_limit`,
+    `tarpit_steps`) for those given.
+    """
     if v.get("inetd") and v.get("bsmtp"):
         raise UsageError("--inetd and --bsmtp cannot be used together")
     for mode in ("inetd", "bsmtp"):
@@ -378,13 +392,14 @@ def _check_zmailer_options(v):
         raise UsageError("--test-address needs --bsmtp or --inetd")
     if "server-auth-program" in v and "server-auth" in v:
         raise UsageError("--server-auth-program and --server-auth cannot be used together")
-    checks = (("test-address", smtp_controls.parse_test_address),
-              ("max-load", smtp_controls.parse_max_load),
-              ("tarpit", smtp_controls.parse_tarpit))
-    for name, check in checks:
+    checks = (("test-address", smtp_controls.parse_test_address, "test_ip"),
+              ("max-load", smtp_controls.parse_max_load, "max_load_limit"),
+              ("tarpit", smtp_controls.parse_tarpit, "tarpit_steps"))
+    parsed = {}
+    for name, check, attr in checks:
         if name in v:
             try:
-                check(v[name])
+                parsed[attr] = check(v[name])
             except ValueError as e:
                 raise UsageError("--%s: %s" % (name, e)) from None
     for text in v.get("greeting", []):
@@ -392,6 +407,7 @@ def _check_zmailer_options(v):
             smtp_controls.check_greeting(text)
         except ValueError as e:
             raise UsageError("--greeting: %s" % e) from None
+    return parsed
 
 
 # --server-smtp-config and --client-smtp-config keywords and their defaults
@@ -496,8 +512,13 @@ def _check_auth_config(name, text):
                              "m, x, a or d)" % (name, _one_line(item)))
 
 
-def _make_config(values, given, config_file):
-    attrs = {}
+def _make_config(values, given, config_file, parsed):
+    attrs = {"forward_address": None, "proxy_from": {}, "test_ip": None,
+             "max_load_limit": None, "tarpit_steps": None,
+             "server_features": smtp_config(None, SERVER_SMTP_KEYWORDS),
+             "client_features": smtp_config(None, CLIENT_SMTP_KEYWORDS),
+             "anonymous_scopes": frozenset(anonymous_scopes(values.get("anonymous")))}
+    attrs.update(parsed)
     notes = []
     for opt in OPTIONS:
         if opt.name in values:

@@ -59,7 +59,6 @@ import weakref
 from ..auth import sasl
 from ..runtime import log, process
 from ..store import envelope as envelope_mod, spool
-from ..util import addresses
 from ..util.stats import Stats
 from . import smtp_client
 
@@ -173,12 +172,12 @@ class Forwarder:
     `client_secret` is the --client-auth secret (or None); `tls_context`
     the client TLS context (or None); `events` an `Events` (or None);
     `stats` a `stats.Stats` whose `messages-forwarded`/`messages-failed`
-    counters are incremented. Raises ValueError for a bad --forward-to address.
+    counters are incremented. The next hop is `cfg.forward_address`, as
+    the option parser read it.
     """
 
     def __init__(self, cfg, spool, client_filters=(), client_secret=None, tls_context=None,
                  events=None, stats=None):
-        addresses.parse_forward_to(cfg.forward_to)
         self.cfg = cfg
         self.spool = spool
         self.client_filters = list(client_filters)

@@ -30,7 +30,6 @@ import socket
 import ssl
 
 from ..auth import sasl
-from ..config import options
 from ..net import connection, socks, tls
 from ..runtime import descriptors, log
 from ..store.spool import ContentError
@@ -141,8 +140,7 @@ class Client:
         self.cfg = cfg
         self.client_auth = client_auth
         self.tls_context = tls_context
-        self.host, self.port, self.socks_host, self.socks_port = \
-            addresses.parse_forward_to(cfg.forward_to)
+        self.host, self.port, self.socks_host, self.socks_port = cfg.forward_address
         self.target = addresses.format_address(self.host, self.port)
         self.domain = cfg.domain or socket.getfqdn()
         self.sock = None
@@ -160,8 +158,7 @@ class Client:
         # The socket being connected or in use, for abort() from another thread.
         self._live = None
         self._aborted = False
-        self.features = options.smtp_config(getattr(cfg, "client_smtp_config", None),
-                                            options.CLIENT_SMTP_KEYWORDS)
+        self.features = cfg.client_features
 
     # -- the wire ------------------------------------------------------
 
@@ -615,7 +612,7 @@ class Client:
         """
         if not self.authenticated_as:
             return None
-        if "client" in options.anonymous_scopes(self.cfg.anonymous):
+        if "client" in self.cfg.anonymous_scopes:
             return "<>"
         value = (env.mail_from_auth_out or "").strip()
         if not value:

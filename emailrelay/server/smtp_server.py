@@ -36,7 +36,6 @@ import re
 
 from .. import __version__
 from ..auth import sasl
-from ..config import options
 from ..net import requests
 from ..runtime import log
 from ..store import envelope, spool
@@ -76,8 +75,7 @@ def plain_reply(text):
 
 def reply_bytes(cfg, text):
     """A one-off reply line as sent on the wire, enhanced codes only if configured."""
-    if not options.smtp_config(getattr(cfg, "server_smtp_config", None),
-                               options.SERVER_SMTP_KEYWORDS)["enhancedstatuscodes"]:
+    if not cfg.server_features["enhancedstatuscodes"]:
         text = plain_reply(text)
     return (text + "\r\n").encode("ascii")
 
@@ -117,11 +115,10 @@ class Settings:
     """
 
     def __init__(self, cfg):
-        self.features = options.smtp_config(getattr(cfg, "server_smtp_config", None),
-                                            options.SERVER_SMTP_KEYWORDS)
+        self.features = cfg.server_features
         self.enhanced = self.features["enhancedstatuscodes"]
-        self.anonymous = options.anonymous_scopes(cfg.anonymous)
-        self.tarpit = smtp_controls.parse_tarpit(cfg.tarpit) if cfg.tarpit else None
+        self.anonymous = cfg.anonymous_scopes
+        self.tarpit = cfg.tarpit_steps
         given = getattr(cfg, "given", None)
         self.emailrelay_limit = not (given is None or given("max-bad-commands"))
 

@@ -29,13 +29,13 @@ import socket
 from ..config import usage
 from ..net import connection
 from ..runtime import log
-from ..util import addresses, smtp_controls
+from ..util import addresses
 from . import smtp_server
 
 
 def run(cfg, services):
     """Runs the one session to its end; returns 0 or 1 (see the module docstring)."""
-    test_ip = smtp_controls.parse_test_address(cfg.test_address) if cfg.test_address else None
+    test_ip = cfg.test_ip
     if cfg.inetd:
         log.close_stderr()
         conn = _inetd_connection(test_ip)
