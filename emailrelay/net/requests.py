@@ -1,9 +1,9 @@
 """What a session conversation yields where it would block, and what it gets back.
 
 A conversation (a generator: `SmtpSession.conversation()` and the others)
-never blocks itself. Where it would, it delegates to one of these, as in
-`line = yield from requests.line(512)`; the request goes to its driver (the
-session loop, or `session_loop.drive` in a thread), which answers it:
+never blocks itself. Where it would, it yields one of these requests, as in
+`line = yield requests.line(512)`, and its driver (the session loop, or
+`session_loop.drive` in a thread) answers it:
 
     line(limit)             -> one input line (bytes, b'' at end of input),
                                or connection.LineTooLong thrown in
@@ -18,7 +18,9 @@ session loop, or `session_loop.drive` in a thread), which answers it:
 
 An idle timeout (the connection's `settimeout`) throws connection.Timeout in
 at a line or read request. On the wire between a conversation and its
-driver a request is a tuple whose first item is its kind (LINE, READ, ...).
+driver a request is a tuple whose first item is its kind (LINE, READ, ...);
+these functions only build it (a plain tuple, not a generator to delegate
+to: a conversation makes several requests per message).
 """
 
 LINE, READ, CALL, WORK, SLEEP, STARTTLS = "line", "read", "call", "work", "sleep", "starttls"
@@ -26,29 +28,29 @@ LINE, READ, CALL, WORK, SLEEP, STARTTLS = "line", "read", "call", "work", "sleep
 
 def line(limit):
     """One input line of at most `limit` octets (see the module docstring)."""
-    return (yield (LINE, limit))
+    return (LINE, limit)
 
 
 def read(n):
     """At most `n` octets of input; b'' at its end."""
-    return (yield (READ, n))
+    return (READ, n)
 
 
 def call(fn, *args):
     """fn(*args) where it may block: in a thread of the driver's pool."""
-    return (yield (CALL, fn, args))
+    return (CALL, fn, args)
 
 
 def work(fn, args, waited):
     """fn(*args), run in place or in the pool as `waited` says it tends to wait."""
-    return (yield (WORK, fn, args, waited))
+    return (WORK, fn, args, waited)
 
 
 def sleep(seconds):
     """Waits `seconds` (less when the program stops)."""
-    return (yield (SLEEP, seconds))
+    return (SLEEP, seconds)
 
 
 def starttls(context):
     """Upgrades the connection to TLS as the server side."""
-    return (yield (STARTTLS, context))
+    return (STARTTLS, context)

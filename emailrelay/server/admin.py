@@ -113,7 +113,7 @@ class AdminSession(session_core.LineSession):
         if self.services.flush is None:
             self._answer("error: no --forward-to address")
             return
-        ok, text = yield from requests.call(self.services.flush)
+        ok, text = yield requests.call(self.services.flush)
         self._answer(text)
 
     def admin_forward(self, arg):

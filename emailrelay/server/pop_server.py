@@ -192,7 +192,7 @@ class PopSession(session_core.LineSession):
         user, self.user = self.user, None
         auth = self.services.pop_auth
         # A check may ask PAM: it is work, not protocol.
-        if auth is not None and (yield from requests.call(auth.check_password, user, arg)):
+        if auth is not None and (yield requests.call(auth.check_password, user, arg)):
             self._login(user)
         else:
             yield from self._auth_failed(user, "USER/PASS")

@@ -253,7 +253,7 @@ class LineSession:
         if self.owed >= OWED_HIGH_WATER or not self.conn.pending():
             yield from self.send()
         try:
-            raw = yield from requests.line(limit)
+            raw = yield requests.line(limit)
         except connection.LineTooLong:
             self.bad(too_long)
             return None
@@ -300,7 +300,7 @@ class LineSession:
             if replies:
                 seconds = replies.pop(0)
                 self.conn.flush()
-                yield from requests.sleep(seconds)
+                yield requests.sleep(seconds)
         self.conn.flush()
 
     def write_queued(self):
@@ -344,7 +344,7 @@ class LineSession:
             seconds = budget.record(self.peer_ip, self.PROTOCOL)
             if seconds:
                 yield from self.send()
-                yield from requests.sleep(seconds)
+                yield requests.sleep(seconds)
         if self.auth_failures >= MAX_AUTH_FAILURES:
             self.reply(last_reply)
             raise Drop()
@@ -367,13 +367,13 @@ class LineSession:
         line was refused (over `limit`: `too_long` was replied). Each step
         is a "call": it may ask PAM or --server-auth-program.
         """
-        outcome = yield from requests.call(exchange.step, None)
+        outcome = yield requests.call(exchange.step, None)
         while outcome[0] == "challenge":
             self.reply(prompt + outcome[1].decode("ascii"))
             line = yield from self.readline(limit, too_long)
             if line is None:
                 return None
-            outcome = yield from requests.call(exchange.step, line)
+            outcome = yield requests.call(exchange.step, line)
         return outcome
 
     def start_tls(self, context):
@@ -384,7 +384,7 @@ class LineSession:
         """
         yield from self.send()
         try:
-            yield from requests.starttls(context)
+            yield requests.starttls(context)
         except (OSError, ValueError) as e:
             log.warning("tls error: %s" % e, peer=self.peer)
             raise Drop() from None

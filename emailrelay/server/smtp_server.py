@@ -175,7 +175,7 @@ class SmtpSession(session_core.LineSession):
         refusal = self._connect_refusal()
         dnsbl = self.services.dnsbl
         if refusal is None and dnsbl is not None:
-            refusal = yield from requests.call(dnsbl.check, self.peer_ip)
+            refusal = yield requests.call(dnsbl.check, self.peer_ip)
             if refusal and self.features["rcpt-dns-rbl"]:
                 # ZMailer's delayed rejection: the client is told at each
                 # RCPT, which many clients log where they ignore a refused
@@ -570,8 +570,8 @@ class SmtpSession(session_core.LineSession):
         # Send what we owe first so a pipelining client is not kept waiting
         # on earlier replies while the verifier runs.
         yield from self.send()
-        return (yield from requests.call(verifier.verify, address, from_, self.peer_ip,
-                                         self.domain, mech, name))
+        return (yield requests.call(verifier.verify, address, from_, self.peer_ip,
+                                    self.domain, mech, name))
 
     def _verify_refusal(self, result, address):
         reason = log.sanitise(result.reason or "")
@@ -788,7 +788,7 @@ class SmtpSession(session_core.LineSession):
         yield from self.send()
         if self.services.filters or self.cfg.immediate:
             # Filter programs and --immediate wait on others.
-            self.reply((yield from requests.call(self._store)))
+            self.reply((yield requests.call(self._store)))
             return
         # With no filter the files are written here; only their syncs and
         # renames are "work", which the session loop's own thread does too
@@ -799,7 +799,7 @@ class SmtpSession(session_core.LineSession):
             msg.prepare(env)
             log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
                         peer=self.peer)
-            msg_id = yield from requests.work(msg.finish, (env,), spool.waited)
+            msg_id = yield requests.work(msg.finish, (env,), spool.waited)
         except (OSError, envelope.EnvelopeError) as e:
             self.reply(self._not_stored(e))
             return

@@ -66,7 +66,7 @@ class Pace:
         elif self.shortened:
             self.restore()
         try:
-            data = yield from requests.read(n)
+            data = yield requests.read(n)
         except connection.Timeout:
             if self.shortened:
                 raise TooSlow() from None
@@ -129,7 +129,7 @@ def _read_data(conn, write, text):
     first = True
     pace = text.pace
     while True:
-        chunk = (yield from requests.read(BLOCK)) if pace is None else (yield from pace.read(BLOCK))
+        chunk = (yield requests.read(BLOCK)) if pace is None else (yield from pace.read(BLOCK))
         if not chunk:
             raise EOFError()
         data = pending + chunk
@@ -164,7 +164,7 @@ def read_chunk(size, write, text):
     try:
         while size > 0:
             n = min(size, BLOCK)
-            chunk = (yield from requests.read(n)) if pace is None else (yield from pace.read(n))
+            chunk = (yield requests.read(n)) if pace is None else (yield from pace.read(n))
             if not chunk:
                 raise EOFError()
             size -= len(chunk)
