@@ -97,6 +97,15 @@ def test_sanitise(raw, clean):
     assert log.sanitise(log.sanitise(raw)) == clean
 
 
+def test_sanitise_every_ascii_character():
+    # Printable ASCII takes a short cut past the table: every ASCII
+    # character, alone and in a line, comes out as the table makes it.
+    for c in range(0x80):
+        expected = "\\x%02x" % c if c < 0x20 or c == 0x7f else chr(c)
+        assert log.sanitise(chr(c)) == expected
+        assert log.sanitise("a%sb" % chr(c)) == "a%sb" % expected
+
+
 def test_every_line_is_sanitised(capsys):
     configure("--log", "--log-address")
     log.info("from network: EVIL\r\nemailrelay: error: forged\x1b[2J", peer="1.2.3.4:5\n")

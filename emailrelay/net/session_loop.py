@@ -567,6 +567,11 @@ class SessionLoop:
                 self._wait(entry, 0)
                 self._parked.append((entry, entry.token))
                 return _PARKED
+        elif not conn.eof:
+            # Nothing buffered and more to come: more input is needed, as
+            # next_line and take would say. The common case (the client
+            # waits for our reply), answered without calling them.
+            return None
         return conn.next_line(request[1], conn.eof) if request[0] == requests.LINE else conn.take(request[1])
 
     def _wait(self, entry, mask):

@@ -75,6 +75,11 @@ def sanitise(text):
         text = bytes(text).decode("utf-8", "backslashreplace")
     elif not isinstance(text, str):
         text = str(text)
+    # Printable ASCII is all that _TRANSLATE leaves alone in that range, and
+    # nearly every line is that: two quick scans instead of translate()'s
+    # table look-up for every character (about 3 microseconds a line).
+    if text.isascii() and text.isprintable():
+        return text
     return text.translate(_TRANSLATE)
 
 
