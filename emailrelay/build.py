@@ -17,7 +17,7 @@ import shutil
 import threading
 
 from .auth import auth_budget, pam, sasl, secrets
-from .forward import forwarder
+from .forward import events, forwarder
 from .net import listeners, tls
 from .policy import auth_program, dnsbl, filters, smtp_policy, verifier
 from .policy.filters import FILTER_ENV_PATH
@@ -43,7 +43,7 @@ class Services(parts.Parts):
     `server_auth` (sasl.ServerAuth or None), `server_secrets`,
     `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
     `forwarder` (or None), `stats` (a stats.Stats), `events`
-    (forwarder.Events or None), `server` (listeners.Server), `stop_event`,
+    (events.Events or None), `server` (listeners.Server), `stop_event`,
     `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None),
     `dnsbl` (dnsbl.Dnsbl or None), `load_guard` (smtp_policy.LoadGuard or
     None, --max-load), `help_text` (lines for HELP, --help-text),
@@ -181,7 +181,7 @@ def services(cfg):
             raise StartupError("tls: %s" % _tls_error_text(e)) from None
 
     if cfg.forward_to:
-        services.events = forwarder.Events()
+        services.events = events.Events()
         services.forwarder = forwarder.Forwarder(
             cfg, services.spool, client_filters=client_filters,
             client_secret=client_secret, tls_context=client_tls,
