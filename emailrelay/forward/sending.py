@@ -24,7 +24,7 @@ import weakref
 from ..auth import sasl
 from ..runtime import log
 from ..store import envelope as envelope_mod, spool as spool_mod
-from . import retry, smtp_client
+from . import replies, retry, smtp_client
 
 
 class PassResult:
@@ -223,7 +223,7 @@ class Sender:
             accepted = [r for r in env.to_remote if r not in refused]
             env.to_remote = refused
             claim.rewrite(env)
-            reason = smtp_client.rejection_reason("one or more", outcome.rejected)
+            reason = replies.rejection_reason("one or more", outcome.rejected)
             code = max(int(text[:3]) for _, text in outcome.rejected)
             self.sent(claim.id, _delivery(accepted, relay, outcome.reason), result)
             if 400 <= code < 500:
