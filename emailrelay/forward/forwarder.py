@@ -41,9 +41,9 @@ class Forwarder:
     `client_filters` are `filters.Filter` objects run before each message;
     `client_secret` is the --client-auth secret (or None); `tls_context`
     the client TLS context (or None); `events` an `events.Events` (or
-    None); `stats` a `stats.Stats` whose `messages-forwarded`/`messages-failed`
-    counters are incremented. The next hop is `cfg.forward_address`, as
-    the option parser read it.
+    None); `stats` a `stats.Stats` whose `messages-forwarded`,
+    `messages-failed` and `messages-deferred` counters are incremented.
+    The next hop is `cfg.forward_address`, as the option parser read it.
     """
 
     def __init__(self, cfg, spool, client_filters=(), client_secret=None, tls_context=None,
