@@ -88,7 +88,9 @@ class Client:
     `ssl.SSLContext` (from `tls.client_context`) or None. `send()` connects
     first if needed, so a batch may start with it. Not thread-safe: one
     thread uses one Client. `has_extn()`, `esmtp_features` and `docmd()`
-    are what `sasl.ClientAuth.authenticate()` uses.
+    are what `sasl.ClientAuth.authenticate()` uses; `has_extn()`, `cfg`,
+    `features` (--client-smtp-config), `target` and `authenticated_as`
+    what `mail_commands` reads.
     """
 
     def __init__(self, cfg, client_auth=None, tls_context=None):
