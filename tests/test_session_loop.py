@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from emailrelay.net import connection, session_loop
+from emailrelay.net import call_pool, connection, requests, session_loop
+from emailrelay.runtime import device_waits
+from emailrelay.store import spool
 from helpers import Relay, wait_for
 
 
@@ -163,20 +165,14 @@ def test_a_client_gone_during_a_slow_filter_costs_no_cpu_meanwhile(tmp_path):
     assert (after - before) / ticks < 0.5, "the server used %.2fs of CPU" % ((after - before) / ticks)
 
 
-_waits = threading.local()
-
-
-def _waited():
-    return getattr(_waits, "seconds", 0.0)
-
-
 class _Jobs:
-    """A toy conversation of "work" requests; records the thread each ran in."""
+    """A toy conversation of calls; records the thread each ran in."""
 
     def __init__(self, conn):
         self.conn = conn
         self.threads = []
 
+    @device_waits.device_bound
     def quick_but_busy(self):
         # Wall time spent on the CPU (as under a tracer, or on a busy
         # machine), but no wait for a device.
@@ -185,18 +181,23 @@ class _Jobs:
             pass
         self.threads.append(threading.current_thread().name)
 
+    @device_waits.device_bound
     def waiting(self):
-        _waits.seconds = _waited() + 2 * session_loop.QUICK
+        device_waits.timed(time.sleep, 2 * session_loop.QUICK)
+        self.threads.append(threading.current_thread().name)
+
+    def unmarked(self):
         self.threads.append(threading.current_thread().name)
 
     def conversation(self):
         for _ in range(3):
-            yield ("work", self.quick_but_busy, (), _waited)
+            yield requests.call(self.quick_but_busy)
         for _ in range(3):
-            yield ("work", self.waiting, (), _waited)
+            yield requests.call(self.waiting)
+        yield requests.call(self.unmarked)
 
 
-def test_work_stays_in_the_loop_thread_unless_it_waits():
+def test_device_bound_calls_stay_in_the_loop_thread_unless_they_wait():
     pair = _Pair()
     loop = session_loop.SessionLoop(name="toy")
     done = threading.Event()
@@ -207,8 +208,18 @@ def test_work_stays_in_the_loop_thread_unless_it_waits():
     finally:
         loop.stop()
         pair.close()
-    # Work is tried in the loop once; what waited then goes to the pool.
-    assert jobs.threads == ["toy loop"] * 4 + ["toy work"] * 2
+    # A device-bound function is tried in the loop once; one that waited
+    # then goes to the pool, and so does every unmarked call.
+    assert jobs.threads == ["toy loop"] * 4 + ["toy work"] * 3
+
+
+def test_a_decorated_commit_is_marked_device_bound(tmp_path):
+    msg = spool.Spool(str(tmp_path)).new_message()
+    try:
+        assert device_waits.is_device_bound(msg.finish)
+        assert not device_waits.is_device_bound(msg.abandon)
+    finally:
+        msg.abandon()
 
 
 class _Call:
@@ -228,7 +239,7 @@ def _workers(name):
 
 
 def test_the_pool_starts_a_thread_for_every_waiting_call_and_ends_idle_ones(monkeypatch):
-    monkeypatch.setattr(session_loop, "IDLE_EXIT", 0.2)
+    monkeypatch.setattr(call_pool, "IDLE_EXIT", 0.2)
     loop = session_loop.SessionLoop(name="burst")
     release = threading.Event()
     pairs = [_Pair() for _ in range(31)]

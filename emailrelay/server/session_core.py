@@ -34,7 +34,7 @@ requests. `Drop` ends a session from anywhere, after the queued replies.
 
 import collections
 
-from ..net import connection, requests, session_loop
+from ..net import connection, requests, thread_driver
 from ..runtime import log
 
 DONE = "DONE"
@@ -197,7 +197,7 @@ class LineSession:
 
     def run(self):
         """Runs the whole conversation in this thread over a blocking connection."""
-        session_loop.drive(self, getattr(self.services, "stop_event", None))
+        thread_driver.drive(self, getattr(self.services, "stop_event", None))
 
     def conversation(self):
         """The session as a `session_loop` conversation (a generator); never raises."""
