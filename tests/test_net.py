@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from emailrelay.net import connection, listeners
+from emailrelay.net import connection, listen_sockets, listeners
 from memory_connection import MemoryConnection
 
 
@@ -42,11 +42,11 @@ def test_read_and_unread():
 
 
 def test_parse_interfaces():
-    got = listeners.parse_interfaces(["127.0.0.1,smtp=::1", "pop=127.0.0.2", "admin=fd#3"])
+    got = listen_sockets.parse_interfaces(["127.0.0.1,smtp=::1", "pop=127.0.0.2", "admin=fd#3"])
     assert got == {None: ["127.0.0.1"], "smtp": ["::1"], "pop": ["127.0.0.2"], "admin": ["fd#3"]}
     for bad in (["nosuchif9"], ["imap=127.0.0.1"], ["fd#x"]):
         with pytest.raises(ValueError):
-            listeners.parse_interfaces(bad)
+            listen_sockets.parse_interfaces(bad)
 
 
 def test_socket_connection_writes_are_buffered_until_flush():
