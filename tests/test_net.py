@@ -5,7 +5,9 @@ import threading
 
 import pytest
 
+from emailrelay.config import options
 from emailrelay.net import connection, listen_sockets, listeners
+from emailrelay.server import pop_server
 from memory_connection import MemoryConnection
 
 
@@ -94,6 +96,30 @@ def test_server_refuses_over_the_connection_cap():
         first.close()
     finally:
         release.set()
+        stop.set()
+        server.wake()
+        t.join(10)
+    assert not t.is_alive()
+
+
+def test_a_thread_only_session_handed_to_the_session_loop_fails_alone():
+    # A wiring mistake (a POP conversation for the loop) costs the client
+    # its session, and nothing else: the budget is freed, the loop lives.
+    services = pop_server.PopServices(cfg=options.parse(["--pop"]))
+    stop = threading.Event()
+    server = listeners.Server(max_connections=1, max_per_address=1)
+    server.add("pop", {None: ["127.0.0.1"]}, 0, lambda conn: None,
+               conversation=lambda conn: pop_server.PopSession(conn, services),
+               busy_reply=b"-ERR busy\r\n")
+    port = server.listeners[0].sock.getsockname()[1]
+    t = threading.Thread(target=server.serve, args=(stop,))
+    t.start()
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                assert c.recv(100) == b""
+        assert server.counters == {"connections": 3, "refused": 0}
+    finally:
         stop.set()
         server.wake()
         t.join(10)
