@@ -16,8 +16,8 @@ their own sessions (total and per client address), so a flood on one port
 cannot make another answer "too many connections". The accept loop never
 waits for a slot: a connection over its budget goes to the refuser thread
 (`over_limit`). An accept() that finds no file descriptor pauses its
-listener (`descriptor_shortage` says what else happens). What to listen on,
-and opening the sockets, are `listen_sockets`'.
+listener (`descriptor_shortage` says what else happens). `listen_sockets`
+says what to listen on and opens the sockets.
 """
 
 import queue
