@@ -8,8 +8,10 @@ import time
 
 import pytest
 
+from emailrelay.config import options
 from emailrelay.net import call_pool, connection, requests, session_loop
 from emailrelay.runtime import device_waits
+from emailrelay.server import admin, pop_server, smtp_server
 from emailrelay.store import spool
 from helpers import Relay, wait_for
 
@@ -37,6 +39,62 @@ def test_many_idle_connections_are_held_without_a_thread_each(tmp_path):
                 s.close()
         wait_for(lambda: len(relay.files(".envelope")) == 1, what="the message")
     assert during - before < 10, (before, during)
+
+
+def test_pop_and_admin_sessions_each_have_a_thread_and_still_work(tmp_path):
+    auth = tmp_path / "pop.auth"
+    auth.write_text("server plain alice secret\n")
+    auth.chmod(0o600)
+    with Relay(tmp_path, ["--pop-auth", str(auth)], pop=True, admin=True) as relay:
+        before = _threads(relay.proc.pid)
+        held = []
+        try:
+            for _ in range(5):
+                pop = socket.create_connection(("127.0.0.1", relay.pop_port), timeout=10)
+                held.append(pop)
+                assert pop.makefile("rb").readline().startswith(b"+OK ")
+                watcher = socket.create_connection(("127.0.0.1", relay.admin_port), timeout=10)
+                held.append(watcher)
+                watcher.sendall(b"pid\r\n")
+                assert watcher.makefile("rb").readline() == b"%d\r\n" % relay.proc.pid
+            during = _threads(relay.proc.pid)
+            # One more of each, served to its end while the others wait.
+            with socket.create_connection(("127.0.0.1", relay.pop_port), timeout=10) as pop:
+                f = pop.makefile("rb")
+                f.readline()
+                pop.sendall(b"USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")
+                assert [f.readline() for _ in range(4)][2] == b"+OK 0 0\r\n"
+            with socket.create_connection(("127.0.0.1", relay.admin_port), timeout=10) as a:
+                a.sendall(b"list\r\nquit\r\n")
+                assert a.makefile("rb").readline() == b"<none>\r\n"
+        finally:
+            for s in held:
+                s.close()
+    # POP and admin sessions block inline (THREAD_ONLY): a thread each.
+    assert during - before >= 10, (before, during)
+
+
+@pytest.mark.parametrize("protocol", ["pop", "admin"])
+def test_the_loop_refuses_a_thread_only_session_and_starts_nothing(protocol):
+    cfg = options.parse(["--pop"])
+    pair = _Pair()
+    loop = session_loop.SessionLoop(name="toy")
+    ended = threading.Event()
+    try:
+        if protocol == "pop":
+            session = pop_server.PopSession(pair.conn, pop_server.PopServices(cfg=cfg))
+        else:
+            session = admin.AdminSession(pair.conn, admin.AdminServices(cfg=cfg))
+        with pytest.raises(ValueError, match="thread-only"):
+            loop.add(session, pair.conn, ended.set)
+        pair.theirs.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            pair.theirs.recv(1)    # no greeting: the conversation never started
+        assert not ended.is_set()
+    finally:
+        loop.stop()
+        pair.close()
+    assert not smtp_server.SmtpSession.THREAD_ONLY
 
 
 def test_pipelined_commands_around_a_verifier_get_their_replies_in_order(tmp_path):

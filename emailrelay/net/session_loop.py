@@ -206,7 +206,15 @@ class SessionLoop:
     # -- other threads ---------------------------------------------------
 
     def add(self, session, conn, done):
-        """Starts `session.conversation()` in the loop (from any thread)."""
+        """Starts `session.conversation()` in the loop (from any thread).
+
+        Raises ValueError, and starts nothing, for a session whose class
+        declares THREAD_ONLY true (`server.session_core.LineSession`): its
+        handlers block inline, which would stop every conversation here.
+        """
+        if getattr(session, "THREAD_ONLY", False):
+            raise ValueError("%s is thread-only: the session loop cannot serve it"
+                             % type(session).__name__)
         entry = _Entry(session, None, conn, done)
         if threading.get_ident() == self._thread.ident:
             self._start(entry)
