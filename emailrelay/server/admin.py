@@ -45,9 +45,13 @@ class AdminServices(parts.Parts):
 
 
 class AdminSession(session_core.LineSession):
-    """One admin connection; see the module docstring."""
+    """One admin connection; see the module docstring.
+
+    Thread-only: spool listings block inline, and `notify` writes from a thread.
+    """
 
     PROTOCOL = "admin"
+    THREAD_ONLY = True
     COMMAND_LIMIT = 1000
     IDLE_TIMEOUT = ADMIN_IDLE_TIMEOUT
     TOO_LONG = "error: line too long"

@@ -34,7 +34,7 @@ requests. `Drop` ends a session from anywhere, after the queued replies.
 
 import collections
 
-from ..net import connection, requests, session_loop
+from ..net import connection, requests, thread_driver
 from ..runtime import log
 
 DONE = "DONE"
@@ -91,8 +91,11 @@ class LineSession:
     `PROTOCOL` (the log prefix),
     `COMMAND_LIMIT` and `TOO_LONG` (the reply to an over-long line), and
     `NOT_UTF8` and `IDLE_TIMEOUT` if it needs them, and may override the
-    hooks below. After the conversation, `error_replies` is the number of
-    error replies sent.
+    hooks below. A protocol whose handlers block inline (file I/O, waits)
+    instead of yielding requests sets `THREAD_ONLY`: it is served by
+    `run()` in a thread of its own, and `SessionLoop.add` refuses it.
+    After the conversation, `error_replies` is the number of error replies
+    sent.
     """
 
     COMMANDS = {}
@@ -106,6 +109,9 @@ class LineSession:
     # Seconds a client may be idle unless --idle-timeout is given (None:
     # the option's value, given or not).
     IDLE_TIMEOUT = None
+    # True: the handlers block the thread they run in, so the session runs
+    # in a thread of its own (`run()`), never in the session loop.
+    THREAD_ONLY = False
 
     def __init__(self, conn, services, state, bad_budget):
         self.conn = conn
@@ -197,7 +203,7 @@ class LineSession:
 
     def run(self):
         """Runs the whole conversation in this thread over a blocking connection."""
-        session_loop.drive(self, getattr(self.services, "stop_event", None))
+        thread_driver.drive(self, getattr(self.services, "stop_event", None))
 
     def conversation(self):
         """The session as a `session_loop` conversation (a generator); never raises."""

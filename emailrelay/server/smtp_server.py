@@ -799,7 +799,7 @@ class SmtpSession(session_core.LineSession):
             msg.prepare(env)
             log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
                         peer=self.peer)
-            msg_id = yield requests.work(msg.finish, (env,), spool.waited)
+            msg_id = yield requests.call(msg.finish, env)
         except (OSError, envelope.EnvelopeError) as e:
             self.reply(self._not_stored(e))
             return
