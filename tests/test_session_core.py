@@ -17,6 +17,10 @@ from emailrelay.server import pop_server, session_core
 from test_pop_session import box, make_services as pop_services, session as pop_session  # noqa: F401
 from test_smtp_session import CountingConnection, talk
 
+# What the core takes from the configuration; Toy has no idle timeout.
+SETTINGS = session_core.SessionSettings(domain="toy.test", idle_timeout=None,
+                                        tls_required=False, max_bad_commands=None)
+
 
 class Toy(session_core.LineSession):
     """START --OPEN--> OPEN --CLOSE--> START; OPEN fails on "OPEN no"."""
@@ -66,7 +70,7 @@ Toy.TRANSITIONS = session_core.transitions(("lock", ("OPEN",), "LOCKED"))
 
 def toy(data, services=None, **kw):
     conn = CountingConnection(data)
-    services = services or types.SimpleNamespace(cfg=types.SimpleNamespace(idle_timeout=0))
+    services = services or types.SimpleNamespace(settings=SETTINGS)
     session = Toy(conn, services, **kw)
     session.run()
     assert conn.closed
@@ -104,8 +108,7 @@ def test_auth_failures_end_the_session_at_the_third_and_count_per_address():
     budget = auth_budget.FailureBudget(allowed=1, max_delay=1)
     stop = threading.Event()
     stop.set()  # the owed delay is a "sleep": cut short, it still happens in order
-    services = types.SimpleNamespace(cfg=types.SimpleNamespace(idle_timeout=0),
-                                     auth_budget=budget, stop_event=stop)
+    services = types.SimpleNamespace(settings=SETTINGS, auth_budget=budget, stop_event=stop)
     lines, _, session = toy(b"LOGIN\r\nLOGIN\r\nLOGIN\r\nSTATE\r\n", services=services)
     assert lines == ["ERR auth", "ERR auth", "ERR auth, bye"]
     assert session.auth_failures == 3

@@ -42,8 +42,8 @@ def make_services(tmp_path, **kw):
     names = smtp_server.SmtpServices.__slots__
     cfg_kw = {k: v for k, v in kw.items() if k not in names}
     parts.update({k: v for k, v in kw.items() if k in names})
-    return smtp_server.SmtpServices(cfg=make_cfg(tmp_path, **cfg_kw),
-                                    spool=spool.Spool(str(tmp_path)), **parts)
+    settings = smtp_server.SmtpSettings.from_config(make_cfg(tmp_path, **cfg_kw))
+    return smtp_server.SmtpServices(settings=settings, spool=spool.Spool(str(tmp_path)), **parts)
 
 
 class CountingConnection(MemoryConnection):
