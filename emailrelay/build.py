@@ -22,7 +22,7 @@ from .net import listeners, tls
 from .policy import auth_program, dnsbl, filters, smtp_policy, verifier
 from .policy.filters import FILTER_ENV_PATH
 from .runtime import log
-from .server import admin, pop_server, smtp_server
+from .server import admin, pop_server, smtp_server, smtp_settings
 from .store import spool as spool_mod
 from .util import parts
 from .util.stats import Stats
@@ -123,7 +123,7 @@ def _server_auth(holder, cfg, what, smtp=False):
 def services(cfg):
     """Checks the configuration and builds every part; raises StartupError."""
     services = Services(cfg=cfg, stop_event=threading.Event(),
-                        smtp_settings=smtp_server.SmtpSettings.from_config(cfg),
+                        smtp_settings=smtp_settings.SmtpSettings.from_config(cfg),
                         pop_settings=pop_server.PopSettings.from_config(cfg),
                         admin_settings=admin.AdminSettings.from_config(cfg))
     services.stats = Stats(STATS)
@@ -259,11 +259,11 @@ def add_sessions(server, cfg, services, interfaces):
                    tls_context=implicit,
                    # ZMailer's MaxParallelConnections reply (seed 004): the
                    # limit comes from there, E-MailRelay 2.6 has none.
-                   busy_reply=smtp_server.reply_bytes(
+                   busy_reply=smtp_settings.reply_bytes(
                        smtp.settings, "450 4.3.2 Too many simultaneous connections"),
-                   address_busy_reply=smtp_server.reply_bytes(
+                   address_busy_reply=smtp_settings.reply_bytes(
                        smtp.settings, "450 4.7.0 too many connections from your address"),
-                   refused_reply=smtp_server.reply_bytes(
+                   refused_reply=smtp_settings.reply_bytes(
                        smtp.settings, "554 5.7.1 no SMTP service for your address"),
                    proxy_from=proxy_from.get("smtp"))
     if cfg.pop:

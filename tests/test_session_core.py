@@ -8,11 +8,15 @@ check that both protocols keep each rule's replies through the core.
 """
 
 import base64
+import dataclasses
 import threading
 import types
 
+import pytest
+
 from emailrelay.auth import auth_budget, sasl, secrets
-from emailrelay.server import pop_server, session_core
+from emailrelay.config import options
+from emailrelay.server import admin, pop_server, session_core, smtp_settings
 
 from test_pop_session import box, make_services as pop_services, session as pop_session  # noqa: F401
 from test_smtp_session import CountingConnection, talk
@@ -158,3 +162,22 @@ def test_a_handler_changes_state_only_through_the_transitions_table():
     # From START "lock" does not happen; from OPEN it leads to LOCKED, where
     # CLOSE is out of sequence.
     assert lines == ["OK START", "OK open", "OK LOCKED", "ERR sequence", "OK bye"]
+
+
+def test_settings_are_read_once_and_interpreted_per_protocol():
+    cfg = options.parse(["--spool-dir", "/tmp", "--domain", "", "--idle-timeout", "0"])
+    smtp = smtp_settings.SmtpSettings.from_config(cfg)
+    assert smtp.domain == "localhost" and smtp.idle_timeout is None
+    assert smtp.max_bad_commands is None and smtp.greeting == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        smtp.domain = "x"
+    with pytest.raises(TypeError):
+        smtp.features["dsn"] = False
+    # Without --idle-timeout POP and admin wait 600 s, SMTP the option's default.
+    cfg = options.parse(["--spool-dir", "/tmp", "--max-bad-commands", "3"])
+    assert smtp_settings.SmtpSettings.from_config(cfg).idle_timeout == 60
+    pop = pop_server.PopSettings.from_config(cfg)
+    assert pop.idle_timeout == 600 and pop.max_bad_commands == 3
+    assert admin.AdminSettings.from_config(cfg).idle_timeout == 600
+    cfg = options.parse(["--spool-dir", "/tmp", "--idle-timeout", "5"])
+    assert admin.AdminSettings.from_config(cfg).idle_timeout == 5

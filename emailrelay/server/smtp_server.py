@@ -4,11 +4,11 @@
 a `MemoryConnection` in tests) until the client quits or goes away, and
 stores each accepted message in the spool durably before replying `250`;
 `conversation()` is the same session for the session loop. `services` is
-an `SmtpServices`, whose `settings` (`SmtpSettings`) are all the session
-takes from the configuration. Storing a message (spool files, Received
-line, envelope, filters, --immediate) is `smtp_message.MessageIntake`'s:
-the session gathers the transaction and hands it over at the end of the
-text.
+an `SmtpServices`, whose `settings` (`smtp_settings.SmtpSettings`) are
+all the session takes from the configuration. Storing a message (spool
+files, Received line, envelope, filters, --immediate) is
+`smtp_message.MessageIntake`'s: the session gathers the transaction and
+hands it over at the end of the text.
 
 The session is a `session_core.LineSession`: reading, the reply queue,
 dispatch, the budgets, SASL and STARTTLS are the core's. `COMMANDS` is the
@@ -30,23 +30,20 @@ pipelined clients fast. Message text must keep up --min-data-rate
 Replies are written with RFC 3463 enhanced status codes; unless
 `--server-smtp-config +enhancedstatuscodes` is given they are taken out as
 they are queued, so that the default replies are E-MailRelay 2.6's, word
-for word. Message text is read by `smtp_text` in large blocks
-and command syntax is parsed by `smtp_syntax`.
+for word (`smtp_settings.plain_reply`). Message text is read by `smtp_text`
+in large blocks, and MAIL and RCPT arguments by `smtp_params`.
 """
-
-import dataclasses
-import re
-import types
-from typing import Optional, Tuple
 
 from .. import __version__
 from ..auth import sasl
 from ..net import requests
 from ..runtime import log
-from ..util import parts, smtp_controls, smtp_syntax
-from ..util.smtp_syntax import parse_params, parse_path, rfc5322_date, to_alabels
-from . import session_core, smtp_message, smtp_text
+from ..util import parts, smtp_controls
+from ..util.smtp_syntax import parse_path, rfc5322_date
+from . import session_core, smtp_message, smtp_params, smtp_text
 from .smtp_message import NO_STORAGE
+from .smtp_params import TOO_BIG
+from .smtp_settings import plain_reply
 
 START, GREETED, MAIL, RCPT, BDAT = "START", "GREETED", "MAIL", "RCPT", "BDAT"
 DONE = session_core.DONE
@@ -55,88 +52,21 @@ COMMAND_LIMIT = 512     # RFC 5321 4.5.3.1.4, including CRLF
 AUTH_LINE_LIMIT = 12288  # RFC 4954 4: AUTH responses may be long
 # E-MailRelay drops a client at its 8th protocol error, without a reply.
 PROTOCOL_ERROR_LIMIT = 8
-# An enhanced code after the reply code, followed by text or by the end of
-# the line (an empty line of a multi-line reply).
-_ENHANCED_CODE = re.compile(r"^(\d{3}[ -])\d\.\d{1,3}\.\d{1,3}(?: |(?=\r|$))", re.M)
 OUT_OF_SEQUENCE = "503 5.5.1 command out of sequence -- use RSET to resynchronise"
-TOO_BIG = "552 5.3.4 message size exceeds fixed maximum message size"
-
-
-def plain_reply(text):
-    """`text` (one reply, perhaps multi-line) without its RFC 3463 enhanced codes.
-
-    The default replies are E-MailRelay's, which has none; replies sent
-    outside a session (the busy and refusal texts) use this too.
-    """
-    if text[5:6] != ".":
-        return text
-    if "\n" not in text and text[4:5].isdigit():
-        # The common case, one line: "250 2.1.5 text" -> "250 text".
-        i = text.find(" ", 5)
-        return text[:4] + (text[i + 1:] if i > 0 else "")
-    return _ENHANCED_CODE.sub(r"\1", text)
-
-
-def reply_bytes(settings, text):
-    """A one-off reply line as sent on the wire, enhanced codes only if `settings` say so."""
-    if not settings.enhanced:
-        text = plain_reply(text)
-    return (text + "\r\n").encode("ascii")
-
-
-@dataclasses.dataclass(frozen=True)
-class SmtpSettings(session_core.SessionSettings):
-    """What every SMTP session takes from the configuration, read once per process.
-
-    Besides the core's (`max_bad_commands` None: E-MailRelay's rule, the
-    client is dropped at its PROTOCOL_ERROR_LIMIT-th error): `size`
-    (--size, 0: no limit), `helo_check`, `greeting` (--greeting lines, ()
-    for the default), `min_free_space` (kbytes, 0: no check),
-    `max_recipients`, `max_bounce_recipients`, `min_data_rate` (0: only the
-    idle timeout), `immediate`, `features` (--server-smtp-config, read-only),
-    `enhanced` (its enhancedstatuscodes), `anonymous` (--anonymous scopes)
-    and `tarpit` ((initial, exponent, limit) or None).
-    """
-
-    size: int
-    helo_check: bool
-    greeting: Tuple[str, ...]
-    min_free_space: int
-    max_recipients: int
-    max_bounce_recipients: int
-    min_data_rate: int
-    immediate: bool
-    features: types.MappingProxyType
-    enhanced: bool
-    anonymous: frozenset
-    tarpit: Optional[tuple]
-
-    @classmethod
-    def from_config(cls, cfg):
-        features = types.MappingProxyType(dict(cfg.server_features))
-        return super().from_config(
-            cfg, size=cfg.size or 0, helo_check=bool(cfg.helo_check),
-            greeting=tuple(cfg.greeting or ()), min_free_space=cfg.min_free_space or 0,
-            max_recipients=cfg.max_recipients or 0,
-            max_bounce_recipients=cfg.max_bounce_recipients or 0,
-            min_data_rate=cfg.min_data_rate or 0, immediate=bool(cfg.immediate),
-            features=features, enhanced=features["enhancedstatuscodes"],
-            anonymous=frozenset(cfg.anonymous_scopes),
-            tarpit=tuple(cfg.tarpit_steps) if cfg.tarpit_steps else None)
 
 
 class SmtpServices(parts.Parts):
     """What an SMTP session uses.
 
-    `settings` (`SmtpSettings`); `spool` (spool.Spool); `filters` (list)
-    and `verifier` (or None); `server_auth` (sasl.ServerAuth or None) and
-    `auth_budget` (or None); `tls_context` (server side, or None: no
-    STARTTLS); `trigger` (starts a forwarding pass, for ETRN; None without
-    --forward-to); `rescan` (the same after a --filter exited 103);
-    `immediate` (returns a handle whose `forward(msg_id)` forwards one
-    message now and `close()`; None unless --immediate); `stats`
-    (stats.Stats or None); `dnsbl`, `load_guard` (or None); `help_text`
-    (lines for HELP); `stop_event`.
+    `settings` (`smtp_settings.SmtpSettings`); `spool` (spool.Spool);
+    `filters` (list) and `verifier` (or None); `server_auth`
+    (sasl.ServerAuth or None) and `auth_budget` (or None); `tls_context`
+    (server side, or None: no STARTTLS); `trigger` (starts a forwarding
+    pass, for ETRN; None without --forward-to); `rescan` (the same after a
+    --filter exited 103); `immediate` (returns a handle whose
+    `forward(msg_id)` forwards one message now and `close()`; None unless
+    --immediate); `stats` (stats.Stats or None); `dnsbl`, `load_guard` (or
+    None); `help_text` (lines for HELP); `stop_event`.
     """
 
     __slots__ = ("settings", "spool", "filters", "verifier", "server_auth", "auth_budget",
@@ -415,94 +345,39 @@ class SmtpSession(session_core.LineSession):
         if tls_missing:
             self.reply("530 5.7.0 encryption required" + (": use starttls" if starttls else ""))
             return
-        if arg[:5].upper() != "FROM:":
-            self.bad("553 5.5.2 mailbox name not allowed: invalid mail-from command")
-            return
         try:
-            address, rest = parse_path(arg[5:], allow_empty=True,
-                                       strict=self.features["strictparsing"])
-        except ValueError as e:
-            self.bad("553 5.1.7 mailbox name not allowed: %s" % e)
-            return
-        params = parse_params(rest)
-        body = "7bit"
-        ret = envid = ""
-        # Parameters nobody here understands are ignored, as E-MailRelay
-        # ignores them (RET= and ENVID= too when DSN is switched off).
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit():
-                    self.bad("501 5.5.4 invalid argument")
-                    return
-                if self.size_limit and int(value) > self.size_limit:
-                    self.reply(TOO_BIG)
-                    return
-            elif key == "BODY":
-                body = {"7BIT": "7bit", "8BITMIME": "8bit",
-                        "BINARYMIME": "binarymime"}.get((value or "").upper())
-                if body is None:
-                    self.bad("501 5.5.4 invalid argument")
-                    return
-            elif key in ("RET", "ENVID") and self.features["dsn"]:
-                try:
-                    if key == "RET":
-                        ret = smtp_syntax.dsn_ret(value)
-                    else:
-                        envid = smtp_syntax.dsn_envid(value)
-                except ValueError as e:
-                    self.bad("501 5.5.4 %s" % e)
-                    return
-        smtputf8 = "SMTPUTF8" in params
-        address = self._mailbox(address, smtputf8)
-        if address is None:
+            mail = smtp_params.mail(arg, self.features, self.size_limit)
+        except smtp_params.Refused as e:
+            self._refused(e)
             return
         if not self.intake.enough_space():
             self.reply(NO_STORAGE)
             return
-        self.mail_from = address
-        self.body = body
-        self.dsn_ret = ret
-        self.dsn_envid = envid
-        self.smtputf8 = smtputf8 or not address.isascii()
+        self.mail_from = mail.address
+        self.body = mail.body
+        self.dsn_ret = mail.ret
+        self.dsn_envid = mail.envid
+        self.smtputf8 = mail.smtputf8
         # MAIL FROM AUTH= is kept as given (xtext), and only for an
         # authenticated client (RFC 4954 5).
-        self.mail_auth = (params.get("AUTH") or "") if self.auth_user is not None else ""
-        self.reply("250 2.1.0 sender <%s> OK" % address)
+        self.mail_auth = mail.auth if self.auth_user is not None else ""
+        self.reply("250 2.1.0 sender <%s> OK" % mail.address)
 
-    def _mailbox(self, address, smtputf8, rcpt=False):
-        """The address as stored (A-labels with alabels), or None after a refusal."""
-        if address.isascii():
-            return address
-        refusal = "550 5.6.7 " if rcpt else "553 5.6.7 mailbox name not allowed: "
-        if self.features["smtputf8strict"] and not smtputf8:
-            self.reply(refusal + "invalid character in mailbox name")
-            return None
-        if self.features["alabels"]:
-            try:
-                return to_alabels(address)
-            except ValueError as e:
-                self.reply(refusal + str(e))
-                return None
-        return address
+    def _refused(self, e):
+        """Replies to a command `smtp_params` refused (a bad command, or not)."""
+        if e.bad:
+            self.bad(e.reply)
+        else:
+            self.reply(e.reply)
 
     def smtp_RCPT(self, arg):
-        if arg[:3].upper() != "TO:":
-            self.bad("550 5.5.2 invalid rcpt-to command")
-            return
         try:
-            address, rest = parse_path(arg[3:], allow_empty=False,
-                                       strict=self.features["strictparsing"])
-        except ValueError as e:
-            self.bad("550 5.1.3 %s" % e)
-            return
-        if self._rcpt_refusal is not None:
-            self.reply(self._rcpt_refusal)
-            return
-        dsn = self._rcpt_dsn(parse_params(rest))
-        if dsn is None:
-            return
-        stored = self._mailbox(address, self.smtputf8, rcpt=True)
-        if stored is None:
+            address, rest = smtp_params.rcpt_path(arg, self.features)
+            if self._rcpt_refusal is not None:
+                raise smtp_params.Refused(self._rcpt_refusal, bad=False)
+            dsn, stored = smtp_params.rcpt_params(address, rest, self.features, self.smtputf8)
+        except smtp_params.Refused as e:
+            self._refused(e)
             return
         count = len(self.to_local) + len(self.to_remote)
         limit = self.settings.max_recipients
@@ -533,24 +408,6 @@ class SmtpSession(session_core.LineSession):
         local = result is not None and result.status == "local"
         # E-MailRelay marks a local recipient with a second space.
         self.reply("250 2.1.5 recipient <%s> %sOK" % (address, " " if local else ""))
-
-    def _rcpt_dsn(self, params):
-        """(notify, orcpt) from RCPT TO parameters; None after a 501 reply.
-
-        Without DSN both are '' (the parameters are ignored); with
-        force-rcpt-notify-never every recipient gets NOTIFY=NEVER.
-        """
-        if not self.features["dsn"]:
-            return ("", "")
-        try:
-            notify = smtp_syntax.dsn_notify(params["NOTIFY"]) if "NOTIFY" in params else ""
-            orcpt = smtp_syntax.dsn_orcpt(params["ORCPT"]) if "ORCPT" in params else ""
-        except ValueError as e:
-            self.bad("501 5.5.4 %s" % e)
-            return None
-        if self.features["force-rcpt-notify-never"]:
-            notify = "NEVER"
-        return (notify, orcpt)
 
     def _keep_dsn(self, address, dsn):
         if dsn[0] or dsn[1]:

@@ -33,7 +33,7 @@ from ..config import usage
 from ..net import connection
 from ..runtime import log
 from ..util import addresses
-from . import smtp_server
+from . import smtp_server, smtp_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +74,8 @@ def run(settings, services):
         log.warning("%s: connection refused from non-local address %s (%s)"
                     % (kind, ip, addresses.GUARD_HINT))
         try:
-            conn.write(smtp_server.reply_bytes(services.settings,
-                                               "554 5.7.1 no SMTP service for your address"))
+            conn.write(smtp_settings.reply_bytes(services.settings,
+                                                 "554 5.7.1 no SMTP service for your address"))
             conn.close()
         except (connection.Closed, connection.Timeout):
             pass
