@@ -26,10 +26,14 @@ NO_STORAGE = "452 4.3.1 insufficient system storage"
 class Transaction(NamedTuple):
     """What one SMTP transaction gathered, as the session hands it over to be stored.
 
-    `body` is MAIL's BODY= ("7bit", "8bit" or "binarymime") and `eightbit`
-    whether the text had 8-bit octets; `authentication` the AUTH user ('':
-    none) and `mail_from_auth` MAIL's AUTH= (xtext); `dsn` is (RET, ENVID,
-    {recipient: (NOTIFY, ORCPT)}) from RFC 3461's parameters.
+    `mail_from`, `to_local` and `to_remote` (the recipients as the
+    verifier left them); `body` is MAIL's BODY= ("7bit", "8bit" or
+    "binarymime") and `eightbit` whether the text had 8-bit octets;
+    `authentication` the AUTH user ('': none) and `mail_from_auth` MAIL's
+    AUTH= (xtext); `smtputf8` for the envelope's Utf8MailboxNames;
+    `client_certificate` the client's verified TLS certificate (PEM, or
+    ''); `dsn` is (RET, ENVID, {recipient: (NOTIFY, ORCPT)}) from RFC
+    3461's parameters.
     """
 
     mail_from: str
