@@ -112,8 +112,11 @@ class SessionSettings:
 
     @classmethod
     def from_config(cls, cfg, **fields):
-        """The settings from `cfg` (the read-only Config, or anything with its
-        attributes and `given`); `fields` are a subclass's own, already worked out."""
+        """The settings read from `cfg`; `fields` are a subclass's own, already worked out.
+
+        `cfg` is the read-only Config, or anything with its attributes and
+        `given` (the server layer does not import `config.options`).
+        """
         idle = cfg.idle_timeout
         if cls.IDLE_TIMEOUT is not None and not cfg.given("idle-timeout"):
             idle = cls.IDLE_TIMEOUT
