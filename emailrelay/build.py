@@ -18,7 +18,7 @@ import threading
 
 from .auth import auth_budget, pam, sasl, secrets
 from .forward import forwarder
-from .net import listeners, tls
+from .net import listen_sockets, listeners, tls
 from .policy import auth_program, dnsbl, filters, smtp_policy, verifier
 from .policy.filters import FILTER_ENV_PATH
 from .runtime import log
@@ -212,10 +212,10 @@ def _build_controls(cfg, services):
 def _listen(cfg, services):
     """Binds every listener; with --workers above 1, SMTP and POP go to worker_listeners."""
     try:
-        interfaces = listeners.parse_interfaces(cfg.interface)
+        interfaces = listen_sockets.parse_interfaces(cfg.interface)
     except ValueError as e:
         raise StartupError("--interface: %s" % e) from None
-    for kind, items in listeners.systemd_sockets().items():
+    for kind, items in listen_sockets.systemd_sockets().items():
         interfaces.setdefault(kind, []).extend(items)
     server = new_server(cfg)
     # Workers serve SMTP and POP; with neither there is nothing for them.
@@ -224,9 +224,8 @@ def _listen(cfg, services):
     try:
         add_sessions(shared, cfg, services, interfaces)
         if cfg.admin:
-            admin_services = services.admin(server)
-            server.add("admin", interfaces, cfg.admin,
-                       lambda conn: admin.AdminSession(conn, admin_services).run(),
+            handler, conversation = _served(admin.AdminSession, services.admin(server))
+            server.add("admin", interfaces, cfg.admin, handler, conversation=conversation,
                        busy_reply=b"too many connections\r\n")
     except (OSError, ValueError) as e:
         for lst in server.listeners + (shared.listeners if shared is not server else []):
@@ -251,28 +250,40 @@ def add_sessions(server, cfg, services, interfaces):
     """Adds the SMTP and POP listeners (what workers serve) to `server`."""
     proxy_from = cfg.proxy_from
     if not cfg.no_smtp:
-        smtp = services.smtp()
+        handler, conversation = _served(smtp_server.SmtpSession, services.smtp())
         implicit = services.tls_context if cfg.server_tls_connection else None
-        server.add("smtp", interfaces, cfg.port,
-                   lambda conn: smtp_server.SmtpSession(conn, smtp).run(),
-                   conversation=lambda conn: smtp_server.SmtpSession(conn, smtp),
+        server.add("smtp", interfaces, cfg.port, handler, conversation=conversation,
                    tls_context=implicit,
                    # ZMailer's MaxParallelConnections reply (seed 004): the
                    # limit comes from there, E-MailRelay 2.6 has none.
                    busy_reply=smtp_settings.reply_bytes(
-                       smtp.settings, "450 4.3.2 Too many simultaneous connections"),
+                       services.smtp_settings, "450 4.3.2 Too many simultaneous connections"),
                    address_busy_reply=smtp_settings.reply_bytes(
-                       smtp.settings, "450 4.7.0 too many connections from your address"),
+                       services.smtp_settings, "450 4.7.0 too many connections from your address"),
                    refused_reply=smtp_settings.reply_bytes(
-                       smtp.settings, "554 5.7.1 no SMTP service for your address"),
+                       services.smtp_settings, "554 5.7.1 no SMTP service for your address"),
                    proxy_from=proxy_from.get("smtp"))
     if cfg.pop:
-        pop = services.pop()
-        server.add("pop", interfaces, cfg.pop_port,
-                   lambda conn: pop_server.PopSession(conn, pop).run(),
+        handler, conversation = _served(pop_server.PopSession, services.pop())
+        server.add("pop", interfaces, cfg.pop_port, handler, conversation=conversation,
                    busy_reply=b"-ERR too many connections\r\n",
                    refused_reply=b"-ERR no POP service for your address\r\n",
                    proxy_from=proxy_from.get("pop"))
+
+
+def _served(session_class, session_services):
+    """(handler, conversation) for `Server.add` to serve sessions of `session_class`.
+
+    The handler runs a whole session in its thread; the conversation, for
+    the session loop, is None for a class that declares THREAD_ONLY (its
+    handlers block inline), so such sessions always get a thread.
+    """
+    def handler(conn):
+        session_class(conn, session_services).run()
+
+    def conversation(conn):
+        return session_class(conn, session_services)
+    return handler, None if session_class.THREAD_ONLY else conversation
 
 
 def forward_on_disconnect(server, services):

@@ -66,9 +66,13 @@ class AdminServices(parts.Parts):
 
 
 class AdminSession(session_core.LineSession):
-    """One admin connection; see the module docstring."""
+    """One admin connection; see the module docstring.
+
+    Thread-only: spool listings block inline, and `notify` writes from a thread.
+    """
 
     PROTOCOL = "admin"
+    THREAD_ONLY = True
     COMMAND_LIMIT = 1000
     TOO_LONG = "error: line too long"
 

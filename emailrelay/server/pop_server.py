@@ -90,9 +90,13 @@ class PopServices(parts.Parts):
 
 
 class PopSession(session_core.LineSession):
-    """One POP3 connection from greeting to close (see the module docstring)."""
+    """One POP3 connection from greeting to close (see the module docstring).
+
+    Thread-only: the maildrop's lock, reads and deletes block inline.
+    """
 
     PROTOCOL = "pop"
+    THREAD_ONLY = True
     COMMAND_LIMIT = COMMAND_LIMIT
     TOO_LONG = "-ERR line too long"
 

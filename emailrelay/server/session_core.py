@@ -40,7 +40,7 @@ import collections
 import dataclasses
 from typing import Optional
 
-from ..net import connection, requests, session_loop
+from ..net import connection, requests, thread_driver
 from ..runtime import log
 
 DONE = "DONE"
@@ -134,7 +134,10 @@ class LineSession:
     `transitions()`: the state changes its handlers ask for with `event`),
     `PROTOCOL` (the log prefix),
     `COMMAND_LIMIT` and `TOO_LONG` (the reply to an over-long line), and
-    `NOT_UTF8` if it needs it, and may override the hooks below.
+    `NOT_UTF8` if it needs it, and may override the hooks below. A
+    protocol whose handlers block inline (file I/O, waits) instead of
+    yielding requests sets `THREAD_ONLY`: it is served by `run()` in a
+    thread of its own, and `SessionLoop.add` refuses it.
     `services.settings` is a `SessionSettings`; the session keeps it as
     `settings`, and its `domain`. After the conversation, `error_replies`
     is the number of error replies sent.
@@ -148,6 +151,9 @@ class LineSession:
     # None: command lines are decoded with surrogateescape; else the reply
     # (a bad command) to a line that is not UTF-8.
     NOT_UTF8 = None
+    # True: the handlers block the thread they run in, so the session runs
+    # in a thread of its own (`run()`), never in the session loop.
+    THREAD_ONLY = False
 
     def __init__(self, conn, services, state, bad_budget):
         self.conn = conn
@@ -238,7 +244,7 @@ class LineSession:
 
     def run(self):
         """Runs the whole conversation in this thread over a blocking connection."""
-        session_loop.drive(self, getattr(self.services, "stop_event", None))
+        thread_driver.drive(self, getattr(self.services, "stop_event", None))
 
     def conversation(self):
         """The session as a `session_loop` conversation (a generator); never raises."""

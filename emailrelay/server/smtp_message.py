@@ -157,15 +157,16 @@ class MessageIntake:
             # Filter programs and --immediate wait on others.
             return (yield requests.call(self._store, tx))
         # With no filter the files are written here; only their syncs and
-        # renames are "work", which the session loop's own thread does too
-        # while the syncs wait little (see session_loop).
+        # renames are a call (`finish`, marked device-bound), which the
+        # session loop's own thread makes too while the syncs wait little
+        # (see session_loop).
         msg = self.message
         try:
             env = self._envelope(tx)
             msg.prepare(env)
             log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
                         peer=self.peer)
-            msg_id = yield requests.work(msg.finish, (env,), spool.waited)
+            msg_id = yield requests.call(msg.finish, env)
         except (OSError, envelope.EnvelopeError) as e:
             return self._not_stored(e)
         return self._stored(msg_id, tx)
