@@ -212,7 +212,7 @@ def _run_stdio(cfg, services):
     process.set_umask()
     if not _drop_privileges(cfg):
         return usage.EXIT_FAILURE
-    return stdio_server.run(cfg, services.smtp())
+    return stdio_server.run(stdio_server.StdioSettings.from_config(cfg), services.smtp())
 
 
 def _drop_privileges(cfg):

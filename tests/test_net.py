@@ -105,7 +105,8 @@ def test_server_refuses_over_the_connection_cap():
 def test_a_thread_only_session_handed_to_the_session_loop_fails_alone():
     # A wiring mistake (a POP conversation for the loop) costs the client
     # its session, and nothing else: the budget is freed, the loop lives.
-    services = pop_server.PopServices(cfg=options.parse(["--pop"]))
+    services = pop_server.PopServices(
+        settings=pop_server.PopSettings.from_config(options.parse(["--pop"])))
     stop = threading.Event()
     server = listeners.Server(max_connections=1, max_per_address=1)
     server.add("pop", {None: ["127.0.0.1"]}, 0, lambda conn: None,

@@ -82,9 +82,11 @@ def test_the_loop_refuses_a_thread_only_session_and_starts_nothing(protocol):
     ended = threading.Event()
     try:
         if protocol == "pop":
-            session = pop_server.PopSession(pair.conn, pop_server.PopServices(cfg=cfg))
+            session = pop_server.PopSession(pair.conn, pop_server.PopServices(
+                settings=pop_server.PopSettings.from_config(cfg)))
         else:
-            session = admin.AdminSession(pair.conn, admin.AdminServices(cfg=cfg))
+            session = admin.AdminSession(pair.conn, admin.AdminServices(
+                settings=admin.AdminSettings.from_config(cfg)))
         with pytest.raises(ValueError, match="thread-only"):
             loop.add(session, pair.conn, ended.set)
         pair.theirs.settimeout(0.3)
