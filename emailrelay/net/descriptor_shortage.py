@@ -18,6 +18,7 @@ import threading
 import time
 
 from ..runtime import descriptors, log
+from . import connection
 
 # accept() errors that mean the process or the system is out of descriptors
 # (or of the memory behind them): the connection stays queued.
@@ -112,12 +113,7 @@ class DescriptorShortage:
                     sock, _ = lst.sock.accept()
                 except OSError:
                     break
-                try:
-                    sock.setblocking(False)
-                    sock.send(lst.busy_reply)
-                except OSError:
-                    pass
-                sock.close()
+                connection.answer_and_close(sock, lst.busy_reply)
                 refused += 1
             self.open_reserve()
         return refused

@@ -255,14 +255,7 @@ class Server(OverLimit):
                         % (lst.kind, ip, addresses.GUARD_HINT))
             with self._lock:
                 self.counters["refused"] += 1
-            # A fresh socket's send buffer takes one short line without
-            # blocking the accept loop; the client then knows why.
-            try:
-                sock.setblocking(False)
-                sock.send(lst.refused_reply)
-            except OSError:
-                pass
-            sock.close()
+            connection.answer_and_close(sock, lst.refused_reply)
             return
         if not self._admit(lst, sock, addr, peer):
             self._hold(lst, sock, addr, peer)

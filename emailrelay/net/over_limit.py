@@ -16,6 +16,7 @@ import threading
 import time
 
 from ..runtime import log
+from . import connection
 
 # Seconds an over-the-limit connection waits (in the refuser thread, never in
 # the accept loop) for ending sessions to free a slot.
@@ -122,9 +123,4 @@ class OverLimit:
             self.counters["refused"] += 1
         log.warning("%s: too many connections%s: refused %s"
                     % (lst.kind, " from one address" if one_address else "", ip))
-        try:
-            sock.setblocking(False)
-            sock.send(lst.address_busy_reply if one_address else lst.busy_reply)
-        except OSError:
-            pass
-        sock.close()
+        connection.answer_and_close(sock, lst.address_busy_reply if one_address else lst.busy_reply)
