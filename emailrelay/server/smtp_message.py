@@ -146,6 +146,23 @@ class MessageIntake:
             env.set_dsn(envelope.Dsn(ret, envid, recipients))
         return env
 
+    def _write_envelope(self, tx, synced):
+        """Writes the `.envelope.new` file of transaction `tx`; returns the envelope.
+
+        `synced`: the content and the envelope are synced now, for the
+        filters to read; otherwise `finish` syncs them.
+        """
+        msg = self.message
+        env = self._envelope(tx)
+        if synced:
+            msg.commit_content()
+            msg.write_envelope(env)
+        else:
+            msg.prepare(env)
+        log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
+                    peer=self.peer)
+        return env
+
     def commit(self, tx):
         """Makes the message of transaction `tx` durable; returns the reply (a generator).
 
@@ -162,10 +179,7 @@ class MessageIntake:
         # (see session_loop).
         msg = self.message
         try:
-            env = self._envelope(tx)
-            msg.prepare(env)
-            log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
-                        peer=self.peer)
+            env = self._write_envelope(tx, synced=False)
             msg_id = yield requests.call(msg.finish, env)
         except (OSError, envelope.EnvelopeError) as e:
             return self._not_stored(e)
@@ -175,12 +189,8 @@ class MessageIntake:
         """The blocking part of `commit` with filters or --immediate: returns the reply."""
         msg = self.message
         try:
-            env = self._envelope(tx)
             self._rescan = False
-            msg.commit_content()
-            msg.write_envelope(env)
-            log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
-                        peer=self.peer)
+            env = self._write_envelope(tx, synced=True)
             refusal = self._run_filters(msg)
             if refusal == "cancelled":
                 # Exit 100: the filter owns the files now. If it kept the
