@@ -1,9 +1,11 @@
 """Listening sockets, the accept loop and connection admission.
 
-`Server` owns every listening socket of the process and runs one accept
-loop in the main thread; an accepted connection runs its session in a
-thread of its own, or in the session loop (`session_loop`) for plain SMTP.
-The connection object sessions use is in `connection`.
+`Server` owns every listening socket of the process. One accept loop in
+the main thread accepts on each of them but plain SMTP's, and an accepted
+connection runs its session in a thread of its own; plain SMTP is
+accepted in the session loop's thread (`session_loop`), a few connections
+per turn, and its sessions run there. The connection object sessions use
+is in `connection`.
 
 Why one selector loop rather than one `socketserver.ThreadingTCPServer` per
 listening address (the usual Python shape): E-MailRelay listens on
