@@ -17,12 +17,12 @@ import shutil
 import threading
 
 from .auth import auth_budget, pam, sasl, secrets
-from .forward import forwarder
-from .net import listeners, tls
+from .forward import events, forwarder
+from .net import listen_sockets, listeners, tls
 from .policy import auth_program, dnsbl, filters, smtp_policy, verifier
 from .policy.filters import FILTER_ENV_PATH
 from .runtime import log
-from .server import admin, pop_server, smtp_server
+from .server import admin, pop_server, smtp_server, smtp_settings
 from .store import spool as spool_mod
 from .util import parts
 from .util.stats import Stats
@@ -39,11 +39,12 @@ class StartupError(Exception):
 class Services(parts.Parts):
     """The program's parts, as `services` makes them; sessions get narrow views.
 
-    Attributes: `cfg`, `spool`, `filters` (list), `verifier` (or None),
+    Attributes: `cfg`, `smtp_settings`, `pop_settings` and `admin_settings`
+    (what the sessions take from `cfg`, made once), `spool`, `filters` (list), `verifier` (or None),
     `server_auth` (sasl.ServerAuth or None), `server_secrets`,
     `pop_auth`, `pop_secrets`, `tls_context` (server side, or None),
     `forwarder` (or None), `stats` (a stats.Stats), `events`
-    (forwarder.Events or None), `server` (listeners.Server), `stop_event`,
+    (events.Events or None), `server` (listeners.Server), `stop_event`,
     `auth_budget` (auth_budget.FailureBudget shared by SMTP and POP, or None),
     `dnsbl` (dnsbl.Dnsbl or None), `load_guard` (smtp_policy.LoadGuard or
     None, --max-load), `help_text` (lines for HELP, --help-text),
@@ -53,18 +54,19 @@ class Services(parts.Parts):
     run, with absolute paths).
     """
 
-    __slots__ = ("cfg", "spool", "filters", "verifier", "server_auth", "server_secrets",
-                 "pop_auth", "pop_secrets", "tls_context", "forwarder", "stats", "events",
-                 "server", "stop_event", "auth_budget", "dnsbl", "load_guard", "help_text",
-                 "worker_listeners", "programs")
+    __slots__ = ("cfg", "smtp_settings", "pop_settings", "admin_settings", "spool", "filters",
+                 "verifier", "server_auth", "server_secrets", "pop_auth", "pop_secrets",
+                 "tls_context", "forwarder", "stats", "events", "server", "stop_event",
+                 "auth_budget", "dnsbl", "load_guard", "help_text", "worker_listeners",
+                 "programs")
     LISTS = ("filters", "help_text")
 
     def smtp(self):
         """What an SMTP session may use (smtp_server.SmtpServices)."""
         fwd = self.forwarder
         return smtp_server.SmtpServices(
-            cfg=self.cfg, spool=self.spool, filters=self.filters, verifier=self.verifier,
-            server_auth=self.server_auth, auth_budget=self.auth_budget,
+            settings=self.smtp_settings, spool=self.spool, filters=self.filters,
+            verifier=self.verifier, server_auth=self.server_auth, auth_budget=self.auth_budget,
             tls_context=self.tls_context, stats=self.stats, dnsbl=self.dnsbl,
             load_guard=self.load_guard, help_text=self.help_text, stop_event=self.stop_event,
             trigger=fwd.trigger if fwd is not None else None,
@@ -73,15 +75,15 @@ class Services(parts.Parts):
 
     def pop(self):
         """What a POP session may use (pop_server.PopServices)."""
-        return pop_server.PopServices(cfg=self.cfg, spool=self.spool, pop_auth=self.pop_auth,
-                                      tls_context=self.tls_context,
+        return pop_server.PopServices(settings=self.pop_settings, spool=self.spool,
+                                      pop_auth=self.pop_auth, tls_context=self.tls_context,
                                       auth_budget=self.auth_budget, stop_event=self.stop_event)
 
     def admin(self, server):
         """What an admin session may use (admin.AdminServices); `server` has the listeners."""
         fwd = self.forwarder
         return admin.AdminServices(
-            cfg=self.cfg, spool=self.spool, stats=self.stats, events=self.events,
+            settings=self.admin_settings, spool=self.spool, stats=self.stats, events=self.events,
             flush=fwd.flush if fwd is not None else None,
             trigger=fwd.trigger if fwd is not None else None,
             listeners=lambda: (server.addresses(), server.live_count(), dict(server.counters)),
@@ -120,7 +122,10 @@ def _server_auth(holder, cfg, what, smtp=False):
 
 def services(cfg):
     """Checks the configuration and builds every part; raises StartupError."""
-    services = Services(cfg=cfg, stop_event=threading.Event())
+    services = Services(cfg=cfg, stop_event=threading.Event(),
+                        smtp_settings=smtp_settings.SmtpSettings.from_config(cfg),
+                        pop_settings=pop_server.PopSettings.from_config(cfg),
+                        admin_settings=admin.AdminSettings.from_config(cfg))
     services.stats = Stats(STATS)
 
     if not os.path.isdir(cfg.spool_dir):
@@ -181,7 +186,7 @@ def services(cfg):
             raise StartupError("tls: %s" % _tls_error_text(e)) from None
 
     if cfg.forward_to:
-        services.events = forwarder.Events()
+        services.events = events.Events()
         services.forwarder = forwarder.Forwarder(
             cfg, services.spool, client_filters=client_filters,
             client_secret=client_secret, tls_context=client_tls,
@@ -207,10 +212,10 @@ def _build_controls(cfg, services):
 def _listen(cfg, services):
     """Binds every listener; with --workers above 1, SMTP and POP go to worker_listeners."""
     try:
-        interfaces = listeners.parse_interfaces(cfg.interface)
+        interfaces = listen_sockets.parse_interfaces(cfg.interface)
     except ValueError as e:
         raise StartupError("--interface: %s" % e) from None
-    for kind, items in listeners.systemd_sockets().items():
+    for kind, items in listen_sockets.systemd_sockets().items():
         interfaces.setdefault(kind, []).extend(items)
     server = new_server(cfg)
     # Workers serve SMTP and POP; with neither there is nothing for them.
@@ -219,9 +224,8 @@ def _listen(cfg, services):
     try:
         add_sessions(shared, cfg, services, interfaces)
         if cfg.admin:
-            admin_services = services.admin(server)
-            server.add("admin", interfaces, cfg.admin,
-                       lambda conn: admin.AdminSession(conn, admin_services).run(),
+            handler, conversation = _served(admin.AdminSession, services.admin(server))
+            server.add("admin", interfaces, cfg.admin, handler, conversation=conversation,
                        busy_reply=b"too many connections\r\n")
     except (OSError, ValueError) as e:
         for lst in server.listeners + (shared.listeners if shared is not server else []):
@@ -246,28 +250,40 @@ def add_sessions(server, cfg, services, interfaces):
     """Adds the SMTP and POP listeners (what workers serve) to `server`."""
     proxy_from = cfg.proxy_from
     if not cfg.no_smtp:
-        smtp = services.smtp()
+        handler, conversation = _served(smtp_server.SmtpSession, services.smtp())
         implicit = services.tls_context if cfg.server_tls_connection else None
-        server.add("smtp", interfaces, cfg.port,
-                   lambda conn: smtp_server.SmtpSession(conn, smtp).run(),
-                   conversation=lambda conn: smtp_server.SmtpSession(conn, smtp),
+        server.add("smtp", interfaces, cfg.port, handler, conversation=conversation,
                    tls_context=implicit,
                    # ZMailer's MaxParallelConnections reply (seed 004): the
                    # limit comes from there, E-MailRelay 2.6 has none.
-                   busy_reply=smtp_server.reply_bytes(
-                       cfg, "450 4.3.2 Too many simultaneous connections"),
-                   address_busy_reply=smtp_server.reply_bytes(
-                       cfg, "450 4.7.0 too many connections from your address"),
-                   refused_reply=smtp_server.reply_bytes(
-                       cfg, "554 5.7.1 no SMTP service for your address"),
+                   busy_reply=smtp_settings.reply_bytes(
+                       services.smtp_settings, "450 4.3.2 Too many simultaneous connections"),
+                   address_busy_reply=smtp_settings.reply_bytes(
+                       services.smtp_settings, "450 4.7.0 too many connections from your address"),
+                   refused_reply=smtp_settings.reply_bytes(
+                       services.smtp_settings, "554 5.7.1 no SMTP service for your address"),
                    proxy_from=proxy_from.get("smtp"))
     if cfg.pop:
-        pop = services.pop()
-        server.add("pop", interfaces, cfg.pop_port,
-                   lambda conn: pop_server.PopSession(conn, pop).run(),
+        handler, conversation = _served(pop_server.PopSession, services.pop())
+        server.add("pop", interfaces, cfg.pop_port, handler, conversation=conversation,
                    busy_reply=b"-ERR too many connections\r\n",
                    refused_reply=b"-ERR no POP service for your address\r\n",
                    proxy_from=proxy_from.get("pop"))
+
+
+def _served(session_class, session_services):
+    """(handler, conversation) for `Server.add` to serve sessions of `session_class`.
+
+    The handler runs a whole session in its thread; the conversation, for
+    the session loop, is None for a class that declares THREAD_ONLY (its
+    handlers block inline), so such sessions always get a thread.
+    """
+    def handler(conn):
+        session_class(conn, session_services).run()
+
+    def conversation(conn):
+        return session_class(conn, session_services)
+    return handler, None if session_class.THREAD_ONLY else conversation
 
 
 def forward_on_disconnect(server, services):

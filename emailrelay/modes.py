@@ -41,7 +41,7 @@ _FORWARDING_TRIGGERS = ("forward", "forward-on-disconnect", "poll", "immediate",
 def start(cfg):
     """Configures logging, builds the parts and runs; returns the exit status."""
     try:
-        log.configure(cfg)
+        log.configure(cfg, process.privileged)
     except OSError as e:
         sys.stderr.write("emailrelay: error: cannot open log file %s: %s\n"
                          % (log.sanitise(e.filename or cfg.log_file), e.strerror or e))
@@ -212,7 +212,7 @@ def _run_stdio(cfg, services):
     process.set_umask()
     if not _drop_privileges(cfg):
         return usage.EXIT_FAILURE
-    return stdio_server.run(cfg, services.smtp())
+    return stdio_server.run(stdio_server.StdioSettings.from_config(cfg), services.smtp())
 
 
 def _drop_privileges(cfg):

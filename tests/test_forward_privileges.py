@@ -18,7 +18,7 @@ import stat
 import pytest
 
 import helpers
-from emailrelay.forward import forwarder as forwarder_mod
+from emailrelay.forward import deletions, forwarder as forwarder_mod
 from emailrelay.runtime import process
 from emailrelay.forward import smtp_client
 from emailrelay.store import spool as spool_mod
@@ -62,7 +62,7 @@ def test_a_pass_takes_one_root_window_per_message_and_none_while_sending(
     del fake_switch[:]  # (storing them took windows too)
     # The clean-up thread's window (one a batch) would give root to this
     # thread too: here it runs once, at the end.
-    monkeypatch.setattr(forwarder_mod._Deletions, "BATCH", count)
+    monkeypatch.setattr(deletions.Deletions, "BATCH", count)
     windows_at_send = []
     real_send = smtp_client.Client.send
 

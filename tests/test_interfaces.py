@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from emailrelay.net import interfaces, listeners
+from emailrelay.net import interfaces, listen_sockets
 from helpers import Relay, free_port, run_emailrelay
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="creating an interface needs root")
@@ -57,7 +57,7 @@ def test_dummy_interface_addresses(dummy):
     v6 = interfaces.addresses(dummy, 6)
     assert "fd77:254::1" in v6
     assert all(a.endswith("%" + dummy) for a in v6 if a.startswith("fe80:"))
-    kinds = listeners.parse_interfaces(["smtp=%s-ipv4" % dummy, "pop=127.0.0.1,%s-ipv6" % dummy])
+    kinds = listen_sockets.parse_interfaces(["smtp=%s-ipv4" % dummy, "pop=127.0.0.1,%s-ipv6" % dummy])
     assert sorted(kinds["smtp"]) == ["10.254.77.1", "10.254.78.1"]
     assert kinds["pop"] == ["127.0.0.1"] and "fd77:254::1" in kinds[None]
 
@@ -66,7 +66,7 @@ def test_unknown_interface_and_missing_family():
     with pytest.raises(interfaces.InterfaceError, match="no such network interface: nosuch0"):
         interfaces.addresses("nosuch0")
     with pytest.raises(ValueError, match="no such network interface: nosuch0"):
-        listeners.parse_interfaces(["smtp=nosuch0-ipv4"])
+        listen_sockets.parse_interfaces(["smtp=nosuch0-ipv4"])
 
 
 def listening(relay):

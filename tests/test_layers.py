@@ -4,7 +4,8 @@ Layers, lowest first, each a folder of emailrelay/: util, runtime, config,
 store, auth, policy, net, server, forward. A module imports from its own
 folder or lower ones, never higher; `main` (the wiring) and `tools` sit on
 top. docs/internals.md describes the same order. Imports inside functions
-are for laziness only, and each says why in a comment just above it.
+are for laziness only, and each says why in a comment just above it. No
+module imports itself through others (no import cycle, in or across folders).
 """
 
 import ast
@@ -119,3 +120,34 @@ def test_the_import_check_sees_an_unexplained_one(tmp_path):
     path.write_text("def f():\n    x = 1\n    import ssl\n\n\ndef g():\n"
                     "    # Why: only g needs it.\n    import ctypes\n")
     assert function_imports(str(path)) == [(3, "x = 1"), (8, "# Why: only g needs it.")]
+
+
+def cycles(graph):
+    """The import cycles of `graph` (module -> modules it imports), each a sorted list."""
+    found, state = [], {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                found.append(sorted(path[path.index(target):]))
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    return found
+
+
+def test_no_module_imports_itself_through_others():
+    names = {dotted for _, dotted, _ in modules()}
+    graph = {dotted: {t for _, t in imports(dotted, path) if t in names and t != dotted}
+             for _, dotted, path in modules()}
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_sees_one():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]

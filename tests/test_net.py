@@ -5,7 +5,9 @@ import threading
 
 import pytest
 
-from emailrelay.net import connection, listeners
+from emailrelay.config import options
+from emailrelay.net import connection, listen_sockets, listeners
+from emailrelay.server import pop_server
 from memory_connection import MemoryConnection
 
 
@@ -42,11 +44,11 @@ def test_read_and_unread():
 
 
 def test_parse_interfaces():
-    got = listeners.parse_interfaces(["127.0.0.1,smtp=::1", "pop=127.0.0.2", "admin=fd#3"])
+    got = listen_sockets.parse_interfaces(["127.0.0.1,smtp=::1", "pop=127.0.0.2", "admin=fd#3"])
     assert got == {None: ["127.0.0.1"], "smtp": ["::1"], "pop": ["127.0.0.2"], "admin": ["fd#3"]}
     for bad in (["nosuchif9"], ["imap=127.0.0.1"], ["fd#x"]):
         with pytest.raises(ValueError):
-            listeners.parse_interfaces(bad)
+            listen_sockets.parse_interfaces(bad)
 
 
 def test_socket_connection_writes_are_buffered_until_flush():
@@ -94,6 +96,31 @@ def test_server_refuses_over_the_connection_cap():
         first.close()
     finally:
         release.set()
+        stop.set()
+        server.wake()
+        t.join(10)
+    assert not t.is_alive()
+
+
+def test_a_thread_only_session_handed_to_the_session_loop_fails_alone():
+    # A wiring mistake (a POP conversation for the loop) costs the client
+    # its session, and nothing else: the budget is freed, the loop lives.
+    services = pop_server.PopServices(
+        settings=pop_server.PopSettings.from_config(options.parse(["--pop"])))
+    stop = threading.Event()
+    server = listeners.Server(max_connections=1, max_per_address=1)
+    server.add("pop", {None: ["127.0.0.1"]}, 0, lambda conn: None,
+               conversation=lambda conn: pop_server.PopSession(conn, services),
+               busy_reply=b"-ERR busy\r\n")
+    port = server.listeners[0].sock.getsockname()[1]
+    t = threading.Thread(target=server.serve, args=(stop,))
+    t.start()
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                assert c.recv(100) == b""
+        assert server.counters == {"connections": 3, "refused": 0}
+    finally:
         stop.set()
         server.wake()
         t.join(10)

@@ -53,7 +53,8 @@ def add_message(directory, seq, content, user_dirs=()):
 
 def Services(cfg, tls_context=None):
     return pop_server.PopServices(
-        cfg=cfg, spool=spool.Spool(cfg.spool_dir), tls_context=tls_context,
+        settings=pop_server.PopSettings.from_config(cfg), spool=spool.Spool(cfg.spool_dir),
+        tls_context=tls_context,
         pop_auth=sasl.ServerAuth(secrets.Reloadable(cfg.pop_auth), cfg.server_auth_config))
 
 

@@ -8,14 +8,22 @@ check that both protocols keep each rule's replies through the core.
 """
 
 import base64
+import dataclasses
 import threading
 import types
 
+import pytest
+
 from emailrelay.auth import auth_budget, sasl, secrets
-from emailrelay.server import pop_server, session_core
+from emailrelay.config import options
+from emailrelay.server import admin, pop_server, session_core, smtp_settings
 
 from test_pop_session import box, make_services as pop_services, session as pop_session  # noqa: F401
 from test_smtp_session import CountingConnection, talk
+
+# What the core takes from the configuration; Toy has no idle timeout.
+SETTINGS = session_core.SessionSettings(domain="toy.test", idle_timeout=None,
+                                        tls_required=False, max_bad_commands=None)
 
 
 class Toy(session_core.LineSession):
@@ -66,7 +74,7 @@ Toy.TRANSITIONS = session_core.transitions(("lock", ("OPEN",), "LOCKED"))
 
 def toy(data, services=None, **kw):
     conn = CountingConnection(data)
-    services = services or types.SimpleNamespace(cfg=types.SimpleNamespace(idle_timeout=0))
+    services = services or types.SimpleNamespace(settings=SETTINGS)
     session = Toy(conn, services, **kw)
     session.run()
     assert conn.closed
@@ -104,8 +112,7 @@ def test_auth_failures_end_the_session_at_the_third_and_count_per_address():
     budget = auth_budget.FailureBudget(allowed=1, max_delay=1)
     stop = threading.Event()
     stop.set()  # the owed delay is a "sleep": cut short, it still happens in order
-    services = types.SimpleNamespace(cfg=types.SimpleNamespace(idle_timeout=0),
-                                     auth_budget=budget, stop_event=stop)
+    services = types.SimpleNamespace(settings=SETTINGS, auth_budget=budget, stop_event=stop)
     lines, _, session = toy(b"LOGIN\r\nLOGIN\r\nLOGIN\r\nSTATE\r\n", services=services)
     assert lines == ["ERR auth", "ERR auth", "ERR auth, bye"]
     assert session.auth_failures == 3
@@ -155,3 +162,22 @@ def test_a_handler_changes_state_only_through_the_transitions_table():
     # From START "lock" does not happen; from OPEN it leads to LOCKED, where
     # CLOSE is out of sequence.
     assert lines == ["OK START", "OK open", "OK LOCKED", "ERR sequence", "OK bye"]
+
+
+def test_settings_are_read_once_and_interpreted_per_protocol():
+    cfg = options.parse(["--spool-dir", "/tmp", "--domain", "", "--idle-timeout", "0"])
+    smtp = smtp_settings.SmtpSettings.from_config(cfg)
+    assert smtp.domain == "localhost" and smtp.idle_timeout is None
+    assert smtp.max_bad_commands is None and smtp.greeting == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        smtp.domain = "x"
+    with pytest.raises(TypeError):
+        smtp.features["dsn"] = False
+    # Without --idle-timeout POP and admin wait 600 s, SMTP the option's default.
+    cfg = options.parse(["--spool-dir", "/tmp", "--max-bad-commands", "3"])
+    assert smtp_settings.SmtpSettings.from_config(cfg).idle_timeout == 60
+    pop = pop_server.PopSettings.from_config(cfg)
+    assert pop.idle_timeout == 600 and pop.max_bad_commands == 3
+    assert admin.AdminSettings.from_config(cfg).idle_timeout == 600
+    cfg = options.parse(["--spool-dir", "/tmp", "--idle-timeout", "5"])
+    assert admin.AdminSettings.from_config(cfg).idle_timeout == 5

@@ -8,7 +8,11 @@ import time
 
 import pytest
 
-from emailrelay.net import connection, session_loop
+from emailrelay.config import options
+from emailrelay.net import call_pool, connection, requests, session_loop
+from emailrelay.runtime import device_waits
+from emailrelay.server import admin, pop_server, smtp_server
+from emailrelay.store import spool
 from helpers import Relay, wait_for
 
 
@@ -35,6 +39,64 @@ def test_many_idle_connections_are_held_without_a_thread_each(tmp_path):
                 s.close()
         wait_for(lambda: len(relay.files(".envelope")) == 1, what="the message")
     assert during - before < 10, (before, during)
+
+
+def test_pop_and_admin_sessions_each_have_a_thread_and_still_work(tmp_path):
+    auth = tmp_path / "pop.auth"
+    auth.write_text("server plain alice secret\n")
+    auth.chmod(0o600)
+    with Relay(tmp_path, ["--pop-auth", str(auth)], pop=True, admin=True) as relay:
+        before = _threads(relay.proc.pid)
+        held = []
+        try:
+            for _ in range(5):
+                pop = socket.create_connection(("127.0.0.1", relay.pop_port), timeout=10)
+                held.append(pop)
+                assert pop.makefile("rb").readline().startswith(b"+OK ")
+                watcher = socket.create_connection(("127.0.0.1", relay.admin_port), timeout=10)
+                held.append(watcher)
+                watcher.sendall(b"pid\r\n")
+                assert watcher.makefile("rb").readline() == b"%d\r\n" % relay.proc.pid
+            during = _threads(relay.proc.pid)
+            # One more of each, served to its end while the others wait.
+            with socket.create_connection(("127.0.0.1", relay.pop_port), timeout=10) as pop:
+                f = pop.makefile("rb")
+                f.readline()
+                pop.sendall(b"USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")
+                assert [f.readline() for _ in range(4)][2] == b"+OK 0 0\r\n"
+            with socket.create_connection(("127.0.0.1", relay.admin_port), timeout=10) as a:
+                a.sendall(b"list\r\nquit\r\n")
+                assert a.makefile("rb").readline() == b"<none>\r\n"
+        finally:
+            for s in held:
+                s.close()
+    # POP and admin sessions block inline (THREAD_ONLY): a thread each.
+    assert during - before >= 10, (before, during)
+
+
+@pytest.mark.parametrize("protocol", ["pop", "admin"])
+def test_the_loop_refuses_a_thread_only_session_and_starts_nothing(protocol):
+    cfg = options.parse(["--pop"])
+    pair = _Pair()
+    loop = session_loop.SessionLoop(name="toy")
+    ended = threading.Event()
+    try:
+        if protocol == "pop":
+            session = pop_server.PopSession(pair.conn, pop_server.PopServices(
+                settings=pop_server.PopSettings.from_config(cfg)))
+        else:
+            session = admin.AdminSession(pair.conn, admin.AdminServices(
+                settings=admin.AdminSettings.from_config(cfg)))
+        with pytest.raises(ValueError, match="thread-only"):
+            loop.add(session, pair.conn, ended.set)
+        pair.theirs.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            pair.theirs.recv(1)    # no greeting: the conversation never started
+        assert not ended.is_set()
+    finally:
+        loop.stop()
+        pair.close()
+    assert not smtp_server.SmtpSession.THREAD_ONLY
 
 
 def test_pipelined_commands_around_a_verifier_get_their_replies_in_order(tmp_path):
@@ -163,20 +225,14 @@ def test_a_client_gone_during_a_slow_filter_costs_no_cpu_meanwhile(tmp_path):
     assert (after - before) / ticks < 0.5, "the server used %.2fs of CPU" % ((after - before) / ticks)
 
 
-_waits = threading.local()
-
-
-def _waited():
-    return getattr(_waits, "seconds", 0.0)
-
-
 class _Jobs:
-    """A toy conversation of "work" requests; records the thread each ran in."""
+    """A toy conversation of calls; records the thread each ran in."""
 
     def __init__(self, conn):
         self.conn = conn
         self.threads = []
 
+    @device_waits.device_bound
     def quick_but_busy(self):
         # Wall time spent on the CPU (as under a tracer, or on a busy
         # machine), but no wait for a device.
@@ -185,18 +241,23 @@ class _Jobs:
             pass
         self.threads.append(threading.current_thread().name)
 
+    @device_waits.device_bound
     def waiting(self):
-        _waits.seconds = _waited() + 2 * session_loop.QUICK
+        device_waits.timed(time.sleep, 2 * session_loop.QUICK)
+        self.threads.append(threading.current_thread().name)
+
+    def unmarked(self):
         self.threads.append(threading.current_thread().name)
 
     def conversation(self):
         for _ in range(3):
-            yield ("work", self.quick_but_busy, (), _waited)
+            yield requests.call(self.quick_but_busy)
         for _ in range(3):
-            yield ("work", self.waiting, (), _waited)
+            yield requests.call(self.waiting)
+        yield requests.call(self.unmarked)
 
 
-def test_work_stays_in_the_loop_thread_unless_it_waits():
+def test_device_bound_calls_stay_in_the_loop_thread_unless_they_wait():
     pair = _Pair()
     loop = session_loop.SessionLoop(name="toy")
     done = threading.Event()
@@ -207,8 +268,18 @@ def test_work_stays_in_the_loop_thread_unless_it_waits():
     finally:
         loop.stop()
         pair.close()
-    # Work is tried in the loop once; what waited then goes to the pool.
-    assert jobs.threads == ["toy loop"] * 4 + ["toy work"] * 2
+    # A device-bound function is tried in the loop once; one that waited
+    # then goes to the pool, and so does every unmarked call.
+    assert jobs.threads == ["toy loop"] * 4 + ["toy work"] * 3
+
+
+def test_a_decorated_commit_is_marked_device_bound(tmp_path):
+    msg = spool.Spool(str(tmp_path)).new_message()
+    try:
+        assert device_waits.is_device_bound(msg.finish)
+        assert not device_waits.is_device_bound(msg.abandon)
+    finally:
+        msg.abandon()
 
 
 class _Call:
@@ -228,7 +299,7 @@ def _workers(name):
 
 
 def test_the_pool_starts_a_thread_for_every_waiting_call_and_ends_idle_ones(monkeypatch):
-    monkeypatch.setattr(session_loop, "IDLE_EXIT", 0.2)
+    monkeypatch.setattr(call_pool, "IDLE_EXIT", 0.2)
     loop = session_loop.SessionLoop(name="burst")
     release = threading.Event()
     pairs = [_Pair() for _ in range(31)]

@@ -11,7 +11,7 @@ import pytest
 
 from emailrelay.store import envelope, spool, spool_message
 from emailrelay.net import connection
-from emailrelay.server import smtp_server
+from emailrelay.server import smtp_params, smtp_server, smtp_settings
 from emailrelay.config import options
 from emailrelay.util import smtp_controls, smtp_syntax
 from emailrelay.util.stats import Stats
@@ -42,8 +42,8 @@ def make_services(tmp_path, **kw):
     names = smtp_server.SmtpServices.__slots__
     cfg_kw = {k: v for k, v in kw.items() if k not in names}
     parts.update({k: v for k, v in kw.items() if k in names})
-    return smtp_server.SmtpServices(cfg=make_cfg(tmp_path, **cfg_kw),
-                                    spool=spool.Spool(str(tmp_path)), **parts)
+    settings = smtp_settings.SmtpSettings.from_config(make_cfg(tmp_path, **cfg_kw))
+    return smtp_server.SmtpServices(settings=settings, spool=spool.Spool(str(tmp_path)), **parts)
 
 
 class CountingConnection(MemoryConnection):
@@ -452,6 +452,24 @@ def test_immediate_forwarding_refusal_is_passed_back(tmp_path):
     out, _, _ = talk(tmp_path, ENVELOPE + b"x\r\n.\r\nQUIT\r\n", trigger=lambda: None,
                      immediate=lambda: handle)
     assert "\r\n550 mailbox unavailable\r\n" in out
+
+
+def test_mail_and_rcpt_arguments_are_read_in_order_and_refused_with_their_reply():
+    features = smtp_settings.SmtpSettings.from_config(make_cfg("/tmp")).features
+    mail = smtp_params.mail("FROM:<a@b> BODY=8BITMIME SIZE=10 AUTH=x", features, 100)
+    assert mail == smtp_params.Mail("a@b", "8bit", "", "", False, "x")
+    for arg, reply, bad in [
+            ("TO:<a@b>", "553 5.5.2 mailbox name not allowed: invalid mail-from command", True),
+            ("FROM:<a@b> SIZE=200 BODY=x", smtp_params.TOO_BIG, False),
+            ("FROM:<a@b> BODY=x SIZE=200", "501 5.5.4 invalid argument", True)]:
+        with pytest.raises(smtp_params.Refused) as e:
+            smtp_params.mail(arg, features, 100)
+        assert (e.value.reply, e.value.bad) == (reply, bad)
+    address, rest = smtp_params.rcpt_path("TO:<c@d> NOTIFY=NEVER", features)
+    assert smtp_params.rcpt_params(address, rest, features, False) == (("NEVER", ""), "c@d")
+    with pytest.raises(smtp_params.Refused) as e:
+        smtp_params.rcpt_path("FROM:<c@d>", features)
+    assert e.value.reply == "550 5.5.2 invalid rcpt-to command" and e.value.bad
 
 
 def test_parse_path():

@@ -3,8 +3,8 @@
 `Client(cfg, client_auth, tls_context)` keeps one connection for a batch:
 `connect()` opens it (through SOCKS 4a when --forward-to names a proxy,
 implicit TLS with --client-tls-connection, STARTTLS with --client-tls, AUTH
-with --client-auth); `send(claim)` sends one claimed message and returns an
-`Outcome`; `quit()` ends the session. Connection-level problems raise
+with --client-auth); `send(claim)` sends one claimed message and returns a
+`replies.Outcome`; `quit()` ends the session. Connection-level problems raise
 `ConnectionFailure`: unreachable, refused, timeouts, a 421 are temporary
 (the message stays queued for a retry); a next hop whose certificate fails
 verification or that refuses ours, or AUTH refused or impossible, is
@@ -23,9 +23,10 @@ dialogue is logged at --verbose in E-MailRelay 2.6's form (`tx>>: "EHLO name"`,
 `rx<<: "250 ..."`, AUTH secrets and content not shown). The content is
 streamed from the content file by `dotstuff` (CRLF line endings, dot
 stuffing, NUL dropped); BINARYMIME goes by BDAT with its exact bytes.
+The commands that open each mail transaction come from `mail_commands`;
+what the replies to them mean for the message, from `replies`.
 """
 
-import os
 import socket
 import ssl
 
@@ -33,7 +34,9 @@ from ..auth import sasl
 from ..net import connection, socks, tls
 from ..runtime import descriptors, log
 from ..store.spool import ContentError
-from ..util import addresses, dotstuff, xtext
+from ..util import addresses, dotstuff
+from . import mail_commands
+from .replies import Outcome, judge, reply_text
 
 BLOCK_SIZE = dotstuff.BLOCK_SIZE
 # Bounds on a reply from the next hop (RFC 5321 4.5.3.1.5 says 512 octets
@@ -51,7 +54,6 @@ CERTIFICATE_ALERTS = frozenset([
     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_REVOKED",
     "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
     "TLSV1_ALERT_UNKNOWN_CA"])
-_BAD_ADDRESS_CHARACTERS = set("\r\n\0<>") | {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
 class ConnectionFailure(Exception):
@@ -64,53 +66,6 @@ class ConnectionFailure(Exception):
     def __init__(self, text, permanent=False):
         super().__init__(text)
         self.permanent = permanent
-
-
-class Outcome:
-    """What happened to one message.
-
-    `ok`: the next hop accepted it (for at least one recipient with
-    --forward-to-some). `code`: the deciding reply code (0 when the failure
-    is ours, such as a missing extension), so 400-499 is a temporary
-    failure. `reason`: reply text or failure reason. `rejected`:
-    [(recipient, reply text)] refused recipients.
-    """
-
-    def __init__(self, ok, code, reason, rejected=()):
-        self.ok = ok
-        self.code = code
-        self.reason = reason
-        self.rejected = list(rejected)
-
-    @property
-    def temporary(self):
-        """True for a 4xx refusal: the message may go later."""
-        return 400 <= self.code < 500
-
-    def __repr__(self):
-        return "Outcome(ok=%r, code=%r, reason=%r, rejected=%r)" % (
-            self.ok, self.code, self.reason, self.rejected)
-
-
-class _Unsendable(Exception):
-    """The message cannot be sent as it is; the text says why."""
-
-
-def address_problem(address):
-    """Why `address` cannot go in MAIL or RCPT (a text), or None when it can."""
-    try:
-        address.encode("utf-8")
-    except UnicodeEncodeError:
-        return "address is not valid UTF-8: <%s>" % log.sanitise(
-            address.encode("utf-8", "surrogateescape"))
-    if _BAD_ADDRESS_CHARACTERS.intersection(address):
-        return "address holds a control character or angle bracket: <%s>" % log.sanitise(address)
-    return None
-
-
-def _reply_text(code, msg):
-    text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
-    return ("%d %s" % (code, " ".join(text.split("\n")))).strip()
 
 
 def _certificate_refused(target, e):
@@ -133,7 +88,9 @@ class Client:
     `ssl.SSLContext` (from `tls.client_context`) or None. `send()` connects
     first if needed, so a batch may start with it. Not thread-safe: one
     thread uses one Client. `has_extn()`, `esmtp_features` and `docmd()`
-    are what `sasl.ClientAuth.authenticate()` uses.
+    are what `sasl.ClientAuth.authenticate()` uses; `has_extn()`, `cfg`,
+    `features` (--client-smtp-config), `target` and `authenticated_as`
+    what `mail_commands` reads.
     """
 
     def __init__(self, cfg, client_auth=None, tls_context=None):
@@ -356,7 +313,7 @@ class Client:
         if not self._skip_greeting:
             code, msg = self.reply()
             if code != 220:
-                raise ConnectionFailure("%s refused the session: %s" % (self.target, _reply_text(code, msg)))
+                raise ConnectionFailure("%s refused the session: %s" % (self.target, reply_text(code, msg)))
         self._hello()
         if self.tls_context is not None and not self.tls and (cfg.client_tls or cfg.client_tls_required):
             if self.has_extn("starttls"):
@@ -396,7 +353,7 @@ class Client:
     def _hello(self):
         code, msg = self.docmd("EHLO", self.ehlo_name)
         if code == 421:
-            raise ConnectionFailure("%s: %s" % (self.target, _reply_text(code, msg)))
+            raise ConnectionFailure("%s: %s" % (self.target, reply_text(code, msg)))
         self.esmtp_features = {}
         if code == 250:
             for line in msg.split(b"\n")[1:]:
@@ -406,12 +363,12 @@ class Client:
             return
         code, msg = self.docmd("HELO", self.ehlo_name)
         if code != 250:
-            raise ConnectionFailure("%s refused HELO: %s" % (self.target, _reply_text(code, msg)))
+            raise ConnectionFailure("%s refused HELO: %s" % (self.target, reply_text(code, msg)))
 
     def _starttls(self):
         code, msg = self.docmd("STARTTLS")
         if code != 220:
-            raise ConnectionFailure("%s refused STARTTLS: %s" % (self.target, _reply_text(code, msg)))
+            raise ConnectionFailure("%s refused STARTTLS: %s" % (self.target, reply_text(code, msg)))
         self._attach(self._wrap(self.sock))
         self._await_verdict()
         self._hello()
@@ -550,98 +507,6 @@ class Client:
             self.close()
             raise ConnectionFailure("connection to %s failed: %s" % (self.target, _describe(e))) from None
 
-    def _mail_params(self, env, size):
-        """The MAIL FROM parameters, or raises _Unsendable."""
-        params = []
-        if self.has_extn("size"):
-            params.append("SIZE=%d" % size)
-        # Without the extension the message fails only in a --client-smtp-config
-        # "strict" mode; otherwise it is sent as it is, as E-MailRelay does.
-        strict = self.features
-        if env.content == "8bit":
-            if self.has_extn("8bitmime"):
-                params.append("BODY=8BITMIME")
-            elif strict["eightbitstrict"]:
-                raise _Unsendable("the message has 8-bit content and %s does not offer "
-                                  "8BITMIME" % self.target)
-        elif env.content == "binarymime":
-            if self._bdat(env):
-                params.append("BODY=BINARYMIME")
-            elif strict["binarymimestrict"]:
-                raise _Unsendable("the message is binary and %s does not offer BINARYMIME "
-                                  "with CHUNKING" % self.target)
-        if env.utf8_mailbox_names:
-            if self.has_extn("smtputf8"):
-                params.append("SMTPUTF8")
-            elif strict["smtputf8strict"]:
-                raise _Unsendable("the message has UTF-8 mailbox names and %s does not offer "
-                                  "SMTPUTF8" % self.target)
-        auth = self._auth_param(env)
-        if auth is not None:
-            params.append("AUTH=" + auth)
-        dsn = self._dsn(env)
-        if dsn is not None:
-            if dsn.ret:
-                params.append("RET=" + dsn.ret)
-            if dsn.envid:
-                params.append("ENVID=" + dsn.envid)
-        return params
-
-    def _dsn(self, env):
-        """The message's RFC 3461 parameters when the next hop offers DSN, else None.
-
-        A next hop without DSN gets none of them (RFC 3461 4: they must not
-        be sent); no delivery status notification is made here either way.
-        """
-        return env.dsn() if self.has_extn("dsn") else None
-
-    def _rcpt_command(self, address, dsn):
-        """`RCPT TO:<address>` with the recipient's NOTIFY and ORCPT when there are any."""
-        notify, orcpt = dsn.recipients.get(address, ("", "")) if dsn is not None else ("", "")
-        return "RCPT TO:<%s>%s%s" % (address, " NOTIFY=" + notify if notify else "",
-                                     " ORCPT=" + orcpt if orcpt else "")
-
-    def _auth_param(self, env):
-        """The MAIL FROM AUTH= value per the MailFromAuthOut rules, or None.
-
-        As E-MailRelay 2.6: only in a session we authenticated (RFC 4954
-        5: the parameter is for an authenticated client), `<>` with
-        --anonymous(=client). Empty MailFromAuthOut: our session's name;
-        `+` or anything not xtext: `<>` (no name); otherwise it is sent as
-        it is.
-        """
-        if not self.authenticated_as:
-            return None
-        if "client" in self.cfg.anonymous_scopes:
-            return "<>"
-        value = (env.mail_from_auth_out or "").strip()
-        if not value:
-            return xtext.encode(self.authenticated_as)
-        if not xtext.valid(value):
-            return "<>"
-        return value
-
-    def _commands(self, claim):
-        """MAIL, RCPT... (and DATA unless BDAT) for a message; raises _Unsendable."""
-        env = claim.envelope
-        for address in [env.from_] + env.to_remote:
-            problem = address_problem(address)
-            if problem is not None:
-                raise _Unsendable("invalid envelope: %s" % problem)
-        size = os.fstat(claim.open_content().fileno()).st_size
-        params = self._mail_params(env, size)
-        commands = ["MAIL FROM:<%s>%s" % (env.from_, "".join(" " + p for p in params))]
-        dsn = self._dsn(env)
-        commands += [self._rcpt_command(r, dsn) for r in env.to_remote]
-        if not self._bdat(env):
-            commands.append("DATA")
-        return commands
-
-    def _bdat(self, env):
-        """True when the message goes with BDAT: binary content, and the server can take it."""
-        return (env.content == "binarymime" and self.has_extn("binarymime")
-                and self.has_extn("chunking"))
-
     def _pipelining(self):
         """True when commands go pipelined: the server offers it and --client-smtp-config allows it."""
         return self.features["pipelining"] and self.has_extn("pipelining")
@@ -649,25 +514,25 @@ class Client:
     def _presend_commands(self, following):
         """The commands to send ahead for `following`, or None when it cannot go ahead."""
         if following is None or not following.envelope.to_remote \
-                or self._bdat(following.envelope) or not self._pipelining():
+                or mail_commands.uses_bdat(self, following.envelope) or not self._pipelining():
             return None
         try:
-            return self._commands(following)
-        except (_Unsendable, ContentError):
+            return mail_commands.commands(self, following)
+        except (mail_commands.Unsendable, ContentError):
             # (The problem shows when that message's turn comes.)
             return None
 
     def _send(self, claim, following):
         env = claim.envelope
-        bdat = self._bdat(env)
+        bdat = mail_commands.uses_bdat(self, env)
         if self._present is not None and self._present[0] is claim:
             commands = self._present[1]
             self._present = None
             replies = [self.reply() for _ in commands]
         else:
             try:
-                commands = self._commands(claim)
-            except _Unsendable as e:
+                commands = mail_commands.commands(self, claim)
+            except mail_commands.Unsendable as e:
                 return Outcome(False, 0, str(e))
             if self._pipelining():
                 self._send_lines(commands)
@@ -681,8 +546,8 @@ class Client:
                         break
         for code, msg in replies:
             if code == 421:
-                raise ConnectionFailure("%s: %s" % (self.target, _reply_text(code, msg)))
-        outcome = self._judge(env, replies, bdat)
+                raise ConnectionFailure("%s: %s" % (self.target, reply_text(code, msg)))
+        outcome = judge(env, replies, bdat, self.cfg.forward_to_some)
         data_started = not bdat and len(replies) == len(commands) and replies[-1][0] == 354
         if outcome is not None:
             if data_started:
@@ -692,7 +557,7 @@ class Client:
             else:
                 self._rset()
             return outcome
-        rejected = [(r, _reply_text(c, m)) for r, (c, m) in zip(env.to_remote, replies[1:])
+        rejected = [(r, reply_text(c, m)) for r, (c, m) in zip(env.to_remote, replies[1:])
                     if c >= 300]
         content = claim.open_content()
         content.seek(0)
@@ -704,41 +569,15 @@ class Client:
             if ahead:
                 self._present = (following, ahead)
         if code == 421:
-            raise ConnectionFailure("%s: %s" % (self.target, _reply_text(code, msg)))
+            raise ConnectionFailure("%s: %s" % (self.target, reply_text(code, msg)))
         if code != 250:
-            return Outcome(False, code, _reply_text(code, msg))
-        return Outcome(True, code, _reply_text(code, msg), rejected)
-
-    def _judge(self, env, replies, bdat):
-        """An Outcome when MAIL/RCPT/DATA replies mean the message fails, else None.
-
-        Refused recipients fail the whole message with E-MailRelay's
-        reasons: `one or more recipients rejected` (or, with
-        --forward-to-some, `all recipients rejected` when none was
-        accepted), followed by each refused recipient and its reply. The
-        code is the highest refusal code, so one 5xx makes it permanent.
-        """
-        code, msg = replies[0]
-        if code >= 300:
-            return Outcome(False, code, _reply_text(code, msg))
-        rcpt_replies = replies[1:1 + len(env.to_remote)]
-        refused = [(r, c, m) for r, (c, m) in zip(env.to_remote, rcpt_replies) if c >= 300]
-        everyone = len(refused) == len(env.to_remote)
-        if refused and (everyone or not self.cfg.forward_to_some):
-            how_many = "all" if everyone and self.cfg.forward_to_some else "one or more"
-            rejected = [(r, _reply_text(c, m)) for r, c, m in refused]
-            return Outcome(False, max(c for _, c, _ in refused),
-                           rejection_reason(how_many, rejected), rejected)
-        if not bdat:
-            code, msg = replies[-1]
-            if code != 354:
-                return Outcome(False, code, _reply_text(code, msg))
-        return None
+            return Outcome(False, code, reply_text(code, msg))
+        return Outcome(True, code, reply_text(code, msg), rejected)
 
     def _rset(self):
         code, msg = self.docmd("RSET")
         if code != 250:
-            raise ConnectionFailure("%s refused RSET: %s" % (self.target, _reply_text(code, msg)))
+            raise ConnectionFailure("%s refused RSET: %s" % (self.target, reply_text(code, msg)))
 
     def _send_data(self, f, ahead=None):
         """Streams the content as DATA, then the `ahead` commands in the same write; returns the reply."""
@@ -781,12 +620,6 @@ class Client:
             if last or code != 250:
                 return code, msg
             block = following
-
-
-def rejection_reason(how_many, rejected):
-    """`<how_many> recipients rejected: <r> reply; ...` for a `.bad` reason."""
-    return "%s recipients rejected: %s" % (
-        how_many, "; ".join("<%s> %s" % (r, text) for r, text in rejected))
 
 
 def _describe(e):

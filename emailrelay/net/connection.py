@@ -315,6 +315,20 @@ def shut_down_from_another_thread(sock):
         dup.close()
 
 
+def answer_and_close(sock, reply):
+    """Sends `reply` (one short line) on a socket just accepted, then closes it.
+
+    Never blocks and never raises: a fresh socket's send buffer takes one
+    line, and a client already gone is nothing to report.
+    """
+    try:
+        sock.setblocking(False)
+        sock.send(reply)
+    except OSError:
+        pass
+    sock.close()
+
+
 def address_pair(addr):
     """(host, port) of a socket address, whatever its family adds."""
     return (addr[0], addr[1])

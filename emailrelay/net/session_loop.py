@@ -3,41 +3,43 @@
 A conversation is a generator (`SmtpSession.conversation()`) written as
 straight-line code. It writes replies through `session.conn` as before
 (`write`, `flush`, `pending`, `unread`, `tls`...), and wherever it would
-block it yields a request instead (`requests`: line, read, call, work,
-sleep, starttls), which its driver answers.
-
-`drive(session, stop_event)` runs a conversation in the calling thread over
-a blocking connection: a session thread, --inetd, --bsmtp and the tests.
+block it yields a request instead (`requests`: line, read, call, sleep,
+starttls), which its driver answers: `SessionLoop` here, or
+`thread_driver.drive` in the calling thread (a session thread, --inetd,
+--bsmtp and the tests).
 
 `SessionLoop` runs every plain-TCP SMTP conversation in one thread, the
 half-sync/half-async pattern: a session waiting for its client costs no
 thread, and the listening sockets are accepted from in the same thread (a
 few connections per turn, so that a flood to refuse cannot starve the
-sessions). "work" that has lately waited little (a commit on tmpfs or a
-disk with a fast cache) is done in the loop thread itself; "call"s (filter
-and verifier programs, DNS block lists, anything that may wait for the
-network) and "work" that waits (fsync on a slow disk) go to a pool
-whose threads are started only as slow calls overlap. What decides is the
-time the work waited, not the time it took: its CPU time has to be spent
-with the GIL wherever it runs, and a tracer or a busy CPU would make
-quick work look slow. The pool may grow to as many threads as the loop
-has sessions (`pool_size`, the listeners' connection budget), and a call
-that has waited GROW_AFTER for a thread gets a new one (the loop's own
-timer sees to it, not only the next call): since a conversation has at
-most one call at a time, no call waits behind the slow calls of other
-sessions, and a policy's timeout counts from when the call was made. A
-session that starts TLS
-moves to a thread of its own (non-blocking TLS is not worth its complexity
-for the few sessions that use it). With one thread doing the protocol work
-for every connection, the GIL changes hands only when work goes to or
-comes back from the pool, not on every system call of twenty session
-threads. Replies are sent before a session waits for more input, so
-pipelining works as in a session thread; the output owed to a client that
-does not read, and the input of one that sends during a call, are bounded
-(`connection.WRITE_HIGH_WATER`, `connection.READ_HIGH_WATER`). Each conversation takes at most TURN requests from its
-buffered input in one pass of the loop, then waits for the next pass: a
-client that pipelines without end gets its turns, and everyone else
-theirs in between.
+sessions). The loop chooses where each call runs. A call of a function
+its owner marked `device_waits.device_bound` (a message's commit: syncs
+and renames) whose device waits have lately been short (tmpfs, a disk
+with a fast cache) runs in the loop thread itself; every other call
+(filter and verifier programs, DNS block lists, anything that may wait
+for the network, and a commit that waits for a slow disk) goes to a pool
+(`call_pool`) whose threads are started only as slow calls overlap. What
+decides is the time the function waited for its device
+(`device_waits.waited`), not the time it took: its CPU time has to be
+spent with the GIL wherever it runs, and a tracer or a busy CPU would
+make quick work look slow. The pool may grow to as many threads as the
+loop has sessions (`pool_size`, the listeners' connection budget), and a
+call that has waited `call_pool.GROW_AFTER` for a thread gets a new one
+(the loop's own timer sees to it, not only the next call): since a
+conversation has at most one call at a time, no call waits behind the
+slow calls of other sessions, and a policy's timeout counts from when
+the call was made. A session that starts TLS moves to a thread of its
+own (non-blocking TLS is not worth its complexity for the few sessions
+that use it). With one thread doing the protocol work for every
+connection, the GIL changes hands only when work goes to or comes back
+from the pool, not on every system call of twenty session threads.
+Replies are sent before a session waits for more input, so pipelining
+works as in a session thread; the output owed to a client that does not
+read, and the input of one that sends during a call, are bounded
+(`connection.WRITE_HIGH_WATER`, `connection.READ_HIGH_WATER`). Each
+conversation takes at most TURN requests from its buffered input in one
+pass of the loop, then waits for the next pass: a client that pipelines
+without end gets its turns, and everyone else theirs in between.
 """
 
 import collections
@@ -47,21 +49,18 @@ import socket
 import threading
 import time
 
-from ..runtime import log
-from . import connection, requests
+from ..runtime import device_waits, log
+from . import call_pool, connection, requests, thread_driver
 
-# Most worker threads for "call" requests when the loop is not told its
-# session budget (the default --max-connections).
+# Most worker threads for calls when the loop is not told its session
+# budget (the default --max-connections).
 POOL_SIZE = 200
-# Seconds a call may wait for a busy worker before another worker starts.
-GROW_AFTER = 0.001
-# Seconds a worker stays idle before it ends (a burst of slow calls leaves
-# no lasting crowd of threads).
-IDLE_EXIT = 60.0
-# "work" that has lately waited less than this many seconds is done in the
-# loop thread itself: handing it to the pool and back costs more.
+# A device-bound call that has lately waited less than this many seconds
+# for its device runs in the loop thread itself: handing it to the pool
+# and back costs more.
 QUICK = 0.0005
-# Times slow "work" goes to the pool between two tries in the loop thread.
+# Times a slow device-bound call goes to the pool between two tries in the
+# loop thread.
 PROBE_EVERY = 256
 # Seconds between looks for conversations whose client has been idle too long.
 SWEEP_INTERVAL = 0.5
@@ -74,55 +73,6 @@ SWEEP_INTERVAL = 0.5
 TURN = 8
 # What `SessionLoop._input` gives for a conversation whose turn is over.
 _PARKED = object()
-
-
-def drive(session, stop_event=None):
-    """Runs `session.conversation()` to its end in this thread, then closes its connection.
-
-    Requests are served by blocking calls on `session.conn`; a "sleep" ends
-    early when `stop_event` is set.
-    """
-    _drive(session, session.conversation(), None, stop_event)
-
-
-def _drive(session, gen, request, stop_event):
-    value = exc = None
-    try:
-        while True:
-            if request is not None:
-                value = exc = None
-                try:
-                    value = _serve(session.conn, request, stop_event)
-                except Exception as e:
-                    exc = e
-            try:
-                request = gen.throw(exc) if exc is not None else gen.send(value)
-            except StopIteration:
-                return
-            value = exc = None
-    finally:
-        gen.close()
-        session.conn.close()
-
-
-def _serve(conn, request, stop_event):
-    kind = request[0]
-    if kind == requests.LINE:
-        return conn.readline(request[1])
-    if kind == requests.READ:
-        return conn.read(request[1])
-    if kind == requests.CALL or kind == requests.WORK:
-        return request[1](*request[2])
-    if kind == requests.SLEEP:
-        if stop_event is not None:
-            stop_event.wait(request[1])
-        else:
-            time.sleep(request[1])
-        return None
-    if kind == requests.STARTTLS:
-        conn.starttls(request[1])
-        return None
-    raise ValueError("unknown conversation request %r" % (kind,))
 
 
 class LoopConnection(connection.Connection):
@@ -248,7 +198,7 @@ class SessionLoop:
         self._parked = collections.deque()  # (entry, token): turns over, resumed next pass
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL
         self._stopping = False
-        self._pool = _Pool(pool_size, "%s work" % name)
+        self._pool = call_pool.CallPool(pool_size, "%s work" % name)
         self._grow_at = None                 # when queued calls may need another worker
         self._thread = threading.Thread(target=self._run, name="%s loop" % name, daemon=True)
         self._thread.start()
@@ -256,7 +206,15 @@ class SessionLoop:
     # -- other threads ---------------------------------------------------
 
     def add(self, session, conn, done):
-        """Starts `session.conversation()` in the loop (from any thread)."""
+        """Starts `session.conversation()` in the loop (from any thread).
+
+        Raises ValueError, and starts nothing, for a session whose class
+        declares THREAD_ONLY true (`server.session_core.LineSession`): its
+        handlers block inline, which would stop every conversation here.
+        """
+        if getattr(session, "THREAD_ONLY", False):
+            raise ValueError("%s is thread-only: the session loop cannot serve it"
+                             % type(session).__name__)
         entry = _Entry(session, None, conn, done)
         if threading.get_ident() == self._thread.ident:
             self._start(entry)
@@ -301,10 +259,10 @@ class SessionLoop:
         self._wake()
 
     def _here(self, key):
-        """True when "work" `key` should be done in the loop thread (see QUICK).
+        """True when a call of device-bound function `key` should run in the loop thread (see QUICK).
 
-        Work never seen is tried here once; work found to wait goes to the
-        pool, and is tried here again every PROBE_EVERY times in case it
+        A function never seen is tried here once; one found to wait goes to
+        the pool, and is tried here again every PROBE_EVERY times in case it
         has become quick (the disk is idle again, say). Waits are measured
         only here: in the pool they would include waits for the GIL.
         """
@@ -483,18 +441,17 @@ class SessionLoop:
                     continue
                 self._pump(entry)
                 return
-            if kind == requests.CALL or kind == requests.WORK:
+            if kind == requests.CALL:
                 conn.flush()
                 fn = request[1]
                 key = getattr(fn, "__func__", fn)
-                if kind == requests.WORK and self._here(key):
-                    waited = request[3]
-                    before = waited()
+                if device_waits.is_device_bound(fn) and self._here(key):
+                    before = device_waits.waited()
                     try:
                         value = fn(*request[2])
                     except Exception as e:
                         exc = e
-                    self._learn(key, waited() - before)
+                    self._learn(key, device_waits.waited() - before)
                     continue
                 # The socket stays registered: input that arrives meanwhile
                 # is buffered (up to READ_HIGH_WATER, see _pump).
@@ -647,7 +604,7 @@ class SessionLoop:
 
     def _threaded(self, entry, request):
         try:
-            _drive(entry.session, entry.gen, request, self._stop_event)
+            thread_driver.drive_from(entry.session, entry.gen, request, self._stop_event)
         except Exception as e:
             log.error("%s: session failed: %s: %s" % (self._name, type(e).__name__, e))
         finally:
@@ -673,115 +630,3 @@ class SessionLoop:
             entry.done()
         except Exception as e:
             log.error("%s: after-session action failed: %s" % (self._name, e))
-
-
-class _Pool:
-    """Threads for "call" requests, as few as the work needs and as many as it waits for.
-
-    One thread serves calls in order while they are quick (a commit on
-    tmpfs or a fast disk, a cached verifier answer): fewer threads than
-    sessions is what keeps the GIL from changing hands on every system
-    call. A call that finds no idle thread starts one when the newest call
-    began GROW_AFTER ago or more; otherwise it waits, and `submit` says by
-    when the loop must call `grow`, which starts a thread for every call
-    that has waited GROW_AFTER, up to `size`. So slow calls (a filter, a
-    DNS block list that does not answer) each get a thread within about
-    GROW_AFTER, however many arrive at once. A thread idle for IDLE_EXIT
-    ends.
-    """
-
-    def __init__(self, size, name):
-        self._size = size
-        self._name = name
-        self._cond = threading.Condition(threading.Lock())
-        self._queue = collections.deque()   # (entry, fn, args, reply, when queued)
-        self._newest = 0.0                  # when the latest call (or thread) started
-        self._threads = 0
-        self._idle = 0          # threads waiting for a call (some perhaps already woken)
-        self._starting = 0      # threads started that have not yet looked at the queue
-
-    def submit(self, entry, fn, args, reply):
-        """Runs fn(*args) in a pool thread, then reply(entry, result, exception).
-
-        Returns None, or the monotonic time by which `grow` should be
-        called because the call waits for a thread.
-        """
-        now = time.monotonic()
-        with self._cond:
-            self._queue.append((entry, fn, args, reply, now))
-            # Each idle or starting thread takes one queued call.
-            if self._idle + self._starting >= len(self._queue):
-                self._cond.notify()
-                return None
-            if self._threads >= self._size:
-                return None
-            if self._threads and now - self._newest < GROW_AFTER:
-                return now + GROW_AFTER
-            self._add(1)
-        self._start(1)
-        return None
-
-    def grow(self, now):
-        """Starts a thread for each call that has waited GROW_AFTER for one.
-
-        Returns when to call again (a call is still waiting), or None.
-        """
-        with self._cond:
-            queue = self._queue
-            covered = self._idle + self._starting
-            limit = now - GROW_AFTER
-            overdue = 0
-            for item in queue:
-                if item[4] > limit:
-                    break
-                overdue += 1
-            more = max(0, min(overdue - covered, self._size - self._threads))
-            self._add(more)
-            covered += more
-            due = None
-            if len(queue) > covered and self._threads < self._size:
-                due = queue[covered][4] + GROW_AFTER
-        self._start(more)
-        return due
-
-    def _add(self, count):
-        """Counts `count` threads about to start (with the lock held)."""
-        if count:
-            self._threads += count
-            self._starting += count
-            self._newest = time.monotonic()
-
-    def _start(self, count):
-        for _ in range(count):
-            try:
-                threading.Thread(target=self._work, name=self._name, daemon=True).start()
-            except RuntimeError as e:
-                # Out of threads: the call waits for a running one.
-                log.error("%s: cannot start a thread: %s" % (self._name, e))
-                with self._cond:
-                    self._threads -= 1
-                    self._starting -= 1
-
-    def _work(self):
-        starting = True
-        while True:
-            with self._cond:
-                if starting:
-                    # In the same hold as going idle or taking a call, so
-                    # that `submit` never sees this thread as neither.
-                    self._starting -= 1
-                    starting = False
-                while not self._queue:
-                    self._idle += 1
-                    woken = self._cond.wait(IDLE_EXIT)
-                    self._idle -= 1
-                    if not woken and not self._queue:
-                        self._threads -= 1
-                        return
-                entry, fn, args, reply, _ = self._queue.popleft()
-                self._newest = time.monotonic()
-            try:
-                result, exc = fn(*args), None
-            except Exception as e:
-                result, exc = None, e
-            reply(entry, result, exc)

@@ -28,9 +28,11 @@ gets syslog lines too, and writing both would show every line twice.
 also go to stderr, without a timestamp, even with --log-file.
 
 After --user, a log file is reopened (SIGHUP, a new day's name) in a root
-window, and a file it creates gets the owner, group and mode of the file
-first opened at start-up; a log file that cannot be reopened is reported on
-stderr and syslog.
+window (the `root_window` given to `configure`: `process.privileged`, so
+that this module, which `process` logs through, does not import it), and
+a file it creates gets the owner, group and mode of the file first opened
+at start-up; a log file that cannot be reopened is reported on stderr and
+syslog.
 
 Every message is sanitised before it is written (see `sanitise`), so text
 from the network cannot forge log lines or send escape sequences to a
@@ -38,6 +40,7 @@ terminal. The caller never has to remember: modules may still call
 `sanitise` themselves, it is idempotent.
 """
 
+import contextlib
 import os
 import stat
 import sys
@@ -45,7 +48,6 @@ import syslog
 import threading
 import time
 
-from . import process
 
 _LEVELS = {"error": 0, "warning": 1, "info": 2, "verbose": 3, "debug": 4}
 _SYSLOG_PRIORITY = {"error": "LOG_ERR", "warning": "LOG_WARNING", "info": "LOG_INFO",
@@ -95,6 +97,7 @@ class _State:
         self.stderr_is_journal = False
         self.file_pattern = None
         self.syslog_facility = None
+        self.root_window = contextlib.nullcontext
 
 
 _lock = threading.RLock()
@@ -113,13 +116,16 @@ _syslog = None      # the syslog module once opened
 SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog", "/var/run/log")
 
 
-def configure(cfg):
+def configure(cfg, root_window=contextlib.nullcontext):
     """Sets up logging from the options (--log, --verbose, --debug, ...).
 
+    `root_window()` is a context manager in which a log file is opened
+    (`process.privileged` in a program that may drop root with --user).
     Opens the log file at once so a bad --log-file path is an error at
     start-up (OSError), not a silent loss of logs later.
     """
     state = _State()
+    state.root_window = root_window
     if cfg.debug:
         state.max_level = _LEVELS["debug"]
     elif cfg.log:
@@ -248,7 +254,7 @@ def _open_file(path):
     # Appending whole lines with one unbuffered write keeps lines intact
     # even when another process logs to the same file.
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-    with process.privileged():
+    with _state.root_window():
         if _file_owner is None:
             fd = os.open(path, flags, 0o666)
         else:

@@ -19,6 +19,7 @@ no timeout from then on. Admin connections have their own connection budget
 (see net.listeners.Server), so idle ones never lock out SMTP or POP clients.
 """
 
+import dataclasses
 import os
 import threading
 
@@ -33,23 +34,46 @@ ADMIN_IDLE_TIMEOUT = 600
 READY = "READY"
 
 
-class AdminServices(parts.Parts):
-    """What an admin session uses: `cfg`, `spool`, `stats`, `flush` (a pass,
-    waited for: (ok, text)) and `trigger` (a pass, not waited for), both
-    None without --forward-to, `events` (or None), `listeners` (gives
-    ((kind, address) pairs, live sessions, counters); None when not serving)
-    and `stop_event` (set by terminate)."""
+@dataclasses.dataclass(frozen=True)
+class AdminSettings(session_core.SessionSettings):
+    """What every admin session takes from the configuration, read once per process.
 
-    __slots__ = ("cfg", "spool", "stats", "flush", "trigger", "events", "listeners",
+    Besides the core's (idle timeout ADMIN_IDLE_TIMEOUT unless
+    --idle-timeout is given): `forward_to` (--forward-to, '' when not
+    given, for `status`) and `terminate` (--admin-terminate).
+    """
+
+    forward_to: str
+    terminate: bool
+
+    IDLE_TIMEOUT = ADMIN_IDLE_TIMEOUT
+
+    @classmethod
+    def from_config(cls, cfg):
+        return super().from_config(cfg, forward_to=cfg.forward_to or "",
+                                   terminate=bool(cfg.admin_terminate))
+
+
+class AdminServices(parts.Parts):
+    """What an admin session uses: `settings` (`AdminSettings`), `spool`,
+    `stats`, `flush` (a pass, waited for: (ok, text)) and `trigger` (a
+    pass, not waited for), both None without --forward-to, `events` (or
+    None), `listeners` (gives ((kind, address) pairs, live sessions,
+    counters); None when not serving) and `stop_event` (set by terminate)."""
+
+    __slots__ = ("settings", "spool", "stats", "flush", "trigger", "events", "listeners",
                  "stop_event")
 
 
 class AdminSession(session_core.LineSession):
-    """One admin connection; see the module docstring."""
+    """One admin connection; see the module docstring.
+
+    Thread-only: spool listings block inline, and `notify` writes from a thread.
+    """
 
     PROTOCOL = "admin"
+    THREAD_ONLY = True
     COMMAND_LIMIT = 1000
-    IDLE_TIMEOUT = ADMIN_IDLE_TIMEOUT
     TOO_LONG = "error: line too long"
 
     def __init__(self, conn, services):
@@ -145,8 +169,8 @@ class AdminSession(session_core.LineSession):
         stats = self.services.stats
         lines += ["%s: %s" % item for item in sorted(stats.snapshot().items()
                                                      if stats is not None else ())]
-        if self.cfg.forward_to:
-            lines.append("forward-to: %s" % self.cfg.forward_to)
+        if self.settings.forward_to:
+            lines.append("forward-to: %s" % self.settings.forward_to)
         self._answer(lines or ["<none>"])
 
     def admin_notify(self, arg):
@@ -168,7 +192,7 @@ class AdminSession(session_core.LineSession):
         """Ends the session (the table's next state), answering nothing."""
 
     def admin_terminate(self, arg):
-        if not self.cfg.admin_terminate:
+        if not self.settings.terminate:
             self._answer("error: terminate is disabled (see --admin-terminate)")
             return
         log.info("admin: terminate command")

@@ -28,6 +28,7 @@ What callers and users may rely on:
   third in a session closes it.
 """
 
+import dataclasses
 import errno
 import hashlib
 import hmac
@@ -58,30 +59,52 @@ IMPLEMENTATION = "emailrelay-python"
 _banner_counter = itertools.count(1)
 
 
-class PopServices(parts.Parts):
-    """What a POP session uses: `cfg`, `spool` (a spool.Spool), `pop_auth`
-    (a sasl.ServerAuth, or None: nobody can log in; APOP needs a plain
-    secret from its `secrets()`), `tls_context` (None: no STLS),
-    `auth_budget` (or None) and `stop_event` (or None)."""
+@dataclasses.dataclass(frozen=True)
+class PopSettings(session_core.SessionSettings):
+    """What every POP session takes from the configuration, read once per process.
 
-    __slots__ = ("cfg", "spool", "pop_auth", "tls_context", "auth_budget", "stop_event")
+    Besides the core's (idle timeout RFC_IDLE_TIMEOUT unless --idle-timeout
+    is given): `spool_dir`, `by_name` (--pop-by-name: each user's
+    maildrop is a spool subdirectory) and `no_delete` (--pop-no-delete).
+    """
+
+    spool_dir: str
+    by_name: bool
+    no_delete: bool
+
+    IDLE_TIMEOUT = RFC_IDLE_TIMEOUT
+
+    @classmethod
+    def from_config(cls, cfg):
+        return super().from_config(cfg, spool_dir=cfg.spool_dir, by_name=bool(cfg.pop_by_name),
+                                   no_delete=bool(cfg.pop_no_delete))
+
+
+class PopServices(parts.Parts):
+    """What a POP session uses: `settings` (`PopSettings`), `spool` (a
+    spool.Spool), `pop_auth` (a sasl.ServerAuth, or None: nobody can log
+    in; APOP needs a plain secret from its `secrets()`), `tls_context`
+    (None: no STLS), `auth_budget` (or None) and `stop_event` (or None)."""
+
+    __slots__ = ("settings", "spool", "pop_auth", "tls_context", "auth_budget", "stop_event")
 
 
 class PopSession(session_core.LineSession):
-    """One POP3 connection from greeting to close (see the module docstring)."""
+    """One POP3 connection from greeting to close (see the module docstring).
+
+    Thread-only: the maildrop's lock, reads and deletes block inline.
+    """
 
     PROTOCOL = "pop"
+    THREAD_ONLY = True
     COMMAND_LIMIT = COMMAND_LIMIT
-    IDLE_TIMEOUT = RFC_IDLE_TIMEOUT
     TOO_LONG = "-ERR line too long"
 
     def __init__(self, conn, services):
-        cfg = services.cfg
         super().__init__(conn, services, AUTHORIZATION, session_core.BadBudget(
-            cfg.max_bad_commands or BAD_COMMAND_LIMIT,
+            services.settings.max_bad_commands or BAD_COMMAND_LIMIT,
             "-ERR too many bad commands, closing connection",
             "pop: too many bad commands, closing"))
-        self.domain = cfg.domain or "localhost"
         self.banner = "<%d.%d.%d@%s>" % (os.getpid(), next(_banner_counter),
                                          int(time.time()), self.domain)
         self.user = None          # the name given by USER, waiting for PASS
@@ -267,8 +290,9 @@ class PopSession(session_core.LineSession):
     def _login(self, user):
         """Opens the user's maildrop; False after an -ERR reply."""
         try:
-            directory = maildrop_directory(self.cfg.spool_dir, user, self.cfg.pop_by_name)
-            self.maildrop = Maildrop(self.services.spool, directory, self.cfg.pop_by_name)
+            settings = self.settings
+            directory = maildrop_directory(settings.spool_dir, user, settings.by_name)
+            self.maildrop = Maildrop(self.services.spool, directory, settings.by_name)
         except MaildropError as e:
             log.warning("pop: cannot open maildrop for %s: %s" % (log.sanitise(user), e.text),
                         peer=self.peer)
@@ -289,7 +313,7 @@ class PopSession(session_core.LineSession):
             return
         self.event("update")
         marked = [m for m in self.maildrop.messages if m.deleted]
-        if self.cfg.pop_no_delete:
+        if self.settings.no_delete:
             if marked:
                 log.info("pop: %s: %d messages kept (--pop-no-delete)"
                          % (log.sanitise(self.authenticated), len(marked)), peer=self.peer)

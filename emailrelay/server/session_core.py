@@ -27,14 +27,20 @@ The core owns everything else the three share:
   (`start_tls`), after which the protocol's `reset_after_tls` forgets what
   the session learnt before the handshake (RFC 3207 4.2, RFC 2595 4).
 
+A session is given `services.settings`, never the configuration: a frozen
+`SessionSettings` (or a protocol's subclass of it) made once per process by
+`from_config`, with every value already interpreted.
+
 Handlers are plain methods taking the command's argument; one that must
 wait (for input, a program, the disk) is a generator making `session_loop`
 requests. `Drop` ends a session from anywhere, after the queued replies.
 """
 
 import collections
+import dataclasses
+from typing import Optional
 
-from ..net import connection, requests, session_loop
+from ..net import connection, requests, thread_driver
 from ..runtime import log
 
 DONE = "DONE"
@@ -83,6 +89,44 @@ class BadBudget(collections.namedtuple("BadBudget", "limit last_reply warning"))
     """
 
 
+@dataclasses.dataclass(frozen=True)
+class SessionSettings:
+    """What the session core takes from the configuration, read once per process.
+
+    `domain` (--domain; "localhost" when it is empty), `idle_timeout`
+    (seconds a client may be idle, None for no limit: --idle-timeout when
+    given, else the class's `IDLE_TIMEOUT`, else the option's default),
+    `tls_required` (--server-tls-required) and `max_bad_commands`
+    (--max-bad-commands, None when not given: each protocol has its own
+    rule then). A protocol's settings subclass this and add their fields.
+    """
+
+    domain: str
+    idle_timeout: Optional[float]
+    tls_required: bool
+    max_bad_commands: Optional[int]
+
+    # Seconds a client may be idle unless --idle-timeout is given (None:
+    # the option's value, given or not).
+    IDLE_TIMEOUT = None
+
+    @classmethod
+    def from_config(cls, cfg, **fields):
+        """The settings read from `cfg`; `fields` are a subclass's own, already worked out.
+
+        `cfg` is the read-only Config, or anything with its attributes and
+        `given` (the server layer does not import `config.options`).
+        """
+        idle = cfg.idle_timeout
+        if cls.IDLE_TIMEOUT is not None and not cfg.given("idle-timeout"):
+            idle = cls.IDLE_TIMEOUT
+        return cls(domain=cfg.domain or "localhost",
+                   idle_timeout=idle or None,   # 0: no timeout
+                   tls_required=bool(cfg.server_tls_required),
+                   max_bad_commands=cfg.max_bad_commands if cfg.given("max-bad-commands")
+                   else None, **fields)
+
+
 class LineSession:
     """One line-based server conversation over `conn`; see the module docstring.
 
@@ -90,9 +134,13 @@ class LineSession:
     `transitions()`: the state changes its handlers ask for with `event`),
     `PROTOCOL` (the log prefix),
     `COMMAND_LIMIT` and `TOO_LONG` (the reply to an over-long line), and
-    `NOT_UTF8` and `IDLE_TIMEOUT` if it needs them, and may override the
-    hooks below. After the conversation, `error_replies` is the number of
-    error replies sent.
+    `NOT_UTF8` if it needs it, and may override the hooks below. A
+    protocol whose handlers block inline (file I/O, waits) instead of
+    yielding requests sets `THREAD_ONLY`: it is served by `run()` in a
+    thread of its own, and `SessionLoop.add` refuses it.
+    `services.settings` is a `SessionSettings`; the session keeps it as
+    `settings`, and its `domain`. After the conversation, `error_replies`
+    is the number of error replies sent.
     """
 
     COMMANDS = {}
@@ -103,14 +151,15 @@ class LineSession:
     # None: command lines are decoded with surrogateescape; else the reply
     # (a bad command) to a line that is not UTF-8.
     NOT_UTF8 = None
-    # Seconds a client may be idle unless --idle-timeout is given (None:
-    # the option's value, given or not).
-    IDLE_TIMEOUT = None
+    # True: the handlers block the thread they run in, so the session runs
+    # in a thread of its own (`run()`), never in the session loop.
+    THREAD_ONLY = False
 
     def __init__(self, conn, services, state, bad_budget):
         self.conn = conn
         self.services = services
-        self.cfg = services.cfg
+        self.settings = services.settings
+        self.domain = self.settings.domain
         self.peer = "%s:%s" % tuple(conn.peer[:2])
         self.peer_ip = conn.peer[0]
         self.state = state
@@ -126,10 +175,8 @@ class LineSession:
     # ----- hooks a protocol may override ------------------------------
 
     def idle_timeout(self):
-        """Seconds the client may be idle (None: no limit); see IDLE_TIMEOUT."""
-        if self.IDLE_TIMEOUT is None or self.cfg.given("idle-timeout"):
-            return self.cfg.idle_timeout or None  # 0: no timeout
-        return self.IDLE_TIMEOUT
+        """Seconds the client may be idle (None: no limit); see SessionSettings."""
+        return self.settings.idle_timeout
 
     def opening(self):
         """Queues the greeting (a generator, so it may wait; may raise Drop)."""
@@ -197,7 +244,7 @@ class LineSession:
 
     def run(self):
         """Runs the whole conversation in this thread over a blocking connection."""
-        session_loop.drive(self, getattr(self.services, "stop_event", None))
+        thread_driver.drive(self, getattr(self.services, "stop_event", None))
 
     def conversation(self):
         """The session as a `session_loop` conversation (a generator); never raises."""
@@ -358,7 +405,7 @@ class LineSession:
 
     def tls_missing(self):
         """True while --server-tls-required and the connection is not encrypted."""
-        return bool(self.cfg.server_tls_required) and not self.conn.tls
+        return self.settings.tls_required and not self.conn.tls
 
     def sasl_exchange(self, exchange, prompt, limit, too_long):
         """Runs a `sasl.SaslExchange` to its outcome (a generator).

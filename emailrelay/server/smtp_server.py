@@ -4,7 +4,11 @@
 a `MemoryConnection` in tests) until the client quits or goes away, and
 stores each accepted message in the spool durably before replying `250`;
 `conversation()` is the same session for the session loop. `services` is
-an `SmtpServices`.
+an `SmtpServices`, whose `settings` (`smtp_settings.SmtpSettings`) are
+all the session takes from the configuration. Storing a message (spool
+files, Received line, envelope, filters, --immediate) is
+`smtp_message.MessageIntake`'s: the session gathers the transaction and
+hands it over at the end of the text.
 
 The session is a `session_core.LineSession`: reading, the reply queue,
 dispatch, the budgets, SASL and STARTTLS are the core's. `COMMANDS` is the
@@ -26,22 +30,20 @@ pipelined clients fast. Message text must keep up --min-data-rate
 Replies are written with RFC 3463 enhanced status codes; unless
 `--server-smtp-config +enhancedstatuscodes` is given they are taken out as
 they are queued, so that the default replies are E-MailRelay 2.6's, word
-for word. Message text is read by `smtp_text` in large blocks
-and command syntax is parsed by `smtp_syntax`.
+for word (`smtp_settings.plain_reply`). Message text is read by `smtp_text`
+in large blocks, and MAIL and RCPT arguments by `smtp_params`.
 """
-
-import errno
-import os
-import re
 
 from .. import __version__
 from ..auth import sasl
 from ..net import requests
 from ..runtime import log
-from ..store import envelope, spool
-from ..util import parts, smtp_controls, smtp_syntax
-from ..util.smtp_syntax import parse_params, parse_path, rfc5322_date, to_alabels
-from . import session_core, smtp_text
+from ..util import parts, smtp_controls
+from ..util.smtp_syntax import parse_path, rfc5322_date
+from . import session_core, smtp_message, smtp_params, smtp_text
+from .smtp_message import NO_STORAGE
+from .smtp_params import TOO_BIG
+from .smtp_settings import plain_reply
 
 START, GREETED, MAIL, RCPT, BDAT = "START", "GREETED", "MAIL", "RCPT", "BDAT"
 DONE = session_core.DONE
@@ -50,77 +52,27 @@ COMMAND_LIMIT = 512     # RFC 5321 4.5.3.1.4, including CRLF
 AUTH_LINE_LIMIT = 12288  # RFC 4954 4: AUTH responses may be long
 # E-MailRelay drops a client at its 8th protocol error, without a reply.
 PROTOCOL_ERROR_LIMIT = 8
-# An enhanced code after the reply code, followed by text or by the end of
-# the line (an empty line of a multi-line reply).
-_ENHANCED_CODE = re.compile(r"^(\d{3}[ -])\d\.\d{1,3}\.\d{1,3}(?: |(?=\r|$))", re.M)
 OUT_OF_SEQUENCE = "503 5.5.1 command out of sequence -- use RSET to resynchronise"
-NO_STORAGE = "452 4.3.1 insufficient system storage"
-TOO_BIG = "552 5.3.4 message size exceeds fixed maximum message size"
-
-
-def plain_reply(text):
-    """`text` (one reply, perhaps multi-line) without its RFC 3463 enhanced codes.
-
-    The default replies are E-MailRelay's, which has none; replies sent
-    outside a session (the busy and refusal texts) use this too.
-    """
-    if text[5:6] != ".":
-        return text
-    if "\n" not in text and text[4:5].isdigit():
-        # The common case, one line: "250 2.1.5 text" -> "250 text".
-        i = text.find(" ", 5)
-        return text[:4] + (text[i + 1:] if i > 0 else "")
-    return _ENHANCED_CODE.sub(r"\1", text)
-
-
-def reply_bytes(cfg, text):
-    """A one-off reply line as sent on the wire, enhanced codes only if configured."""
-    if not cfg.server_features["enhancedstatuscodes"]:
-        text = plain_reply(text)
-    return (text + "\r\n").encode("ascii")
 
 
 class SmtpServices(parts.Parts):
     """What an SMTP session uses.
 
-    `cfg`; `spool` (spool.Spool); `filters` (list) and `verifier` (or
-    None); `server_auth` (sasl.ServerAuth or None) and `auth_budget` (or
-    None); `tls_context` (server side, or None: no STARTTLS); `trigger`
-    (starts a forwarding pass, for ETRN; None without --forward-to);
-    `rescan` (the same after a --filter exited 103); `immediate` (returns a
-    handle whose `forward(msg_id)` forwards one message now and `close()`;
-    None unless --immediate); `stats` (stats.Stats or None); `dnsbl`,
-    `load_guard` (or None); `help_text` (lines for HELP); `stop_event`;
-    `settings` (`Settings`, worked out from `cfg` once when not given).
+    `settings` (`smtp_settings.SmtpSettings`); `spool` (spool.Spool);
+    `filters` (list) and `verifier` (or None); `server_auth`
+    (sasl.ServerAuth or None) and `auth_budget` (or None); `tls_context`
+    (server side, or None: no STARTTLS); `trigger` (starts a forwarding
+    pass, for ETRN; None without --forward-to); `rescan` (the same after a
+    --filter exited 103); `immediate` (returns a handle whose
+    `forward(msg_id)` forwards one message now and `close()`; None unless
+    --immediate); `stats` (stats.Stats or None); `dnsbl`, `load_guard` (or
+    None); `help_text` (lines for HELP); `stop_event`.
     """
 
-    __slots__ = ("cfg", "spool", "filters", "verifier", "server_auth", "auth_budget",
+    __slots__ = ("settings", "spool", "filters", "verifier", "server_auth", "auth_budget",
                  "tls_context", "trigger", "rescan", "immediate", "stats", "dnsbl",
-                 "load_guard", "help_text", "stop_event", "settings")
+                 "load_guard", "help_text", "stop_event")
     LISTS = ("filters", "help_text")
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        if self.settings is None and self.cfg is not None:
-            self.settings = Settings(self.cfg)
-
-
-class Settings:
-    """What every SMTP session takes from the configuration, parsed once.
-
-    `features` (--server-smtp-config), `enhanced`, `anonymous` (scopes),
-    `tarpit` ((initial, exponent, limit) or None) and `emailrelay_limit`:
-    True for E-MailRelay's limit of PROTOCOL_ERROR_LIMIT errors, False when
-    --max-bad-commands was given.
-    """
-
-    def __init__(self, cfg):
-        self.features = cfg.server_features
-        self.enhanced = self.features["enhancedstatuscodes"]
-        self.anonymous = cfg.anonymous_scopes
-        self.tarpit = cfg.tarpit_steps
-        given = getattr(cfg, "given", None)
-        self.emailrelay_limit = not (given is None or given("max-bad-commands"))
 
 
 class SmtpSession(session_core.LineSession):
@@ -139,31 +91,27 @@ class SmtpSession(session_core.LineSession):
     NOT_UTF8 = "500 5.5.2 invalid character in command"
 
     def __init__(self, conn, services):
-        cfg = services.cfg
         settings = services.settings
-        self.domain = cfg.domain or "localhost"
-        if settings.emailrelay_limit:
+        if settings.max_bad_commands is None:
             # E-MailRelay drops the client at its 8th error, after the reply.
             budget = session_core.BadBudget(
                 PROTOCOL_ERROR_LIMIT, None,
                 "smtp: too many protocol errors from the client: dropping the connection")
         else:
             budget = session_core.BadBudget(
-                cfg.max_bad_commands, "421 4.7.0 %s too many errors, closing connection"
-                % self.domain, "smtp: too many bad commands from %s" % conn.peer[0])
+                settings.max_bad_commands, "421 4.7.0 %s too many errors, closing connection"
+                % settings.domain, "smtp: too many bad commands from %s" % conn.peer[0])
         super().__init__(conn, services, START, budget)
         self.anonymous = settings.anonymous
         self.features = settings.features
         self.enhanced = settings.enhanced
-        self.size_limit = cfg.size or 0
+        self.size_limit = settings.size
         self.helo = None
         self.esmtp = False
         self.auth_user = None
         self.auth_mech = None
-        # --immediate: this session's handle on the forwarding thread.
-        self._immediate = None
-        # A --filter exited 103: rescan once the message is committed.
-        self._rescan = False
+        # Takes each message into the spool, from DATA or BDAT to its reply.
+        self.intake = smtp_message.MessageIntake(services, self.peer, self.peer_ip)
         self.tarpit = smtp_controls.Tarpit(*settings.tarpit) if settings.tarpit else None
         # The block-list refusal that every RCPT gets (rcpt-dns-rbl), or None.
         self._rcpt_refusal = None
@@ -196,9 +144,7 @@ class SmtpSession(session_core.LineSession):
         self.reply("421 4.3.0 %s internal error, closing connection" % self.domain)
 
     def closing(self):
-        self._discard_message()
-        if self._immediate is not None:
-            self._immediate.close()
+        self.intake.close()
 
     def is_error(self, text):
         return text[:1] in "45"
@@ -268,14 +214,14 @@ class SmtpSession(session_core.LineSession):
 
     def _helo_refusal(self, arg):
         """The 501 reply for an EHLO/HELO argument that --helo-check refuses, or None."""
-        if self.cfg.helo_check and not smtp_controls.valid_helo(arg):
+        if self.settings.helo_check and not smtp_controls.valid_helo(arg):
             return "501 5.5.2 invalid domain name or address literal: %s" % log.sanitise(arg[:64])
         return None
 
     def _greeting(self):
-        if self.cfg.greeting:
+        if self.settings.greeting:
             lines = [smtp_controls.expand_greeting(text, self.domain, __version__, rfc5322_date())
-                     for text in self.cfg.greeting]
+                     for text in self.settings.greeting]
             return "".join("220-%s\r\n" % x for x in lines[:-1]) + "220 " + lines[-1]
         if "server" in self.anonymous:
             return "220 %s -- Service ready" % self.domain
@@ -284,7 +230,7 @@ class SmtpSession(session_core.LineSession):
     # ----- transaction state --------------------------------------------
 
     def _reset_transaction(self):
-        self._discard_message()
+        self.intake.discard()
         self.mail_from = None
         self.body = "7bit"
         self.smtputf8 = False
@@ -295,19 +241,9 @@ class SmtpSession(session_core.LineSession):
         self.dsn_ret = ""
         self.dsn_envid = ""
         self.dsn_recipients = {}
-        self.message = None
         self.text = None
         self._write = None
         self.event("reset")
-
-    def _discard_message(self):
-        msg = getattr(self, "message", None)
-        if msg is not None:
-            self.message = None
-            try:
-                msg.abandon()
-            except OSError as e:
-                log.error("smtp: cannot remove message files: %s" % e, peer=self.peer)
 
     def _trusted(self):
         """The trusted-address keyword from the server secrets, or None."""
@@ -409,108 +345,46 @@ class SmtpSession(session_core.LineSession):
         if tls_missing:
             self.reply("530 5.7.0 encryption required" + (": use starttls" if starttls else ""))
             return
-        if arg[:5].upper() != "FROM:":
-            self.bad("553 5.5.2 mailbox name not allowed: invalid mail-from command")
-            return
         try:
-            address, rest = parse_path(arg[5:], allow_empty=True,
-                                       strict=self.features["strictparsing"])
-        except ValueError as e:
-            self.bad("553 5.1.7 mailbox name not allowed: %s" % e)
+            mail = smtp_params.mail(arg, self.features, self.size_limit)
+        except smtp_params.Refused as e:
+            self._refused(e)
             return
-        params = parse_params(rest)
-        body = "7bit"
-        ret = envid = ""
-        # Parameters nobody here understands are ignored, as E-MailRelay
-        # ignores them (RET= and ENVID= too when DSN is switched off).
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit():
-                    self.bad("501 5.5.4 invalid argument")
-                    return
-                if self.size_limit and int(value) > self.size_limit:
-                    self.reply(TOO_BIG)
-                    return
-            elif key == "BODY":
-                body = {"7BIT": "7bit", "8BITMIME": "8bit",
-                        "BINARYMIME": "binarymime"}.get((value or "").upper())
-                if body is None:
-                    self.bad("501 5.5.4 invalid argument")
-                    return
-            elif key in ("RET", "ENVID") and self.features["dsn"]:
-                try:
-                    if key == "RET":
-                        ret = smtp_syntax.dsn_ret(value)
-                    else:
-                        envid = smtp_syntax.dsn_envid(value)
-                except ValueError as e:
-                    self.bad("501 5.5.4 %s" % e)
-                    return
-        smtputf8 = "SMTPUTF8" in params
-        address = self._mailbox(address, smtputf8)
-        if address is None:
-            return
-        if not self._enough_space():
+        if not self.intake.enough_space():
             self.reply(NO_STORAGE)
             return
-        self.mail_from = address
-        self.body = body
-        self.dsn_ret = ret
-        self.dsn_envid = envid
-        self.smtputf8 = smtputf8 or not address.isascii()
+        self.mail_from = mail.address
+        self.body = mail.body
+        self.dsn_ret = mail.ret
+        self.dsn_envid = mail.envid
+        self.smtputf8 = mail.smtputf8
         # MAIL FROM AUTH= is kept as given (xtext), and only for an
         # authenticated client (RFC 4954 5).
-        self.mail_auth = (params.get("AUTH") or "") if self.auth_user is not None else ""
-        self.reply("250 2.1.0 sender <%s> OK" % address)
+        self.mail_auth = mail.auth if self.auth_user is not None else ""
+        self.reply("250 2.1.0 sender <%s> OK" % mail.address)
 
-    def _mailbox(self, address, smtputf8, rcpt=False):
-        """The address as stored (A-labels with alabels), or None after a refusal."""
-        if address.isascii():
-            return address
-        refusal = "550 5.6.7 " if rcpt else "553 5.6.7 mailbox name not allowed: "
-        if self.features["smtputf8strict"] and not smtputf8:
-            self.reply(refusal + "invalid character in mailbox name")
-            return None
-        if self.features["alabels"]:
-            try:
-                return to_alabels(address)
-            except ValueError as e:
-                self.reply(refusal + str(e))
-                return None
-        return address
-
-    def _enough_space(self):
-        need = self.cfg.min_free_space
-        if not need:
-            return True
-        free = self.services.spool.free_kbytes()
-        return free is None or free >= need
+    def _refused(self, e):
+        """Replies to a command `smtp_params` refused (a bad command, or not)."""
+        if e.bad:
+            self.bad(e.reply)
+        else:
+            self.reply(e.reply)
 
     def smtp_RCPT(self, arg):
-        if arg[:3].upper() != "TO:":
-            self.bad("550 5.5.2 invalid rcpt-to command")
-            return
         try:
-            address, rest = parse_path(arg[3:], allow_empty=False,
-                                       strict=self.features["strictparsing"])
-        except ValueError as e:
-            self.bad("550 5.1.3 %s" % e)
-            return
-        if self._rcpt_refusal is not None:
-            self.reply(self._rcpt_refusal)
-            return
-        dsn = self._rcpt_dsn(parse_params(rest))
-        if dsn is None:
-            return
-        stored = self._mailbox(address, self.smtputf8, rcpt=True)
-        if stored is None:
+            address, rest = smtp_params.rcpt_path(arg, self.features)
+            if self._rcpt_refusal is not None:
+                raise smtp_params.Refused(self._rcpt_refusal, bad=False)
+            dsn, stored = smtp_params.rcpt_params(address, rest, self.features, self.smtputf8)
+        except smtp_params.Refused as e:
+            self._refused(e)
             return
         count = len(self.to_local) + len(self.to_remote)
-        limit = self.cfg.max_recipients
+        limit = self.settings.max_recipients
         if limit and count >= limit:
             self.reply("452 4.5.3 too many recipients")
             return
-        limit = self.cfg.max_bounce_recipients
+        limit = self.settings.max_bounce_recipients
         if self.mail_from == "" and limit and count >= limit:
             self.reply("452 4.5.3 too many recipients for a bounce message")
             return
@@ -534,24 +408,6 @@ class SmtpSession(session_core.LineSession):
         local = result is not None and result.status == "local"
         # E-MailRelay marks a local recipient with a second space.
         self.reply("250 2.1.5 recipient <%s> %sOK" % (address, " " if local else ""))
-
-    def _rcpt_dsn(self, params):
-        """(notify, orcpt) from RCPT TO parameters; None after a 501 reply.
-
-        Without DSN both are '' (the parameters are ignored); with
-        force-rcpt-notify-never every recipient gets NOTIFY=NEVER.
-        """
-        if not self.features["dsn"]:
-            return ("", "")
-        try:
-            notify = smtp_syntax.dsn_notify(params["NOTIFY"]) if "NOTIFY" in params else ""
-            orcpt = smtp_syntax.dsn_orcpt(params["ORCPT"]) if "ORCPT" in params else ""
-        except ValueError as e:
-            self.bad("501 5.5.4 %s" % e)
-            return None
-        if self.features["force-rcpt-notify-never"]:
-            notify = "NEVER"
-        return (notify, orcpt)
 
     def _keep_dsn(self, address, dsn):
         if dsn[0] or dsn[1]:
@@ -696,7 +552,7 @@ class SmtpSession(session_core.LineSession):
 
     def _pace(self):
         """The --min-data-rate a message's text must keep up (None: only the idle timeout)."""
-        rate = self.cfg.min_data_rate
+        rate = self.settings.min_data_rate
         idle = self.idle_timeout()
         return smtp_text.Pace(self.conn, idle, rate) if rate and idle else None
 
@@ -706,14 +562,14 @@ class SmtpSession(session_core.LineSession):
             yield from reader
         except smtp_text.TooSlow:
             log.info("smtp: message text too slow (under --min-data-rate %s octets/s)"
-                     % self.cfg.min_data_rate, peer=self.peer)
+                     % self.settings.min_data_rate, peer=self.peer)
             self.reply("421 4.4.2 %s data timeout: message text too slow" % self.domain)
             raise session_core.Drop() from None
 
-    # ----- storing a message --------------------------------------------
+    # ----- handing the message to the intake ---------------------------
 
     def _start_message(self):
-        """Creates the spool files and writes the Received line; returns the writer.
+        """Starts the message with the intake; returns the writer for its text.
 
         When the spool cannot take the message the text is still read (and
         dropped, `self.text.fault` says why), so that the reply comes at its
@@ -721,211 +577,47 @@ class SmtpSession(session_core.LineSession):
         """
         self.text = smtp_text.Text(self.size_limit, self._pace())
         try:
-            self.message = self.services.spool.new_message()
-            if "content" not in self.anonymous:
-                self.message.write(self._received(self.message.id))
+            return self.intake.start(self.conn, self.helo, self.esmtp, self.auth_user)
         except OSError as e:
-            self._discard_message()
             self.text.fault, self.text.error = "storage", e
             return None
-        return self.message.write
-
-    def _received(self, msg_id):
-        """The RFC 5321 4.4 trace header for the message being received."""
-        helo = "".join(c for c in (self.helo or "") if 32 < ord(c) < 127 and c not in "()")
-        ip = self.peer_ip
-        literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
-        if ip == "unknown":
-            literal = "unknown"     # --inetd on a pipe: there is no address
-        tls = self.conn.tls_cipher if self.conn.tls else None
-        # The protocol and cipher as Postfix writes them.
-        tls_note = " (using %s with cipher %s (%d/%d bits))" % (tls[1], tls[0], tls[2], tls[2]) \
-            if tls else ""
-        protocol = "SMTP"
-        if self.esmtp:
-            protocol = "ESMTP" + ("S" if self.conn.tls else "") + (
-                "A" if self.auth_user is not None else "")
-        line = "Received: from %s (%s)%s by %s with %s id %s; %s\r\n" % (
-            helo or "unknown", literal, tls_note, self.domain, protocol, msg_id, rfc5322_date())
-        return line.encode("utf-8")
 
     def _refuse_content(self):
         """Replies to text that could not be kept; the session goes on."""
         text = self.text
         if text.fault == "storage":
             log.error("smtp: cannot store message: %s" % text.error, peer=self.peer)
-            self.reply(_storage_reply(text.error))
+            self.reply(smtp_message.storage_reply(text.error))
         else:
             log.info("smtp: message refused: too big", peer=self.peer)
             self.reply(TOO_BIG)
         self._reset_transaction()
 
-    def _envelope(self):
-        # 8-bit text sent without BODY=8BITMIME is recorded as 8bit, so
-        # that the forwarder asks the next hop for 8BITMIME.
-        body = "8bit" if self.body == "7bit" and self.text.eightbit else self.body
-        env = envelope.Envelope(
-            content=body, from_=self.mail_from, to_local=self.to_local,
-            to_remote=self.to_remote, authentication=self.auth_user or "",
-            client=self.peer_ip, client_certificate=self.conn.peer_certificate_pem or "",
-            mail_from_auth_in=self.mail_auth, utf8_mailbox_names=self.smtputf8)
-        if self.dsn_ret or self.dsn_envid or self.dsn_recipients:
-            env.set_dsn(envelope.Dsn(self.dsn_ret, self.dsn_envid, self.dsn_recipients))
-        return env
-
     def _commit(self):
-        """Makes the message durable, runs the filters, and replies (a generator).
+        """Has the intake store the message, then replies (a generator).
 
-        The replies owed go out first; the storing is a request of its own,
-        since it waits for the disk and for filter programs.
+        The replies owed go out first, since storing waits for the disk and
+        perhaps for filter programs; the transaction ends either way.
         """
-        if not self._enough_space():
+        if not self.intake.enough_space():
             log.warning("smtp: message refused: less than --min-free-space left in the spool",
                         peer=self.peer)
             self._reset_transaction()
             self.reply(NO_STORAGE)
             return
         yield from self.send()
-        if self.services.filters or self.cfg.immediate:
-            # Filter programs and --immediate wait on others.
-            self.reply((yield requests.call(self._store)))
-            return
-        # With no filter the files are written here; only their syncs and
-        # renames are "work", which the session loop's own thread does too
-        # while the syncs wait little (see session_loop).
-        msg = self.message
-        try:
-            env = self._envelope()
-            msg.prepare(env)
-            log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
-                        peer=self.peer)
-            msg_id = yield requests.work(msg.finish, (env,), spool.waited)
-        except (OSError, envelope.EnvelopeError) as e:
-            self.reply(self._not_stored(e))
-            return
-        self.reply(self._stored(msg_id))
-
-    def _store(self):
-        """The blocking part of `_commit` with filters or --immediate: returns the reply."""
-        msg = self.message
-        try:
-            env = self._envelope()
-            self._rescan = False
-            msg.commit_content()
-            msg.write_envelope(env)
-            log.verbose("new envelope file [%s]" % os.path.basename(msg.new_envelope_path),
-                        peer=self.peer)
-            refusal = self._run_filters(msg)
-            if refusal == "cancelled":
-                # Exit 100: the filter owns the files now. If it kept the
-                # content (emailrelay-filter-copy), the message is stored.
-                if msg.disown():
-                    self._note_stored(msg.id, msg.size)
-                self.message = None
-                self._reset_transaction()
-                return "250 2.0.0 message processed"
-            if refusal is not None:
-                self._count("messages-rejected")
-                self._reset_transaction()
-                return refusal
-            msg_id = msg.finish(env)
-        except spool.SpoolError as e:
-            # A filter removed the files without exiting 100.
-            log.info("rejected by filter: [%s]" % e, peer=self.peer)
-            self._reset_transaction()
-            return "452 4.3.0 rejected"
-        except (OSError, envelope.EnvelopeError) as e:
-            return self._not_stored(e)
-        return self._stored(msg_id)
-
-    def _not_stored(self, e):
-        """The reply, once the spool failed to take the message."""
-        log.error("smtp: cannot store message: %s" % e, peer=self.peer)
+        reply = yield from self.intake.commit(smtp_message.Transaction(
+            self.mail_from, self.to_local, self.to_remote, self.body, self.text.eightbit,
+            self.auth_user or "", self.mail_auth, self.smtputf8,
+            self.conn.peer_certificate_pem or "",
+            (self.dsn_ret, self.dsn_envid, self.dsn_recipients)))
         self._reset_transaction()
-        return _storage_reply(e)
-
-    def _stored(self, msg_id):
-        """The reply, once message `msg_id` is committed (--immediate forwards it first)."""
-        size, self.message = self.message.size, None
-        self._note_stored(msg_id, size)
-        self._reset_transaction()
-        if self._rescan and self.services.rescan is not None:
-            # Exit 103: now that the message is committed, the pass sees it.
-            self.services.rescan()
-        refusal = self._forward_now(msg_id)
-        return refusal or "250 2.0.0 message processed"
-
-    def _note_stored(self, msg_id, size):
-        """Logs and counts a message now in the spool.
-
-        One line per message with what log tools want, in Postfix's shape
-        (the client whatever --log-address says: it is in the envelope too).
-        """
-        log.info("smtp: stored %s: from=<%s> nrcpt=%d size=%d client=%s" % (
-            msg_id, log.sanitise(self.mail_from), len(self.to_local) + len(self.to_remote),
-            size, log.sanitise(self.peer)), peer=self.peer)
-        self._count("messages-stored")
-
-    def _run_filters(self, msg):
-        """Runs --filter programs in order; returns None, 'cancelled' or a refusal reply.
-
-        As E-MailRelay: a rejection (exit 1-99) is `452 <reason>`; a filter
-        that times out, crashes or cannot run is `452 error`, a filter
-        daemon that cannot answer `452 failed`.
-        """
-        for f in self.services.filters:
-            result = f.run(msg.content_path, msg.new_envelope_path)
-            if result.special == "cancel":
-                return "cancelled"
-            if result.special == "rescan":
-                self._rescan = True
-            if not result.ok:
-                reason = log.sanitise(result.reason or "")
-                msg.abandon()
-                self.message = None
-                if result.temporary:
-                    why = "timeout" if reason == "filter timed out" else reason
-                    log.warning("filter [%s]: [%s]: failed response=[%s] reason=[%s]"
-                                % (log.sanitise(f.spec), msg.id, result.response, why),
-                                peer=self.peer)
-                    return "452 4.3.0 %s" % result.response
-                log.info("rejected by filter: [%s]" % reason, peer=self.peer)
-                return "452 4.7.1 %s" % (reason or "rejected")
-            if result.special == "stop":
-                break
-        return None
-
-    def _forward_now(self, msg_id):
-        """--immediate: forwards the message now; a refusal reply or None."""
-        immediate = self.services.immediate
-        if immediate is None:
-            return None
-        if self._immediate is None:
-            self._immediate = immediate()
-        refusal = self._immediate.forward(msg_id)
-        if refusal is None:
-            return None
-        # The message is .bad: the next hop's own refusal goes back to the
-        # submitter.
-        text = log.sanitise(refusal)
-        return text if text[:3].isdigit() and text[0] in "45" else "554 5.0.0 %s" % text
-
-    def _count(self, name):
-        stats = self.services.stats
-        if stats is not None:
-            stats.increment(name)
+        self.reply(reply)
 
 
 def _rcpt_reply(refusal):
     """A connection refusal (554/421 from --dnsbl) as a reply to RCPT (550/450)."""
     return ("550" if refusal[:1] == "5" else "450") + refusal[3:]
-
-
-def _storage_reply(e):
-    """The reply when the spool cannot take a message (`e` an OSError or similar)."""
-    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-        return NO_STORAGE
-    return "452 4.3.0 cannot store the message"
 
 
 # The command table, E-MailRelay's states; HELP gives each row's syntax. A

@@ -1,7 +1,8 @@
 """One SMTP session on the standard input and output: --inetd and --bsmtp.
 
-`run(cfg, services)` serves the session (`services` an
-`smtp_server.SmtpServices`) and returns the exit status.
+`run(settings, services)` serves the session (`settings` a
+`StdioSettings`, `services` an `smtp_server.SmtpServices`) and returns the
+exit status.
 
 --inetd (ZMailer -n): inetd, xinetd or a systemd socket unit with
 Accept=yes gives the client's socket as descriptors 0 and 1. The client
@@ -23,20 +24,44 @@ the session another client address, and the open-relay guard
 does for network sessions.
 """
 
+import dataclasses
 import os
 import socket
+from typing import Optional
 
 from ..config import usage
 from ..net import connection
 from ..runtime import log
 from ..util import addresses
-from . import smtp_server
+from . import smtp_server, smtp_settings
 
 
-def run(cfg, services):
+@dataclasses.dataclass(frozen=True)
+class StdioSettings:
+    """How the one session is served, from the configuration once.
+
+    `inetd` (True: --inetd, False: --bsmtp), `test_ip` (--test-address, or
+    None), `remote_clients` (--remote-clients: the open-relay guard is
+    off) and `tls_connection` (--server-tls-connection).
+    """
+
+    inetd: bool
+    test_ip: Optional[str]
+    remote_clients: bool
+    tls_connection: bool
+
+    @classmethod
+    def from_config(cls, cfg):
+        """The settings from `cfg` (the read-only Config, or anything with its attributes)."""
+        return cls(inetd=bool(cfg.inetd), test_ip=cfg.test_ip or None,
+                   remote_clients=bool(cfg.remote_clients),
+                   tls_connection=bool(cfg.server_tls_connection))
+
+
+def run(settings, services):
     """Runs the one session to its end; returns 0 or 1 (see the module docstring)."""
-    test_ip = cfg.test_ip
-    if cfg.inetd:
+    test_ip = settings.test_ip
+    if settings.inetd:
         log.close_stderr()
         conn = _inetd_connection(test_ip)
         kind = "inetd"
@@ -45,16 +70,17 @@ def run(cfg, services):
         kind = "bsmtp"
     ip = conn.peer[0]
     log.verbose("%s: session with client address %s" % (kind, ip))
-    if addresses.refused_by_guard(ip, cfg.remote_clients):
+    if addresses.refused_by_guard(ip, settings.remote_clients):
         log.warning("%s: connection refused from non-local address %s (%s)"
                     % (kind, ip, addresses.GUARD_HINT))
         try:
-            conn.write(smtp_server.reply_bytes(cfg, "554 5.7.1 no SMTP service for your address"))
+            conn.write(smtp_settings.reply_bytes(services.settings,
+                                                 "554 5.7.1 no SMTP service for your address"))
             conn.close()
         except (connection.Closed, connection.Timeout):
             pass
         return usage.EXIT_FAILURE
-    if cfg.inetd and cfg.server_tls_connection:
+    if settings.inetd and settings.tls_connection:
         # SMTPS from inetd (ZMailer -t): TLS before the greeting.
         if not isinstance(conn, connection.Connection):
             log.error("inetd: --server-tls-connection needs a socket on the standard input")
@@ -67,7 +93,7 @@ def run(cfg, services):
             return usage.EXIT_FAILURE
     session = smtp_server.SmtpSession(conn, services)
     session.run()
-    if cfg.inetd:
+    if settings.inetd:
         return usage.EXIT_OK
     stored = services.stats.snapshot().get("messages-stored", 0)
     if session.error_replies or session.mail_from is not None:

@@ -49,12 +49,12 @@ from .envelope import Envelope, EnvelopeError, SIZE_LIMIT
 from .spool_claim import Claim
 from .spool_files import (BAD, BUSY, CONTENT, CONTENT_ORPHAN, ContentError, ENVELOPE, NEW, READY,
                           STATES, SpoolError, WRITE_BLOCK, content_shared, create_file, debug,
-                          fsync_directory, unlink_quietly, waited, write_file_durably)
+                          fsync_directory, unlink_quietly, write_file_durably)
 from .spool_message import NewMessage
 
 # What other modules take from here, besides Spool.
 __all__ = ["Spool", "Committed", "SpoolError", "ContentError", "NEW", "READY", "BUSY", "BAD",
-           "CONTENT", "WRITE_BLOCK", "fsync_directory", "waited", "write_file_durably"]
+           "CONTENT", "WRITE_BLOCK", "fsync_directory", "write_file_durably"]
 
 Committed = collections.namedtuple("Committed", "id envelope_path content_path")
 

@@ -2,18 +2,17 @@
 
 What every part of the store shares: the suffixes of a message's files and
 their states, the errors, creating files with mode 0660 whatever the umask,
-writing them whole, syncing files and directories (and how long the
-calling thread has waited in those syncs), and whether a content file is
+writing them whole, syncing directories and whole new files (timed by
+`runtime.device_waits`, as a device wait), and whether a content file is
 still referred to by an envelope. `spool` (the directory),
 `spool_message` (storing a new message) and `spool_claim` (a claimed
 message) are built on it; other modules use them through `spool`.
 """
 
 import os
-import threading
-import time
 
 from ..runtime import log, process
+from ..runtime.device_waits import fsync
 
 FILE_MODE = 0o660
 NEW, READY, BUSY, BAD, LOCAL = ".envelope.new", ".envelope", ".envelope.busy", ".envelope.bad", ".envelope.local"
@@ -51,42 +50,6 @@ def debug(message_id, change):
     """Logs a state change with --debug."""
     if log.debug_enabled():
         log.debug("spool: %s: %s" % (message_id, change))
-
-
-_waits = threading.local()
-
-
-def waited():
-    """Seconds the calling thread has spent in this module's syncs so far.
-
-    Only ever grows. The difference across a piece of work is how long it
-    waited for the device, whatever the CPU or a tracer cost meanwhile
-    (the session loop decides with it where storing a message belongs).
-    """
-    return getattr(_waits, "seconds", 0.0)
-
-
-def _timed(sync, fd):
-    start = time.monotonic()
-    try:
-        sync(fd)
-    finally:
-        _waits.seconds = waited() + time.monotonic() - start
-
-
-def fsync(fd):
-    """fsync(2), timed for waited()."""
-    _timed(os.fsync, fd)
-
-
-# fdatasync() also writes the metadata needed to read the data back (the
-# size of a new file), which is all a spool file needs; it skips timestamps.
-_datasync = getattr(os, "fdatasync", os.fsync)
-
-
-def datasync(fd):
-    """fdatasync(2) where there is one, else fsync(2); timed for waited()."""
-    _timed(_datasync, fd)
 
 
 def fsync_directory(directory):

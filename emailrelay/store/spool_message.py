@@ -8,8 +8,9 @@ import fcntl
 import os
 
 from ..runtime import process
-from .spool_files import (LOCAL, NEW, READY, SpoolError, WRITE_BLOCK, create_file, datasync, debug,
-                          fsync, fsync_directory, identity, log_event, unlink_quietly, write_all,
+from ..runtime.device_waits import datasync, device_bound, fsync
+from .spool_files import (LOCAL, NEW, READY, SpoolError, WRITE_BLOCK, create_file, debug,
+                          fsync_directory, identity, log_event, unlink_quietly, write_all,
                           write_file_durably)
 
 
@@ -112,6 +113,7 @@ class NewMessage:
         if sync:
             datasync(fd)
 
+    @device_bound
     @process.spool_privileged
     def finish(self, env):
         """Commits the message; returns its id. The caller may then reply 250.

@@ -23,7 +23,7 @@ import smtplib
 import socket
 
 from ..config import options
-from ..net import listeners
+from ..net import listen_sockets
 
 # Where `make install` puts the configuration file: /etc for PREFIX=/usr,
 # else $(PREFIX)/etc, by default /usr/local/etc. The first that exists.
@@ -69,7 +69,7 @@ class Site:
         self.spool_dir = cfg.spool_dir
         self.domain = cfg.domain
         self.forward_to = cfg.forward_to
-        wanted = listeners.parse_interfaces(cfg.interface) if cfg.interface else {}
+        wanted = listen_sockets.parse_interfaces(cfg.interface) if cfg.interface else {}
         self.smtp = None if cfg.no_smtp else (_loopback(wanted, "smtp"), cfg.port)
         self.admin = (_loopback(wanted, "admin"), cfg.admin) if cfg.admin else None
 
