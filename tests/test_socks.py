@@ -1,7 +1,7 @@
 """SOCKS 4a through a real proxy: OpenSSH's dynamic forwarding (`ssh -N -D`).
 
 The fixture runs a private sshd on a free port with keys made in a temporary
-directory, then `ssh -N -D` as the SOCKS proxy (the set-up in PEERS.md).
+directory, then `ssh -N -D` as the SOCKS proxy.
 """
 
 import os
